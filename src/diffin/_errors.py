@@ -1,0 +1,85 @@
+"""Named exceptions. Every user-facing failure raises a subclass of :class:`DiffinError`
+with a message that says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class DiffinError(Exception):
+    """Base class of every error diffin raises on purpose."""
+
+
+class ConfigError(DiffinError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+# --- recordings -------------------------------------------------------------------------------
+class RecordingError(DiffinError):
+    """Something is wrong with a recorded training run (while recording or loading it)."""
+
+
+class RunExistsError(RecordingError, FileExistsError):
+    """The run folder already holds a recording and overwriting was not asked for."""
+
+
+class RunNotFoundError(RecordingError, FileNotFoundError):
+    """The run folder or its manifest does not exist."""
+
+
+class IncompleteRunError(RecordingError):
+    """The run was started but never closed (``Recorder.close()`` was not called)."""
+
+
+class MissingFileError(RecordingError, FileNotFoundError):
+    """A file listed in the manifest is missing."""
+
+
+class TruncatedFileError(RecordingError):
+    """A file of the run is shorter/longer than the manifest says, or cannot be parsed."""
+
+
+class CorruptManifestError(RecordingError):
+    """The manifest is not valid JSON or lacks required fields."""
+
+
+class FormatVersionError(RecordingError):
+    """The run was written by a newer diffin with a format this version cannot read."""
+
+
+class ParameterMismatchError(RecordingError):
+    """The model's parameter names or shapes do not match the recorded checkpoints."""
+
+
+class InvalidIdsError(RecordingError, IndexError):
+    """Batch ids are negative, not integers, or out of range of the training set."""
+
+
+class NonFiniteCheckpointError(RecordingError):
+    """A checkpoint holds NaN or Inf values."""
+
+
+class UnsupportedOptimizerError(RecordingError):
+    """The optimizer (or its settings) cannot be recorded faithfully."""
+
+
+# --- scoring ----------------------------------------------------------------------------------
+class UnknownMethodError(DiffinError, KeyError):
+    """The method name is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedMethodError(DiffinError):
+    """The method needs something the recording does not have (e.g. batch ids)."""
+
+
+class DataMismatchError(DiffinError, ValueError):
+    """Training/target data do not match the recording or the model."""
+
+
+class LossShapeError(DiffinError, ValueError):
+    """``loss_fn`` did not return one loss per sample."""
+
+
+class OutputExistsError(DiffinError, FileExistsError):
+    """An output folder holds results made with a different configuration."""

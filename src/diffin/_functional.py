@@ -1,0 +1,296 @@
+"""The functional core: a model seen as a function of one flat parameter vector θ ∈ R^P.
+
+Everything an estimator needs is here, built on ``torch.func`` and autograd:
+
+* per-sample losses ``l_i(θ)``                          shape (B,)
+* the batch gradient ``∇L_B(θ) = mean_i ∇l_i(θ)``       shape (P,)
+* per-sample inner products ``⟨v, ∇l_i(θ)⟩``            shape (B,) or (Q, B) for Q vectors
+  as one forward-mode JVP of the per-sample losses (no (B, P) matrix is formed)
+* Hessian–vector products ``H_B(θ) v``                  shape (P,) or (Q, P)
+  by central or forward finite differences of first-order gradients, or exactly
+  (forward-over-reverse autograd) as the reference mode
+* mixed second directional derivatives ``aᵀ ∇²l_i(θ) b`` shape (B,) or (Q, B)
+
+Estimators compose these; they never re-derive them. Losses are in the loss function's units;
+gradients in loss units per parameter unit; an HVP in loss units per parameter unit squared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+
+from ._errors import ConfigError, LossShapeError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+HvpMode = Literal["central", "forward", "exact"]
+DotsMode = Literal["auto", "jvp", "fd"]
+
+HVP_MODES: tuple[str, ...] = ("central", "forward", "exact")
+DOTS_MODES: tuple[str, ...] = ("auto", "jvp", "fd")
+
+
+def fd_epsilon(theta: Tensor, mode: HvpMode, override: float | None = None) -> float:
+    """Finite-difference step ε for a perturbation ``θ ± ε v̂`` along a unit vector v̂.
+
+    Chosen relative to the parameter norm and the dtype's machine epsilon u: truncation error
+    is O(ε²) (central) or O(ε) (forward) and rounding error O(u/ε), balanced at
+    ε ≈ u^{1/3} (central) or u^{1/2} (forward), scaled by ``max(1, ‖θ‖)``.
+    ``override`` (if given) is used as is.
+    """
+    if override is not None:
+        if not override > 0:
+            raise ConfigError(f"fd_eps must be positive, got {override}")
+        return float(override)
+    u = torch.finfo(theta.dtype).eps
+    base = u ** (1.0 / 3.0) if mode == "central" else u ** 0.5
+    return base * max(1.0, float(theta.norm()))
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and offsets of the trainable parameters inside θ."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+
+class FlatModel:
+    """A module and a per-sample loss as pure functions of a flat parameter vector.
+
+    Args:
+        model: gives the architecture only; parameter values always come from the θ passed in
+            (and buffers / frozen parameters from :meth:`set_constants`). It is used in eval
+            mode: dropout and batch-norm statistics are treated as fixed.
+        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (reduction "none").
+        trainable: names of the parameters that make up θ, in order. Default: all parameters
+            with ``requires_grad``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, trainable: Sequence[str] | None = None):
+        self.model = model
+        self.loss_fn = loss_fn
+        named = dict(model.named_parameters())
+        if trainable is None:
+            trainable = [n for n, p in named.items() if p.requires_grad]
+        self.spec = ParamSpec(tuple(trainable), tuple(tuple(named[n].shape) for n in trainable))
+        first = named[trainable[0]] if trainable else next(iter(named.values()))
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        self._numels = list(self.spec.numels)
+        # constants: frozen parameters and buffers, replaced per checkpoint
+        self._constants: dict[str, Tensor] = {
+            n: p.detach() for n, p in named.items() if n not in set(trainable)
+        }
+        self._constants.update({n: b for n, b in model.named_buffers()})
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def num_params(self) -> int:
+        """P, the length of θ."""
+        return self.spec.size
+
+    def set_constants(self, constants: Mapping[str, Tensor]) -> None:
+        """Replace buffers / frozen parameters (e.g. from a checkpoint)."""
+        for k, v in constants.items():
+            self._constants[k] = v.to(self.device)
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """θ (P,) → {name: tensor of the parameter's shape} (views, no copy)."""
+        parts = torch.split(theta, self._numels)
+        out = {n: t.view(s) for n, t, s in zip(self.spec.names, parts, self.spec.shapes)}
+        out.update(self._constants)
+        return out
+
+    def flatten(self, named: Mapping[str, Tensor]) -> Tensor:
+        """{name: tensor} → θ (P,) in this model's dtype and device."""
+        return torch.cat([named[n].reshape(-1) for n in self.spec.names]).to(
+            device=self.device, dtype=self.dtype
+        )
+
+    def theta_from_model(self) -> Tensor:
+        """The model object's current parameters as θ (used only by tests and the trainer)."""
+        named = dict(self.model.named_parameters())
+        return self.flatten({n: named[n].detach() for n in self.spec.names})
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Per-sample losses l_i(θ), shape (B,)."""
+        out = self.loss_fn(functional_call(self.model, self.unflatten(theta), (x,)), y)
+        if out.ndim != 1 or out.shape[0] != _batch_len(x):
+            raise LossShapeError(
+                f"loss_fn returned shape {tuple(out.shape)} for a batch of {_batch_len(x)} "
+                "samples; it must return one loss per sample (use reduction='none', and average "
+                "any extra dimensions yourself, e.g. ((out - y) ** 2).mean(dim=1))."
+            )
+        return out
+
+    def loss_grad(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch gradient ∇L_B(θ) (P,) of the mean loss, and the per-sample losses (B,)."""
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            losses = self.losses(th, x, y)
+            (g,) = torch.autograd.grad(losses.mean(), th)
+        return g, losses.detach()
+
+    def loss_grad_many(self, thetas: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch gradients at Q parameter vectors (Q, P) → grads (Q, P), losses (Q, B).
+
+        A loop of autograd calls: on CPU this beats ``vmap`` over parameter copies, which turns
+        every matmul into a batched one. Q counts parameter vectors, never samples.
+        """
+        gs, ls = zip(*(self.loss_grad(th, x, y) for th in thetas))
+        return torch.stack(gs), torch.stack(ls)
+
+    # ------------------------------------------------------------------ first order
+    def dots(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """Per-sample ⟨v, ∇l_i(θ)⟩ by forward-mode JVP: v (P,) → (B,), v (Q, P) → (Q, B)."""
+
+        def one(vec: Tensor) -> Tensor:
+            return jvp(lambda th: self.losses(th, x, y), (theta,), (vec,))[1]
+
+        return one(v) if v.ndim == 1 else vmap(one)(v)
+
+    def per_sample_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Per-sample gradients (B, P). Memory B·P: callers pass small chunks."""
+
+        def single(th: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
+            return self.losses(th, xi.unsqueeze(0), yi.unsqueeze(0))[0]
+
+        return vmap(torch.func.grad(single), in_dims=(None, 0, 0))(theta, x, y)
+
+    # ------------------------------------------------------------------ second order
+    def hvp(
+        self,
+        theta: Tensor,
+        x: Tensor,
+        y: Tensor,
+        v: Tensor,
+        mode: HvpMode = "central",
+        eps: float | None = None,
+    ) -> Tensor:
+        """H_B(θ) v for the mean loss on (x, y): v (P,) → (P,), v (Q, P) → (Q, P)."""
+        return self.hvp_and_dots(theta, x, y, v, mode=mode, eps=eps, dots="jvp", want_dots=False)[0]
+
+    def hvp_and_dots(
+        self,
+        theta: Tensor,
+        x: Tensor,
+        y: Tensor,
+        v: Tensor,
+        mode: HvpMode = "central",
+        eps: float | None = None,
+        dots: DotsMode = "auto",
+        want_dots: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """H_B(θ) v and the per-sample ⟨v, ∇l_i(θ)⟩ together.
+
+        With finite differences the per-sample losses at θ ± ε v̂ come free with the gradients
+        there, so ``dots="fd"`` (the default for ``mode="central"``) gets the inner products as
+        ``(l_i(θ+εv̂) − l_i(θ−εv̂)) / 2ε · ‖v‖`` at no extra pass. ``dots="jvp"`` computes them
+        exactly with one forward-mode pass.
+
+        Shapes: v (P,) → (P,), (B,); v (Q, P) → (Q, P), (Q, B).
+        """
+        if mode not in HVP_MODES:
+            raise ConfigError(f"unknown hvp mode {mode!r}; choose one of {HVP_MODES}")
+        if dots not in DOTS_MODES:
+            raise ConfigError(f"unknown dots mode {dots!r}; choose one of {DOTS_MODES}")
+        single = v.ndim == 1
+        V = v.unsqueeze(0) if single else v
+        if dots == "auto":
+            dots = "fd" if mode == "central" else "jvp"
+        if mode == "exact":
+            hv = self._exact_hvp(theta, x, y, V)
+            d = self.dots(theta, x, y, V) if want_dots else None
+        else:
+            norms = V.norm(dim=1, keepdim=True)  # (Q, 1)
+            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+            unit = V / safe
+            e = fd_epsilon(theta, mode, eps)
+            g_plus, l_plus = self.loss_grad_many(theta + e * unit, x, y)
+            if mode == "central":
+                g_minus, l_minus = self.loss_grad_many(theta - e * unit, x, y)
+                hv = (g_plus - g_minus) * (norms / (2 * e))
+                d_fd = (l_plus - l_minus) * (norms / (2 * e))
+            else:
+                g0, l0 = self.loss_grad(theta, x, y)
+                hv = (g_plus - g0) * (norms / e)
+                d_fd = (l_plus - l0) * (norms / e)
+            zero = (norms == 0).squeeze(1)
+            if zero.any():
+                hv[zero] = 0
+                d_fd[zero] = 0
+            if not want_dots:
+                d = None
+            elif dots == "fd":
+                d = d_fd
+            else:
+                d = self.dots(theta, x, y, V)
+        if single:
+            return hv[0], (None if d is None else d[0])
+        return hv, d
+
+    def _exact_hvp(self, theta: Tensor, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+        """Reference HVP by forward-over-reverse autograd, V (Q, P) → (Q, P)."""
+
+        def mean_loss(th: Tensor) -> Tensor:
+            return self.losses(th, x, y).mean()
+
+        grad_fn = torch.func.grad(mean_loss)
+        return vmap(lambda vec: jvp(grad_fn, (theta,), (vec,))[1])(V)
+
+    def mixed_second(
+        self,
+        theta: Tensor,
+        x: Tensor,
+        y: Tensor,
+        a: Tensor,
+        b: Tensor,
+        mode: HvpMode = "exact",
+        eps: float | None = None,
+    ) -> Tensor:
+        """Per-sample aᵀ ∇²l_i(θ) b, i.e. ∂²/∂s∂r l_i(θ + s·a + r·b) at 0.
+
+        ``mode="exact"``: forward-over-forward JVP. Otherwise the JVP along b is differenced
+        along a (central or forward). Shapes: a (P,) or (Q, P), b (P,) → (B,) or (Q, B).
+        """
+        single = a.ndim == 1
+        A = a.unsqueeze(0) if single else a
+
+        def along_b(th: Tensor) -> Tensor:
+            return jvp(lambda t2: self.losses(t2, x, y), (th,), (b,))[1]
+
+        if mode == "exact":
+            out = vmap(lambda vec: jvp(along_b, (theta,), (vec,))[1])(A)
+        else:
+            norms = A.norm(dim=1, keepdim=True)
+            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+            e = fd_epsilon(theta, mode, eps)
+            plus = torch.stack([along_b(theta + e * u) for u in A / safe])
+            if mode == "central":
+                minus = torch.stack([along_b(theta - e * u) for u in A / safe])
+                out = (plus - minus) * (norms / (2 * e))
+            else:
+                out = (plus - along_b(theta)) * (norms / e)
+        return out[0] if single else out
+
+
+def _batch_len(x: Tensor | Sequence[Tensor]) -> int:
+    if isinstance(x, Tensor):
+        return x.shape[0]
+    return len(x[0])

@@ -1,0 +1,135 @@
+"""Named setups: data, model, training recipe and loss, for the demo, benchmarks and tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import ConfigError
+from .data import DataSplit, flip_labels, load_digits, load_mnist5k, make_synthetic
+from .models import cross_entropy, logistic_regression, mlp, small_cnn
+from .trainer import TrainConfig
+
+
+@dataclass
+class Setup:
+    """A reproducible experiment: ``data()`` → split, ``model()`` → fresh seeded module."""
+
+    name: str
+    description: str
+    load: Callable[[torch.dtype], DataSplit]
+    build: Callable[[DataSplit], nn.Module]
+    train: TrainConfig
+    dtype: torch.dtype = torch.float64
+    noise: float = 0.0
+    n_ground_truth: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    loss_fn = staticmethod(cross_entropy)
+
+    def data(self) -> DataSplit:
+        split = self.load(self.dtype)
+        if self.noise:
+            flip_labels(split, self.noise, seed=self.train.seed)
+        return split
+
+    def model(self, split: DataSplit) -> nn.Module:
+        torch.manual_seed(self.train.seed)
+        return self.build(split).to(self.dtype)
+
+    def with_changes(self, **kw: Any) -> Setup:
+        return replace(self, **kw)
+
+
+def _mnist(n_train: int, n_val: int, n_test: int) -> Callable[[torch.dtype], DataSplit]:
+    return lambda dt: load_mnist5k(n_train, n_val, n_test, seed=0, dtype=dt)
+
+
+def _mlp(hidden: int, act: str = "tanh") -> Callable[[DataSplit], nn.Module]:
+    return lambda s: mlp(s.input_shape[0], s.n_classes, (hidden,), act)
+
+
+SETUPS: dict[str, Setup] = {}
+
+
+def _register(s: Setup) -> None:
+    SETUPS[s.name] = s
+
+
+_register(Setup(
+    "demo", "MNIST-5k, 4,000 train / 500 val / 500 test, 10% labels flipped, MLP 784-64-10 tanh, "
+    "float32, SGD lr 0.1, batch 64, 5 epochs",
+    _mnist(4000, 500, 500), _mlp(64),
+    TrainConfig(epochs=5, batch_size=64, lr=0.1, checkpoint_every=63, seed=0),
+    dtype=torch.float32, noise=0.1,
+))
+_register(Setup(
+    "mnist5k", "MNIST-5k for the data-centric tasks: 4,000 train / 500 val / 500 test, MLP "
+    "784-64-10 tanh, float32, SGD lr 0.1, batch 64, 5 epochs (noise set per task)",
+    _mnist(4000, 500, 500), _mlp(64),
+    TrainConfig(epochs=5, batch_size=64, lr=0.1, checkpoint_every=63, seed=0),
+    dtype=torch.float32,
+))
+_register(Setup(
+    "speed", "MNIST-5k 4,500 train / 500 val, MLP 784-128-10 tanh, float32, batch 128, 5 epochs, "
+    "5 checkpoints (Diff-In speed benchmark)",
+    _mnist(4500, 500, 0), _mlp(128),
+    TrainConfig(epochs=5, batch_size=128, lr=0.1, checkpoint_every=36, seed=0),
+    dtype=torch.float32,
+))
+_register(Setup(
+    "mnist5k-mlp", "1,000 MNIST-5k train (10% flipped) / 500 val, MLP 784-32-10 tanh, float64, "
+    "SGD lr 0.1, batch 32, 5 epochs, checkpoint every 31 steps",
+    _mnist(1000, 500, 0), _mlp(32),
+    TrainConfig(epochs=5, batch_size=32, lr=0.1, checkpoint_every=31, seed=0),
+    noise=0.1, n_ground_truth=100,
+))
+_register(SETUPS["mnist5k-mlp"].with_changes(
+    name="mnist5k-mlp-short",
+    description="as mnist5k-mlp with lr 0.02 and 1 epoch",
+    train=replace(SETUPS["mnist5k-mlp"].train, lr=0.02, epochs=1),
+))
+_register(SETUPS["mnist5k-mlp"].with_changes(
+    name="mnist5k-mlp-momentum",
+    description="as mnist5k-mlp with momentum 0.9 and lr 0.02",
+    train=replace(SETUPS["mnist5k-mlp"].train, lr=0.02, momentum=0.9),
+))
+_register(Setup(
+    "digits-logreg", "scikit-learn digits 1,197 train / 300 val, logistic regression, weight "
+    "decay 1e-3, float64, SGD lr 0.5, batch 32, 20 epochs",
+    lambda dt: load_digits(1197, 300, 300, seed=0, dtype=dt),
+    lambda s: logistic_regression(s.input_shape[0], s.n_classes),
+    TrainConfig(epochs=20, batch_size=32, lr=0.5, weight_decay=1e-3, checkpoint_every=38, seed=0),
+    n_ground_truth=100,
+))
+_register(Setup(
+    "mnist5k-cnn", "1,000 MNIST-5k train (10% flipped) / 500 val, small ReLU CNN, float64, SGD "
+    "lr 0.05, batch 32, 3 epochs",
+    _mnist(1000, 500, 0), lambda s: small_cnn(s.n_classes, 28, (4, 8)),
+    TrainConfig(epochs=3, batch_size=32, lr=0.05, checkpoint_every=32, seed=0),
+    noise=0.1, n_ground_truth=50,
+))
+_register(Setup(
+    "synthetic", "Gaussian mixture, 1,000 train / 300 val / 300 test, 20 features, 4 classes, "
+    "MLP 20-32-4 tanh, float64, SGD lr 0.1, batch 32, 5 epochs",
+    lambda dt: make_synthetic(1000, 300, 300, 20, 4, seed=0, dtype=dt), _mlp(32),
+    TrainConfig(epochs=5, batch_size=32, lr=0.1, checkpoint_every=32, seed=0),
+))
+_register(Setup(
+    "tiny", "synthetic 120 train / 60 val / 60 test, 6 features, 3 classes, MLP 6-8-3 tanh, "
+    "float64, SGD lr 0.1, batch 16, 3 epochs (tests and smoke runs)",
+    lambda dt: make_synthetic(120, 60, 60, 6, 3, seed=0, dtype=dt), _mlp(8),
+    TrainConfig(epochs=3, batch_size=16, lr=0.1, checkpoint_every=8, seed=0),
+    noise=0.1, n_ground_truth=20,
+))
+
+
+def get_setup(name: str) -> Setup:
+    try:
+        return SETUPS[name]
+    except KeyError:
+        raise ConfigError(f"unknown setup {name!r}; available: {', '.join(sorted(SETUPS))}") from None

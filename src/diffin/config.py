@@ -1,0 +1,118 @@
+"""Configuration dataclasses shared by the Python API and the command line.
+
+Every field carries its help text in ``metadata["help"]``; :mod:`diffin.cli` builds its options
+from these fields, and every output folder stores the config it was made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ._errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+CONVENTIONS = ("keep", "renormalize")
+
+
+@dataclass
+class ScoreConfig:
+    """How to score every training sample against a target."""
+
+    method: str = _f(
+        "diffin",
+        "estimator name (see `diffin methods`); 'diffin' picks the best Diff-In variant the run allows",
+    )
+    hvp: str = _f(
+        "central",
+        "Hessian-vector products: 'central' / 'forward' finite differences of gradients, or "
+        "'exact' autograd (reference)",
+        choices=("central", "forward", "exact"),
+    )
+    fd_eps: float | None = _f(
+        None, "finite-difference step; default: machine-eps^(1/3) (central) times max(1, |theta|)"
+    )
+    dots: str = _f(
+        "auto",
+        "per-sample gradient inner products: 'jvp' (forward-mode, exact), 'fd' (from the losses at "
+        "theta +- eps v, free with central differences) or 'auto' (fd with central, else jvp)",
+        choices=("auto", "jvp", "fd"),
+    )
+    convention: str = _f(
+        "keep",
+        "removal convention: 'keep' (weight 0, batch divisor stays) or 'renormalize' (divide by |B|-1)",
+        choices=CONVENTIONS,
+    )
+    batch_size: int = _f(2048, "samples per chunk when streaming over the training or target data")
+    proxy_batch_size: int | None = _f(
+        None,
+        "proxy batch size for diffin-expected / closed form (default: the recorded batch size, else 128)",
+    )
+    proxy_batches: int | None = _f(
+        None,
+        "proxy batches per checkpoint: diffin-expected cycles through them (default: a fresh one "
+        "every step); the closed form averages them (default: 1)",
+    )
+    first_order: bool = _f(
+        False, "closed form only: add the first-order (TracIn-CP) term to the paper's formula"
+    )
+    replay_memory_mb: float = _f(
+        1024.0, "memory for replayed parameter states per segment (diffin-exact); beyond it, replay twice"
+    )
+    damping: float = _f(0.01, "influence functions: damping lambda added to the Hessian")
+    cg_iters: int = _f(100, "influence functions (CG): maximum conjugate-gradient iterations")
+    cg_tol: float = _f(1e-8, "influence functions (CG): relative residual tolerance")
+    lissa_depth: int = _f(1000, "influence functions (LiSSA): recursion depth")
+    lissa_scale: float | None = _f(
+        None, "influence functions (LiSSA): scale (default: 2 x the largest Hessian eigenvalue)"
+    )
+    lissa_batch_size: int = _f(128, "influence functions (LiSSA): samples per stochastic HVP")
+    pairwise: bool = _f(False, "return an N x Q matrix, one column per target example")
+    seed: int = _f(0, "seed for proxy batches and any other randomness of the estimator")
+
+    def __post_init__(self) -> None:
+        if self.hvp not in ("central", "forward", "exact"):
+            raise ConfigError(f"hvp must be 'central', 'forward' or 'exact', got {self.hvp!r}")
+        if self.dots not in ("auto", "jvp", "fd"):
+            raise ConfigError(f"dots must be 'auto', 'jvp' or 'fd', got {self.dots!r}")
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
+        if self.fd_eps is not None and not self.fd_eps > 0:
+            raise ConfigError(f"fd_eps must be > 0, got {self.fd_eps}")
+        for name in ("batch_size", "cg_iters", "lissa_depth", "lissa_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("proxy_batch_size", "proxy_batches"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if self.replay_memory_mb <= 0:
+            raise ConfigError("replay_memory_mb must be > 0")
+        if self.damping < 0:
+            raise ConfigError("damping must be >= 0")
+
+    def replace(self, **changes: Any) -> ScoreConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_kwargs(cls: type[T], base: T | None = None, **kwargs: Any) -> T:
+    """Build ``cls`` from keyword options, refusing unknown names with the valid ones listed."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown} for {cls.__name__}; valid options: {sorted(names)}"
+        )
+    if base is None:
+        return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]

@@ -1,0 +1,261 @@
+"""The estimator protocol, its registry, and the context every estimator scores in.
+
+An estimator scores every training sample against a target:
+
+    score(z) ≈ f(θ_T^{−z}) − f(θ_T)      (METHOD.md section 2; positive = z helped)
+
+Subclasses set ``name`` (registering themselves), declare what they need from the recording
+(``needs_batch_ids``, ``needs_sgd``) and implement :meth:`Estimator.score`. They may read the
+run, the functional model, the data and the target through :class:`ScoringContext`, and nothing
+else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._data import DataSource
+from .._errors import ConfigError, UnknownMethodError, UnsupportedMethodError
+from .._functional import FlatModel
+from ..config import ScoreConfig
+from ..recording.run import Run
+from ..targets import Target
+
+log = logging.getLogger("diffin")
+
+
+class ReplayDriftWarning(UserWarning):
+    """Replaying training from a checkpoint did not land on the next checkpoint."""
+
+
+@dataclass
+class EstimatorOutput:
+    """Scores (N,) or (N, Q) in loss units, the variant actually run, and diagnostics."""
+
+    scores: Tensor
+    variant: str
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class ScoringContext:
+    """What an estimator may touch: the run, the model as a function of θ, data and target."""
+
+    def __init__(
+        self,
+        run: Run,
+        fm: FlatModel,
+        train: DataSource,
+        target: Target,
+        config: ScoreConfig,
+        progress: bool = True,
+    ) -> None:
+        self.run = run
+        self.fm = fm
+        self.train = train
+        self.target = target
+        self.config = config
+        self.progress = progress
+        self.n_train = len(train)
+        self.drift = 0.0  # largest relative replay drift seen (see replay_reversed)
+
+    # ------------------------------------------------------------------ trajectory
+    def checkpoint(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """θ_c (P,) and the SGD momentum buffer v_c (P,) or None, at a checkpoint step.
+
+        Buffers and frozen parameters of that checkpoint are installed in the functional model.
+        """
+        ck = self.run.load_checkpoint(step)
+        frozen = {n: t for n, t in ck.params.items() if n not in set(self.fm.spec.names)}
+        self.fm.set_constants({**frozen, **ck.buffers})
+        theta = self.fm.flatten(ck.params)
+        mom = self.fm.flatten(ck.momentum) if ck.momentum is not None else None
+        return theta, mom
+
+    def batch(self, t: int) -> tuple[np.ndarray, Tensor, Tensor]:
+        """Ids, inputs and targets of the recorded batch of step t."""
+        ids = self.run.batch(t)
+        x, y = self.train.get(ids)
+        return ids, x, y
+
+    def first_step_fresh(self, t: int) -> bool:
+        """True at step 0 when the optimizer started without momentum buffers (PyTorch then
+        initialises the buffer with the gradient itself)."""
+        return t == 0 and self.run.optimizer.momentum != 0 and not self._has_momentum0()
+
+    def _has_momentum0(self) -> bool:
+        return bool(self.run._ckpt_entries[0].get("has_momentum", False))
+
+    def sgd_step(
+        self, theta: Tensor, v: Tensor | None, t: int, x: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """One recorded training step θ_t → θ_{t+1} (and momentum), as torch.optim.SGD does."""
+        g, _ = self.fm.loss_grad(theta, x, y)
+        return self.sgd_update(theta, v, t, g)
+
+    def sgd_update(
+        self, theta: Tensor, v: Tensor | None, t: int, g: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Apply step t's SGD update given the batch gradient g (P,) (weight decay added here)."""
+        opt = self.run.optimizer
+        if opt.weight_decay:
+            g = g + opt.weight_decay * theta
+        eta = float(self.run.lrs[t])
+        a, alpha, beta = opt.sgd_coefficients(self.first_step_fresh(t))
+        if opt.momentum == 0:
+            return theta - eta * g, None
+        v_old = torch.zeros_like(theta) if v is None else v
+        return theta - eta * (alpha * g + beta * v_old), opt.momentum * v_old + a * g
+
+    def replay_reversed(self, c0: int, c1: int) -> Iterator[tuple[int, Tensor]]:
+        """Yield (t, θ_t) for t = c1−1 … c0, replaying training forward from checkpoint c0.
+
+        Memory holds at most about ``replay_memory_mb`` of states: when a segment's states do not
+        fit, anchors are kept every s steps and each stretch is replayed again (twice the replay
+        cost, memory O(√segment)). The replayed θ_{c1} is compared with the recorded one; the
+        relative drift is kept in ``self.drift`` and warned about when large.
+        """
+        theta, v = self.checkpoint(c0)
+        length = c1 - c0
+        per_state = theta.numel() * theta.element_size() * (2 if v is not None or
+                                                            self.run.optimizer.momentum else 1)
+        cap = max(2, int(self.config.replay_memory_mb * 2**20 // per_state))
+        stride = 1 if length <= cap else math.ceil(length / (cap // 2))
+        if stride > cap // 2 + 1:
+            raise ConfigError(
+                f"a segment of {length} steps needs more than {self.config.replay_memory_mb} MB of "
+                "replay memory even with two-level replay; raise replay_memory_mb or record "
+                "checkpoints more often"
+            )
+        anchors: list[tuple[int, Tensor, Tensor | None]] = []
+        stored: list[Tensor] = []
+        for t in range(c0, c1):
+            if stride == 1:
+                stored.append(theta)
+            elif (t - c0) % stride == 0:
+                anchors.append((t, theta, v))
+            _, x, y = self.batch(t)
+            theta, v = self.sgd_step(theta, v, t, x, y)
+        self._note_drift(c0, c1, theta)
+        if stride == 1:
+            for i in range(length - 1, -1, -1):
+                yield c0 + i, stored[i]
+            return
+        for t_a, th, vv in reversed(anchors):
+            end = min(t_a + stride, c1)
+            local: list[Tensor] = []
+            for t in range(t_a, end):
+                local.append(th)
+                _, x, y = self.batch(t)
+                th, vv = self.sgd_step(th, vv, t, x, y)
+            for i in range(len(local) - 1, -1, -1):
+                yield t_a + i, local[i]
+
+    def _note_drift(self, c0: int, c1: int, replayed: Tensor) -> None:
+        recorded, _ = self.checkpoint(c1)
+        start, _ = self.checkpoint(c0)
+        moved = float((recorded - start).norm())
+        rel = float((replayed - recorded).norm()) / max(moved, torch.finfo(recorded.dtype).tiny)
+        self.drift = max(self.drift, rel)
+        tol = 100 * torch.finfo(recorded.dtype).eps ** 0.5
+        if rel > tol:
+            warnings.warn(
+                f"replaying steps {c0}..{c1} from the checkpoint lands {rel:.2e} (relative to the "
+                f"segment's movement) away from the recorded checkpoint {c1}. The scores assume "
+                "the recorded loop is reproducible: same loss_fn (mean over the batch), the "
+                "recorded lr, no dropout/augmentation randomness, SGD as recorded.",
+                ReplayDriftWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="step")
+
+    def proxy_batch_size(self) -> int:
+        if self.config.proxy_batch_size is not None:
+            return min(self.config.proxy_batch_size, self.n_train)
+        hint = self.run.batch_size_hint()
+        return min(hint if hint else 128, self.n_train)
+
+
+def add_removal_contrib(
+    scores: Tensor, ids: np.ndarray, d: Tensor, convention: str
+) -> None:
+    """Add the first-order effect of removing each sample of a batch at one step.
+
+    ``d`` (Q, B) holds ⟨w, ∇l_i(θ_t)⟩ where w is the adjoint's coefficient of the batch gradient
+    g in this step's update (removal changes g by Δg). ``keep``: Δg = −k·G_z/|B| for a sample
+    appearing k times; ``renormalize``: Δg = k·(G_B − G_z)/(|B| − k). The change of f is
+    ⟨w, Δg⟩, added to ``scores`` (N, Q) at the sample's row.
+    """
+    B = len(ids)
+    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    d_u = d[:, torch.as_tensor(first)]  # (Q, U)
+    k = torch.as_tensor(counts, dtype=d.dtype, device=d.device)
+    if convention == "keep":
+        contrib = -k * d_u / B
+    else:
+        mean = d.mean(dim=1, keepdim=True)
+        rest = torch.as_tensor(B - counts, dtype=d.dtype, device=d.device)
+        whole = rest == 0  # removing z empties the batch: the step's gradient vanishes
+        contrib = torch.where(whole, -d_u, k * (mean - d_u) / torch.where(whole, 1, rest))
+    scores.index_add_(0, torch.as_tensor(uniq, device=scores.device), contrib.T.to(scores.dtype))
+
+
+class Estimator:
+    """Base class of all estimators; subclasses register by defining ``name``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_batch_ids: ClassVar[bool] = False
+    needs_sgd: ClassVar[bool] = False
+    registry: ClassVar[dict[str, type[Estimator]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            Estimator.registry[cls.name] = cls
+
+    @classmethod
+    def check(cls, run: Run) -> None:
+        """Raise :class:`UnsupportedMethodError` if the run lacks what this estimator needs."""
+        if cls.needs_batch_ids and not run.has_batch_ids:
+            raise UnsupportedMethodError(
+                f"method {cls.name!r} needs the batch ids of every step, but this run recorded "
+                "none. Pass ids to Recorder.step(ids, ...) when recording, or use "
+                "'diffin-expected', 'diffin-closed-form' or 'tracin'."
+            )
+        if cls.needs_sgd and not run.optimizer.is_sgd:
+            o = run.optimizer
+            raise UnsupportedMethodError(
+                f"method {cls.name!r} unrolls torch.optim.SGD steps (momentum and weight decay "
+                f"included), but the run used {o.kind} (maximize={o.maximize}, uniform param "
+                f"groups={o.uniform_groups}). Use 'tracin' for this run."
+            )
+
+    def score(self, ctx: ScoringContext) -> EstimatorOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def get_estimator(name: str) -> type[Estimator]:
+    try:
+        return Estimator.registry[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {', '.join(sorted(Estimator.registry))}"
+        ) from None
+
+
+def available_methods() -> dict[str, str]:
+    """Registered method names and one-line summaries."""
+    return {n: c.summary for n, c in sorted(Estimator.registry.items())}

@@ -1,0 +1,293 @@
+"""Load and validate a recorded run folder. Nothing is unpickled: JSON, ``.npy`` with
+``allow_pickle=False`` and safetensors only."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .. import _constants as C
+from .._errors import (
+    CorruptManifestError,
+    DataMismatchError,
+    FormatVersionError,
+    IncompleteRunError,
+    InvalidIdsError,
+    MissingFileError,
+    NonFiniteCheckpointError,
+    ParameterMismatchError,
+    RunNotFoundError,
+    TruncatedFileError,
+)
+from .manifest import REQUIRED_KEYS, OptimizerSpec
+
+
+@dataclass
+class Checkpoint:
+    """θ and optimizer state at one recorded step.
+
+    ``params``: every model parameter (trainable and frozen) by name; ``buffers``: module
+    buffers; ``momentum``: SGD momentum buffers of the trainable parameters, or ``None`` when
+    the optimizer had none yet (its next step then starts the buffer from the gradient).
+    """
+
+    step: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor] | None
+
+
+class Run:
+    """A validated, read-only view of a run folder written by :class:`diffin.Recorder`.
+
+    Steps are numbered t = 0 … T−1; step t moves θ_t to θ_{t+1} with learning rate
+    ``lrs[t]`` on the batch ``batch(t)``. Checkpoint steps are in 0 … T (0 and T always).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        m = self.manifest
+        try:
+            self.n_steps: int = int(m["n_steps"])
+            self.optimizer = OptimizerSpec.from_json(m["optimizer"])
+            self.trainable: list[str] = list(m["model"]["trainable"])
+            self.param_shapes: dict[str, tuple[int, ...]] = {
+                p["name"]: tuple(p["shape"]) for p in m["model"]["parameters"]
+            }
+            self.dtype: torch.dtype = getattr(torch, m["model"]["dtype"])
+            self._ckpt_entries: dict[int, dict[str, Any]] = {
+                int(c["step"]): c for c in m["checkpoints"]
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptManifestError(f"{self.path / C.MANIFEST}: malformed entry ({e!r})") from e
+        self.checkpoint_steps: list[int] = sorted(self._ckpt_entries)
+        if not self.checkpoint_steps or self.checkpoint_steps[0] != 0:
+            raise CorruptManifestError(f"{self.path}: the manifest lists no checkpoint at step 0")
+        if self.checkpoint_steps[-1] != self.n_steps:
+            raise CorruptManifestError(
+                f"{self.path}: the last checkpoint is at step {self.checkpoint_steps[-1]} "
+                f"but the run has {self.n_steps} steps"
+            )
+        for entry in self._ckpt_entries.values():
+            self._check_file(entry)
+            self._check_safetensors_header(entry)
+        self._check_file(m["lrs"])
+        self.lrs: np.ndarray = _load_npy(self.path / m["lrs"]["file"])
+        if self.lrs.shape != (self.n_steps,) or not np.all(np.isfinite(self.lrs)):
+            raise TruncatedFileError(
+                f"{self.path / C.LRS}: expected {self.n_steps} finite learning rates, "
+                f"found shape {self.lrs.shape}"
+            )
+        bi = m.get("batch_ids", {"recorded": False})
+        self.has_batch_ids: bool = bool(bi.get("recorded", False))
+        self._ids: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
+        self.max_id: int = -1
+        self.batch_sizes: list[int] = []
+        if self.has_batch_ids:
+            self._check_file(bi["ids"])
+            self._check_file(bi["offsets"])
+            self._ids = _load_npy(self.path / bi["ids"]["file"], mmap=True)
+            self._offsets = _load_npy(self.path / bi["offsets"]["file"])
+            if (
+                self._offsets.shape != (self.n_steps + 1,)
+                or self._offsets[0] != 0
+                or int(self._offsets[-1]) != self._ids.shape[0]
+                or np.any(np.diff(self._offsets) < 0)
+            ):
+                raise TruncatedFileError(
+                    f"{self.path}: batch_ids.npy and batch_offsets.npy do not agree with "
+                    f"{self.n_steps} steps; the recording is damaged"
+                )
+            if self._ids.dtype.kind not in "iu":
+                raise CorruptManifestError(f"{self.path}: batch ids are not integers")
+            self.max_id = int(bi.get("max_id", -1))
+            self.batch_sizes = [int(b) for b in bi.get("batch_sizes", [])]
+        self.n_train_recorded: int | None = m.get("n_train")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """Consecutive checkpoint pairs (c_k, c_{k+1}); steps c_k … c_{k+1}−1 lie between."""
+        s = self.checkpoint_steps
+        return list(zip(s[:-1], s[1:]))
+
+    def batch(self, t: int) -> np.ndarray:
+        """Dataset ids of the batch of step t (int64, shape (|B_t|,))."""
+        if self._ids is None or self._offsets is None:
+            raise InvalidIdsError("this run recorded no batch ids")
+        return np.array(self._ids[self._offsets[t] : self._offsets[t + 1]])
+
+    def batch_size_hint(self) -> int | None:
+        """The most common batch size (if ids were recorded)."""
+        if self._offsets is None or self.n_steps == 0:
+            return None
+        sizes = np.diff(self._offsets)
+        vals, counts = np.unique(sizes, return_counts=True)
+        return int(vals[np.argmax(counts)])
+
+    def load_checkpoint(self, step: int, device: torch.device | str = "cpu") -> Checkpoint:
+        """Read one checkpoint; raises if it is damaged or holds NaN/Inf."""
+        if step not in self._ckpt_entries:
+            raise MissingFileError(f"{self.path}: no checkpoint at step {step}")
+        entry = self._ckpt_entries[step]
+        path = self.path / entry["file"]
+        params: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
+        momentum: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    t = fh.get_tensor(key)
+                    if key.startswith(C.PARAM_PREFIX):
+                        params[key[len(C.PARAM_PREFIX) :]] = t
+                    elif key.startswith(C.BUFFER_PREFIX):
+                        buffers[key[len(C.BUFFER_PREFIX) :]] = t
+                    elif key.startswith(C.MOMENTUM_PREFIX):
+                        momentum[key[len(C.MOMENTUM_PREFIX) :]] = t
+        except Exception as e:  # safetensors raises its own error types
+            raise TruncatedFileError(f"{path}: cannot be read ({e})") from e
+        for name, t in {**params, **momentum}.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteCheckpointError(
+                    f"{path}: tensor {name!r} holds NaN or Inf (training diverged before step "
+                    f"{step}?); score a run that stayed finite"
+                )
+        missing = [n for n in self.param_shapes if n not in params]
+        if missing:
+            raise TruncatedFileError(f"{path}: parameters missing from the checkpoint: {missing}")
+        has_m = bool(entry.get("has_momentum", False))
+        return Checkpoint(step, params, buffers, momentum if has_m else None)
+
+    def _check_file(self, entry: dict[str, Any]) -> None:
+        _check_entry(self.path, entry)
+
+    def _check_safetensors_header(self, entry: dict[str, Any]) -> None:
+        _check_header(self.path / entry["file"])
+
+    def verify(self) -> None:
+        """Read every checkpoint fully (finiteness included)."""
+        for s in self.checkpoint_steps:
+            self.load_checkpoint(s)
+
+    # ------------------------------------------------------------------ validation
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`ParameterMismatchError` unless ``model`` has the recorded parameters."""
+        have = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        want = self.param_shapes
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        wrong = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        if missing or extra or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing in the model: {missing[:5]}")
+            if extra:
+                parts.append(f"not in the recording: {extra[:5]}")
+            if wrong:
+                parts.append(
+                    "shape differs: "
+                    + ", ".join(f"{n} recorded {want[n]} vs model {have[n]}" for n in wrong[:5])
+                )
+            raise ParameterMismatchError(
+                f"the model does not match the run at {self.path} ("
+                + "; ".join(parts)
+                + "); pass a model built like the one that was trained"
+            )
+
+    def check_ids(self, n_train: int) -> None:
+        """Raise :class:`InvalidIdsError` if recorded ids do not fit a training set of n_train."""
+        if self.n_train_recorded is not None and self.n_train_recorded != n_train:
+            raise DataMismatchError(
+                f"the run was recorded with n_train={self.n_train_recorded} but the training data "
+                f"given has {n_train} samples; pass the same training set"
+            )
+        if self.has_batch_ids and self.max_id >= n_train:
+            raise InvalidIdsError(
+                f"the run's batch ids go up to {self.max_id} but the training data has only "
+                f"{n_train} samples; pass the full training set, indexed by the recorded ids"
+            )
+
+
+def load_run(path: str | os.PathLike[str], model: nn.Module | None = None,
+             n_train: int | None = None) -> Run:
+    """Open a run folder, validate it, and (optionally) check it against a model and data size."""
+    run = Run(path)
+    if model is not None:
+        run.check_model(model)
+    if n_train is not None:
+        run.check_ids(n_train)
+    return run
+
+
+# ---------------------------------------------------------------------- helpers
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / C.MANIFEST
+    if not path.is_dir():
+        raise RunNotFoundError(f"no run folder at {path}; record one with diffin.Recorder")
+    if not mpath.exists():
+        if (path / C.CHECKPOINT_DIR).exists():
+            raise IncompleteRunError(
+                f"{path} holds checkpoints but no manifest: the recording was not closed. Call "
+                "Recorder.close() after training (or use it as a context manager)"
+            )
+        raise RunNotFoundError(f"{path} has no {C.MANIFEST}; it is not a diffin run folder")
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptManifestError(f"{mpath} is not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(m, dict):
+        raise CorruptManifestError(f"{mpath} does not hold a JSON object")
+    version = m.get("format_version")
+    if not isinstance(version, int):
+        raise CorruptManifestError(f"{mpath} has no integer format_version")
+    if version > C.FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path} was written in run format {version} by diffin {m.get('diffin_version')}; "
+            f"this diffin reads format <= {C.FORMAT_VERSION}. Upgrade diffin to read it."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
+    return m
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise TruncatedFileError(f"{path}: cannot be read as .npy ({e})") from e
+
+
+def _check_header(path: Path) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as e:
+        raise TruncatedFileError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _check_entry(root: Path, entry: dict[str, Any]) -> None:
+    try:
+        rel, size = entry["file"], int(entry["bytes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptManifestError(f"{root}: malformed file entry {entry!r}") from e
+    p = root / rel
+    if not p.exists():
+        raise MissingFileError(f"{p} is listed in the manifest but missing; copy the whole run folder")
+    actual = p.stat().st_size
+    if actual != size:
+        raise TruncatedFileError(
+            f"{p} has {actual} bytes but the manifest says {size}: the file is truncated or was "
+            "replaced; re-copy the run folder or record the run again"
+        )
+

@@ -1,0 +1,141 @@
+"""Targets: scalar functions f(θ_T) whose change under removal a score measures.
+
+* :class:`MeanLoss` — mean loss on a validation set V (Q = 1, scores shape (N,)).
+* :class:`PerExample` — the loss of each of Q test examples (scores shape (N, Q)).
+* :class:`SelfLoss` — each training sample's own loss (self-influence, scores shape (N,)).
+
+A target supplies its gradient ∇f(θ) as a (Q, P) matrix and its value f(θ) as (Q,).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._data import DataSource
+from ._errors import DataMismatchError
+from ._functional import FlatModel
+
+
+class Target:
+    """Base class. ``kind`` is one of "mean", "pairwise", "self"; ``size`` is Q."""
+
+    kind: str = ""
+    size: int = 1
+
+    def grads(self, fm: FlatModel, theta: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def values(self, fm: FlatModel, theta: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MeanLoss(Target):
+    """f(θ) = mean_{v∈V} l(v; θ). Gradient streamed over V in chunks (memory O(P))."""
+
+    kind = "mean"
+    size = 1
+
+    def __init__(self, source: DataSource, batch_size: int = 512) -> None:
+        self.source = source
+        self.batch_size = batch_size
+
+    def grads(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        n = len(self.source)
+        total = torch.zeros_like(theta)
+        for ids, x, y in self.source.chunks(self.batch_size):
+            g, _ = fm.loss_grad(theta, x, y)
+            total += g * (len(ids) / n)
+        return total.unsqueeze(0)
+
+    def values(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        n = len(self.source)
+        with torch.no_grad():
+            s = sum(fm.losses(theta, x, y).sum() for _, x, y in self.source.chunks(self.batch_size))
+        return (s / n).reshape(1)
+
+
+class PerExample(Target):
+    """f_q(θ) = l(v_q; θ) for each of Q examples. Gradients (Q, P) by vmapped per-sample grads."""
+
+    kind = "pairwise"
+
+    def __init__(self, source: DataSource, batch_size: int = 64) -> None:
+        self.source = source
+        self.size = len(source)
+        self.batch_size = batch_size
+
+    def grads(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        return torch.cat(
+            [fm.per_sample_grads(theta, x, y) for _, x, y in self.source.chunks(self.batch_size)]
+        )
+
+    def values(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([fm.losses(theta, x, y) for _, x, y in self.source.chunks(512)])
+
+
+class SelfLoss(Target):
+    """f_z(θ) = l(z; θ) for every training sample z; estimators return the diagonal."""
+
+    kind = "self"
+
+    def __init__(self, train: DataSource) -> None:
+        self.source = train
+        self.size = len(train)
+
+    def subset(self, ids: np.ndarray) -> PerExample:
+        """The training samples ``ids`` as a pairwise target (for chunked self-influence)."""
+        return PerExample(_Subset(self.source, ids))
+
+    def values(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([fm.losses(theta, x, y) for _, x, y in self.source.chunks(512)])
+
+
+class _Subset(DataSource):
+    """A view of some rows of another DataSource (no copy of the data)."""
+
+    def __init__(self, parent: DataSource, ids: np.ndarray) -> None:  # noqa: D107
+        self.parent = parent
+        self.ids = np.asarray(ids)
+        self.name = parent.name
+        self.dtype = parent.dtype
+        self.device = parent.device
+        self._n = len(self.ids)
+
+    def get(self, ids: Any) -> tuple[Tensor, Tensor]:
+        return self.parent.get(self.ids[np.asarray(ids)])
+
+
+def make_target(
+    target: Any,
+    train: DataSource,
+    fm: FlatModel,
+    pairwise: bool = False,
+    batch_size: int = 512,
+) -> Target:
+    """Build a :class:`Target` from what the user passed as ``target=``.
+
+    ``"self"`` → :class:`SelfLoss`; an ``(inputs, targets)`` pair or Dataset → :class:`MeanLoss`
+    (or :class:`PerExample` with ``pairwise=True``); a :class:`Target` is used as is.
+    """
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        if target != "self":
+            raise DataMismatchError(
+                f"target must be an (inputs, targets) pair, a Dataset or 'self'; got {target!r}"
+            )
+        if pairwise:
+            raise DataMismatchError("pairwise=True needs target examples, not 'self'")
+        return SelfLoss(train)
+    if target is None:
+        raise DataMismatchError(
+            "pass target=(inputs, targets) (e.g. a validation set) or target='self'"
+        )
+    src = DataSource(target, fm.dtype, fm.device, name="target")
+    return PerExample(src) if pairwise else MeanLoss(src, batch_size)
