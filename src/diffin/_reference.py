@@ -1,0 +1,162 @@
+"""Slow, obviously-correct reference computations, shipped so that users and tests can check any
+estimator on a tiny model in float64:
+
+* dense Hessians and loops of autograd per-sample gradients;
+* the trajectory replayed with a real ``torch.optim.SGD`` on the module itself;
+* the explicit forward recursion of METHOD.md section 4 (one sample at a time, dense Hessians);
+* TracIn-CP and the checkpoint closed form (METHOD.md 4.2) sample by sample.
+
+Everything here loops in Python and forms P×P matrices: for tiny models only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._data import DataSource
+from ._functional import FlatModel, LossFn
+from .recording.run import Run
+
+
+def dense_hessian(fm: FlatModel, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """∇²L_B(θ) of the mean loss on (x, y), shape (P, P)."""
+    return torch.autograd.functional.hessian(lambda th: fm.losses(th, x, y).mean(), theta)
+
+
+def loop_grads(fm: FlatModel, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample gradients by a Python loop of autograd calls, shape (B, P)."""
+    rows = []
+    for i in range(x.shape[0]):
+        th = theta.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fm.losses(th, x[i : i + 1], y[i : i + 1])[0], th)
+        rows.append(g)
+    return torch.stack(rows)
+
+
+def sgd_trajectory(run: Run, model: nn.Module, loss_fn: LossFn, train: DataSource) -> list[Tensor]:
+    """θ_0 … θ_T by replaying the recorded batches with ``torch.optim.SGD`` on ``model``.
+
+    Uses the recorded θ_0 (and momentum buffers, if any) and the per-step learning rates; the
+    batch loss is ``loss_fn(...).mean()``. Returns flat θ's (trainable parameters, as recorded).
+    """
+    ck = run.load_checkpoint(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(ck.params[n])
+    named = dict(model.named_parameters())
+    params = [named[n] for n in run.trainable]
+    o = run.optimizer
+    opt = torch.optim.SGD(params, lr=0.1, momentum=o.momentum, dampening=o.dampening,
+                          nesterov=o.nesterov, weight_decay=o.weight_decay)
+    if ck.momentum is not None:
+        for n, p in zip(run.trainable, params):
+            opt.state[p]["momentum_buffer"] = ck.momentum[n].clone()
+
+    def flat() -> Tensor:
+        return torch.cat([p.detach().reshape(-1).clone() for p in params])
+
+    out = [flat()]
+    was = model.training
+    model.eval()
+    for t in range(run.n_steps):
+        x, y = train.get(run.batch(t))
+        for g in opt.param_groups:
+            g["lr"] = float(run.lrs[t])
+        opt.zero_grad()
+        loss_fn(model(x), y).mean().backward()
+        opt.step()
+        out.append(flat())
+    model.train(was)
+    return out
+
+
+def forward_recursion(
+    run: Run,
+    fm: FlatModel,
+    train: DataSource,
+    thetas: list[Tensor],
+    target_grad: Tensor,
+    z: int,
+    convention: str = "keep",
+) -> float:
+    """Score of sample z by the explicit forward recursion (METHOD.md section 4), dense Hessians.
+
+    Tracks the linearised change of (θ, v) when z is removed from every batch:
+    ``Δg_t`` = −k·G_z/|B| (keep) or k·(G_B − G_z)/(|B| − k) (renormalize) for a batch holding z
+    k times, ``Δv' = μΔv + a(JΔθ + Δg)``, ``Δθ' = Δθ − η(α(JΔθ + Δg) + βΔv)`` with
+    J = H_B + λI. Returns ⟨∇f(θ_T), Δθ_T⟩ (loss units).
+    """
+    o = run.optimizer
+    P = thetas[0].numel()
+    d_theta = torch.zeros(P, dtype=thetas[0].dtype)
+    d_v = torch.zeros(P, dtype=thetas[0].dtype)
+    has_m0 = bool(run._ckpt_entries[0].get("has_momentum", False))
+    for t in range(run.n_steps):
+        ids = run.batch(t)
+        x, y = train.get(ids)
+        th = thetas[t]
+        J = dense_hessian(fm, th, x, y) + o.weight_decay * torch.eye(P, dtype=th.dtype)
+        k = int((ids == z).sum())
+        B = len(ids)
+        dg = J @ d_theta
+        if k:
+            Gz = loop_grads(fm, th, *train.get(np.array([z])))[0]
+            if convention == "keep":
+                dg = dg - k * Gz / B
+            elif B == k:
+                dg = dg - Gz
+            else:
+                GB = loop_grads(fm, th, x, y).mean(0)
+                dg = dg + k * (GB - Gz) / (B - k)
+        eta = float(run.lrs[t])
+        a, alpha, beta = o.sgd_coefficients(t == 0 and o.momentum != 0 and not has_m0)
+        d_theta, d_v = d_theta - eta * (alpha * dg + beta * d_v), o.momentum * d_v + a * dg
+    return float(target_grad @ d_theta)
+
+
+def tracin_cp(run: Run, fm: FlatModel, train: DataSource, target_grads) -> Tensor:  # noqa: ANN001
+    """TracIn-CP sample by sample: Σ_k (Σ_{t∈seg k} η_t / N)·⟨∇f(θ_{c_{k+1}}), G_z(θ_{c_{k+1}})⟩.
+
+    ``target_grads(theta) -> (P,)``. Returns (N,).
+    """
+    N = len(train)
+    out = torch.zeros(N, dtype=torch.float64)
+    for c0, c1 in run.segments:
+        ck = run.load_checkpoint(c1)
+        th = fm.flatten(ck.params)
+        g = target_grads(th)
+        G = loop_grads(fm, th, *train.all())
+        out += float(np.sum(run.lrs[c0:c1])) / N * (G @ g).double()
+    return out
+
+
+def closed_form(
+    run: Run, fm: FlatModel, train: DataSource, target_grads, batch: int, n_batches: int = 1,  # noqa: ANN001
+    seed: int = 0,
+) -> Tensor:
+    """The closed form of METHOD.md 4.2 (negated to the removal sign), sample by sample with
+    dense Hessians. Proxy batches are drawn exactly as the estimator draws them
+    (``numpy.random.default_rng(seed)``, ``n_batches`` × ``choice(N, batch, replace=False)`` per
+    checkpoint, in checkpoint order)."""
+    N = len(train)
+    steps = [c for c in run.checkpoint_steps if c > 0]
+    m = len(steps)
+    rng = np.random.default_rng(seed)
+    out = torch.zeros(N, dtype=torch.float64)
+    for c in steps:
+        th = fm.flatten(run.load_checkpoint(c).params)
+        eta = float(run.lrs[min(c, run.n_steps - 1)])
+        coef = c * eta**2 / (N * m)
+        proxy = np.concatenate([rng.choice(N, size=batch, replace=False) for _ in range(n_batches)])
+        xp, yp = train.get(proxy)
+        HB = dense_hessian(fm, th, xp, yp)
+        GB = loop_grads(fm, th, xp, yp).mean(0)
+        g = target_grads(th)
+        for z in range(N):
+            xz, yz = train.get(np.array([z]))
+            Gz = loop_grads(fm, th, xz, yz)[0]
+            Hz = dense_hessian(fm, th, xz, yz)
+            out[z] += coef * float(g @ (HB @ Gz + Hz @ GB))
+    return out

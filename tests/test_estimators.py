@@ -1,0 +1,387 @@
+"""Estimators against exact references in float64 on tiny models (METHOD.md sections 3–5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diffin
+from diffin import _reference as ref
+from diffin._data import DataSource
+from diffin._functional import FlatModel
+from diffin.estimators.base import Estimator
+from diffin.groundtruth import replay_removal
+from diffin.targets import MeanLoss, Target
+
+from _tiny import ATOL, RTOL, record
+
+OPTS = {
+    "sgd": {"lr": 0.1},
+    "momentum-wd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2},
+    "nesterov-damp": {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 1e-3},
+    "dampening": {"lr": 0.05, "momentum": 0.7, "dampening": 0.3},
+}
+
+
+def _fm(tiny):
+    run = diffin.load_run(tiny.run)
+    fm = FlatModel(tiny.make(), tiny.loss, run.trainable)
+    train = DataSource((tiny.X, tiny.Y), torch.float64, torch.device("cpu"))
+    return run, fm, train
+
+
+def _target_grad(fm, tiny, theta):
+    return MeanLoss(DataSource((tiny.Xv, tiny.Yv), torch.float64, torch.device("cpu"))).grads(
+        fm, theta)[0]
+
+
+# ------------------------------------------------------------------ the sweep is the recursion
+@pytest.mark.parametrize("opt", list(OPTS))
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_sweep_equals_forward_recursion(tmp_path, opt, kind):
+    tiny = record(tmp_path / "r", kind=kind, opt_kw=OPTS[opt], n=18, epochs=2, every=4)
+    run, fm, train = _fm(tiny)
+    thetas = ref.sgd_trajectory(run, tiny.make(), tiny.loss, train)
+    # our replay lands on torch.optim.SGD's trajectory
+    torch.testing.assert_close(thetas[-1], fm.flatten(run.load_checkpoint(run.n_steps).params),
+                               rtol=1e-12, atol=1e-12)
+    g = _target_grad(fm, tiny, thetas[-1])
+    sweep = tiny.score("diffin-exact", hvp="exact").scores
+    for z in (0, 5, 11, 17):
+        want = ref.forward_recursion(run, fm, train, thetas, g, z)
+        assert sweep[z] == pytest.approx(want, rel=1e-8, abs=1e-12)
+
+
+def test_frozen_sweep_equals_recursion_at_checkpoints(tmp_path):
+    tiny = record(tmp_path / "r", opt_kw=OPTS["momentum-wd"], n=18, epochs=2, every=4)
+    run, fm, train = _fm(tiny)
+    frozen = []
+    for c0, c1 in run.segments:
+        th = fm.flatten(run.load_checkpoint(c0).params)
+        frozen += [th] * (c1 - c0)
+    frozen.append(fm.flatten(run.load_checkpoint(run.n_steps).params))
+    g = _target_grad(fm, tiny, frozen[-1])
+    got = tiny.score("diffin-frozen", hvp="exact").scores
+    for z in (1, 9):
+        assert got[z] == pytest.approx(ref.forward_recursion(run, fm, train, frozen, g, z), rel=1e-8)
+
+
+@pytest.mark.parametrize("batch", [6, 5])  # 5: last batch of each epoch is smaller
+def test_renormalize_convention_equals_recursion(tmp_path, batch):
+    tiny = record(tmp_path / "r", n=16, batch=batch, epochs=2, every=3)
+    run, fm, train = _fm(tiny)
+    thetas = ref.sgd_trajectory(run, tiny.make(), tiny.loss, train)
+    g = _target_grad(fm, tiny, thetas[-1])
+    got = tiny.score("diffin-exact", hvp="exact", convention="renormalize").scores
+    for z in (0, 7, 15):
+        want = ref.forward_recursion(run, fm, train, thetas, g, z, "renormalize")
+        assert got[z] == pytest.approx(want, rel=1e-8, abs=1e-12)
+
+
+def test_finite_difference_sweep_close_to_exact(tmp_path):
+    tiny = record(tmp_path / "r", opt_kw=OPTS["momentum-wd"])
+    exact = tiny.score("diffin-exact", hvp="exact").scores
+    for mode, tol in (("central", 1e-7), ("forward", 1e-4)):
+        got = tiny.score("diffin-exact", hvp=mode).scores
+        assert np.abs(got - exact).max() <= tol * np.abs(exact).max(), mode
+
+
+# ------------------------------------------------------------------ exactness on least squares
+class _Linear(Target):
+    """f(θ) = ⟨c, θ⟩: the linearisation is exact for it."""
+
+    kind = "mean"
+    size = 1
+
+    def __init__(self, c):
+        self.c = c
+
+    def grads(self, fm, theta):
+        return self.c[None]
+
+    def values(self, fm, theta):
+        return (self.c @ theta).reshape(1)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum-wd", "nesterov-damp"])
+def test_least_squares_sweep_equals_replayed_removal(tmp_path, opt):
+    """Linear model, squared loss, one epoch: θ_T is affine in each sample's weight, so the sweep
+    is exact for a linear target; for the validation MSE the only gap is ½ΔᵀH_fΔ."""
+    tiny = record(tmp_path / "r", kind="linear", regression=True, n=20, batch=5, epochs=1, every=2,
+                  opt_kw=OPTS[opt])
+    run, fm, train = _fm(tiny)
+    c = torch.randn(fm.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ids = list(range(20))
+    gt, theta_T, thetas = replay_removal(tiny.run, tiny.make(), tiny.loss, train=(tiny.X, tiny.Y),
+                                         target=_Linear(c), remove=ids, progress=False,
+                                         return_thetas=True)
+    got = tiny.score("diffin-exact", target=_Linear(c)).scores
+    np.testing.assert_allclose(got, gt, rtol=1e-9, atol=1e-12)
+    # validation mean squared loss: f(θ+Δ) − f(θ) = ⟨∇f, Δ⟩ + ½ΔᵀH_fΔ exactly (f quadratic)
+    val = tiny.score("diffin-exact").scores
+    real = replay_removal(tiny.run, tiny.make(), tiny.loss, train=(tiny.X, tiny.Y),
+                          target=(tiny.Xv, tiny.Yv), remove=ids, progress=False)
+    Hf = ref.dense_hessian(fm, theta_T, tiny.Xv, tiny.Yv)
+    delta = thetas - theta_T
+    quad = 0.5 * torch.einsum("kp,pq,kq->k", delta, Hf, delta).numpy()
+    np.testing.assert_allclose(val + quad, real, rtol=1e-9, atol=1e-13)
+
+
+# ------------------------------------------------------------------ closed form and TracIn
+@pytest.mark.parametrize("mode", ["exact", "central"])
+def test_closed_form_equals_naive(tmp_path, mode):
+    tiny = record(tmp_path / "r", n=14, epochs=2, every=3)
+    run, fm, train = _fm(tiny)
+    want = ref.closed_form(run, fm, train, lambda th: _target_grad(fm, tiny, th), batch=6,
+                           n_batches=2, seed=4)
+    got = tiny.score("diffin-closed-form", hvp=mode, proxy_batches=2, seed=4).scores
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6 if mode == "exact" else 1e-5, atol=1e-12)
+
+
+def test_closed_form_first_order_adds_tracin(tmp_path):
+    tiny = record(tmp_path / "r", n=14, epochs=2, every=3)
+    base = tiny.score("diffin-closed-form", hvp="exact").scores
+    both = tiny.score("diffin-closed-form", hvp="exact", first_order=True).scores
+    tr = tiny.score("tracin").scores
+    np.testing.assert_allclose(both - base, tr, rtol=1e-8, atol=1e-13)
+
+
+def test_tracin_equals_naive(tmp_path):
+    tiny = record(tmp_path / "r", n=14, epochs=2, every=3)
+    run, fm, train = _fm(tiny)
+    want = ref.tracin_cp(run, fm, train, lambda th: _target_grad(fm, tiny, th))
+    np.testing.assert_allclose(tiny.score("tracin").scores, want.numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_tracin_every_step_equals_naive(tmp_path):
+    tiny = record(tmp_path / "r", n=14, epochs=2, every=3)
+    run, fm, train = _fm(tiny)
+    thetas = ref.sgd_trajectory(run, tiny.make(), tiny.loss, train)
+    want = np.zeros(14)
+    for t in range(run.n_steps):
+        ids = run.batch(t)
+        G = ref.loop_grads(fm, thetas[t], *train.get(ids))
+        g = _target_grad(fm, tiny, thetas[t])
+        np.add.at(want, ids, float(run.lrs[t]) / len(ids) * (G @ g).numpy())
+    np.testing.assert_allclose(tiny.score("tracin-every-step").scores, want, rtol=RTOL, atol=ATOL)
+
+
+def test_expected_equals_frozen_for_full_batch_training(tmp_path):
+    """With full-batch training every sample is in every batch (|B|/N = 1), so the expected
+    credit is the actual one and proxy batches of size N are the real batches."""
+    tiny = record(tmp_path / "r", n=12, batch=12, epochs=6, every=2, opt_kw=OPTS["momentum-wd"])
+    frozen = tiny.score("diffin-frozen", hvp="exact").scores
+    expected = tiny.score("diffin-expected", hvp="exact", proxy_batch_size=12).scores
+    np.testing.assert_allclose(expected, frozen, rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------ targets
+@pytest.mark.parametrize("method", ["diffin-exact", "diffin-frozen", "diffin-expected",
+                                    "diffin-closed-form", "tracin", "tracin-every-step"])
+def test_pairwise_columns_equal_single_targets(tmp_path, method):
+    tiny = record(tmp_path / "r", n=12, epochs=2, every=3)
+    M = tiny.score(method, pairwise=True).scores
+    assert M.shape == (12, 8)
+    for j in (0, 5):
+        single = tiny.score(method, target=(tiny.Xv[j : j + 1], tiny.Yv[j : j + 1])).scores
+        np.testing.assert_allclose(M[:, j], single, rtol=1e-9, atol=1e-14)
+    # the mean target is the mean of the per-example columns (all estimators are linear in ∇f;
+    # finite differences along ∇f/‖∇f‖ only up to their O(ε²) truncation)
+    np.testing.assert_allclose(M.mean(1), tiny.score(method).scores, rtol=1e-9,
+                               atol=1e-7 * np.abs(M).max())
+
+
+def _two_sample_toy(tmp_path, steps: int):
+    """1-D least squares y = θx, two samples in one batch, plain SGD."""
+    x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([[3.0], [-1.0]], dtype=torch.float64)
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    eta = 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=eta)
+    rec = diffin.Recorder(tmp_path / "toy", model, optimizer=opt, checkpoint_every=1)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * (model(x) - y) ** 2).sum(1).mean().backward()
+        opt.step()
+        rec.step([0, 1], lr=eta)
+    rec.close()
+    return x, y, eta
+
+
+def test_self_influence_two_sample_toy_by_hand(tmp_path):
+    x, y, eta = _two_sample_toy(tmp_path, steps=2)
+    loss = lambda o, t: 0.5 * ((o - t) ** 2).sum(1)  # noqa: E731
+    x1, x2 = 1.0, 2.0
+    y1, y2 = 3.0, -1.0
+    th0 = 0.5
+    th1 = th0 - eta / 2 * (x1 * (th0 * x1 - y1) + x2 * (th0 * x2 - y2))
+    th2 = th1 - eta / 2 * (x1 * (th1 * x1 - y1) + x2 * (th1 * x2 - y2))
+    H = (x1**2 + x2**2) / 2
+    want = []
+    for xi, yi in ((x1, y1), (x2, y2)):
+        u2 = (th2 * xi - yi) * xi  # ∇ of its own loss at θ_T
+        u1 = u2 * (1 - eta * H)
+        want.append(eta / 2 * (u2 * (th1 * xi - yi) * xi + u1 * (th0 * xi - yi) * xi))
+    model = nn.Linear(1, 1, bias=False).double()
+    got = diffin.influence(tmp_path / "toy", model, loss, train=(x, y), target="self",
+                           method="diffin-exact", hvp="exact", progress=False)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # sign and size against replayed removal of each sample from its own loss
+    real = replay_removal(tmp_path / "toy", model, loss, train=(x, y), target="self", remove=[0, 1],
+                          progress=False)
+    assert np.all(np.sign(real) == np.sign(got))
+    np.testing.assert_allclose(got, real, rtol=0.3)  # linearisation of a large removal
+
+
+@pytest.mark.parametrize("method", ["diffin-exact", "diffin-closed-form", "tracin", "tracin-every-step"])
+def test_self_influence_is_diagonal_of_pairwise_on_training_points(tmp_path, method):
+    tiny = record(tmp_path / "r", n=10, epochs=2, every=3)
+    self_s = tiny.score(method, target="self").scores
+    M = tiny.score(method, target=(tiny.X, tiny.Y), pairwise=True).scores
+    np.testing.assert_allclose(self_s, np.diag(M), rtol=1e-8, atol=1e-13)
+
+
+# ------------------------------------------------------------------ invariances
+@pytest.mark.parametrize("method", ["diffin-exact", "diffin-expected", "diffin-closed-form", "tracin"])
+def test_scoring_batch_size_does_not_change_scores(tmp_path, method):
+    tiny = record(tmp_path / "r", n=20, epochs=2, every=3)
+    a = tiny.score(method, batch_size=3).scores
+    b = tiny.score(method, batch_size=4096).scores
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-15)
+
+
+def test_checkpoint_spacing_does_not_change_exact_scores(tmp_path):
+    a = record(tmp_path / "a", every=2, opt_kw=OPTS["momentum-wd"]).score("diffin-exact").scores
+    b = record(tmp_path / "b", every=5, opt_kw=OPTS["momentum-wd"]).score("diffin-exact").scores
+    c = record(tmp_path / "c", every=1000, opt_kw=OPTS["momentum-wd"]).score("diffin-exact").scores
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-14)
+
+
+def test_two_level_replay_gives_the_same_scores(tmp_path):
+    tiny = record(tmp_path / "r", every=1000, epochs=3, opt_kw=OPTS["momentum-wd"])
+    a = tiny.score("diffin-exact").scores
+    P = sum(p.numel() for p in tiny.make().parameters())
+    state = P * 8 * 2  # θ and momentum, float64
+    b = tiny.score("diffin-exact", replay_memory_mb=8 * state / 2**20).scores  # 8 states of 18 steps
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+# ------------------------------------------------------------------ choosing a variant
+def test_diffin_picks_exact_with_ids_and_expected_without(tmp_path):
+    with_ids = record(tmp_path / "a")
+    r = with_ids.score("diffin")
+    assert r.variant == "diffin-exact"
+    np.testing.assert_array_equal(r.scores, with_ids.score("diffin-exact").scores)
+    without = record(tmp_path / "b", ids=False)
+    assert without.score("diffin").variant == "diffin-expected"
+    with pytest.raises(diffin.UnsupportedMethodError, match="batch ids"):
+        without.score("diffin-exact")
+    with pytest.raises(diffin.UnsupportedMethodError, match="batch ids"):
+        without.score("tracin-every-step")
+
+
+def test_diffin_tracks_replayed_removal_better_than_tracin(tmp_path):
+    tiny = record(tmp_path / "r", n=30, epochs=3, every=5, opt_kw={"lr": 0.2})
+    real = replay_removal(tiny.run, tiny.make(), tiny.loss, train=(tiny.X, tiny.Y),
+                          target=(tiny.Xv, tiny.Yv), remove=list(range(30)), progress=False)
+    d = np.corrcoef(tiny.score("diffin").scores, real)[0, 1]
+    t = np.corrcoef(tiny.score("tracin").scores, real)[0, 1]
+    assert d > 0.99 and d > t
+
+
+# ------------------------------------------------------------------ conformance over the registry
+@pytest.mark.parametrize("method", sorted(Estimator.registry))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conformance(tmp_path, method, dtype):
+    tiny = record(tmp_path / "r", n=12, epochs=2, every=4, dtype=dtype)
+    r1 = tiny.score(method)
+    assert r1.scores.shape == (12,)
+    assert r1.scores.dtype == (np.float32 if dtype == torch.float32 else np.float64)
+    assert np.all(np.isfinite(r1.scores))
+    r2 = tiny.score(method)
+    np.testing.assert_array_equal(r1.scores, r2.scores)  # deterministic
+    assert tiny.score(method, target="self").scores.shape == (12,)
+    assert tiny.score(method, pairwise=True).scores.shape == (12, 8)
+    out = r1.save(tmp_path / "out")
+    back = np.load(out / "scores.npy", allow_pickle=False)
+    np.testing.assert_array_equal(back, r1.scores)
+    r1.save(tmp_path / "out")  # same config: allowed
+    with pytest.raises(diffin.DiffinError, match="overwrite"):
+        tiny.score(method, seed=99).save(tmp_path / "out")
+
+
+# ------------------------------------------------------------------ errors
+def test_error_paths(tmp_path):
+    tiny = record(tmp_path / "r")
+    with pytest.raises(diffin.UnknownMethodError, match="available"):
+        tiny.score("nope")
+    with pytest.raises(diffin.DataMismatchError, match="samples"):
+        diffin.influence(tiny.run, tiny.make(), tiny.loss, train=(tiny.X[:10], tiny.Y[:10]),
+                         target=(tiny.Xv, tiny.Yv), progress=False)
+    with pytest.raises(diffin.DataMismatchError, match="target"):
+        diffin.influence(tiny.run, tiny.make(), tiny.loss, train=(tiny.X, tiny.Y), target=None)
+    with pytest.raises(diffin.ConfigError, match="unknown option"):
+        tiny.score("tracin", hvp_mode="exact")
+    with pytest.raises(diffin.ConfigError, match="hvp"):
+        tiny.score("tracin", hvp="second")
+    with pytest.raises(diffin.DiffinError, match="reduction='none'"):
+        diffin.influence(tiny.run, tiny.make(), lambda o, y: nn.functional.cross_entropy(o, y),
+                         train=(tiny.X, tiny.Y), target=(tiny.Xv, tiny.Yv), progress=False)
+
+
+def test_adam_runs_refuse_the_sweep_but_allow_tracin(tmp_path):
+    X = torch.randn(12, 4, dtype=torch.float64)
+    Y = torch.randint(0, 3, (12,))
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with diffin.Recorder(tmp_path / "adam", model, optimizer=opt, checkpoint_every=2) as rec:
+        for s in range(0, 12, 4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[s : s + 4]), Y[s : s + 4]).backward()
+            opt.step()
+            rec.step(list(range(s, s + 4)))
+    loss = lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")  # noqa: E731
+    with pytest.raises(diffin.UnsupportedMethodError, match="Adam"):
+        diffin.influence(tmp_path / "adam", model, loss, train=(X, Y), target=(X, Y), method="diffin")
+    s = diffin.influence(tmp_path / "adam", model, loss, train=(X, Y), target=(X, Y), method="tracin",
+                         progress=False)
+    assert s.shape == (12,)
+
+
+def test_scores_ignore_the_model_objects_current_values(tmp_path):
+    tiny = record(tmp_path / "r")
+    a = tiny.score("diffin").scores
+    m = tiny.make()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    b = diffin.influence(tiny.run, m, tiny.loss, train=(tiny.X, tiny.Y), target=(tiny.Xv, tiny.Yv),
+                         progress=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dataset_input_equals_tensor_input(tmp_path):
+    tiny = record(tmp_path / "r")
+    ds = torch.utils.data.TensorDataset(tiny.X, tiny.Y)
+    a = tiny.score("diffin").scores
+    b = diffin.influence(tiny.run, tiny.make(), tiny.loss, train=ds, target=(tiny.Xv, tiny.Yv),
+                         progress=False)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    c = diffin.influence(tiny.run, tiny.make(), tiny.loss, train=(tiny.X.numpy(), tiny.Y.numpy()),
+                         target=(tiny.Xv, tiny.Yv), progress=False)
+    np.testing.assert_allclose(a, c, rtol=1e-12)
+
+
+def test_float64_scoring_of_a_float32_run(tmp_path):
+    tiny = record(tmp_path / "r", dtype=torch.float32)
+    m64 = tiny.make().double()
+    s = diffin.influence(tiny.run, m64, tiny.loss, train=(tiny.X.double(), tiny.Y),
+                         target=(tiny.Xv.double(), tiny.Yv), progress=False)
+    assert s.dtype == np.float64
+    s32 = tiny.score("diffin").scores
+    assert np.corrcoef(s, s32)[0, 1] > 0.999
