@@ -8,14 +8,13 @@ import torch
 from torch import nn
 
 import diffin
+from _tiny import ATOL, RTOL, record
 from diffin import _reference as ref
 from diffin._data import DataSource
 from diffin._functional import FlatModel
 from diffin.estimators.base import Estimator
 from diffin.groundtruth import replay_removal
 from diffin.targets import MeanLoss, Target
-
-from _tiny import ATOL, RTOL, record
 
 OPTS = {
     "sgd": {"lr": 0.1},

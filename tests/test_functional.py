@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _tiny import ATOL, RTOL, ce, make_model
 from diffin._functional import FlatModel, fd_epsilon
 from diffin._reference import dense_hessian, loop_grads
-
-from _tiny import ATOL, RTOL, ce, make_model
 
 
 @pytest.fixture(params=["mlp", "cnn"])

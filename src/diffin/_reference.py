@@ -105,7 +105,7 @@ def forward_recursion(
             Gz = loop_grads(fm, th, *train.get(np.array([z])))[0]
             if convention == "keep":
                 dg = dg - k * Gz / B
-            elif B == k:
+            elif k == B:
                 dg = dg - Gz
             else:
                 GB = loop_grads(fm, th, x, y).mean(0)
