@@ -286,6 +286,8 @@ def _as_ids(ids: Any) -> np.ndarray:
         arr = ids.detach().to("cpu").numpy()
     else:
         arr = np.asarray(ids)
+        if arr.size == 0 and arr.ndim == 1:
+            arr = arr.astype(np.int64)  # [] is float64 to numpy; an empty batch has no ids
         if arr.dtype.kind not in "iu":
             raise InvalidIdsError(f"batch ids must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False).reshape(-1) if arr.ndim <= 1 else None

@@ -94,10 +94,16 @@ class Run:
         self.max_id: int = -1
         self.batch_sizes: list[int] = []
         if self.has_batch_ids:
-            self._check_file(bi["ids"])
-            self._check_file(bi["offsets"])
-            self._ids = _load_npy(self.path / bi["ids"]["file"], mmap=True)
-            self._offsets = _load_npy(self.path / bi["offsets"]["file"])
+            try:
+                ids_entry, offsets_entry = bi["ids"], bi["offsets"]
+            except (KeyError, TypeError) as e:
+                raise CorruptManifestError(
+                    f"{self.path / C.MANIFEST}: malformed batch_ids entry ({e!r}); the file is damaged"
+                ) from e
+            self._check_file(ids_entry)
+            self._check_file(offsets_entry)
+            self._ids = _load_npy(self.path / ids_entry["file"], mmap=True)
+            self._offsets = _load_npy(self.path / offsets_entry["file"])
             if (
                 self._offsets.shape != (self.n_steps + 1,)
                 or self._offsets[0] != 0
