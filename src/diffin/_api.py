@@ -113,11 +113,11 @@ def score(
         raise ConfigError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses")
     run_obj = run if isinstance(run, Run) else load_run(run)
     run_obj.check_model(model)
-    est_cls.check(run_obj)
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
     train_src = DataSource(train, fm.dtype, fm.device, name="train")
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
+    est_cls.check(run_obj, tgt.kind)
     ctx = ScoringContext(run_obj, fm, train_src, tgt, cfg, progress=progress)
     t0 = time.perf_counter()
     with _eval_mode(model), torch.no_grad():

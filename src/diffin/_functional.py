@@ -165,6 +165,18 @@ class FlatModel:
 
         return one(v) if v.ndim == 1 else vmap(one)(v)
 
+    def dots_many(self, thetas: Tensor, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+        """⟨v_k, ∇l_i(θ_k)⟩ for K pairs (θ_k, v_k): thetas, V (K, P) → (K, B).
+
+        One vmapped forward-mode pass: with the input shared, the K weight copies of each layer
+        run as one wider matmul (about twice as fast as K separate JVPs on CPU).
+        """
+
+        def one(th: Tensor, vec: Tensor) -> Tensor:
+            return jvp(lambda t: self.losses(t, x, y), (th,), (vec,))[1]
+
+        return vmap(one)(thetas, V)
+
     def per_sample_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample gradients (B, P). Memory B·P: callers pass small chunks."""
 

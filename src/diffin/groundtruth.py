@@ -1,13 +1,14 @@
-"""Ground truth by replayed removal (METHOD.md section 3).
+"""Ground truth by replayed removal (METHOD.md section 3), and LDS subsets.
 
 Retrain from the recorded θ_0 with the recorded batch sequence and learning rates, with a sample
 (or a group S) removed from every batch under the ``keep`` or ``renormalize`` convention, and
-report ``f(θ_T^{−S}) − f(θ_T)``, where θ_T is the replay with nothing removed (so replay
-rounding cancels). In float64 this is the exact trajectory-specific leave-S-out effect.
+report ``f(θ_T^{−S}) − f(θ_T)``, where θ_T is the replay with nothing removed (computed side by
+side with the same arithmetic, so replay rounding cancels). In float64 this is the exact
+trajectory-specific leave-S-out effect, with no retraining noise.
 
-Removal sets are trained side by side: K parameter vectors advance together, one step at a
-time; a removal set whose members have not appeared yet shares the full run's state (nothing
-to recompute until its first member shows up).
+Removal runs are trained side by side: K parameter vectors advance together, one vmapped
+weighted-gradient evaluation per step (``torch.func.vmap`` over parameter copies with the batch
+shared), in groups sized to a memory budget.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from ._api import _eval_mode
@@ -48,18 +50,6 @@ def _as_groups(remove: Any, n_train: int) -> list[np.ndarray]:
     return groups
 
 
-def _step_weights(ids: np.ndarray, group: np.ndarray, convention: str) -> Tensor | None:
-    """Per-sample weights of a batch with ``group`` removed (None: batch untouched)."""
-    keep = ~np.isin(ids, group)
-    if keep.all():
-        return None
-    B = len(ids)
-    if convention == "keep":
-        return torch.as_tensor(keep / B)
-    n = int(keep.sum())
-    return torch.as_tensor(keep / max(n, 1))  # all removed: zero gradient, the step is skipped
-
-
 def replay_removal(
     run: str | os.PathLike[str] | Run,
     model: nn.Module,
@@ -71,6 +61,7 @@ def replay_removal(
     convention: str = "keep",
     pairwise: bool = False,
     progress: bool = True,
+    memory_mb: float = 1024.0,
     return_thetas: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, Tensor, Tensor]:
     """Replayed-removal effects ``f(θ_T^{−S}) − f(θ_T)`` for each removal set S.
@@ -78,11 +69,14 @@ def replay_removal(
     Args:
         remove: one id, a list of ids (one removal each), or a list of id groups.
         convention: ``"keep"`` (removed samples get weight 0; the divisor |B| stays) or
-            ``"renormalize"`` (divide by the number of samples left).
+            ``"renormalize"`` (divide by the number of samples left; a batch left empty is
+            skipped).
         pairwise: one column per target example.
-        return_thetas: also return the replayed full-run θ_T (P,) and the K removal θ's (K, P).
+        memory_mb: budget for the parameter copies trained side by side.
+        return_thetas: also return the replayed full-run θ_T (P,) and the removal θ's (K, P).
 
-    Returns: (K,) or (K, Q) array in the model's dtype (loss units).
+    Returns: (K,) or (K, Q) array in the model's dtype (loss units); with ``target="self"``,
+    the change of the summed own losses of each group.
     """
     if convention not in CONVENTIONS:
         raise ConfigError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -99,7 +93,7 @@ def replay_removal(
     tgt = make_target(target, src, fm, pairwise=pairwise)
     ctx = ScoringContext(run_obj, fm, src, tgt, ScoreConfig(), progress=progress)
     with _eval_mode(model), torch.no_grad():
-        theta_full, thetas = _replay(ctx, groups, convention)
+        theta_full, thetas = replay_many(ctx, groups, convention, memory_mb)
         base = tgt.values(fm, theta_full)
         if tgt.kind == "self":
             vals = torch.stack([tgt.values(fm, th)[g].sum() - base[g].sum()
@@ -114,39 +108,99 @@ def replay_removal(
     return out
 
 
-def _replay(ctx: ScoringContext, groups: list[np.ndarray], convention: str) -> tuple[Tensor, Tensor]:
-    """Advance the full run and K removal runs together from θ_0; returns θ_T (P,), (K, P)."""
-    run = ctx.run
-    theta, v = ctx.checkpoint(0)
-    K = len(groups)
-    thetas: list[Tensor | None] = [None] * K  # None: identical to the full run so far
-    vs: list[Tensor | None] = [None] * K
-    bar = tqdm(total=run.n_steps, desc="replay", disable=not ctx.progress, leave=False)
-    for t in range(run.n_steps):
-        ids, x, y = ctx.batch(t)
-        for k, grp in enumerate(groups):
-            w = _step_weights(ids, grp, convention)
-            if w is None and thetas[k] is None:
-                continue  # still on the full trajectory
-            th = theta if thetas[k] is None else thetas[k]
-            vk = v if thetas[k] is None else vs[k]
-            thetas[k], vs[k] = _weighted_step(ctx, th, vk, t, x, y, w)
-        theta, v = ctx.sgd_step(theta, v, t, x, y)
-        bar.update()
+def replay_many(
+    ctx: ScoringContext, groups: list[np.ndarray], convention: str, memory_mb: float = 1024.0
+) -> tuple[Tensor, Tensor]:
+    """Train the full run and one run per removal group from θ_0; returns θ_T (P,), (K, P).
+
+    The full run travels with the first group of runs so its arithmetic (vmapped) is the same as
+    theirs.
+    """
+    theta0, v0 = ctx.checkpoint(0)
+    P = theta0.numel()
+    per_run = P * theta0.element_size() * (3 if ctx.run.optimizer.momentum else 2)
+    width = max(1, int(memory_mb * 2**20 // per_run))
+    finals: list[Tensor] = []
+    full: Tensor | None = None
+    N = ctx.n_train
+    bar = tqdm(total=ctx.run.n_steps * ((len(groups) + width) // width), desc="replay",
+               disable=not ctx.progress, leave=False)
+    start = 0
+    first = True
+    while first or start < len(groups):
+        chunk = groups[start : start + width - (1 if first else 0)]
+        member = np.zeros((len(chunk) + (1 if first else 0), N), dtype=bool)
+        for k, g in enumerate(chunk):
+            member[k + (1 if first else 0), g] = True
+        th = _advance(ctx, theta0, v0, member, convention, bar)
+        if first:
+            full, th = th[0], th[1:]
+        finals.append(th)
+        start += len(chunk)
+        first = False
     bar.close()
-    final = torch.stack([theta if th is None else th for th in thetas]) if K else theta[None, :0]
-    return theta, final
+    assert full is not None
+    return full, (torch.cat(finals) if finals else theta0[None, :0])
 
 
-def _weighted_step(
-    ctx: ScoringContext, theta: Tensor, v: Tensor | None, t: int, x: Tensor, y: Tensor,
-    w: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
-    """Step t with per-sample weights w (B,) on the losses (None: the plain mean)."""
-    if w is None:
-        return ctx.sgd_step(theta, v, t, x, y)
-    w = w.to(dtype=theta.dtype, device=theta.device)
-    with torch.enable_grad():
-        th = theta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad((ctx.fm.losses(th, x, y) * w).sum(), th)
-    return ctx.sgd_update(theta, v, t, g)
+def _advance(
+    ctx: ScoringContext, theta0: Tensor, v0: Tensor | None, member: np.ndarray, convention: str,
+    bar: tqdm,
+) -> Tensor:
+    """Advance K runs (rows of ``member``: the ids each removes) through every recorded step."""
+    fm = ctx.fm
+    K = member.shape[0]
+    TH = theta0.expand(K, -1).clone()
+    V = None if v0 is None else v0.expand(K, -1).clone()
+
+    def weighted(th: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return (fm.losses(th, x, y) * w).sum()
+
+    gfun = vmap(grad(weighted), in_dims=(0, 0, None, None))
+    for t in range(ctx.run.n_steps):
+        ids, x, y = ctx.batch(t)
+        keep = torch.as_tensor(~member[:, ids], dtype=TH.dtype)  # (K, B)
+        if convention == "keep":
+            W = keep / len(ids)
+        else:
+            W = keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
+        G = gfun(TH, W, x, y)
+        TH, V = ctx.sgd_update(TH, V, t, G)
+        bar.update()
+    return TH
+
+
+def lds_subsets(n_train: int, n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Random training subsets for the linear datamodeling score: (S, N) bool, True = kept.
+
+    Each subset keeps exactly ``round(fraction · N)`` samples.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"LDS subset fraction must be in (0, 1), got {fraction}")
+    if n_subsets < 2:
+        raise ConfigError("LDS needs at least 2 subsets")
+    rng = np.random.default_rng(seed)
+    k = int(round(fraction * n_train))
+    masks = np.zeros((n_subsets, n_train), dtype=bool)
+    for s in range(n_subsets):
+        masks[s, rng.choice(n_train, size=k, replace=False)] = True
+    return masks
+
+
+def lds_ground_truth(
+    run: str | os.PathLike[str] | Run,
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    train: Any,
+    target: Any,
+    masks: np.ndarray,
+    pairwise: bool = False,
+    progress: bool = True,
+    memory_mb: float = 1024.0,
+) -> np.ndarray:
+    """``f(θ_T trained on the kept subset) − f(θ_T)`` for each LDS subset (rows of ``masks``),
+    by replay with the complement removed under the ``keep`` convention: (S,) or (S, Q)."""
+    removed = [np.flatnonzero(~m) for m in np.asarray(masks, dtype=bool)]
+    return replay_removal(run, model, loss_fn, train=train, target=target, remove=removed,
+                          convention="keep", pairwise=pairwise, progress=progress, memory_mb=memory_mb)

@@ -9,9 +9,17 @@
 | diffin-closed-form   | diffin_closed_form.py  | checkpoints, learning rates|
 | tracin               | tracin.py              | checkpoints, learning rates|
 | tracin-every-step    | tracin.py              | batch ids, SGD             |
+| if-cg, if-lissa      | influence_function.py  | final parameters           |
+| grad-dot, grad-cos   | gradient_similarity.py | final parameters           |
 """
 
-from . import diffin_closed_form, diffin_sweep, tracin  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    diffin_closed_form,
+    diffin_sweep,
+    gradient_similarity,
+    influence_function,
+    tracin,
+)
 from .base import (
     Estimator,
     EstimatorOutput,

@@ -219,6 +219,7 @@ class Estimator:
     summary: ClassVar[str] = ""
     needs_batch_ids: ClassVar[bool] = False
     needs_sgd: ClassVar[bool] = False
+    supports_self: ClassVar[bool] = True
     registry: ClassVar[dict[str, type[Estimator]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -227,8 +228,10 @@ class Estimator:
             Estimator.registry[cls.name] = cls
 
     @classmethod
-    def check(cls, run: Run) -> None:
-        """Raise :class:`UnsupportedMethodError` if the run lacks what this estimator needs."""
+    def check(cls, run: Run, target_kind: str = "mean") -> None:
+        """Raise :class:`UnsupportedMethodError` if the run (or target) is not supported."""
+        if target_kind == "self" and not cls.supports_self:
+            raise UnsupportedMethodError(f"method {cls.name!r} has no self-influence mode")
         if cls.needs_batch_ids and not run.has_batch_ids:
             raise UnsupportedMethodError(
                 f"method {cls.name!r} needs the batch ids of every step, but this run recorded "

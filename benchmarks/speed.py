@@ -1,0 +1,230 @@
+"""Speed and memory of the Diff-In estimators (issue: Diff-In estimators, item 8).
+
+Setup ("speed"): 4,500 MNIST-5k training samples, 500 validation, MLP 784-128-10 tanh, float32,
+SGD lr 0.1, batch 128, 5 epochs (180 steps), a checkpoint per epoch (5 after θ_0).
+
+For each method, in a fresh subprocess (so peak RSS is the method's own): wall time of scoring
+all samples (median of --repeats runs) and the rise of peak RSS over the process's footprint
+when scoring starts (RSS polled every 2 ms while it runs). The training run's wall time is the plain loop of
+``diffin.builtin.train`` (the user's loop with ``diffin.Recorder``), median of --repeats runs.
+Memory is also measured at N/4, N/2 and N to show it does not grow with N beyond the O(N) scores.
+A per-sample loop that follows the closed form sample by sample is timed on a few samples and
+extrapolated, for scale.
+
+    python benchmarks/speed.py --json bench-out/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import diffin
+from diffin.builtin import get_setup, train
+from diffin.report import markdown_table, text_table
+
+METHODS = ["tracin", "diffin-closed-form", "diffin-expected", "diffin-frozen", "diffin-exact"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Polls this process's resident set size in a thread; ``rise_mb`` = peak − start."""
+
+    def __init__(self, every: float = 0.002) -> None:
+        self.every = every
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = _rss_mb()
+        self.peak = self.start
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(self.every)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def rise_mb(self) -> float:
+        return self.peak - self.start
+
+
+def worker(run_dir: str, method: str, n: int, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    setup = get_setup("speed")
+    data = setup.data()
+    x, y = data.x_train[:n], data.y_train[:n]
+    model = setup.model(data)
+    # warm-up on a tiny slice of the work: imports, allocator, kernels
+    diffin.score(run_dir, model, setup.loss_fn, train=(x, y), target=(data.x_val[:8], data.y_val[:8]),
+                 method="tracin", progress=False)
+    times = []
+    rises = []
+    for _ in range(repeats):
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            res = diffin.score(run_dir, model, setup.loss_fn, train=(x, y),
+                               target=(data.x_val, data.y_val), method=method, progress=False)
+            times.append(time.perf_counter() - t0)
+        rises.append(mem.rise_mb)
+    return {"method": method, "n": n, "seconds": statistics.median(times), "all_seconds": times,
+            "variant": res.variant, "peak_rise_mb": max(rises),
+            "scores_mb": res.scores.nbytes / 2**20}
+
+
+def record_run(out: Path, n: int, repeats: int, threads: int) -> tuple[str, float, list[float]]:
+    torch.set_num_threads(threads)
+    setup = get_setup("speed")
+    data = setup.data()
+    times = []
+    run_dir = out / f"run-{n}"
+    x, y = data.x_train[:n], data.y_train[:n]
+    for _ in range(repeats):
+        model = setup.model(data)
+        r = train(model, x, y, setup.train, run_dir, overwrite=True)
+        times.append(r.seconds)
+    return str(run_dir), statistics.median(times), times
+
+
+def naive_loop_seconds_per_sample(run_dir: str, k: int = 10) -> float:
+    """The closed form computed sample by sample (autograd per sample, finite-difference HVPs),
+    as a per-sample implementation would: seconds per sample for all checkpoints."""
+    setup = get_setup("speed")
+    data = setup.data()
+    model = setup.model(data)
+    run = diffin.load_run(run_dir)
+    params = [p for p in model.parameters()]
+    loss = torch.nn.functional.cross_entropy
+    rng = np.random.default_rng(0)
+
+    def grad(xb, yb):
+        model.zero_grad()
+        loss(model(xb), yb).backward()
+        return [p.grad.detach().clone() for p in params]
+
+    def fd_hvp(xb, yb, v, g0, eps=1e-3):
+        nv = torch.sqrt(sum((t * t).sum() for t in v))
+        with torch.no_grad():
+            for p, t in zip(params, v):
+                p.add_(t, alpha=eps / nv)
+        g1 = grad(xb, yb)
+        with torch.no_grad():
+            for p, t in zip(params, v):
+                p.sub_(t, alpha=eps / nv)
+        return [(a - b) * (nv / eps) for a, b in zip(g1, g0)]
+
+    t0 = time.perf_counter()
+    for z in range(k):
+        xz, yz = data.x_train[z : z + 1], data.y_train[z : z + 1]
+        for c in [s for s in run.checkpoint_steps if s > 0]:
+            ck = run.load_checkpoint(c)
+            with torch.no_grad():
+                for (name, p) in model.named_parameters():
+                    p.copy_(ck.params[name])
+            ids = rng.choice(4500, 128, replace=False)
+            xb, yb = data.x_train[ids], data.y_train[ids]
+            gz, gb = grad(xz, yz), grad(xb, yb)
+            gv = grad(data.x_val, data.y_val)
+            h1 = fd_hvp(xb, yb, gz, gb)
+            h2 = fd_hvp(xz, yz, gb, gz)
+            float(sum((a * (b + c_)).sum() for a, b, c_ in zip(gv, h1, h2)))
+    return (time.perf_counter() - t0) / k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default="bench-out/speed.json", help="where to write the results")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--worker", nargs=4, metavar=("RUN", "METHOD", "N", "REPEATS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        run_dir, method, n, reps = args.worker
+        print(json.dumps(worker(run_dir, method, int(n), int(reps), args.threads)))
+        return
+    out = Path(tempfile.mkdtemp(prefix="diffin-speed-"))
+    run_dir, train_s, train_all = record_run(out, 4500, args.repeats, args.threads)
+    epoch_s = train_s / 5
+
+    rows = []
+    results = []
+    for m in METHODS:
+        r = _call(args.threads, run_dir, m, 4500, args.repeats)
+        r["x_training_run"] = r["seconds"] / train_s
+        r["x_training_epoch"] = r["seconds"] / epoch_s
+        results.append(r)
+        rows.append([m, r["variant"], r["seconds"], r["x_training_run"], r["x_training_epoch"],
+                     r["peak_rise_mb"]])
+    naive = naive_loop_seconds_per_sample(run_dir)
+    header = ["method", "variant", "seconds", "x training run", "x training epoch", "peak RSS rise MB"]
+    # memory against N (the setup's data truncated to N samples, one run each)
+    mem_rows = []
+    memory = []
+    for n in (1125, 2250, 4500):
+        rd = run_dir if n == 4500 else record_run(out, n, 1, args.threads)[0]
+        for m in ("diffin-exact", "diffin-closed-form"):
+            if n == 4500:
+                r = next(x for x in results if x["method"] == m)
+            else:
+                r = _call(args.threads, rd, m, n, 1)
+            memory.append({"method": m, "n": n, "peak_rise_mb": r["peak_rise_mb"]})
+            mem_rows.append([m, n, r["peak_rise_mb"]])
+    print(f"\nTraining run (5 epochs, 180 steps): {train_s:.3f} s (median of {args.repeats}); "
+          f"one epoch {epoch_s:.3f} s\n")
+    print(text_table(header, rows))
+    print(f"\nPer-sample loop of the closed form: {naive:.3f} s per sample for 5 checkpoints "
+          f"-> {naive * 4500:.0f} s for all 4,500 samples")
+    print("\nPeak RSS rise vs number of training samples:\n")
+    print(text_table(["method", "N", "peak RSS rise MB"], mem_rows))
+    doc = {
+        "setup": get_setup("speed").description,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads,
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "train_seconds": train_s,
+        "train_seconds_all": train_all,
+        "epoch_seconds": epoch_s,
+        "results": results,
+        "naive_per_sample_seconds": naive,
+        "memory_vs_n": memory,
+        "markdown": markdown_table(header, rows),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+def _call(threads: int, run_dir: str, method: str, n: int, reps: int) -> dict:
+    """Run one measurement in a fresh interpreter (its peak RSS is its own)."""
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--worker", run_dir, method, str(n),
+           str(reps)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
