@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,45 +31,11 @@ import numpy as np
 import torch
 
 import diffin
+from diffin._measure import Measure
 from diffin.builtin import get_setup, train
 from diffin.report import markdown_table, text_table
 
 METHODS = ["tracin", "diffin-closed-form", "diffin-expected", "diffin-frozen", "diffin-exact"]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRSS:
-    """Polls this process's resident set size in a thread; ``rise_mb`` = peak − start."""
-
-    def __init__(self, every: float = 0.002) -> None:
-        self.every = every
-        self.peak = 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakRSS:
-        self.start = _rss_mb()
-        self.peak = self.start
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            time.sleep(self.every)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_mb())
-
-    @property
-    def rise_mb(self) -> float:
-        return self.peak - self.start
 
 
 def worker(run_dir: str, method: str, n: int, repeats: int, threads: int) -> dict:
@@ -85,11 +50,10 @@ def worker(run_dir: str, method: str, n: int, repeats: int, threads: int) -> dic
     times = []
     rises = []
     for _ in range(repeats):
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
+        with Measure() as mem:
             res = diffin.score(run_dir, model, setup.loss_fn, train=(x, y),
                                target=(data.x_val, data.y_val), method=method, progress=False)
-            times.append(time.perf_counter() - t0)
+        times.append(mem.seconds)
         rises.append(mem.rise_mb)
     return {"method": method, "n": n, "seconds": statistics.median(times), "all_seconds": times,
             "variant": res.variant, "peak_rise_mb": max(rises),

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_demo)
 
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

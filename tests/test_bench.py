@@ -1,0 +1,69 @@
+"""`diffin bench` on the tiny setup: the JSON schema and that the numbers are what they claim."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffin import metrics
+from diffin.bench import BenchConfig, load_results, run_bench
+from diffin.cli import main
+
+KEYS = {"method", "variant", "pearson", "spearman", "kendall", "jaccard_top10", "mae", "lds", "seconds",
+        "peak_rss_mb"}
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    cfg = BenchConfig(methods="diffin,tracin,grad-cos,if-cg", n_removed=12, lds_subsets=6, lds_examples=3)
+    run_bench(["tiny"], cfg, str(out), workdir=str(out.parent / "work"), quiet=True)
+    return out
+
+
+def test_json_schema(bench_json):
+    doc = json.loads(bench_json.read_text())
+    for key in ("setup", "n_train", "train_seconds", "ground_truth", "results", "machine", "config"):
+        assert key in doc
+    gt = doc["ground_truth"]
+    assert gt["kind"] == "replayed-removal" and gt["convention"] == "keep" and gt["n_removed"] == 12
+    assert isinstance(gt["seconds"], float)
+    methods = [r["method"] for r in doc["results"]]
+    assert methods == ["diffin", "tracin", "grad-cos", "if-cg"]
+    for r in doc["results"]:
+        assert set(r) >= KEYS
+        assert -1 <= r["pearson"] <= 1 and r["seconds"] > 0
+    assert doc["results"][0]["variant"] == "diffin-exact"
+    assert np.isnan(doc["results"][2]["mae"])  # grad-cos is unitless
+    assert "linearisation_ceiling" in doc
+    assert load_results(bench_json)[0]["setup"] == "tiny"
+
+
+def test_metrics_recomputed_from_saved_scores(bench_json, tmp_path):
+    """The bench's Pearson for diffin equals the one computed from scores and a fresh replay."""
+    import diffin
+    from diffin.builtin import get_setup
+    from diffin.groundtruth import replay_removal
+
+    doc = json.loads(bench_json.read_text())
+    setup = get_setup("tiny")
+    data = setup.data()
+    run = bench_json.parent / "work" / "tiny"
+    ids = doc["ground_truth"]["removed_ids"]
+    kw = dict(train=(data.x_train, data.y_train), target=(data.x_val, data.y_val), progress=False)
+    actual = replay_removal(run, setup.model(data), setup.loss_fn, remove=ids, **kw)
+    s = diffin.influence(run, setup.model(data), setup.loss_fn, **kw)
+    assert doc["results"][0]["pearson"] == pytest.approx(metrics.pearson(s[ids], actual), abs=1e-9)
+
+
+def test_cli_bench(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    code = main(["bench", "--setup", "tiny", "--json", str(out), "--methods", "diffin,tracin",
+                 "--n-removed", "8", "--lds-subsets", "0", "--quiet"])
+    assert code == 0
+    assert "pearson" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert [r["method"] for r in doc["results"]] == ["diffin", "tracin"]
+    assert "lds" not in doc
