@@ -1,0 +1,124 @@
+"""captum's TracIn (``captum.influence.TracInCP`` and ``TracInCPFast``).
+
+Checkpoints and learning rates follow diffin's ``tracin``: for each segment c_k < c_{k+1}
+between recorded checkpoints, captum loads θ_{c_{k+1}} and our ``checkpoints_load_func``
+returns ``Σ_{t=c_k}^{c_{k+1}−1} η_t`` as that checkpoint's learning rate. captum then returns,
+with ``aggregate=True``, ``Σ_c lr_c Σ_q ⟨∇l(v_q; θ_c), ∇l(z; θ_c)⟩`` for every training sample
+z; diffin's TracIn-CP score is that divided by Q (mean over the target set) and by N (each
+sample is seen ``steps·|B|/N`` times per segment, each step weighing it ``η/|B|``). The sign is
+already diffin's: a proponent (positive) is helpful.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from .._errors import ConfigError
+from ._base import Peer, PeerInputs, default_dtype, take_options
+
+
+class _SummedLoss(nn.Module):
+    """``loss_fn`` summed over the batch, with the ``reduction`` attribute captum checks."""
+
+    reduction = "sum"
+
+    def __init__(self, loss_fn: Any) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, out: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(out, y).sum()
+
+
+class _PerSampleLoss(nn.Module):
+    reduction = "none"
+
+    def __init__(self, loss_fn: Any) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, out: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(out, y)
+
+
+def _checkpoint_loader(inp: PeerInputs) -> tuple[list[int], Any]:
+    ends = inp.segment_ends()
+    lr_sum = dict(ends)
+
+    def load(model: nn.Module, step: int) -> float:
+        inp.load_into(model, step)
+        return lr_sum[step]
+
+    return [c for c, _ in ends], load
+
+
+class CaptumTracInCP(Peer):
+    name = "captum-tracincp"
+    package = "captum"
+    modules = ("captum.influence",)
+    summary = "captum TracInCP: all parameters, diffin's checkpoints and learning-rate sums"
+
+    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+        from captum.influence import TracInCP
+
+        opt = take_options(options, {"batch_size": 256, "sample_wise_grads_per_batch": None},
+                           self.name)
+        steps, load = _checkpoint_loader(inp)
+        model = inp.model_factory()
+        fast = opt["sample_wise_grads_per_batch"]
+        if fast is None:  # captum's batched per-sample gradients cover Linear and Conv2d only
+            fast = all(isinstance(m, (nn.Linear, nn.Conv2d))
+                       for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+        loss = _SummedLoss(inp.loss_fn) if fast else _PerSampleLoss(inp.loss_fn)
+        with default_dtype(inp.dtype):
+            tracin = TracInCP(
+                model, TensorDataset(*inp.train), steps, checkpoints_load_func=load,
+                loss_fn=loss, batch_size=opt["batch_size"], sample_wise_grads_per_batch=fast,
+            )
+            raw = tracin.influence(inp.target, aggregate=True)  # (1, N)
+        scores = raw.detach().double().reshape(-1).numpy() / (inp.n_target * inp.n_train)
+        notes = (
+            f"captum TracInCP on checkpoints {steps} with lr = Σ η over each segment; "
+            "influence(target, aggregate=True) summed over the Q targets, divided by Q·N; "
+            f"sample_wise_grads_per_batch={fast}"
+        )
+        return scores, notes
+
+
+class CaptumTracInCPFast(Peer):
+    name = "captum-tracincp-fast"
+    package = "captum"
+    modules = ("captum.influence",)
+    summary = "captum TracInCPFast: gradients of the final linear layer only"
+
+    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+        from captum.influence import TracInCPFast
+
+        opt = take_options(options, {"batch_size": 256, "final_fc_layer": None}, self.name)
+        steps, load = _checkpoint_loader(inp)
+        model = inp.model_factory()
+        layer = opt["final_fc_layer"] or _last_linear(model)
+        with default_dtype(inp.dtype):
+            tracin = TracInCPFast(
+                model, layer, TensorDataset(*inp.train), steps, checkpoints_load_func=load,
+                loss_fn=_SummedLoss(inp.loss_fn), batch_size=opt["batch_size"],
+            )
+            raw = tracin.influence(inp.target)  # (Q, N)
+        scores = raw.detach().double().mean(dim=0).numpy() / inp.n_train
+        notes = (
+            f"captum TracInCPFast, final layer {layer!r} only (weight, bias excluded by captum), "
+            f"checkpoints {steps} with lr = Σ η over each segment; mean over targets, divided by N. "
+            "Loss units but a last-layer truncation of TracIn-CP"
+        )
+        return scores, notes
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError("captum-tracincp-fast needs an nn.Linear final layer; pass final_fc_layer=")
+    return names[-1]
