@@ -81,6 +81,22 @@ def test_renormalize_convention_equals_recursion(tmp_path, batch):
         assert got[z] == pytest.approx(want, rel=1e-8, abs=1e-12)
 
 
+@pytest.mark.parametrize("convention", ["keep", "renormalize"])
+def test_group_removal_in_one_sweep_equals_group_recursion(tmp_path, convention):
+    tiny = record(tmp_path / "r", n=16, batch=4, epochs=2, every=3, opt_kw=OPTS["momentum-wd"])
+    run, fm, train = _fm(tiny)
+    thetas = ref.sgd_trajectory(run, tiny.make(), tiny.loss, train)
+    g = _target_grad(fm, tiny, thetas[-1])
+    groups = [[0, 1, 2], [5], list(range(6, 14)), [3, 3, 15]]
+    r = tiny.score("diffin-exact", hvp="exact", convention=convention, groups=groups)
+    for k, grp in enumerate(groups):
+        want = ref.forward_recursion(run, fm, train, thetas, g, np.array(grp), convention)
+        assert r.group_scores[k] == pytest.approx(want, rel=1e-8, abs=1e-13)
+    if convention == "keep":  # additive: the group effect is the sum of its members' scores
+        sums = [r.scores[np.unique(grp)].sum() for grp in groups]
+        np.testing.assert_allclose(r.group_scores, sums, rtol=1e-10, atol=1e-15)
+
+
 def test_finite_difference_sweep_close_to_exact(tmp_path):
     tiny = record(tmp_path / "r", opt_kw=OPTS["momentum-wd"])
     exact = tiny.score("diffin-exact", hvp="exact").scores

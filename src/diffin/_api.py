@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _constants as C
 from ._data import DataSource
-from ._errors import ConfigError, OutputExistsError
+from ._errors import ConfigError, DataMismatchError, OutputExistsError
 from ._functional import FlatModel, LossFn
 from ._io import write_json, write_npy
 from ._version import __version__
@@ -47,6 +47,7 @@ class ScoreResult:
     target_kind: str
     seconds: float
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    group_scores: np.ndarray | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,9 +97,14 @@ def score(
     progress: bool = True,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    groups: list[Any] | None = None,
     **options: Any,
 ) -> ScoreResult:
     """Score every training sample of a recorded run; see :func:`influence` for the arguments.
+
+    ``groups`` (lists of ids): the sweep variants also predict the effect of removing each whole
+    group at once (``ScoreResult.group_scores``; under the ``keep`` convention it is the sum of
+    the members' scores, under ``renormalize`` it accounts for the shrunken batches).
 
     Returns a :class:`ScoreResult` (scores, the variant used, config, timing, diagnostics) and
     saves it into ``out`` when given.
@@ -118,7 +124,13 @@ def score(
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
     est_cls.check(run_obj, tgt.kind)
-    ctx = ScoringContext(run_obj, fm, train_src, tgt, cfg, progress=progress)
+    group_arrays = None
+    if groups is not None:
+        group_arrays = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
+        bad = [k for k, g in enumerate(group_arrays) if g.size and (g.min() < 0 or g.max() >= len(train_src))]
+        if bad:
+            raise DataMismatchError(f"groups {bad[:5]} hold ids outside [0, {len(train_src)})")
+    ctx = ScoringContext(run_obj, fm, train_src, tgt, cfg, progress=progress, groups=group_arrays)
     t0 = time.perf_counter()
     with _eval_mode(model), torch.no_grad():
         output = est_cls().score(ctx)
@@ -138,6 +150,8 @@ def score(
         target_kind=tgt.kind,
         seconds=seconds,
         diagnostics=output.diagnostics,
+        group_scores=None if output.group_scores is None
+        else output.group_scores.detach().cpu().numpy().astype(np_dtype, copy=False),
     )
     if out is not None:
         result.save(out, overwrite=overwrite)

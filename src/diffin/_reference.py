@@ -78,16 +78,19 @@ def forward_recursion(
     train: DataSource,
     thetas: list[Tensor],
     target_grad: Tensor,
-    z: int,
+    z: int | np.ndarray,
     convention: str = "keep",
 ) -> float:
-    """Score of sample z by the explicit forward recursion (METHOD.md section 4), dense Hessians.
+    """Score of sample z (or of removing the group z at once) by the explicit forward recursion
+    of METHOD.md section 4, with dense Hessians.
 
-    Tracks the linearised change of (θ, v) when z is removed from every batch:
-    ``Δg_t`` = −k·G_z/|B| (keep) or k·(G_B − G_z)/(|B| − k) (renormalize) for a batch holding z
-    k times, ``Δv' = μΔv + a(JΔθ + Δg)``, ``Δθ' = Δθ − η(α(JΔθ + Δg) + βΔv)`` with
-    J = H_B + λI. Returns ⟨∇f(θ_T), Δθ_T⟩ (loss units).
+    Tracks the linearised change of (θ, v) when the samples are removed from every batch:
+    ``Δg_t`` = −Σ_{z∈S∩B} G_z/|B| (keep) or (k·G_B − Σ_{z∈S∩B} G_z)/(|B| − k) (renormalize; −G_B
+    when the whole batch goes) for a batch holding k of them (with multiplicity),
+    ``Δv' = μΔv + a(JΔθ + Δg)``, ``Δθ' = Δθ − η(α(JΔθ + Δg) + βΔv)`` with J = H_B + λI.
+    Returns ⟨∇f(θ_T), Δθ_T⟩ (loss units).
     """
+    group = np.atleast_1d(np.asarray(z))
     o = run.optimizer
     P = thetas[0].numel()
     d_theta = torch.zeros(P, dtype=thetas[0].dtype)
@@ -98,18 +101,19 @@ def forward_recursion(
         x, y = train.get(ids)
         th = thetas[t]
         J = dense_hessian(fm, th, x, y) + o.weight_decay * torch.eye(P, dtype=th.dtype)
-        k = int((ids == z).sum())
+        members = np.isin(ids, group)
+        k = int(members.sum())
         B = len(ids)
         dg = J @ d_theta
         if k:
-            Gz = loop_grads(fm, th, *train.get(np.array([z])))[0]
+            G = loop_grads(fm, th, x, y)
+            removed = G[torch.as_tensor(members)].sum(0)
             if convention == "keep":
-                dg = dg - k * Gz / B
+                dg = dg - removed / B
             elif k == B:
-                dg = dg - Gz
+                dg = dg - G.mean(0)
             else:
-                GB = loop_grads(fm, th, x, y).mean(0)
-                dg = dg + k * (GB - Gz) / (B - k)
+                dg = dg + (k * G.mean(0) - removed) / (B - k)
         eta = float(run.lrs[t])
         a, alpha, beta = o.sgd_coefficients(t == 0 and o.momentum != 0 and not has_m0)
         d_theta, d_v = d_theta - eta * (alpha * dg + beta * d_v), o.momentum * d_v + a * dg

@@ -229,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     from .bench import add_bench_parser
+    from .tasks import add_task_parsers
 
     add_bench_parser(sub)
+    add_task_parsers(sub)
     return p
 
 

@@ -45,6 +45,7 @@ class EstimatorOutput:
     scores: Tensor
     variant: str
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    group_scores: Tensor | None = None  # (K,) or (K, Q): whole-group removals, when supported
 
 
 class ScoringContext:
@@ -58,8 +59,10 @@ class ScoringContext:
         target: Target,
         config: ScoreConfig,
         progress: bool = True,
+        groups: list[np.ndarray] | None = None,
     ) -> None:
         self.run = run
+        self.groups = groups
         self.fm = fm
         self.train = train
         self.target = target
@@ -210,6 +213,46 @@ def add_removal_contrib(
         whole = rest == 0  # removing z empties the batch: the step's gradient vanishes
         contrib = torch.where(whole, -d_u, k * (mean - d_u) / torch.where(whole, 1, rest))
     scores.index_add_(0, torch.as_tensor(uniq, device=scores.device), contrib.T.to(scores.dtype))
+
+
+class GroupAccumulator:
+    """First-order effect of removing whole groups S at once, accumulated step by step.
+
+    At a step whose batch B holds k members of S (with multiplicity), the batch gradient changes
+    by Δg = −Σ_{z∈S∩B} G_z/|B| (keep) or (k·G_B − Σ_{z∈S∩B} G_z)/(|B| − k) (renormalize;
+    −G_B if the whole batch is removed), and f by ⟨w, Δg⟩: computed from the same per-sample
+    inner products d = ⟨w, G_i⟩ as the single-sample scores. Under ``keep`` the result is the
+    sum of the members' scores; under ``renormalize`` it is not.
+    """
+
+    def __init__(self, groups: list[np.ndarray], n_train: int, q: int, convention: str) -> None:
+        from scipy.sparse import csr_matrix
+
+        rows = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])
+        cols = np.concatenate([np.full(len(g), k) for k, g in enumerate(groups)])
+        self.member = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_train, len(groups)))
+        self.member.data[:] = 1.0  # a sample listed twice in a group is still removed once
+        self.convention = convention
+        self.values = torch.zeros(len(groups), q, dtype=torch.float64)
+
+    def add(self, ids: np.ndarray, d: Tensor) -> None:
+        """d (Q, B): ⟨w, G_i⟩ for the batch ``ids``."""
+        rows = self.member[ids]  # (B, K) sparse
+        if rows.nnz == 0:
+            return
+        hit = np.unique(rows.indices)
+        R = torch.as_tensor(rows[:, hit].toarray(), dtype=torch.float64)  # (B, H)
+        dd = d.to(torch.float64)
+        summed = dd @ R  # (Q, H): Σ over members in the batch
+        B = len(ids)
+        if self.convention == "keep":
+            contrib = -summed / B
+        else:
+            k = R.sum(0)  # (H,)
+            rest = B - k
+            mean = dd.mean(dim=1, keepdim=True)
+            contrib = torch.where(rest > 0, (k * mean - summed) / rest.clamp(min=1), -mean)
+        self.values[torch.as_tensor(hit)] += contrib.T
 
 
 class Estimator:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..targets import Target
 from .base import Estimator as _Estimator
-from .base import EstimatorOutput, ScoringContext, add_removal_contrib, log
+from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, log
 
 SELF_CHUNK = 64
 
@@ -40,6 +40,7 @@ class _Sweep(_Estimator):
     """Shared driver: mean / pairwise targets in one sweep, self-influence in chunks."""
 
     needs_sgd = True
+    group_acc: GroupAccumulator | None = None
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         tgt = ctx.target
@@ -53,7 +54,11 @@ class _Sweep(_Estimator):
         else:
             m = self.sweep(ctx, tgt)
             scores = m[:, 0] if tgt.kind == "mean" else m
-        return EstimatorOutput(scores, self.name, {"replay_drift": ctx.drift})
+        groups = None
+        if self.group_acc is not None:
+            groups = self.group_acc.values
+            groups = groups[:, 0] if tgt.kind == "mean" else groups
+        return EstimatorOutput(scores, self.name, {"replay_drift": ctx.drift}, group_scores=groups)
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -102,6 +107,8 @@ class DiffInExact(_Sweep):
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
         cfg = ctx.config
         A, Bv, scores = _start(ctx, target)
+        if ctx.groups is not None and target.kind != "self":
+            self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, A.shape[0], cfg.convention)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             for c0, c1 in reversed(ctx.run.segments):
                 if self.replay:
@@ -116,6 +123,8 @@ class DiffInExact(_Sweep):
                         theta, x, y, W, mode=cfg.hvp, eps=cfg.fd_eps, dots=cfg.dots
                     )
                     add_removal_contrib(scores, ids, d, cfg.convention)
+                    if self.group_acc is not None:
+                        self.group_acc.add(ids, d)
                     A, Bv = _adjoint_update(ctx, t, A, Bv, W, HW)
                     bar.update()
         return scores
@@ -184,6 +193,6 @@ class DiffIn(_Estimator):
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         chosen = DiffInExact if ctx.run.has_batch_ids else DiffInExpected
         log.info("diffin: using variant %s", chosen.name)
-        out = chosen().score(ctx)
+        out = chosen().score(ctx)  # group scores come with it when the variant supports them
         out.variant = chosen.name
         return out

@@ -1,0 +1,98 @@
+"""Per-sample importance heuristics for coreset selection (METHOD.md section 6), computed from the
+same recorded run. Higher = more important to keep, as each is used in its paper:
+
+* ``loss``: the loss at θ_T.
+* ``el2n``: ‖softmax(f(x; θ_e)) − onehot(y)‖₂ at an early checkpoint θ_e (Paul et al. 2021).
+* ``grand``: ‖∇l(z; θ_e)‖₂ at the same early checkpoint (Paul et al. 2021).
+* ``forgetting``: how often a sample goes from correctly to wrongly classified when it is seen
+  again during training, replayed from the recording; never-learned samples rank highest
+  (Toneva et al. 2019).
+* ``random``: a seeded random order.
+
+``early`` is the first checkpoint after 10% of the steps (the papers score early in training).
+EL2N and forgetting assume a classifier (logits and integer labels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from .._data import DataSource
+from .._errors import ConfigError
+from .._functional import FlatModel
+from ..config import ScoreConfig
+from ..estimators.base import ScoringContext
+from ..targets import MeanLoss
+from ._common import TaskInputs, theta_final
+
+HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting")
+
+
+def _early_step(steps: list[int], n_steps: int) -> int:
+    later = [s for s in steps if s >= 0.1 * n_steps and s > 0]
+    return later[0] if later else steps[-1]
+
+
+def importance(name: str, inp: TaskInputs, seed: int = 0) -> np.ndarray:
+    """Importance (N,) of every training sample under heuristic ``name``."""
+    if name not in HEURISTICS:
+        raise ConfigError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")
+    N = inp.n_train
+    if name == "random":
+        return np.random.default_rng(seed).random(N)
+    fm, theta_T, run = theta_final(inp)
+    x, y = inp.train
+    if name == "loss":
+        with torch.no_grad():
+            return torch.cat([fm.losses(theta_T, x[s : s + 2048], y[s : s + 2048])
+                              for s in range(0, N, 2048)]).double().numpy()
+    if name == "forgetting":
+        return _forgetting(inp, fm, run)
+    early = _early_step(run.checkpoint_steps, run.n_steps)
+    theta = fm.flatten(run.load_checkpoint(early).params)
+    if name == "el2n":
+        with torch.no_grad():
+            out = torch.cat([_logits(fm, theta, x[s : s + 2048]) for s in range(0, N, 2048)])
+        _check_classifier(out, y)
+        onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
+        return (out.softmax(1) - onehot).norm(dim=1).double().numpy()
+    return torch.cat([fm.per_sample_grads(theta, x[s : s + 256], y[s : s + 256]).norm(dim=1)
+                      for s in range(0, N, 256)]).double().numpy()
+
+
+def _logits(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return functional_call(fm.model, fm.unflatten(theta), (x.to(fm.dtype),))
+
+
+def _check_classifier(out: torch.Tensor, y: torch.Tensor) -> None:
+    if out.ndim != 2 or y.is_floating_point():
+        raise ConfigError("EL2N and forgetting need a classifier (2-D logits, integer labels)")
+
+
+def _forgetting(inp: TaskInputs, fm: FlatModel, run) -> np.ndarray:  # noqa: ANN001
+    """Forgetting events counted along the replayed trajectory, at each presentation (before the
+    step's update). Never-correct samples get one more than the largest count."""
+    if not run.has_batch_ids:
+        raise ConfigError("forgetting counts need the batch ids of every step")
+    src = DataSource(inp.train, fm.dtype, fm.device)
+    ctx = ScoringContext(run, fm, src, MeanLoss(src), ScoreConfig(), progress=False)
+    N = inp.n_train
+    last = np.zeros(N, dtype=bool)
+    learned = np.zeros(N, dtype=bool)
+    events = np.zeros(N, dtype=np.int64)
+    theta, v = ctx.checkpoint(0)
+    with torch.no_grad():
+        for t in range(run.n_steps):
+            ids, x, y = ctx.batch(t)
+            out = _logits(fm, theta, x)
+            _check_classifier(out, y)
+            correct = (out.argmax(1) == y).numpy()
+            events[ids] += last[ids] & ~correct
+            last[ids] = correct
+            learned[ids] |= correct
+            theta, v = ctx.sgd_step(theta, v, t, x, y)
+    score = events.astype(np.float64)
+    score[~learned] = events.max() + 1
+    return score

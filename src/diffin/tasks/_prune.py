@@ -1,0 +1,234 @@
+"""Coreset selection (METHOD.md section 6): keep a fraction of the training set chosen by score,
+retrain from scratch on it (several seeds), and compare test accuracy across methods.
+
+Selection rules for influence scores (positive = helpful):
+
+* ``drop-harmful`` (default): drop the most harmful samples first (negative scores, lowest
+  first); if more must go than there are harmful samples, drop the rest at random, so what is
+  kept is not narrowed to the "most helpful" look-alikes.
+* ``keep-helpful``: keep the highest-scoring samples.
+
+Heuristics (``loss``, ``el2n``, ``grand``, ``forgetting``; see :mod:`._heuristics`) carry no sign:
+they always keep the highest importance (hardest / most forgotten first, as in their papers);
+``random`` keeps a seeded random subset per seed. ``class_balanced`` applies the rule within each
+class, keeping the same fraction of every class.
+
+Each retrain (method, keep fraction, seed) is saved as it finishes, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import ConfigError
+from .._io import write_json, write_text
+from ..builtin.trainer import evaluate
+from ..builtin.trainer import train as train_builtin
+from ..estimators.base import Estimator
+from ..report import curves, markdown_table
+from ._common import TaskInputs, cached_score, config_field, prepare_out
+from ._heuristics import HEURISTICS, importance
+
+RULES = ("drop-harmful", "keep-helpful")
+
+
+@dataclass
+class PruneConfig:
+    """Options of ``diffin prune``."""
+
+    keep: str = config_field("0.1,0.3,0.5,0.7,0.9", "comma-separated fractions of the training set to keep")
+    methods: str = config_field("diffin,tracin,random,loss,el2n,grand,forgetting",
+                                "comma-separated selection methods")
+    rule: str = config_field("drop-harmful", "drop-harmful or keep-helpful (influence methods)",
+                             choices=RULES)
+    class_balanced: bool = config_field(False, "keep the same fraction of every class")
+    seeds: int = config_field(3, "retrains per (method, fraction), each with its own seed")
+    seed: int = config_field(0, "first seed")
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.seeds < 1:
+            raise ConfigError("seeds must be >= 1")
+        self.fractions()
+
+    def fractions(self) -> list[float]:
+        try:
+            fr = [float(f) for f in self.keep.split(",") if f.strip()]
+        except ValueError as e:
+            raise ConfigError(f"keep must be comma-separated numbers, got {self.keep!r}") from e
+        bad = [f for f in fr if not 0 < f <= 1]
+        if not fr or bad:
+            raise ConfigError(f"keep fractions must lie in (0, 1]; got {bad or self.keep!r}")
+        return fr
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+def select(values: np.ndarray, fraction: float, rule: str = "drop-harmful", labels: np.ndarray | None = None,
+           class_balanced: bool = False, signed: bool = True, seed: int = 0) -> np.ndarray:
+    """Ids to keep (sorted): ``fraction`` of the samples chosen by ``values`` under ``rule``.
+
+    ``signed``: values are influence scores (negative = harmful) and ``rule`` applies; otherwise
+    the highest values are kept.
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"keep fraction must be in (0, 1], got {fraction}")
+    if rule not in RULES:
+        raise ConfigError(f"rule must be one of {RULES}, got {rule!r}")
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if class_balanced:
+        if labels is None:
+            raise ConfigError("class_balanced selection needs the labels")
+        pools = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    else:
+        pools = [np.arange(len(values))]
+    kept = []
+    for pool in pools:
+        n_keep = int(round(fraction * len(pool)))
+        if n_keep == 0:
+            continue
+        v = values[pool]
+        if not signed or rule == "keep-helpful":
+            kept.append(pool[np.argsort(-v, kind="stable")[:n_keep]])
+            continue
+        n_drop = len(pool) - n_keep
+        harmful = np.argsort(v, kind="stable")
+        harmful = harmful[v[harmful] < 0][:n_drop]
+        rest = np.setdiff1d(np.arange(len(pool)), harmful)
+        extra = rng.choice(rest, size=n_drop - len(harmful), replace=False) if n_drop > len(harmful) else []
+        drop = np.union1d(harmful, extra).astype(np.int64)
+        kept.append(pool[np.setdiff1d(np.arange(len(pool)), drop)])
+    out = np.sort(np.concatenate(kept)) if kept else np.array([], dtype=np.int64)
+    if out.size == 0:
+        raise ConfigError(f"keeping {fraction} of the data keeps no samples; raise the fraction")
+    return out
+
+
+def _values(name: str, inp: TaskInputs, out: Path | None, progress: bool) -> tuple[np.ndarray, bool]:
+    if name in HEURISTICS:
+        return importance(name, inp), False
+    if name not in Estimator.registry:
+        raise ConfigError(f"unknown selection method {name!r}; use an estimator or one of {HEURISTICS}")
+    if inp.val is None:
+        raise ConfigError("influence-based pruning scores against validation data; give val")
+    return cached_score(inp, name, inp.val, out, progress).scores.astype(np.float64), True
+
+
+def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True, log: Any = None, **options: Any) -> dict[str, Any]:
+    """Select, retrain and evaluate; returns the content of ``prune.json`` with ``curves``
+    (per method: list of {``keep``, ``test_accuracy_mean``, ``test_accuracy_std``, ...})."""
+    cfg = config if config is not None else PruneConfig(**options)
+    outp = prepare_out(Path(out) if out is not None else None, cfg, overwrite)
+    say = log or (lambda *a: None)
+    if inp.train_config is None:
+        raise ConfigError("pruning retrains from scratch: give the training recipe (TaskInputs.train_config)")
+    evalset = inp.test if inp.test is not None else inp.val
+    if evalset is None:
+        raise ConfigError("pruning needs test (or validation) data to evaluate the retrained models")
+    which = "test" if inp.test is not None else "val"
+    labels = inp.labels
+    fractions = cfg.fractions()
+    seeds = [cfg.seed + s for s in range(cfg.seeds)]
+    t0 = time.perf_counter()
+    values = {m: _values(m, inp, outp, progress) for m in cfg.method_list()}
+    t_scores = time.perf_counter() - t0
+
+    def retrain(tag: str, keep_ids: np.ndarray, seed: int) -> dict[str, float]:
+        path = None if outp is None else outp / "retrains" / f"{tag}_seed{seed}.json"
+        if path is not None and path.exists():
+            import json
+
+            return json.loads(path.read_text(encoding="utf-8"))
+        tc = replace(inp.train_config, seed=seed)
+        model = inp.model_factory()
+        with tempfile.TemporaryDirectory() as tmp:
+            train_builtin(model, *inp.train, tc, Path(tmp) / "run", keep=keep_ids, overwrite=True)
+        ev = evaluate(model, *evalset)
+        res = {"accuracy": ev["accuracy"], "loss": ev["loss"], "n_kept": int(len(keep_ids))}
+        if path is not None:
+            write_json(path, res)
+        return res
+
+    full = [retrain("full", np.arange(inp.n_train), s) for s in seeds]
+    curves_: dict[str, list[dict[str, Any]]] = {}
+    for m, (v, signed) in values.items():
+        pts = []
+        for f in fractions:
+            runs = []
+            for s in seeds:
+                vv = importance("random", inp, seed=s) if m == "random" else v
+                kept = select(vv, f, cfg.rule, labels, cfg.class_balanced, signed=signed, seed=s)
+                runs.append(retrain(f"{m}_keep{f:g}", kept, s))
+            accs = np.array([r["accuracy"] for r in runs])
+            losses = np.array([r["loss"] for r in runs])
+            pts.append({"keep": f, "n_kept": runs[0]["n_kept"],
+                        "test_accuracy_mean": float(accs.mean()), "test_accuracy_std": float(accs.std()),
+                        "test_loss_mean": float(losses.mean()), "accuracies": accs.tolist()})
+            say(f"  {m:12s} keep {f:.0%}: {which} accuracy {accs.mean():.4f} ± {accs.std():.4f}")
+        curves_[m] = pts
+    full_acc = np.array([r["accuracy"] for r in full])
+    result: dict[str, Any] = {
+        "setup": inp.description,
+        "sizes": inp.sizes or {"train": inp.n_train},
+        "evaluated_on": which,
+        "rule": cfg.rule,
+        "class_balanced": cfg.class_balanced,
+        "seeds": seeds,
+        "full_data": {"test_accuracy_mean": float(full_acc.mean()), "test_accuracy_std": float(full_acc.std())},
+        "curves": curves_,
+        "seconds": {"scores": t_scores, "total": time.perf_counter() - t0},
+        "config": asdict(cfg),
+    }
+    if "random" in curves_:
+        rnd = {p["keep"]: p["test_accuracy_mean"] for p in curves_["random"]}
+        result["vs_random"] = {m: {str(p["keep"]): p["test_accuracy_mean"] - rnd[p["keep"]] for p in pts}
+                               for m, pts in curves_.items() if m != "random"}
+    if outp is not None:
+        _write(outp, inp, result, values)
+    return result
+
+
+def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    fr = [p["keep"] for p in next(iter(result["curves"].values()))]
+    header = ["method", *[f"keep {f:.0%}" for f in fr], "mean"]
+    rows = []
+    for m, pts in result["curves"].items():
+        accs = [p["test_accuracy_mean"] for p in pts]
+        rows.append([m, *accs, float(np.mean(accs))])
+    return header, rows
+
+
+def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str, tuple[np.ndarray, bool]]) -> None:
+    write_json(out / "prune.json", result)
+    labels = inp.labels
+    lines = [",".join(["id", "label", *[f"score_{m}" for m in values]])]
+    for i in range(inp.n_train):
+        lines.append(",".join([str(i), str(labels[i]), *[f"{v[i]:.9g}" for v, _ in values.values()]]))
+    write_text(out / "prune.csv", "\n".join(lines) + "\n")
+    xs = {m: [p["keep"] for p in pts] for m, pts in result["curves"].items()}
+    ys = {m: [p["test_accuracy_mean"] for p in pts] for m, pts in result["curves"].items()}
+    es = {m: [p["test_accuracy_std"] for p in pts] for m, pts in result["curves"].items()}
+    curves(out / "prune_curves.png", xs, ys, es, "fraction of training set kept",
+           f"{result['evaluated_on']} accuracy", f"coreset selection ({result['rule']})")
+    header, rows = summary_rows(result)
+    write_text(out / "report.md", f"""# diffin prune
+
+{result['setup']}. Sizes: {result['sizes']}. Rule for influence methods: `{result['rule']}`;
+class-balanced: {result['class_balanced']}; seeds {result['seeds']}. Each cell: mean
+{result['evaluated_on']} accuracy of models retrained from scratch on the kept subset.
+Full data: {result['full_data']['test_accuracy_mean']:.4f} ± {result['full_data']['test_accuracy_std']:.4f}.
+
+{markdown_table(header, rows)}
+
+![curves](prune_curves.png)
+""")
