@@ -104,3 +104,14 @@ def test_demo_writes_scores_and_report(tmp_path, capsys):
     assert summary["n_flipped"] == 400
     aucs = {k.split()[0]: v["auc"] for k, v in summary["methods"].items()}
     assert aucs["diffin"] > 0.5
+
+
+@pytest.mark.slow
+def test_quickstart_example_runs():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "most harmful" in res.stdout and "flipped label" in res.stdout
