@@ -408,3 +408,30 @@ def test_float64_scoring_of_a_float32_run(tmp_path):
     assert s.dtype == np.float64
     s32 = tiny.score("diffin").scores
     assert np.corrcoef(s, s32)[0, 1] > 0.999
+
+
+def test_auto_hvp_picks_exact_products_for_kinked_models(tmp_path):
+    """Central differences jump across ReLU kinks; `auto` then uses autograd HVPs."""
+    X = torch.randn(20, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    Y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(1))
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with diffin.Recorder(tmp_path / "relu", model, optimizer=opt, checkpoint_every=2) as rec:
+        for s in range(0, 20, 5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[s : s + 5]), Y[s : s + 5]).backward()
+            opt.step()
+            rec.step(list(range(s, s + 5)))
+    loss = lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")  # noqa: E731
+    kw = dict(train=(X, Y), target=(X[:4], Y[:4]), method="diffin-exact", progress=False)
+    auto = diffin.score(tmp_path / "relu", make(), loss, **kw)
+    assert auto.diagnostics["hvp"]["mode"] == "exact" and "ReLU" in auto.diagnostics["hvp"]["reason"]
+    exact = diffin.score(tmp_path / "relu", make(), loss, hvp="exact", **kw)
+    np.testing.assert_array_equal(auto.scores, exact.scores)
+    smooth = record(tmp_path / "tanh").score("diffin")
+    assert smooth.diagnostics["hvp"]["mode"] == "central"

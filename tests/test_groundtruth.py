@@ -116,7 +116,8 @@ def _dense_if(tiny, damping):
     run = diffin.load_run(tiny.run)
     fm = FlatModel(tiny.make(), tiny.loss, run.trainable)
     th = fm.flatten(run.load_checkpoint(run.n_steps).params)
-    H = ref.dense_hessian(fm, th, tiny.X, tiny.Y) + damping * torch.eye(fm.num_params, dtype=torch.float64)
+    shift = damping + run.optimizer.weight_decay  # the objective's Hessian includes the weight decay
+    H = ref.dense_hessian(fm, th, tiny.X, tiny.Y) + shift * torch.eye(fm.num_params, dtype=torch.float64)
     src = DataSource((tiny.Xv, tiny.Yv), torch.float64, torch.device("cpu"))
     g = diffin.targets.MeanLoss(src).grads(fm, th)[0]
     G = ref.loop_grads(fm, th, tiny.X, tiny.Y)

@@ -154,6 +154,26 @@ def test_registry_lists_every_adapter():
     assert set(peer_units()) == set(peers)
 
 
+PACKAGES = {"captum": "captum", "kronfluence": "kronfluence", "trak": "trak", "dattri": "dattri"}
+
+
+@pytest.mark.parametrize("name", sorted(peer_units()))
+def test_pairwise_columns_average_to_the_mean_target_scores(sgd_run, name):
+    """``pairwise=True`` gives (N, Q), column q for target example q; their mean over q is the
+    score for the mean target (every peer's scores are linear in the target)."""
+    pytest.importorskip(PACKAGES[name.split("-")[0]])
+    run, train, target = sgd_run
+    opts = {"kronfluence-ekfac": {"damping_factor": None}, "kronfluence-kfac": {"damping_factor": None},
+            "dattri-if-explicit": {"regularization": 1e-2}, "dattri-if-cg": {"regularization": 1e-2},
+            "trak": {"proj_dim": 16}}.get(name, {})
+    mean = _peer(name, run, mlp, train, target, **opts).scores
+    per = _peer(name, run, mlp, train, target, pairwise=True, **opts).scores
+    assert per.shape == (N, target[0].shape[0])
+    # TRAK computes in float32; the rest in the run's float64
+    np.testing.assert_allclose(per.mean(axis=1), mean, rtol=1e-4 if name == "trak" else RTOL,
+                               atol=1e-6 * np.abs(mean).max())
+
+
 def test_unknown_peer_and_option_raise(sgd_run):
     run, train, target = sgd_run
     with pytest.raises(diffin.UnknownMethodError):

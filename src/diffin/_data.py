@@ -65,8 +65,7 @@ class DataSource:
                 )
             x, y = batch
         else:
-            assert self.x is not None and self.y is not None
-            x, y = self.x[idx], self.y[idx]
+            x, y = self.x[idx], self.y[idx]  # type: ignore[index]
         return self._place(x), y.to(self.device)
 
     def all(self) -> tuple[Tensor, Tensor]:

@@ -52,7 +52,9 @@ class BenchConfig:
     n_removed: int | None = _f(None, "samples whose removal is replayed (default: the setup's)")
     lds_subsets: int = _f(50, "LDS: random training subsets retrained by replay (0 = no LDS)")
     lds_fraction: float = _f(0.5, "LDS: fraction of the training set each subset keeps")
-    lds_examples: int = _f(20, "LDS per validation example: number of examples (0 = off)")
+    lds_examples: int = _f(
+        0, "LDS per validation example: number of examples (0 = off; costs one solve/sweep per example)"
+    )
     convention: str = _f("keep", "removal convention of ground truth and estimators")
     seed: int = _f(0, "seed of the removed samples and LDS subsets")
 
@@ -85,8 +87,11 @@ def _compare(pred: np.ndarray, actual: np.ndarray, unitless: bool) -> dict[str, 
 
 
 def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False,
-              peers: bool = False, log: Any = print) -> dict[str, Any]:
-    """Benchmark one named setup; returns the JSON-ready result."""
+              peers: bool = False, log: Any = print, peer_methods: list[str] | None = None,
+              peer_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Benchmark one named setup; returns the JSON-ready result. With ``peers``: rows of
+    ``peer_methods`` (default: every adapter of :mod:`diffin.peers`) with the setup's
+    :data:`PEER_OPTIONS` merged with ``peer_options`` (peer → options)."""
     setup = get_setup(name)
     data = setup.data()
     model = setup.model(data)
@@ -143,7 +148,9 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
         row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
         results.append(row)
     if peers:
-        results += _peer_rows(run_dir, setup, data, removed, actual, masks, actual_lds, log)
+        results += _peer_rows(run_dir, setup, data, removed, actual, masks, actual_lds, log,
+                              actual_lds_ex=actual_lds_ex, n_examples=q, methods=peer_methods,
+                              options=peer_options)
     out["results"] = results
     exact = next((r for r in results if r["variant"] == "diffin-exact"), None)
     if exact is not None:
@@ -151,33 +158,144 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     return out
 
 
+# Peers (``--peers``): options per setup, chosen so that each peer finishes in about a minute
+# or two on 2 CPU cores. "*" applies to every setup; a setup's entry is merged over it, and
+# ``--peer-options`` over both. Two keys are the benchmark's, not the adapter's: "skip" (a
+# reason: the peer is not run and its row carries the reason as its error) and
+# "lds_per_example" (True / False; default: only when the peer's main run took at most
+# PEER_LDS_EXAMPLE_MAX_SECONDS, since it runs the peer a second time on the LDS examples).
+PEER_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "*": {
+        "kronfluence-ekfac": {"damping_factor": None},
+        "kronfluence-kfac": {"damping_factor": None},
+        "trak": {"proj_dim": 512},
+        "dattri-if-explicit": {"regularization": 1e-2, "batch_size": 512},
+        "dattri-if-cg": {"regularization": 1e-2, "max_iter": 10, "batch_size": 64},
+        "dattri-tracin": {"train_batch_size": 1024},
+    },
+    # convex: the training objective's own Hessian adds the weight decay 1e-3
+    "digits-logreg": {
+        "kronfluence-ekfac": {"damping_factor": 1e-3},
+        "kronfluence-kfac": {"damping_factor": 1e-3},
+        "trak": {"proj_dim": 256},
+        "dattri-if-explicit": {"regularization": 1e-3, "batch_size": 512},
+        "dattri-if-cg": {"regularization": 1e-3, "max_iter": 20, "batch_size": 128},
+    },
+    "mnist5k-cnn": {
+        "dattri-if-explicit": {"skip": (
+            "dattri's explicit Hessian (torch.func.hessian: jacfwd over all P=2,202 tangents at once "
+            "through the 1,000-sample CNN) runs out of memory (RuntimeError: DefaultCPUAllocator: "
+            "can't allocate memory, under a 16 GB cap)")},
+        "dattri-if-cg": {"skip": (
+            "too slow on this CNN: dattri vmaps CG over the targets and conv double-backward is slow "
+            "under vmap (16 targets, 250 Hessian samples, 5 iterations: 70 s); one target at a time, "
+            "32 targets with 500 Hessian samples took 38 s at 11.7 GB peak RSS, so the 500 targets "
+            "would need about 10 min)")},
+    },
+    "speed": {
+        "dattri-if-cg": {"regularization": 1e-2, "max_iter": 5, "batch_size": 32,
+                         "hessian_samples": 1000},
+        "dattri-tracin": {"train_batch_size": 1500},
+    },
+}
+PEER_BENCH_KEYS = ("skip", "lds_per_example")
+PEER_LDS_EXAMPLE_MAX_SECONDS = 90.0
+
+
+def peer_options(setup: str, override: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The options each peer gets on ``setup``: ``PEER_OPTIONS["*"]``, then the setup's entry,
+    then ``override`` (peer → options), merged option by option."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in (PEER_OPTIONS["*"], PEER_OPTIONS.get(setup, {}), override or {}):
+        for peer, opts in layer.items():
+            if not isinstance(opts, dict):
+                raise ConfigError(f"peer options for {peer!r} must be a JSON object, got {opts!r}")
+            out[peer] = {**out.get(peer, {}), **opts}
+    return out
+
+
+def _short_error(text: str, width: int = 72) -> str:
+    """``error: `` and the first words of ``text`` that fit in ``width`` characters."""
+    short = " ".join(text.split())
+    if len(short) > width:
+        short = short[: width - 2].rsplit(" ", 1)[0] + " …"
+    return "error: " + short
+
+
 def _peer_rows(run_dir: Path, setup: Any, data: Any, removed: np.ndarray, actual: np.ndarray,
-               masks: np.ndarray | None, actual_lds: np.ndarray | None, log: Any) -> list[dict[str, Any]]:
+               masks: np.ndarray | None, actual_lds: np.ndarray | None, log: Any,
+               actual_lds_ex: np.ndarray | None = None, n_examples: int = 0,
+               methods: list[str] | None = None,
+               options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per peer method (``diffin.peers``), with the metrics of diffin's rows.
+
+    A peer that is not installed, is skipped by its options, or raises, gets a row whose
+    ``error`` holds the exact text (its ``variant`` shows the first words in the table).
+    """
+    from importlib import metadata
+
     from . import peers  # optional extra
+    from .peers._base import get_peer
     from .recording.run import load_run
 
-    rows = []
+    opts_all = peer_options(setup.name, options)
+    status = peers.available_peers()
+    units = peers.peer_units()
+    names = methods or list(status)
+    unknown = sorted(set(names) - set(status)) + sorted(set(opts_all) - set(status))
+    if unknown:
+        raise ConfigError(f"unknown peers {unknown}; available: {', '.join(status)}")
     run = load_run(run_dir)
-    for name, status in peers.available_peers().items():
-        if status != "ok":
-            log(f"[{setup.name}] peer {name} unavailable: {status}")
-            rows.append({"method": name, "variant": name, "error": status})
-            continue
-        log(f"[{setup.name}] peer {name} ...")
+    common = dict(run=run, model_factory=lambda: setup.model(data), loss_fn=setup.loss_fn,
+                  train=(data.x_train, data.y_train))
+    rows = []
+    for name in names:
+        opts = dict(opts_all.get(name, {}))
+        bench_opts = {k: opts.pop(k) for k in PEER_BENCH_KEYS if k in opts}
+        package = get_peer(name).package
         try:
-            with Measure() as m:
-                pr = peers.run_peer(name, run=run, model_factory=lambda: setup.model(data),
-                                    loss_fn=setup.loss_fn, train=(data.x_train, data.y_train),
-                                    target=(data.x_val, data.y_val))
-        except Exception as e:  # a peer failing must not sink the benchmark: record why
-            rows.append({"method": name, "variant": name, "error": f"{type(e).__name__}: {e}"})
+            version = metadata.version("traker" if package == "trak" else package)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        row: dict[str, Any] = {"method": name, "variant": f"{package} {version}", "peer": True,
+                               "units": units[name], "options": opts}
+        error = None
+        if status[name] != "ok":
+            error = f"not installed: {status[name]}"
+        elif bench_opts.get("skip"):
+            error = f"skipped: {bench_opts['skip']}"
+        if error is None:
+            log(f"[{setup.name}] peer {name} {opts} ...")
+            try:
+                with Measure() as m:
+                    pr = peers.run_peer(name, target=(data.x_val, data.y_val), **common, **opts)
+            except Exception as e:  # a peer failing must not sink the benchmark: record why
+                error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            log(f"[{setup.name}] peer {name}: {error}")
+            row.update(variant=_short_error(error), error=error)
+            rows.append(row)
             continue
-        s = np.asarray(pr.scores, dtype=np.float64)
-        row: dict[str, Any] = {"method": name, "variant": name}
-        row.update(_compare(s[removed], actual, not getattr(pr, "loss_units", True)))
+        s = pr.scores
+        row.update(_compare(s[removed], actual, units[name] != "loss"))
         row["lds"] = metrics.lds(masks, actual_lds, s) if masks is not None else float("nan")
+        if actual_lds_ex is not None:
+            want = bench_opts.get("lds_per_example")
+            if want is None:
+                want = m.seconds <= PEER_LDS_EXAMPLE_MAX_SECONDS
+            if want:
+                try:
+                    rp = peers.run_peer(name, target=(data.x_val[:n_examples], data.y_val[:n_examples]),
+                                        pairwise=True, **common, **opts)
+                    row["lds_per_example"] = metrics.lds(masks, actual_lds_ex, rp.scores)
+                except Exception as e:
+                    row["lds_per_example_error"] = f"{type(e).__name__}: {e}"
+            else:
+                row["lds_per_example_skipped"] = (
+                    f"the main run took {m.seconds:.0f}s > {PEER_LDS_EXAMPLE_MAX_SECONDS:.0f}s; "
+                    "pass lds_per_example=true in --peer-options to run it")
         row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb,
-                    "notes": pr.notes})
+                    "notes": pr.notes, "warnings": pr.warnings})
         rows.append(row)
     return rows
 
@@ -192,7 +310,9 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
 
 
 def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir: str | None = None,
-              progress: bool = False, peers: bool = False, quiet: bool = False) -> dict[str, Any]:
+              progress: bool = False, peers: bool = False, quiet: bool = False,
+              peer_methods: list[str] | None = None,
+              peer_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     from .report import text_table
 
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -200,7 +320,8 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
     results = []
     t0 = time.perf_counter()
     for name in setups:
-        r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log)
+        r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log,
+                      peer_methods=peer_methods, peer_options=peer_options)
         r["machine"] = machine_info()
         r["config"] = dataclasses.asdict(cfg)
         results.append(r)
@@ -229,6 +350,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", default=None, help="write the results as JSON here")
     s.add_argument("--workdir", default=None, help="where to keep the recorded runs (default: a temp dir)")
     s.add_argument("--peers", action="store_true", help="add the peer libraries' rows (diffin[peers])")
+    s.add_argument("--peer-methods", default=None,
+                   help="with --peers: comma-separated peers (default: every adapter of diffin.peers)")
+    s.add_argument("--peer-options", default=None, metavar="JSON",
+                   help='with --peers: {"peer": {"option": value}} merged over the setup\'s defaults '
+                        '(diffin.bench.PEER_OPTIONS); "skip": "reason" leaves a peer out, '
+                        '"lds_per_example": true/false forces its per-example LDS on or off')
     s.add_argument("--quiet", action="store_true", help="only the tables")
     add_config_args(s, BenchConfig)
     s.set_defaults(func=_cmd_bench)
@@ -239,7 +366,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(BenchConfig, args)
     setups = list(BENCH_SETUPS) if args.setup == "all" else [args.setup]
-    run_bench(setups, cfg, args.json, args.workdir, peers=args.peers, quiet=args.quiet)
+    peer_opts = None
+    if args.peer_options:
+        try:
+            peer_opts = json.loads(args.peer_options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--peer-options is not valid JSON ({e})") from None
+        if not isinstance(peer_opts, dict):
+            raise ConfigError('--peer-options must be a JSON object {"peer": {"option": value}}')
+    peer_methods = None
+    if args.peer_methods:
+        peer_methods = [m.strip() for m in args.peer_methods.split(",") if m.strip()]
+    run_bench(setups, cfg, args.json, args.workdir, peers=args.peers, quiet=args.quiet,
+              peer_methods=peer_methods, peer_options=peer_opts)
     return 0
 
 

@@ -31,10 +31,11 @@ class ScoreConfig:
         "estimator name (see `diffin methods`); 'diffin' picks the best Diff-In variant the run allows",
     )
     hvp: str = _f(
-        "central",
-        "Hessian-vector products: 'central' / 'forward' finite differences of gradients, or "
-        "'exact' autograd (reference)",
-        choices=("central", "forward", "exact"),
+        "auto",
+        "Hessian-vector products: 'central' / 'forward' finite differences of gradients, 'exact' "
+        "autograd, or 'auto' (central, unless the model has kinks such as ReLU or max-pool, where "
+        "finite differences jump: then exact)",
+        choices=("auto", "central", "forward", "exact"),
     )
     fd_eps: float | None = _f(
         None, "finite-difference step; default: machine-eps^(1/3) (central) times max(1, |theta|)"
@@ -66,7 +67,7 @@ class ScoreConfig:
     replay_memory_mb: float = _f(
         1024.0, "memory for replayed parameter states per segment (diffin-exact); beyond it, replay twice"
     )
-    damping: float = _f(0.01, "influence functions: damping lambda added to the Hessian")
+    damping: float = _f(1e-3, "influence functions: damping added to the Hessian (beside the weight decay)")
     cg_iters: int = _f(100, "influence functions (CG): maximum conjugate-gradient iterations")
     cg_tol: float = _f(1e-8, "influence functions (CG): relative residual tolerance")
     lissa_depth: int = _f(1000, "influence functions (LiSSA): recursion depth")
@@ -78,8 +79,8 @@ class ScoreConfig:
     seed: int = _f(0, "seed for proxy batches and any other randomness of the estimator")
 
     def __post_init__(self) -> None:
-        if self.hvp not in ("central", "forward", "exact"):
-            raise ConfigError(f"hvp must be 'central', 'forward' or 'exact', got {self.hvp!r}")
+        if self.hvp not in ("auto", "central", "forward", "exact"):
+            raise ConfigError(f"hvp must be 'auto', 'central', 'forward' or 'exact', got {self.hvp!r}")
         if self.dots not in ("auto", "jvp", "fd"):
             raise ConfigError(f"dots must be 'auto', 'jvp' or 'fd', got {self.dots!r}")
         if self.convention not in CONVENTIONS:

@@ -121,7 +121,7 @@ def replay_many(
     per_run = P * theta0.element_size() * (3 if ctx.run.optimizer.momentum else 2)
     width = max(1, int(memory_mb * 2**20 // per_run))
     finals: list[Tensor] = []
-    full: Tensor | None = None
+    full = theta0
     N = ctx.n_train
     bar = tqdm(total=ctx.run.n_steps * ((len(groups) + width) // width), desc="replay",
                disable=not ctx.progress, leave=False)
@@ -139,7 +139,6 @@ def replay_many(
         start += len(chunk)
         first = False
     bar.close()
-    assert full is not None
     return full, (torch.cat(finals) if finals else theta0[None, :0])
 
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._data import DataSource
@@ -32,6 +32,14 @@ from ..recording.run import Run
 from ..targets import Target
 
 log = logging.getLogger("diffin")
+
+
+NON_SMOOTH = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d,
+)
+"""Layers whose gradient jumps: finite-difference HVPs across them are unreliable."""
 
 
 class ReplayDriftWarning(UserWarning):
@@ -70,6 +78,45 @@ class ScoringContext:
         self.progress = progress
         self.n_train = len(train)
         self.drift = 0.0  # largest relative replay drift seen (see replay_reversed)
+        self._hvp_mode: str | None = None
+        self.hvp_reason = ""
+
+    # ------------------------------------------------------------------ second order
+    @property
+    def hvp_mode(self) -> str:
+        """The HVP mode estimators use: the config's, or for ``"auto"`` central differences
+        unless the model is non-smooth (see :meth:`_resolve_hvp`)."""
+        if self._hvp_mode is None:
+            self._hvp_mode, self.hvp_reason = self._resolve_hvp()
+        return self._hvp_mode
+
+    def _resolve_hvp(self) -> tuple[str, str]:
+        """Central differences of gradients jump where a perturbation θ ± εv̂ crosses a kink
+        (ReLU, max-pool, |x|): one crossing among thousands of pre-activations spoils an HVP, and
+        the sweep carries the error. ``auto`` therefore uses the exact HVP when the model holds a
+        known non-smooth layer, or when central differences disagree with the exact HVP on a
+        probe batch at θ_T (which also catches functional kinks like ``F.relu``)."""
+        cfg = self.config
+        if cfg.hvp != "auto":
+            return cfg.hvp, "set by the config"
+        kinks = sorted({type(m).__name__ for m in self.fm.model.modules() if isinstance(m, NON_SMOOTH)})
+        if kinks:
+            return "exact", f"non-smooth layers {kinks}"
+        theta, _ = self.checkpoint(self.run.n_steps)
+        ids = np.arange(min(self.n_train, 256))
+        x, y = self.train.get(ids)
+        g = torch.Generator().manual_seed(cfg.seed)
+        v = torch.randn(theta.numel(), generator=g, dtype=torch.float64).to(theta.dtype)
+        try:
+            exact = self.fm.hvp(theta, x, y, v, mode="exact")
+        except (RuntimeError, NotImplementedError) as e:  # an op without forward-mode AD
+            return "central", f"exact HVP unavailable ({type(e).__name__}); finite differences"
+        fd = self.fm.hvp(theta, x, y, v, mode="central", eps=cfg.fd_eps)
+        rel = float((fd - exact).norm() / exact.norm().clamp(min=torch.finfo(theta.dtype).tiny))
+        tol = 1e-4 if theta.dtype == torch.float64 else 5e-2
+        if rel > tol:
+            return "exact", f"central differences off by {rel:.1e} (relative) on a probe batch"
+        return "central", f"smooth model (probe agreement {rel:.1e})"
 
     # ------------------------------------------------------------------ trajectory
     def checkpoint(self, step: int) -> tuple[Tensor, Tensor | None]:

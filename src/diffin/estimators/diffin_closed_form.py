@@ -78,18 +78,18 @@ class DiffInClosedForm(Estimator):
         two batch gradients and two JVP passes (forward differences: one of each more at θ).
         """
         fm, cfg = ctx.fm, ctx.config
-        if cfg.hvp == "exact":
+        if ctx.hvp_mode == "exact":
             Hg = fm.hvp(theta, xp, yp, g, mode="exact")
             for ids, x, y in ctx.train.chunks(cfg.batch_size):
                 yield ids, fm.dots(theta, x, y, Hg) + fm.mixed_second(theta, x, y, g, GB)
             return
         norms = g.norm(dim=1, keepdim=True)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        e = fd_epsilon(theta, cfg.hvp, cfg.fd_eps)
+        e = fd_epsilon(theta, ctx.hvp_mode, cfg.fd_eps)
         units = g / safe
         plus = theta + e * units  # (Q, P)
-        minus = theta - e * units if cfg.hvp == "central" else theta.expand_as(plus)
-        denom = 2 * e if cfg.hvp == "central" else e
+        minus = theta - e * units if ctx.hvp_mode == "central" else theta.expand_as(plus)
+        denom = 2 * e if ctx.hvp_mode == "central" else e
         gb_plus, _ = fm.loss_grad_many(plus, xp, yp)
         gb_minus, _ = fm.loss_grad_many(minus, xp, yp)
         thetas = torch.cat([plus, minus])  # (2Q, P): both ends in one vmapped JVP pass
@@ -114,7 +114,7 @@ class DiffInClosedForm(Estimator):
 
         for ids, x, y in ctx.train.chunks(64):
             G = fm.per_sample_grads(theta, x, y)  # (B, P)
-            HG = fm.hvp(theta, xp, yp, G, mode=cfg.hvp, eps=cfg.fd_eps)  # (B, P)
+            HG = fm.hvp(theta, xp, yp, G, mode=ctx.hvp_mode, eps=cfg.fd_eps)  # (B, P)
             t1 = (HG * G).sum(dim=1)
             t2 = vmap(own_mixed, in_dims=(None, 0, 0, 0))(theta, x, y, G)
             s = coef * (t1 + t2) + first * (G * G).sum(dim=1)

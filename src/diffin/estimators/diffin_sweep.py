@@ -120,7 +120,7 @@ class DiffInExact(_Sweep):
                     ids, x, y = ctx.batch(t)
                     W = _coefficients(ctx, t, A, Bv)
                     HW, d = ctx.fm.hvp_and_dots(
-                        theta, x, y, W, mode=cfg.hvp, eps=cfg.fd_eps, dots=cfg.dots
+                        theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps, dots=cfg.dots
                     )
                     add_removal_contrib(scores, ids, d, cfg.convention)
                     if self.group_acc is not None:
@@ -169,7 +169,7 @@ class DiffInExpected(_Sweep):
                     x, y = ctx.train.get(ids)
                     W = _coefficients(ctx, t, A, Bv)
                     W_sum += W
-                    HW = fm.hvp(theta, x, y, W, mode=cfg.hvp, eps=cfg.fd_eps)
+                    HW = fm.hvp(theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps)
                     A, Bv = _adjoint_update(ctx, t, A, Bv, W, HW)
                     bar.update()
                 D = torch.cat(

@@ -1,6 +1,7 @@
 """Influence functions at the final parameters (Koh & Liang 2017), METHOD.md section 5.
 
-With H the Hessian of the mean training loss at θ_T and damping λ, removing z moves θ_T by
+With H the Hessian of the training objective at θ_T (the mean training loss plus the recorded
+weight decay's λ_wd·I) and damping λ, removing z moves θ_T by
 about +(1/N)(H + λI)⁻¹G_z, so in diffin's removal sign and loss units
 
     score(z) = ⟨∇f(θ_T), (H + λI)⁻¹ G_z(θ_T)⟩ / N
@@ -34,14 +35,16 @@ Apply = Callable[[Tensor], Tensor]
 
 
 def _full_hvp(ctx: ScoringContext, theta: Tensor) -> Apply:
-    """V (Q, P) ↦ (H + λI)V with H the mean training-loss Hessian at θ (streamed)."""
+    """V (Q, P) ↦ (H + λI)V with H the Hessian of the training objective at θ: the mean
+    training-loss Hessian (streamed) plus the recorded weight decay, and λ the damping."""
     cfg = ctx.config
     N = ctx.n_train
+    shift = cfg.damping + ctx.run.optimizer.weight_decay
 
     def apply(V: Tensor) -> Tensor:
-        out = cfg.damping * V
+        out = shift * V
         for ids, x, y in ctx.train.chunks(cfg.batch_size):
-            out = out + (len(ids) / N) * ctx.fm.hvp(theta, x, y, V, mode=cfg.hvp, eps=cfg.fd_eps)
+            out = out + (len(ids) / N) * ctx.fm.hvp(theta, x, y, V, mode=ctx.hvp_mode, eps=cfg.fd_eps)
         return out
 
     return apply
@@ -144,7 +147,8 @@ class InfluenceLiSSA(_InfluenceFunction):
 
     def solve(self, ctx: ScoringContext, theta: Tensor, b: Tensor) -> tuple[Tensor, dict]:
         cfg, fm = ctx.config, ctx.fm
-        full = _full_hvp(ctx, theta)  # H + λI
+        full = _full_hvp(ctx, theta)  # H + (λ_wd + λ)I
+        wd = ctx.run.optimizer.weight_decay
         low, top = extreme_eigenvalues(full, fm.num_params, theta.dtype, theta.device, seed=cfg.seed)
         extra = max(0.0, -low) * 1.1  # the recursion needs H + λI positive definite
         damping = cfg.damping + extra
@@ -156,7 +160,7 @@ class InfluenceLiSSA(_InfluenceFunction):
         s = b.clone()
         for _ in range(cfg.lissa_depth):
             x, y = ctx.train.get(rng.choice(ctx.n_train, size=bs, replace=False))
-            hs = fm.hvp(theta, x, y, s, mode=cfg.hvp, eps=cfg.fd_eps) + damping * s
+            hs = fm.hvp(theta, x, y, s, mode=ctx.hvp_mode, eps=cfg.fd_eps) + (damping + wd) * s
             s = b + s - hs / scale
         return s / scale, {"scale": scale, "depth": cfg.lissa_depth, "damping": damping,
                            "eig_max": top, "eig_min": low, "finite": bool(torch.isfinite(s).all())}

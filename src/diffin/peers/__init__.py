@@ -44,6 +44,7 @@ def run_peer(
     train: tuple[Tensor, Tensor],
     target: tuple[Tensor, Tensor],
     verbose: bool = False,
+    pairwise: bool = False,
     **options: Any,
 ) -> PeerResult:
     """Run one peer method on a recorded run; scores in diffin's sign and units.
@@ -59,14 +60,17 @@ def run_peer(
         target: ``(inputs, targets)``; the target f is their mean loss.
         verbose: let the peer print its progress bars and warnings (by default they are
             silenced and the warnings kept in ``PeerResult.warnings``).
+        pairwise: return (N, Q) scores, column q for target example q's own loss, instead of
+            the (N,) scores for their mean.
         options: the adapter's options (see ``docs/peers.md``); unknown ones raise.
 
     Returns:
         :class:`PeerResult` with ``scores`` (N,) ≈ f(θ_T without z) − f(θ_T) (positive =
-        helpful), the seconds and peak RSS of the peer's run, and notes on the conversion.
+        helpful; (N, Q) with ``pairwise``), the seconds and peak RSS of the peer's run, and
+        notes on the conversion.
     """
     return run_peer_impl(name, run=run, model_factory=model_factory, loss_fn=loss_fn, train=train,
-                         target=target, verbose=verbose, **options)
+                         target=target, verbose=verbose, pairwise=pairwise, **options)
 
 
 __all__ = ["PeerResult", "available_peers", "peer_units", "run_peer"]

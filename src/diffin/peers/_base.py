@@ -36,7 +36,8 @@ class PeerResult:
     """One peer's scores in diffin's convention.
 
     ``scores``: (N,) float64, the predicted change of the target (mean loss over the target set)
-    if each training sample were removed; positive = helpful. ``seconds``: wall-clock time of
+    if each training sample were removed; positive = helpful. With ``pairwise=True``: (N, Q),
+    column q the predicted change of target example q's own loss. ``seconds``: wall-clock time of
     the peer's own computation (model loading included). ``peak_rss_mb``: the largest resident
     set size of this process seen while the peer ran (sampled every 20 ms; ``None`` without
     psutil). ``notes``: the options used and the rescaling applied to the peer's raw output.
@@ -168,8 +169,10 @@ class Peer:
             return f"{type(e).__name__}: {e}"
         return None
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
-        """Scores (N,) in diffin's sign and units, and notes."""
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
+        """Scores (N,) in diffin's sign and units, or (N, Q) per target example when
+        ``pairwise``, and notes."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 
@@ -263,6 +266,7 @@ def run_peer_impl(
     train: tuple[Tensor, Tensor],
     target: tuple[Tensor, Tensor],
     verbose: bool = False,
+    pairwise: bool = False,
     **options: Any,
 ) -> PeerResult:
     cls = get_peer(name)
@@ -276,10 +280,11 @@ def run_peer_impl(
         quiet(not verbose) as caught,
         measure() as m,
     ):
-        scores, notes = cls().run(inp, workdir, **options)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if scores.shape != (inp.n_train,):
-        raise DataMismatchError(f"{name} returned {scores.shape} scores for {inp.n_train} samples")
+        scores, notes = cls().run(inp, workdir, pairwise=pairwise, **options)
+    scores = np.asarray(scores, dtype=np.float64)
+    want = (inp.n_train, inp.n_target) if pairwise else (inp.n_train,)
+    if scores.shape != want:
+        raise DataMismatchError(f"{name} returned {scores.shape} scores, expected {want}")
     return PeerResult(name, scores, float(m["seconds"] or 0.0), m["peak_rss_mb"], notes,
                       dict(options), caught)
 

@@ -62,7 +62,8 @@ class CaptumTracInCP(Peer):
     modules = ("captum.influence",)
     summary = "captum TracInCP: all parameters, diffin's checkpoints and learning-rate sums"
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
         from captum.influence import TracInCP
 
         opt = take_options(options, {"batch_size": 256, "sample_wise_grads_per_batch": None},
@@ -79,11 +80,13 @@ class CaptumTracInCP(Peer):
                 model, TensorDataset(*inp.train), steps, checkpoints_load_func=load,
                 loss_fn=loss, batch_size=opt["batch_size"], sample_wise_grads_per_batch=fast,
             )
-            raw = tracin.influence(inp.target, aggregate=True)  # (1, N)
-        scores = raw.detach().double().reshape(-1).numpy() / (inp.n_target * inp.n_train)
+            raw = tracin.influence(inp.target, aggregate=not pairwise)  # (1, N) or (Q, N)
+        raw = raw.detach().double().numpy()
+        scores = raw.T / inp.n_train if pairwise else raw.reshape(-1) / (inp.n_target * inp.n_train)
+        how = ("influence(target, aggregate=False) (Q, N), transposed, divided by N" if pairwise else
+               "influence(target, aggregate=True) summed over the Q targets, divided by Q·N")
         notes = (
-            f"captum TracInCP on checkpoints {steps} with lr = Σ η over each segment; "
-            "influence(target, aggregate=True) summed over the Q targets, divided by Q·N; "
+            f"captum TracInCP on checkpoints {steps} with lr = Σ η over each segment; {how}; "
             f"sample_wise_grads_per_batch={fast}"
         )
         return scores, notes
@@ -95,7 +98,8 @@ class CaptumTracInCPFast(Peer):
     modules = ("captum.influence",)
     summary = "captum TracInCPFast: gradients of the final linear layer only"
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
         from captum.influence import TracInCPFast
 
         opt = take_options(options, {"batch_size": 256, "final_fc_layer": None}, self.name)
@@ -108,7 +112,8 @@ class CaptumTracInCPFast(Peer):
                 loss_fn=_SummedLoss(inp.loss_fn), batch_size=opt["batch_size"],
             )
             raw = tracin.influence(inp.target)  # (Q, N)
-        scores = raw.detach().double().mean(dim=0).numpy() / inp.n_train
+        raw = raw.detach().double().numpy() / inp.n_train
+        scores = raw.T if pairwise else raw.mean(axis=0)
         notes = (
             f"captum TracInCPFast, final layer {layer!r} only (weight, bias excluded by captum), "
             f"checkpoints {steps} with lr = Σ η over each segment; mean over targets, divided by N. "

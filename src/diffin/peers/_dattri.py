@@ -66,10 +66,12 @@ class _DattriIF(Peer):
     def attributor(self, task: Any, opt: dict[str, Any]) -> Any:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
         opt = take_options(
             options,
-            {"regularization": 0.0, "batch_size": 64, "train_batch_size": None, **self.defaults},
+            {"regularization": 0.0, "batch_size": 64, "train_batch_size": None,
+             "hessian_samples": None, "seed": 0, **self.defaults},
             self.name,
         )
         n_params = sum(p.numel() for p in inp.model_factory().parameters() if p.requires_grad)
@@ -79,20 +81,30 @@ class _DattriIF(Peer):
                 f"max_params (now {opt['max_params']}) if it fits in memory, or use dattri-if-cg"
             )
         task = _task(inp, [inp.final_step])
+        hx, hy = inp.train
+        m = opt["hessian_samples"]
+        if m is not None and int(m) < inp.n_train:  # the Hessian of a random subset's mean loss
+            g = torch.Generator().manual_seed(int(opt["seed"]))
+            keep = torch.randperm(inp.n_train, generator=g)[: int(m)].sort().values
+            hx, hy = hx[keep], hy[keep]
         with default_dtype(inp.dtype):
             att = self.attributor(task, opt)
-            att.cache(DataLoader(TensorDataset(*inp.train), batch_size=inp.n_train, shuffle=False))
+            att.cache(DataLoader(TensorDataset(hx, hy), batch_size=len(hx), shuffle=False))
             # dattri transforms (inverts the Hessian on) every target batch once per train
             # batch: one train batch of all N samples by default does it once
             train_dl, target_dl = _loaders(inp, int(opt["train_batch_size"] or inp.n_train),
                                            int(opt["batch_size"]))
             raw = att.attribute(train_dl, target_dl)  # (N, Q)
-        scores = raw.detach().double().mean(dim=1).numpy() / inp.n_train
-        shown = {k: v for k, v in opt.items() if k not in ("batch_size", "train_batch_size")}
+        raw = raw.detach().double().numpy() / inp.n_train
+        scores = raw if pairwise else raw.mean(axis=1)
+        shown = {k: v for k, v in opt.items()
+                 if k not in ("batch_size", "train_batch_size", "hessian_samples", "seed")}
+        over = (f"a random subset of {len(hx)} of the N={inp.n_train} samples (seed {opt['seed']})"
+                if len(hx) < inp.n_train else "all N samples")
         notes = (
             f"dattri {type(att).__name__}({shown}) at θ_T (step {inp.final_step}), Hessian of the "
-            "mean training loss over one batch of all N samples; (N, Q) averaged over targets, "
-            "divided by N"
+            f"mean training loss over one batch of {over}; (N, Q) "
+            f"{'' if pairwise else 'averaged over targets, '}divided by N"
         )
         return scores, notes
 
@@ -127,10 +139,12 @@ class _DattriTracInBase(Peer):
     def steps_and_weights(self, inp: PeerInputs) -> tuple[list[int], list[float]]:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
         from dattri.algorithm.tracin import TracInAttributor
 
-        opt = take_options(options, {"proj_dim": None, "batch_size": 256, "seed": 0}, self.name)
+        opt = take_options(options, {"proj_dim": None, "batch_size": 256, "train_batch_size": None,
+                                     "seed": 0}, self.name)
         steps, weights = self.steps_and_weights(inp)
         task = _task(inp, steps)
         if opt["proj_dim"] is None:
@@ -143,14 +157,18 @@ class _DattriTracInBase(Peer):
         with default_dtype(inp.dtype):
             att = TracInAttributor(task, weight_list=torch.tensor(weights, dtype=torch.float64),
                                    normalized_grad=False, projector_kwargs=proj, device="cpu")
-            train_dl, target_dl = _loaders(inp, int(opt["batch_size"]), int(opt["batch_size"]))
+            # dattri recomputes the target gradients for every train batch: larger train
+            # batches (train_batch_size) trade memory (batch × P) for fewer recomputations
+            train_dl, target_dl = _loaders(inp, int(opt["train_batch_size"] or opt["batch_size"]),
+                                           int(opt["batch_size"]))
             raw = att.attribute(train_dl, target_dl)  # (N, Q)
-        scores = raw.detach().double().mean(dim=1).numpy() / inp.n_train
+        raw = raw.detach().double().numpy() / inp.n_train
+        scores = raw if pairwise else raw.mean(axis=1)
         notes = (
             f"dattri TracInAttributor(normalized_grad=False, projection {proj['proj_type']}"
             f"{'' if opt['proj_dim'] is None else ' dim ' + str(opt['proj_dim'])}) on checkpoints "
-            f"{steps} with weights [{', '.join(f'{w:.4g}' for w in weights)}]; (N, Q) averaged over "
-            "targets, divided by N"
+            f"{steps} with weights [{', '.join(f'{w:.4g}' for w in weights)}]; (N, Q) "
+            f"{'' if pairwise else 'averaged over targets, '}divided by N"
         )
         return scores, notes
 

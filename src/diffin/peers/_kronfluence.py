@@ -72,7 +72,8 @@ class _KronfluenceIF(Peer):
     modules = ("kronfluence.task",)
     strategy: str = ""
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
         from kronfluence import Analyzer, FactorArguments, ScoreArguments, prepare_model
 
         opt = take_options(options, _DEFAULTS, self.name)
@@ -107,7 +108,8 @@ class _KronfluenceIF(Peer):
             overwrite_output_dir=True,
         )
         raw = analyzer.load_pairwise_scores("scores")["all_modules"]  # (Q, N)
-        scores = raw.double().mean(dim=0).numpy() / inp.n_train
+        raw = raw.double().numpy() / inp.n_train
+        scores = raw.T if pairwise else raw.mean(axis=0)
         notes = (
             f"kronfluence {self.strategy} at θ_T (step {inp.final_step}), "
             f"{'empirical' if opt['use_empirical_fisher'] else 'true (sampled)'} Fisher, "

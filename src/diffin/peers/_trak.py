@@ -42,7 +42,8 @@ class TRAK(Peer):
     summary = "TRAK (traker): projected margin gradients, checkpoints of the run as the ensemble"
     units = "rank-only"
 
-    def run(self, inp: PeerInputs, workdir: str, **options: Any) -> tuple[np.ndarray, str]:
+    def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
+            **options: Any) -> tuple[np.ndarray, str]:
         from trak import TRAKer
 
         opt = take_options(options, _DEFAULTS, self.name)
@@ -82,7 +83,7 @@ class TRAK(Peer):
             for s in range(0, inp.n_target, bs):
                 traker.score(batch=(xt[s : s + bs], yt[s : s + bs]), num_samples=len(xt[s : s + bs]))
         raw = np.asarray(traker.finalize_scores(exp_name="target"), dtype=np.float64)  # (N, Q)
-        scores = raw.mean(axis=1)
+        scores = raw if pairwise else raw.mean(axis=1)
         notes = (
             f"traker TRAKer(task={opt['task']!r}, proj_dim={opt['proj_dim']}, BasicProjector normal, "
             f"float32, lambda_reg={opt['lambda_reg']}), ensemble = checkpoints {steps}; "

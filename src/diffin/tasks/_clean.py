@@ -105,7 +105,7 @@ def out_of_fold_probs(inp: TaskInputs, folds: int, seed: int) -> np.ndarray:
     N = inp.n_train
     order = np.random.default_rng(seed).permutation(N)
     parts = np.array_split(order, folds)
-    probs: np.ndarray | None = None
+    probs = np.zeros((N, 0))
     with tempfile.TemporaryDirectory() as tmp:
         for k, held in enumerate(parts):
             keep = np.setdiff1d(order, held)
@@ -114,10 +114,9 @@ def out_of_fold_probs(inp: TaskInputs, folds: int, seed: int) -> np.ndarray:
             model.eval()
             with torch.no_grad():
                 p = model(x[torch.as_tensor(held)]).softmax(1).double().numpy()
-            if probs is None:
+            if probs.shape[1] == 0:
                 probs = np.zeros((N, p.shape[1]))
             probs[held] = p
-    assert probs is not None
     return probs
 
 

@@ -217,5 +217,3 @@ def check_ids(groups: list[np.ndarray], n: int) -> None:
 def config_field(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
-
-__all__ = ["TaskInputs", "builtin_inputs", "cached_score", "evaluate_theta", "prepare_out", "ScoreConfig"]
