@@ -72,11 +72,15 @@ class DataSource:
         return self.get(np.arange(self._n))
 
     def chunks(self, size: int) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
-        """Consecutive chunks ``(ids, x, y)`` covering every row once."""
+        """Consecutive chunks ``(ids, x, y)`` covering every row once (tensor data: views)."""
         for start in range(0, self._n, size):
-            ids = np.arange(start, min(start + size, self._n))
-            x, y = self.get(ids)
-            yield ids, x, y
+            stop = min(start + size, self._n)
+            ids = np.arange(start, stop)
+            if self._ds is None and self.x is not None and self.y is not None:
+                yield ids, self._place(self.x[start:stop]), self.y[start:stop].to(self.device)
+            else:
+                x, y = self.get(ids)
+                yield ids, x, y
 
     def _place(self, x: Tensor) -> Tensor:
         if x.is_floating_point():

@@ -8,7 +8,7 @@ Everything an estimator needs is here, built on ``torch.func`` and autograd:
   as one forward-mode JVP of the per-sample losses (no (B, P) matrix is formed)
 * Hessian–vector products ``H_B(θ) v``                  shape (P,) or (Q, P)
   by central or forward finite differences of first-order gradients, or exactly
-  (forward-over-reverse autograd) as the reference mode
+  (double-backward autograd) as the reference mode
 * mixed second directional derivatives ``aᵀ ∇²l_i(θ) b`` shape (B,) or (Q, B)
 
 Estimators compose these; they never re-derive them. Losses are in the loss function's units;
@@ -258,13 +258,18 @@ class FlatModel:
         return hv, d
 
     def _exact_hvp(self, theta: Tensor, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
-        """Reference HVP by forward-over-reverse autograd, V (Q, P) → (Q, P)."""
+        """Reference HVP by reverse-over-reverse autograd (double backward), V (Q, P) → (Q, P).
 
-        def mean_loss(th: Tensor) -> Tensor:
-            return self.losses(th, x, y).mean()
-
-        grad_fn = torch.func.grad(mean_loss)
-        return vmap(lambda vec: jvp(grad_fn, (theta,), (vec,))[1])(V)
+        One forward pass and a gradient graph, then one more backward pass per vector. (Plain
+        autograd rather than ``torch.func``: no one-time transform set-up, which costs about a
+        second on the first call in a process.)
+        """
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.losses(th, x, y).mean(), th, create_graph=True)
+            rows = [torch.autograd.grad(g, th, grad_outputs=v, retain_graph=i < len(V) - 1)[0]
+                    for i, v in enumerate(V)]
+        return torch.stack(rows).detach()
 
     def mixed_second(
         self,

@@ -51,7 +51,7 @@ class ScoreConfig:
         "removal convention: 'keep' (weight 0, batch divisor stays) or 'renormalize' (divide by |B|-1)",
         choices=CONVENTIONS,
     )
-    batch_size: int = _f(2048, "samples per chunk when streaming over the training or target data")
+    batch_size: int = _f(4096, "samples per chunk when streaming over the training or target data")
     proxy_batch_size: int | None = _f(
         None,
         "proxy batch size for diffin-expected / closed form (default: the recorded batch size, else 128)",

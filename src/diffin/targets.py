@@ -106,6 +106,8 @@ class _Subset(DataSource):
         self.dtype = parent.dtype
         self.device = parent.device
         self._n = len(self.ids)
+        self._ds = None
+        self.x = self.y = None  # rows come through get(), by id
 
     def get(self, ids: Any) -> tuple[Tensor, Tensor]:
         return self.parent.get(self.ids[np.asarray(ids)])
