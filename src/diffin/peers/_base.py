@@ -257,7 +257,7 @@ def measure() -> Iterator[dict[str, float | None]]:
             out["peak_rss_mb"] = peak[0] / 2**20
 
 
-def run_peer_impl(
+def run_peer(
     name: str,
     *,
     run: Run | str | os.PathLike[str],
@@ -269,6 +269,28 @@ def run_peer_impl(
     pairwise: bool = False,
     **options: Any,
 ) -> PeerResult:
+    """Run one peer method on a recorded run; scores in diffin's sign and units.
+
+    Args:
+        name: an adapter name (:func:`available_peers`).
+        run: the recorded run (:func:`diffin.load_run`) or its folder.
+        model_factory: returns a fresh module of the trained architecture in the run's dtype;
+            its initial values are never used (every parameter comes from a checkpoint).
+        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses; training minimised
+            their batch mean.
+        train: ``(inputs, targets)`` of the N training samples, indexed by the recorded ids.
+        target: ``(inputs, targets)``; the target f is their mean loss.
+        verbose: let the peer print its progress bars and warnings (by default they are
+            silenced and the warnings kept in ``PeerResult.warnings``).
+        pairwise: return (N, Q) scores, column q for target example q's own loss, instead of
+            the (N,) scores for their mean.
+        options: the adapter's options (see ``docs/peers.md``); unknown ones raise.
+
+    Returns:
+        :class:`PeerResult` with ``scores`` (N,) ≈ f(θ_T without z) − f(θ_T) (positive =
+        helpful; (N, Q) with ``pairwise``), the seconds and peak RSS of the peer's run, and
+        notes on the conversion.
+    """
     cls = get_peer(name)
     err = cls.import_error()
     if err is not None:
