@@ -23,7 +23,10 @@ DEMO_METHODS = ("diffin", "diffin-closed-form", "tracin")
 
 def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
              overwrite: bool = False) -> dict:
-    """Run the demo into ``out``; returns the summary written to ``out/summary.json``."""
+    """Run the demo into ``out``; returns the summary written to ``out/summary.json``.
+
+    ``quiet`` turns off the progress bars; the tables are always printed.
+    """
     out = Path(out)
     setup = get_setup("demo")
     summary_path = out / "summary.json"
@@ -31,7 +34,7 @@ def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
         old = json.loads(summary_path.read_text(encoding="utf-8"))
         if old.get("setup") != setup.description:
             raise OutputExistsError(f"{out} holds another demo; pass --overwrite or choose another --out")
-    say = (lambda *a: None) if quiet else print
+    say = print
     data = setup.data()
     model = setup.model(data)
     say(f"diffin demo: {setup.description}")
