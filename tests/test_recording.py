@@ -758,3 +758,35 @@ def test_no_pickle_anywhere(run_dir: Path) -> None:
         # safetensors starts with an 8-byte little-endian header length, never a pickle opcode
         head = f.read_bytes()[:9]
         assert head[0] != 0x80 and head[8:9] == b"{"
+
+
+def test_issue_code_blocks_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recording loop and the scoring call of the README, character for character."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    X, Y = torch.randn(96, 5, dtype=torch.float64), torch.randint(0, 3, (96,))
+    Xv, Yv = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(96), X, Y),
+                                         batch_size=16, shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    for _epoch in range(10):  # 60 steps: checkpoints at 0, 50 and 60
+        if _epoch == 0:
+            rec = diffin.Recorder("runs/mnist", model, optimizer=opt, checkpoint_every=50)  # saves θ_0
+        for ids, x, y in loader:            # ids: LongTensor of dataset indices of the batch
+            loss = criterion(model(x), y)   # mean over the batch
+            opt.zero_grad(); loss.backward(); opt.step()  # noqa: E702
+            rec.step(ids, lr=opt.param_groups[0]["lr"])   # after opt.step()
+    rec.close()                         # saves the final θ and the manifest
+
+    scores = diffin.influence("runs/mnist", model, loss_fn, train=(X, Y), target=(Xv, Yv),
+                              method="tracin")
+    assert isinstance(scores, np.ndarray) and scores.shape == (96,) and np.isfinite(scores).all()
+    run = diffin.load_run("runs/mnist")
+    assert run.checkpoint_steps == [0, 50, 60]
+    assert np.any(scores != 0)
