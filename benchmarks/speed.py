@@ -125,7 +125,7 @@ def naive_loop_seconds_per_sample(run_dir: str, k: int = 10) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="bench-out/speed.json", help="where to write the results")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--worker", nargs=4, metavar=("RUN", "METHOD", "N", "REPEATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()

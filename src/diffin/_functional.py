@@ -168,8 +168,9 @@ class FlatModel:
     def dots_many(self, thetas: Tensor, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
         """⟨v_k, ∇l_i(θ_k)⟩ for K pairs (θ_k, v_k): thetas, V (K, P) → (K, B).
 
-        One vmapped forward-mode pass: with the input shared, the K weight copies of each layer
-        run as one wider matmul (about twice as fast as K separate JVPs on CPU).
+        One vmapped forward-mode pass over the K (θ_k, v_k) pairs. On the 2-core CPU it costs
+        about the same as K separate JVPs (K = 2, 4,500 MNIST samples, MLP 784-128-10: 40 ms
+        against 2 × 20 ms); it saves the Python loop and lets batched matmuls help elsewhere.
         """
 
         def one(th: Tensor, vec: Tensor) -> Tensor:
