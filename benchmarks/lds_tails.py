@@ -9,7 +9,7 @@
 
     python benchmarks/lds_tails.py --setup mnist5k-cnn --json bench-out/lds-tails-cnn.json   # ~20 s
 
-Prints a table and writes JSON. Uses the same LDS subsets as ``diffin bench`` (seed 1).
+Prints a table and writes JSON. Uses the LDS subsets of ``diffin bench`` (``BenchConfig.lds_masks``).
 """
 
 from __future__ import annotations
@@ -23,21 +23,23 @@ import numpy as np
 from scipy.stats import spearmanr
 
 import diffin
+from diffin.bench import BenchConfig
 from diffin.builtin import get_setup, train
-from diffin.groundtruth import lds_ground_truth, lds_subsets
+from diffin.groundtruth import lds_ground_truth
 from diffin.metrics import lds
 from diffin.report import text_table
 
 METHODS = ("diffin-exact", "diffin-frozen", "diffin-expected", "tracin")
 
 
-def measure(setup_name: str, workdir: Path, n_subsets: int = 50, fraction: float = 0.5) -> dict:
+def measure(setup_name: str, workdir: Path, cfg: BenchConfig | None = None) -> dict:
+    cfg = cfg or BenchConfig()
     setup = get_setup(setup_name)
     d = setup.data()
     run = workdir / setup_name
     train(setup.model(d), d.x_train, d.y_train, setup.train, run, overwrite=True)
     kw = dict(train=(d.x_train, d.y_train), target=(d.x_val, d.y_val), progress=False)
-    masks = lds_subsets(d.n_train, n_subsets, fraction, seed=1)
+    masks = cfg.lds_masks(d.n_train)
     actual = lds_ground_truth(run, setup.model(d), setup.loss_fn, masks=masks, **kw)
     rows = []
     scores = {}
@@ -52,7 +54,7 @@ def measure(setup_name: str, workdir: Path, n_subsets: int = 50, fraction: float
                      "lds_ranks": lds(masks, actual, ranks), "top3_abs": top[:3].tolist(),
                      "median_abs": float(np.median(np.abs(s)))})
     rho = float(spearmanr(scores["diffin-exact"], scores["diffin-expected"])[0])
-    return {"setup": setup_name, "n_subsets": n_subsets, "fraction": fraction,
+    return {"setup": setup_name, "n_subsets": cfg.lds_subsets, "fraction": cfg.lds_fraction,
             "actual_change_mean": float(actual.mean()), "actual_change_std": float(actual.std()),
             "spearman_exact_vs_expected": rho, "rows": rows}
 

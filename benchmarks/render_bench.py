@@ -34,7 +34,11 @@ def render(path: str) -> str:
                 continue
             rows.append([row.get(k, math.nan) if k not in ("method", "variant") else row.get(k, "")
                          for k, _ in COLUMNS])
-        out.append(head + ".\n\n" + markdown_table([c for _, c in COLUMNS], rows) + "\n")
+        text = head + ".\n\n" + markdown_table([c for _, c in COLUMNS], rows) + "\n"
+        errors = [f"- `{row['method']}`: `{row['error']}`" for row in r["results"] if "error" in row]
+        if errors:  # the table cuts them short; the full text is what a reader needs
+            text += "\nRows without numbers, with the exact error text from the JSON:\n\n" + "\n".join(errors) + "\n"
+        out.append(text)
     return "\n".join(out)
 
 

@@ -357,17 +357,22 @@ def test_error_paths(tmp_path):
                          train=(tiny.X, tiny.Y), target=(tiny.Xv, tiny.Yv), progress=False)
 
 
+def _record_in_order(path, model, opt, X, Y, batch):
+    """One epoch of cross-entropy training over X in order, recorded with a checkpoint every 2 steps."""
+    with diffin.Recorder(path, model, optimizer=opt, checkpoint_every=2) as rec:
+        for s in range(0, len(X), batch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[s : s + batch]), Y[s : s + batch]).backward()
+            opt.step()
+            rec.step(list(range(s, s + batch)))
+
+
 def test_adam_runs_refuse_the_sweep_but_allow_tracin(tmp_path):
     X = torch.randn(12, 4, dtype=torch.float64)
     Y = torch.randint(0, 3, (12,))
     model = nn.Linear(4, 3).double()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with diffin.Recorder(tmp_path / "adam", model, optimizer=opt, checkpoint_every=2) as rec:
-        for s in range(0, 12, 4):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[s : s + 4]), Y[s : s + 4]).backward()
-            opt.step()
-            rec.step(list(range(s, s + 4)))
+    _record_in_order(tmp_path / "adam", model, opt, X, Y, batch=4)
     loss = lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")  # noqa: E731
     with pytest.raises(diffin.UnsupportedMethodError, match="Adam"):
         diffin.influence(tmp_path / "adam", model, loss, train=(X, Y), target=(X, Y), method="diffin")
@@ -421,12 +426,7 @@ def test_auto_hvp_picks_exact_products_for_kinked_models(tmp_path):
 
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with diffin.Recorder(tmp_path / "relu", model, optimizer=opt, checkpoint_every=2) as rec:
-        for s in range(0, 20, 5):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[s : s + 5]), Y[s : s + 5]).backward()
-            opt.step()
-            rec.step(list(range(s, s + 5)))
+    _record_in_order(tmp_path / "relu", model, opt, X, Y, batch=5)
     loss = lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")  # noqa: E731
     kw = dict(train=(X, Y), target=(X[:4], Y[:4]), method="diffin-exact", progress=False)
     auto = diffin.score(tmp_path / "relu", make(), loss, **kw)

@@ -69,6 +69,11 @@ class BenchConfig:
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
+    def lds_masks(self, n_train: int) -> np.ndarray:
+        """The LDS subsets of the benchmark, (lds_subsets, n_train) bool, True = kept (seed + 1,
+        so they do not share draws with the removed samples)."""
+        return lds_subsets(n_train, self.lds_subsets, self.lds_fraction, seed=self.seed + 1)
+
 
 def machine_info() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -120,7 +125,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     masks = actual_lds = actual_lds_ex = None
     q = min(cfg.lds_examples, int(data.x_val.shape[0]))
     if cfg.lds_subsets:
-        masks = lds_subsets(N, cfg.lds_subsets, cfg.lds_fraction, seed=cfg.seed + 1)
+        masks = cfg.lds_masks(N)
         log(f"[{name}] replaying {cfg.lds_subsets} LDS subsets ...")
         with Measure() as m_lds:
             actual_lds = lds_ground_truth(run_dir, setup.model(data), setup.loss_fn, target=val,

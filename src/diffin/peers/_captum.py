@@ -21,28 +21,18 @@ from .._errors import ConfigError
 from ._base import Peer, PeerInputs, default_dtype, take_options
 
 
-class _SummedLoss(nn.Module):
-    """``loss_fn`` summed over the batch, with the ``reduction`` attribute captum checks."""
+class _CaptumLoss(nn.Module):
+    """``loss_fn`` with the ``reduction`` attribute captum checks: ``"sum"`` sums the per-sample
+    losses over the batch, ``"none"`` returns them as they are."""
 
-    reduction = "sum"
-
-    def __init__(self, loss_fn: Any) -> None:
+    def __init__(self, loss_fn: Any, reduction: str) -> None:
         super().__init__()
         self.loss_fn = loss_fn
+        self.reduction = reduction
 
     def forward(self, out: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(out, y).sum()
-
-
-class _PerSampleLoss(nn.Module):
-    reduction = "none"
-
-    def __init__(self, loss_fn: Any) -> None:
-        super().__init__()
-        self.loss_fn = loss_fn
-
-    def forward(self, out: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(out, y)
+        losses = self.loss_fn(out, y)
+        return losses.sum() if self.reduction == "sum" else losses
 
 
 def _checkpoint_loader(inp: PeerInputs) -> tuple[list[int], Any]:
@@ -74,7 +64,7 @@ class CaptumTracInCP(Peer):
         if fast is None:  # captum's batched per-sample gradients cover Linear and Conv2d only
             fast = all(isinstance(m, (nn.Linear, nn.Conv2d))
                        for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
-        loss = _SummedLoss(inp.loss_fn) if fast else _PerSampleLoss(inp.loss_fn)
+        loss = _CaptumLoss(inp.loss_fn, "sum" if fast else "none")
         with default_dtype(inp.dtype):
             tracin = TracInCP(
                 model, TensorDataset(*inp.train), steps, checkpoints_load_func=load,
@@ -109,7 +99,7 @@ class CaptumTracInCPFast(Peer):
         with default_dtype(inp.dtype):
             tracin = TracInCPFast(
                 model, layer, TensorDataset(*inp.train), steps, checkpoints_load_func=load,
-                loss_fn=_SummedLoss(inp.loss_fn), batch_size=opt["batch_size"],
+                loss_fn=_CaptumLoss(inp.loss_fn, "sum"), batch_size=opt["batch_size"],
             )
             raw = tracin.influence(inp.target)  # (Q, N)
         raw = raw.detach().double().numpy() / inp.n_train
