@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from ._errors import DataMismatchError
+from ._errors import DataMismatchError, InvalidIdsError
 
 
 class DataSource:
@@ -94,3 +95,63 @@ def _as_tensor(a: Any, what: str) -> Tensor:
     if isinstance(a, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(a))
     raise DataMismatchError(f"{what} must be a tensor or numpy array, got {type(a).__name__}")
+
+
+def fingerprint(data: Any) -> str:
+    """A content hash (sha256 hex) of training or target data, for cache keys of saved results.
+
+    ``(inputs, targets)`` tensors / arrays: every byte, with shapes and dtypes. A ``Dataset``:
+    its length and the bytes of up to 64 items spread over it (hashing millions of items would
+    cost a pass over the data; a changed dataset of the same length that differs only between
+    the sampled items is not detected). ``None`` hashes to a fixed value.
+    """
+    h = hashlib.sha256()
+
+    def add(a: Any) -> None:
+        if isinstance(a, Tensor):
+            a = a.detach().to("cpu").contiguous().numpy()
+        if isinstance(a, np.ndarray):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(memoryview(a.reshape(-1)).cast("B"))
+        elif isinstance(a, (tuple, list)):
+            h.update(f"seq{len(a)}".encode())
+            for item in a:
+                add(item)
+        elif isinstance(a, (int, float, str, bool, np.generic)) or a is None:
+            h.update(repr(a).encode())
+        else:
+            raise DataMismatchError(f"cannot fingerprint data of type {type(a).__name__}")
+
+    if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
+        n = len(data)  # type: ignore[arg-type]
+        h.update(f"dataset{type(data).__name__}{n}".encode())
+        for i in sorted(set(np.linspace(0, max(n - 1, 0), num=min(n, 64)).astype(int).tolist())):
+            add(data[i])
+    else:
+        add(data)
+    return h.hexdigest()
+
+
+def check_id_groups(groups: Sequence[Any], n: int, what: str = "group") -> list[np.ndarray]:
+    """Validate groups of training ids: each a non-empty 1-D integer array inside [0, n).
+
+    Returns them as int64 arrays of unique sorted ids. Raises :class:`InvalidIdsError` naming
+    the first bad group and its out-of-range ids.
+    """
+    out = []
+    for k, g in enumerate(groups):
+        arr = np.asarray(g)
+        if arr.size == 0:
+            raise InvalidIdsError(f"{what} {k} is empty; every {what} needs at least one id")
+        if arr.dtype.kind not in "iu":
+            raise InvalidIdsError(f"{what} {k} holds non-integer ids (dtype {arr.dtype})")
+        arr = np.unique(arr.astype(np.int64).reshape(-1))
+        bad = arr[(arr < 0) | (arr >= n)]
+        if bad.size:
+            raise InvalidIdsError(
+                f"{what} {k} holds ids outside [0, {n}): {bad[:5].tolist()}; ids are row numbers "
+                "of the training data"
+            )
+        out.append(arr)
+    return out

@@ -15,7 +15,10 @@ from ._errors import ConfigError
 T = TypeVar("T")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def config_field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (``metadata["help"]``), read by the CLI and the docs.
+
+    Extra keywords go into the metadata too (e.g. ``choices=(...)``)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -26,57 +29,57 @@ CONVENTIONS = ("keep", "renormalize")
 class ScoreConfig:
     """How to score every training sample against a target."""
 
-    method: str = _f(
+    method: str = config_field(
         "diffin",
         "estimator name (see `diffin methods`); 'diffin' picks the best Diff-In variant the run allows",
     )
-    hvp: str = _f(
+    hvp: str = config_field(
         "auto",
         "Hessian-vector products: 'central' / 'forward' finite differences of gradients, 'exact' "
         "autograd, or 'auto' (central, unless the model has kinks such as ReLU or max-pool, where "
         "finite differences jump: then exact)",
         choices=("auto", "central", "forward", "exact"),
     )
-    fd_eps: float | None = _f(
+    fd_eps: float | None = config_field(
         None, "finite-difference step; default: machine-eps^(1/3) (central) times max(1, |theta|)"
     )
-    dots: str = _f(
+    dots: str = config_field(
         "auto",
         "per-sample gradient inner products: 'jvp' (forward-mode, exact), 'fd' (from the losses at "
         "theta +- eps v, free with central differences) or 'auto' (fd with central, else jvp)",
         choices=("auto", "jvp", "fd"),
     )
-    convention: str = _f(
+    convention: str = config_field(
         "keep",
         "removal convention: 'keep' (weight 0, batch divisor stays) or 'renormalize' (divide by |B|-1)",
         choices=CONVENTIONS,
     )
-    batch_size: int = _f(4096, "samples per chunk when streaming over the training or target data")
-    proxy_batch_size: int | None = _f(
+    batch_size: int = config_field(4096, "samples per chunk when streaming over the training or target data")
+    proxy_batch_size: int | None = config_field(
         None,
         "proxy batch size for diffin-expected / closed form (default: the recorded batch size, else 128)",
     )
-    proxy_batches: int | None = _f(
+    proxy_batches: int | None = config_field(
         None,
         "proxy batches per checkpoint: diffin-expected cycles through them (default: a fresh one "
         "every step); the closed form averages them (default: 1)",
     )
-    first_order: bool = _f(
+    first_order: bool = config_field(
         False, "closed form only: add the first-order (TracIn-CP) term to the paper's formula"
     )
-    replay_memory_mb: float = _f(
+    replay_memory_mb: float = config_field(
         1024.0, "memory for replayed parameter states per segment (diffin-exact); beyond it, replay twice"
     )
-    damping: float = _f(1e-3, "influence functions: damping added to the Hessian (beside the weight decay)")
-    cg_iters: int = _f(100, "influence functions (CG): maximum conjugate-gradient iterations")
-    cg_tol: float = _f(1e-8, "influence functions (CG): relative residual tolerance")
-    lissa_depth: int = _f(1000, "influence functions (LiSSA): recursion depth")
-    lissa_scale: float | None = _f(
+    damping: float = config_field(1e-3, "influence functions: damping added to the Hessian (beside the weight decay)")
+    cg_iters: int = config_field(100, "influence functions (CG): maximum conjugate-gradient iterations")
+    cg_tol: float = config_field(1e-8, "influence functions (CG): relative residual tolerance")
+    lissa_depth: int = config_field(1000, "influence functions (LiSSA): recursion depth")
+    lissa_scale: float | None = config_field(
         None, "influence functions (LiSSA): scale (default: 2 x the largest Hessian eigenvalue)"
     )
-    lissa_batch_size: int = _f(128, "influence functions (LiSSA): samples per stochastic HVP")
-    pairwise: bool = _f(False, "return an N x Q matrix, one column per target example")
-    seed: int = _f(0, "seed for proxy batches and any other randomness of the estimator")
+    lissa_batch_size: int = config_field(128, "influence functions (LiSSA): samples per stochastic HVP")
+    pairwise: bool = config_field(False, "return an N x Q matrix, one column per target example")
+    seed: int = config_field(0, "seed for proxy batches and any other randomness of the estimator")
 
     def __post_init__(self) -> None:
         if self.hvp not in ("auto", "central", "forward", "exact"):

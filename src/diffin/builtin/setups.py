@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._errors import ConfigError
+from .. import _constants as C
+from .._errors import ConfigError, CorruptManifestError
+from .._io import write_json
 from .data import DataSplit, flip_labels, load_digits, load_mnist5k, make_synthetic
 from .models import cross_entropy, logistic_regression, mlp, small_cnn
 from .trainer import TrainConfig
@@ -133,3 +137,26 @@ def get_setup(name: str) -> Setup:
         return SETUPS[name]
     except KeyError:
         raise ConfigError(f"unknown setup {name!r}; available: {', '.join(sorted(SETUPS))}") from None
+
+
+def setup_meta(setup: Setup) -> dict[str, Any]:
+    """What identifies a built-in setup's recorded run: name, label noise and training recipe."""
+    return {"setup": setup.name, "noise": setup.noise, "train": setup.train.to_json()}
+
+
+def write_setup_meta(run_dir: str | Path, setup: Setup) -> None:
+    """Write ``diffin_setup.json`` beside a run recorded from a built-in setup (atomically)."""
+    write_json(Path(run_dir) / C.SETUP_JSON, setup_meta(setup))
+
+
+def read_setup_meta(run_dir: str | Path) -> Setup | None:
+    """The built-in setup a run folder was recorded from, or ``None`` for a user's own run."""
+    path = Path(run_dir) / C.SETUP_JSON
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return get_setup(meta["setup"]).with_changes(noise=float(meta["noise"]),
+                                                     train=TrainConfig(**meta["train"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CorruptManifestError(f"{path} is damaged ({e}); record the run again") from e

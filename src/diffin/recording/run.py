@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -121,6 +122,15 @@ class Run:
         self.n_train_recorded: int | None = m.get("n_train")
 
     # ------------------------------------------------------------------ queries
+    @property
+    def fingerprint(self) -> str:
+        """Content hash (sha256 hex) of the manifest: the run's identity for cache keys.
+
+        The manifest lists every file of the run with its size, the steps, learning rates'
+        file, optimizer and model; a re-recorded run (new time stamp, other data or recipe)
+        gets a new fingerprint even in the same folder."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
     @property
     def segments(self) -> list[tuple[int, int]]:
         """Consecutive checkpoint pairs (c_k, c_{k+1}); steps c_k … c_{k+1}−1 lie between."""
