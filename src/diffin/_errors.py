@@ -83,3 +83,20 @@ class LossShapeError(DiffinError, ValueError):
 
 class OutputExistsError(DiffinError, FileExistsError):
     """An output folder holds results made with a different configuration."""
+
+
+# --- input checks before scoring (diffin._data) -----------------------------------------------
+class NonFiniteDataError(DataMismatchError):
+    """Training or target inputs hold NaN or Inf; the message names the rows' ids."""
+
+
+class DatasetIdError(DataMismatchError):
+    """A Dataset of ``(id, input, target)`` items gave an item whose id is not its index."""
+
+
+class ModelCallError(DataMismatchError):
+    """Calling the user's model or loss on a small batch of the data failed (e.g. a shape error)."""
+
+
+class UntrainedRowsWarning(UserWarning):
+    """Some training rows were never in any recorded batch (their sweep scores are 0)."""
