@@ -61,6 +61,16 @@ class UnsupportedOptimizerError(RecordingError):
     """The optimizer (or its settings) cannot be recorded faithfully."""
 
 
+class ResumeError(RecordingError):
+    """``Recorder(..., resume=True)`` cannot continue the run: it is complete, it has no manifest,
+    or the model / optimizer / settings differ from its last checkpoint."""
+
+
+class PartialRunWarning(UserWarning):
+    """The run was not closed (killed, or interrupted by an exception): only the steps up to its
+    last checkpoint are loaded and scored."""
+
+
 # --- scoring ----------------------------------------------------------------------------------
 class UnknownMethodError(DiffinError, KeyError):
     """The method name is not registered."""
