@@ -110,3 +110,11 @@ class ModelCallError(DataMismatchError):
 
 class UntrainedRowsWarning(UserWarning):
     """Some training rows were never in any recorded batch (their sweep scores are 0)."""
+
+
+class MissingExtraError(DiffinError, ImportError):
+    """An optional dependency (plots, built-in data sets, baselines) is not installed."""
+
+
+class RecipeError(ConfigError):
+    """The retraining recipe cannot be derived from the recorded run; explicit overrides are needed."""
