@@ -2,7 +2,7 @@
 
 An adapter runs one method of a published package (captum, kronfluence, traker, dattri) on a
 run recorded by :class:`diffin.Recorder` and converts its output to diffin's sign and units
-(METHOD.md section 2): ``score(z)`` ≈ f(θ_T without z) − f(θ_T), f the mean loss over the target
+(``docs/method.md §2``): ``score(z)`` ≈ f(θ_T without z) − f(θ_T), f the mean loss over the target
 set, positive = z helped. Where a peer's numbers are not in loss units (TRAK, Grad-Dot) the
 notes say so and only rank metrics are meaningful.
 """
@@ -14,8 +14,6 @@ import importlib
 import io
 import os
 import tempfile
-import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ConfigError, DataMismatchError, UnknownMethodError
+from .._measure import Measure
 from ..recording.run import Run, load_run
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -39,9 +38,10 @@ class PeerResult:
     if each training sample were removed; positive = helpful. With ``pairwise=True``: (N, Q),
     column q the predicted change of target example q's own loss. ``seconds``: wall-clock time of
     the peer's own computation (model loading included). ``peak_rss_mb``: the largest resident
-    set size of this process seen while the peer ran (sampled every 20 ms; ``None`` without
-    psutil). ``notes``: the options used and the rescaling applied to the peer's raw output.
-    ``options``: the options passed; ``warnings``: distinct warnings the peer raised.
+    set size of this process (MiB) seen while the peer ran (:class:`diffin._measure.Measure`,
+    sampled every 20 ms; ``None`` where the platform gives no memory reading). ``notes``: the
+    options used and the rescaling applied to the peer's raw output. ``options``: the options
+    passed; ``warnings``: distinct warnings the peer raised.
     """
 
     name: str
@@ -223,40 +223,6 @@ def quiet(enabled: bool) -> Iterator[list[str]]:
                     caught.append(text)
 
 
-@contextlib.contextmanager
-def measure() -> Iterator[dict[str, float | None]]:
-    """Wall-clock seconds and the peak RSS (MB) of this process while the block runs."""
-    out: dict[str, float | None] = {"seconds": 0.0, "peak_rss_mb": None}
-    try:
-        import psutil
-
-        proc = psutil.Process()
-    except Exception:  # psutil missing or unusable: time only
-        proc = None
-    stop = threading.Event()
-    peak = [0]
-
-    def sample() -> None:
-        while proc is not None:
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            if stop.wait(0.02):
-                break
-
-    th = threading.Thread(target=sample, daemon=True)
-    if proc is not None:
-        th.start()
-    t0 = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out["seconds"] = time.perf_counter() - t0
-        stop.set()
-        if proc is not None:
-            th.join()
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            out["peak_rss_mb"] = peak[0] / 2**20
-
-
 def run_peer(
     name: str,
     *,
@@ -300,15 +266,14 @@ def run_peer(
     with (
         tempfile.TemporaryDirectory(prefix=f"diffin-{name}-") as workdir,
         quiet(not verbose) as caught,
-        measure() as m,
+        Measure(every=0.02) as m,
     ):
         scores, notes = cls().run(inp, workdir, pairwise=pairwise, **options)
     scores = np.asarray(scores, dtype=np.float64)
     want = (inp.n_train, inp.n_target) if pairwise else (inp.n_train,)
     if scores.shape != want:
         raise DataMismatchError(f"{name} returned {scores.shape} scores, expected {want}")
-    return PeerResult(name, scores, float(m["seconds"] or 0.0), m["peak_rss_mb"], notes,
-                      dict(options), caught)
+    return PeerResult(name, scores, m.seconds, m.peak_mb_or_none, notes, dict(options), caught)
 
 
 def _pair(data: Any, what: str) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,78 @@
+"""diffin's one memory meter (``diffin._measure.Measure``): wall time and RSS peaks without psutil."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from diffin import _measure
+from diffin._errors import ConfigError
+from diffin._measure import Measure, rss_mb
+
+MB = 2**20
+
+
+def test_rss_is_positive_and_finite() -> None:
+    mb = rss_mb()
+    assert math.isfinite(mb) and mb > 1.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the current RSS is read from /proc")
+def test_peak_sees_a_buffer_allocated_and_freed_inside_the_block() -> None:
+    """A 128 MiB buffer touched and freed inside the block: the peak rises by about its size
+    (allowing for pages the allocator reuses), the RSS after the block does not."""
+    with Measure(every=0.005) as m:
+        buf = np.ones(128 * MB // 8)  # float64, every page written
+        time.sleep(0.05)
+        del buf
+    assert m.seconds >= 0.05
+    assert 100 <= m.rise_mb <= 400
+    assert m.peak_mb >= m.start_mb + m.rise_mb - 1e-9
+    assert rss_mb() < m.peak_mb - 64
+
+
+def test_without_polling_the_end_reading_still_counts() -> None:
+    with Measure(poll=False) as m:
+        buf = np.ones(64 * MB // 8)
+    assert m._thread is None and m.peak_mb >= m.start_mb
+    if sys.platform.startswith("linux"):
+        assert m.rise_mb >= 48
+    del buf
+
+
+def test_readings_survive_an_exception_in_the_block() -> None:
+    m = Measure(every=0.005)
+    with pytest.raises(KeyError), m:
+        time.sleep(0.02)
+        raise KeyError("boom")
+    assert m.seconds >= 0.02 and m.peak_mb > 0 and m._thread is None
+
+
+def test_getrusage_fallback_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without /proc the high-water mark from getrusage is used: positive, never below what
+    /proc reported a moment before (the current RSS is at most the high-water mark)."""
+    now = rss_mb()
+    monkeypatch.setattr(_measure, "_proc_rss_mb", lambda: None)
+    hw = rss_mb()
+    assert math.isfinite(hw) and hw >= 0.9 * now
+    with Measure(every=0.005) as m:
+        pass
+    assert m.peak_mb_or_none is not None and m.rise_mb >= 0
+
+
+def test_no_memory_reading_gives_nan_and_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_measure, "_proc_rss_mb", lambda: None)
+    monkeypatch.setattr(_measure, "_rusage_peak_mb", lambda: None)
+    with Measure() as m:
+        time.sleep(0.01)
+    assert math.isnan(m.peak_mb) and m.peak_mb_or_none is None and m._thread is None
+    assert m.seconds >= 0.01
+
+
+def test_bad_interval_is_refused() -> None:
+    with pytest.raises(ConfigError, match="interval"):
+        Measure(every=0)
