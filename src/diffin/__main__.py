@@ -1,3 +1,5 @@
+"""``python -m diffin``: the command line (:func:`diffin.cli.main`)."""
+
 import sys
 
 from .cli import main

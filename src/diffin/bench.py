@@ -10,14 +10,13 @@ loss and per validation example.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from ._io import write_json
 from ._measure import Measure
 from ._version import __version__
 from .builtin import get_setup, train
-from .builtin.setups import SETUPS
+from .config import CONVENTIONS, config_field
 from .groundtruth import lds_ground_truth, lds_subsets, replay_removal
 
 BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum", "mnist5k-cnn")
@@ -40,23 +39,20 @@ DEFAULT_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-
 UNITLESS = {"grad-cos"}  # not in loss units: no MAE
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class BenchConfig:
     """What ``diffin bench`` measures."""
 
-    methods: str = _f(",".join(DEFAULT_METHODS), "comma-separated methods to compare")
-    n_removed: int | None = _f(None, "samples whose removal is replayed (default: the setup's)")
-    lds_subsets: int = _f(50, "LDS: random training subsets retrained by replay (0 = no LDS)")
-    lds_fraction: float = _f(0.5, "LDS: fraction of the training set each subset keeps")
-    lds_examples: int = _f(
+    methods: str = config_field(",".join(DEFAULT_METHODS), "comma-separated methods to compare")
+    n_removed: int | None = config_field(None, "samples whose removal is replayed (default: the setup's)")
+    lds_subsets: int = config_field(50, "LDS: random training subsets retrained by replay (0 = no LDS)")
+    lds_fraction: float = config_field(0.5, "LDS: fraction of the training set each subset keeps")
+    lds_examples: int = config_field(
         0, "LDS per validation example: number of examples (0 = off; costs one solve/sweep per example)"
     )
-    convention: str = _f("keep", "removal convention of ground truth and estimators")
-    seed: int = _f(0, "seed of the removed samples and LDS subsets")
+    convention: str = config_field("keep", "removal convention of ground truth and estimators",
+                                    choices=CONVENTIONS)
+    seed: int = config_field(0, "seed of the removed samples and LDS subsets")
 
     def __post_init__(self) -> None:
         if self.n_removed is not None and self.n_removed < 2:
@@ -318,6 +314,10 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
               progress: bool = False, peers: bool = False, quiet: bool = False,
               peer_methods: list[str] | None = None,
               peer_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Benchmark each of ``setups`` (names of :data:`diffin.builtin.setups.SETUPS`) with ``cfg``;
+    print a table per setup and, with ``out_json``, write the results there after each setup.
+    Runs are recorded into ``workdir`` (default: a new temp folder). ``quiet``: only the tables.
+    Returns the JSON-ready document (one setup's result, or ``{"machine", "setups", "seconds"}``)."""
     from .report import text_table
 
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -343,48 +343,6 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
         write_json(out_json, doc)
         print(f"\nwrote {out_json}")
     return doc
-
-
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_config_args
-
-    s = sub.add_parser("bench", help="compare every estimator with replayed removal on named setups")
-    s.add_argument("--setup", required=True, choices=[*BENCH_SETUPS, *sorted(set(SETUPS) - set(BENCH_SETUPS)),
-                                                       "all"],
-                   help="named setup, or 'all' for the five benchmark setups")
-    s.add_argument("--json", default=None, help="write the results as JSON here")
-    s.add_argument("--workdir", default=None, help="where to keep the recorded runs (default: a temp dir)")
-    s.add_argument("--peers", action="store_true", help="add the peer libraries' rows (diffin[peers])")
-    s.add_argument("--peer-methods", default=None,
-                   help="with --peers: comma-separated peers (default: every adapter of diffin.peers)")
-    s.add_argument("--peer-options", default=None, metavar="JSON",
-                   help='with --peers: {"peer": {"option": value}} merged over the setup\'s defaults '
-                        '(diffin.bench.PEER_OPTIONS); "skip": "reason" leaves a peer out, '
-                        '"lds_per_example": true/false forces its per-example LDS on or off')
-    s.add_argument("--quiet", action="store_true", help="only the tables")
-    add_config_args(s, BenchConfig)
-    s.set_defaults(func=_cmd_bench)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
-
-    cfg = config_from_args(BenchConfig, args)
-    setups = list(BENCH_SETUPS) if args.setup == "all" else [args.setup]
-    peer_opts = None
-    if args.peer_options:
-        try:
-            peer_opts = json.loads(args.peer_options)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--peer-options is not valid JSON ({e})") from None
-        if not isinstance(peer_opts, dict):
-            raise ConfigError('--peer-options must be a JSON object {"peer": {"option": value}}')
-    peer_methods = None
-    if args.peer_methods:
-        peer_methods = [m.strip() for m in args.peer_methods.split(",") if m.strip()]
-    run_bench(setups, cfg, args.json, args.workdir, peers=args.peers, quiet=args.quiet,
-              peer_methods=peer_methods, peer_options=peer_opts)
-    return 0
 
 
 def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,150 @@
+"""``diffin methods``, ``train``, ``score`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _constants as C
+from .._errors import ConfigError
+from .._io import write_text
+from ..config import ScoreConfig
+from . import _user
+from ._args import add_config_args, config_from_args
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ..estimators import available_methods
+
+    for name, summary in available_methods().items():
+        print(f"{name:22s} {summary}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..builtin import evaluate, get_setup, train
+    from ..builtin.setups import write_setup_meta
+    from ..builtin.trainer import TrainConfig
+
+    setup = get_setup(args.setup)
+    if args.noise is not None:
+        setup = setup.with_changes(noise=args.noise)
+    setup = setup.with_changes(train=config_from_args(TrainConfig, args, base=setup.train))
+    data = setup.data()
+    model = setup.model(data)
+    res = train(model, data.x_train, data.y_train, setup.train, args.out, overwrite=args.overwrite,
+                progress=not args.quiet)
+    write_setup_meta(args.out, setup)
+    print(f"trained {setup.name}: {res.steps} steps in {res.seconds:.2f}s, run saved to {args.out}")
+    if len(data.y_test):
+        ev = evaluate(model, data.x_test, data.y_test)
+        print(f"test accuracy {ev['accuracy']:.4f}, test loss {ev['loss']:.4f}")
+    return 0
+
+
+def _score_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndarray]:
+    """Model, loss, training pair, validation pair (or None) and the training labels of the run:
+    the user's (``--model``, ``--data``) or those of the built-in setup the run was made from."""
+    from ..builtin import get_setup
+    from ..builtin.setups import read_setup_meta
+
+    if args.model or args.data:
+        if not (args.model and args.data):
+            raise ConfigError("--model and --data go together: --model module:function --data file.npz "
+                              "(with x_train, y_train and optionally x_val, y_val)")
+        model = _user.model_factory(args.model)()
+        d = _user.load_npz(args.data)
+        dtype = next(model.parameters()).dtype
+        train = _user.split(d, "train", dtype, args.loss)  # present: load_npz checked x_train, y_train
+        return model, _user.LOSSES[args.loss], train, _user.split(d, "val", dtype, args.loss), d["y_train"].numpy()
+    setup = read_setup_meta(args.run)
+    if setup is None:
+        if not args.setup:
+            raise ConfigError(
+                f"{args.run} was not made by `diffin train`; give --setup NAME for a built-in setup, or "
+                "--model module:function --data file.npz for your own model"
+            )
+        setup = get_setup(args.setup)
+    data = setup.data()
+    return (setup.model(data), setup.loss_fn, (data.x_train, data.y_train), (data.x_val, data.y_val),
+            data.y_train.numpy())
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .._api import score
+
+    run_dir = Path(args.run)
+    cfg = config_from_args(ScoreConfig, args)
+    model, loss_fn, train, val, labels = _score_inputs(args)
+    if args.target == "self":
+        target: Any = "self"
+    elif val is None:
+        raise ConfigError("--data has no validation arrays (x_val, y_val); add them or use --target self")
+    else:
+        target = val
+    out = Path(args.out) if args.out else run_dir / f"scores-{cfg.method}"
+    t0 = time.perf_counter()
+    res = score(run_dir, model, loss_fn, train=train, target=target, config=cfg,
+                progress=not args.quiet, out=out, overwrite=args.overwrite)
+    if res.scores.ndim == 1:
+        lines = [f"id,label,{C.SCORE_COLUMN}"]
+        lines += [f"{i},{int(lab) if np.ndim(lab) == 0 else ''},{s:.9g}"
+                  for i, (lab, s) in enumerate(zip(labels, res.scores))]
+        write_text(out / "scores.csv", "\n".join(lines) + "\n")
+    order = np.argsort(res.scores if res.scores.ndim == 1 else res.scores.mean(1))
+    print(f"{res.method} (ran as {res.variant}) scored {len(order)} samples in "
+          f"{time.perf_counter() - t0:.2f}s -> {out}")
+    print(f"most harmful ids: {order[:10].tolist()}")
+    print(f"most helpful ids: {order[::-1][:10].tolist()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.out, quiet=args.quiet, overwrite=args.overwrite)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
+    """``methods``, ``train``, ``score`` and ``demo``; ``common``: parents with the shared flags."""
+    from ..builtin.setups import SETUPS
+    from ..builtin.trainer import TrainConfig
+
+    s = sub.add_parser("methods", help="list the estimators", parents=common[:1])
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("train", help="train a built-in setup and record the run", parents=common)
+    s.add_argument("--setup", required=True, choices=sorted(SETUPS), help="built-in setup to train")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--noise", type=float, default=None, metavar="FRACTION",
+                   help="fraction of training labels to flip (default: the setup's)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    add_config_args(s, TrainConfig, title="training recipe (default: the setup's)", show_defaults=False)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("score", help="score every training sample of a recorded run", parents=common)
+    s.add_argument("run", help="run folder (from `diffin train` or diffin.Recorder)")
+    s.add_argument("--setup", choices=sorted(SETUPS), default=None,
+                   help="built-in setup of the run (read from the run when made by `diffin train`)")
+    s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
+    s.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="your data: .npz with x_train, y_train, x_val, y_val (ids = row numbers)")
+    s.add_argument("--loss", default="cross_entropy", choices=sorted(_user.LOSSES),
+                   help="per-sample loss of your model, with --model (default: cross_entropy; integer "
+                        "labels of any width are read as class indices)")
+    s.add_argument("--target", default="val", choices=("val", "self"),
+                   help="'val' (default): mean loss on the validation set; 'self': each sample's own loss")
+    s.add_argument("--out", default=None, help="output folder (default: RUN/scores-METHOD)")
+    s.add_argument("--overwrite", action="store_true", help="replace scores made with another config")
+    add_config_args(s, ScoreConfig)
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("demo", help="train on MNIST-5k with 10%% flipped labels, score, report", parents=common)
+    s.add_argument("--out", default="diffin-demo", help="output folder (default: ./diffin-demo)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    s.set_defaults(func=cmd_demo)
