@@ -3,19 +3,27 @@
 Diff-In (Tan et al., 2025): a sample's influence as the cumulative sum of its step-to-step
 changes, each a Hessian–vector product from finite differences of gradients.
 
+    loader = DataLoader(diffin.with_ids(dataset), batch_size=64, shuffle=True)  # (ids, x, y)
     rec = diffin.Recorder("runs/x", model, optimizer=opt, checkpoint_every=50)
-    ... rec.step(ids, lr=...) after every optimizer step ...; rec.close()
-    scores = diffin.influence("runs/x", model, loss_fn, train=(X, Y), target=(Xv, Yv))
+    ... for ids, x, y in loader: ... rec.step(ids, lr=...) after every optimizer step ...; rec.close()
+    scores = diffin.influence("runs/x", model, loss_fn, train=dataset, target=(Xv, Yv))
 """
 
 from ._api import ScoreResult, influence, score
+from ._data import with_ids
 from ._errors import (
     ConfigError,
     DataMismatchError,
+    DatasetIdError,
     DiffinError,
+    LossShapeError,
+    ModelCallError,
+    NonFiniteDataError,
+    OutputExistsError,
     RecordingError,
     UnknownMethodError,
     UnsupportedMethodError,
+    UntrainedRowsWarning,
 )
 from ._version import __version__
 from .config import ScoreConfig
@@ -31,8 +39,13 @@ def methods() -> dict[str, str]:
 __all__ = [
     "ConfigError",
     "DataMismatchError",
+    "DatasetIdError",
     "DiffinError",
     "Estimator",
+    "LossShapeError",
+    "ModelCallError",
+    "NonFiniteDataError",
+    "OutputExistsError",
     "Recorder",
     "RecordingError",
     "Run",
@@ -40,9 +53,11 @@ __all__ = [
     "ScoreResult",
     "UnknownMethodError",
     "UnsupportedMethodError",
+    "UntrainedRowsWarning",
     "__version__",
     "influence",
     "load_run",
     "methods",
     "score",
+    "with_ids",
 ]

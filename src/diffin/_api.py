@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import time
+import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +19,15 @@ import torch
 from torch import nn
 
 from . import _constants as C
-from ._data import DataSource
-from ._errors import ConfigError, DataMismatchError, OutputExistsError
+from ._data import DataSource, fingerprint, probe_model_and_loss
+from ._errors import ConfigError, DataMismatchError, OutputExistsError, UntrainedRowsWarning
 from ._functional import FlatModel, LossFn
 from ._io import write_json, write_npy
 from ._version import __version__
 from .config import ScoreConfig, config_from_kwargs
 from .estimators import ScoringContext, get_estimator
 from .recording.run import Run, load_run
-from .targets import make_target
+from .targets import SelfLoss, Target, make_target
 
 log = logging.getLogger("diffin")
 
@@ -37,6 +39,9 @@ class ScoreResult:
     ``scores``: (N,) or (N, Q) numpy array in the model's dtype: the predicted change of the
     target (loss units) if each training sample had been removed; positive = helpful.
     ``variant``: the estimator actually run (``diffin`` resolves to a concrete variant).
+    ``key``: what made the scores besides ``config``: ``run`` (:attr:`Run.fingerprint`),
+    ``train`` and ``target`` (content hashes of the data, ``diffin._data.fingerprint``; data
+    it cannot hash gets a random token, so a rerun into the same folder needs ``overwrite``).
     """
 
     scores: np.ndarray
@@ -48,6 +53,7 @@ class ScoreResult:
     seconds: float
     diagnostics: dict[str, Any] = field(default_factory=dict)
     group_scores: np.ndarray | None = None
+    key: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,25 +70,70 @@ class ScoreResult:
             "seconds": self.seconds,
             "diagnostics": self.diagnostics,
             "config": self.config.to_json(),
+            "key": self.key,
         }
 
     def save(self, out: str | os.PathLike[str], overwrite: bool = False) -> Path:
-        """Write ``scores.npy`` and ``scores.json`` (with the config) into ``out``.
+        """Write ``scores.npy`` and ``scores.json`` (with the config and the key) into ``out``.
 
-        A folder holding scores made with a different config is refused unless ``overwrite``.
+        A folder holding scores made from another run (:attr:`Run.fingerprint`), other training
+        or target data, or another config is refused (:class:`OutputExistsError`, nothing
+        written) unless ``overwrite``; the same ones are simply written again.
         """
         out = Path(out)
-        meta_path = out / C.SCORES_JSON
-        if meta_path.exists() and not overwrite:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-            if old.get("config") != self.config.to_json() or old.get("run") != self.run:
-                raise OutputExistsError(
-                    f"{out} holds scores made with another config or run; pass overwrite=True "
-                    "(--overwrite) or choose another folder"
-                )
+        if not overwrite:
+            refuse_other_scores(out, self.config, self.key, self.run)
         write_npy(out / C.SCORES_NPY, self.scores)
-        write_json(meta_path, self.to_json())
+        write_json(out / C.SCORES_JSON, self.to_json())
         return out
+
+
+def result_key(run: Run, train: Any, target: Any) -> dict[str, str]:
+    """The identity of what a score is computed from, besides its config: the run's content
+    hash and the content hashes of the training and target data (see :func:`diffin._data.fingerprint`;
+    a ``Target`` object hashes as its class)."""
+    tgt = f"target-object:{type(target).__qualname__}" if isinstance(target, Target) else target
+    return {"run": run.fingerprint, "train": _fingerprint_or_token(train), "target": _fingerprint_or_token(tgt)}
+
+
+def _fingerprint_or_token(data: Any) -> str:
+    """The data's fingerprint; data it cannot hash gets a fresh random token, so a saved result
+    made from it is never mistaken for another (a rerun into the same folder needs overwrite)."""
+    try:
+        return fingerprint(data)
+    except DataMismatchError:
+        return f"unhashable-{uuid.uuid4().hex}"
+
+
+def refuse_other_scores(out: Path, config: ScoreConfig, key: dict[str, str], run_path: str) -> None:
+    """Raise :class:`OutputExistsError` if ``out`` holds scores made from anything else than
+    ``config`` and ``key`` (a result without a key, built by hand, compares its run path)."""
+    meta_path = out / C.SCORES_JSON
+    if not meta_path.exists():
+        return
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = {}
+    if not isinstance(old, dict):
+        old = {}
+    differs = []
+    old_cfg, new_cfg = old.get("config") or {}, config.to_json()
+    if old_cfg != new_cfg:
+        fields = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+        differs.append("config (" + ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}"
+                                              for k in fields[:4]) + ")")
+    old_key = old.get("key") or {}
+    if key:
+        names = {"run": "run (another recording)", "train": "training data", "target": "target data"}
+        differs += [names.get(k, k) for k in key if old_key.get(k) != key[k]]
+    elif old.get("run") != run_path:
+        differs.append("run")
+    if differs:
+        raise OutputExistsError(
+            f"{out} holds scores made with a different {', '.join(differs)}; pass overwrite=True "
+            "(on the command line: --overwrite) to replace them, or choose another output folder"
+        )
 
 
 def score(
@@ -101,6 +152,10 @@ def score(
     **options: Any,
 ) -> ScoreResult:
     """Score every training sample of a recorded run; see :func:`influence` for the arguments.
+
+    ``out``: save the result there (:meth:`ScoreResult.save`). A folder holding scores made from
+    another run, other data or another config is refused before anything is computed, unless
+    ``overwrite``.
 
     ``groups`` (lists of ids): the sweep variants also predict the effect of removing each whole
     group at once (``ScoreResult.group_scores``; under the ``keep`` convention it is the sum of
@@ -124,6 +179,12 @@ def score(
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
     est_cls.check(run_obj, tgt.kind)
+    key = result_key(run_obj, train, target)
+    if out is not None and not overwrite:
+        refuse_other_scores(Path(out), cfg, key, str(run_obj.path))
+    with _eval_mode(model):
+        check_inputs(train_src, tgt, fm, cfg.batch_size)
+    warn_untrained_rows(run_obj, len(train_src))
     group_arrays = None
     if groups is not None:
         group_arrays = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
@@ -141,7 +202,11 @@ def score(
     np_dtype = torch.empty(0, dtype=fm.dtype).numpy().dtype
     scores = output.scores.detach().to("cpu").numpy().astype(np_dtype, copy=False)
     if not np.all(np.isfinite(scores)):
-        log.warning("%s produced non-finite scores; check the run and the fd_eps setting", cfg.method)
+        log.warning(
+            "%s produced non-finite scores although the data is finite: the loss may overflow at some "
+            "recorded parameters (check the loss of the training data at the checkpoints), or, with "
+            "finite-difference HVPs, fd_eps may be too large (try hvp='exact')", output.variant,
+        )
     if output.variant != cfg.method:
         log.info("method %s ran as %s", cfg.method, output.variant)
     result = ScoreResult(
@@ -155,6 +220,7 @@ def score(
         diagnostics=output.diagnostics,
         group_scores=None if output.group_scores is None
         else output.group_scores.detach().cpu().numpy().astype(np_dtype, copy=False),
+        key=key,
     )
     if out is not None:
         result.save(out, overwrite=overwrite)
@@ -168,8 +234,8 @@ def influence(
     *,
     train: Any,
     target: Any,
-    method: str = "diffin",
-    pairwise: bool = False,
+    method: str | None = None,
+    pairwise: bool | None = None,
     progress: bool = True,
     config: ScoreConfig | None = None,
     **options: Any,
@@ -183,24 +249,72 @@ def influence(
         loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (reduction "none"),
             the same loss the training loop averaged over each batch.
         train: the training set, indexed by the ids recorded at every step: an
-            ``(inputs, targets)`` pair of tensors/arrays, or a ``Dataset`` of (input, target).
+            ``(inputs, targets)`` pair of tensors/arrays, a map-style ``Dataset`` of
+            ``(input, target)``, or one of ``(id, input, target)`` such as
+            ``diffin.with_ids(dataset)`` (the one the training loop read; item i must carry id i).
         target: ``(inputs, targets)`` / Dataset → the mean loss over them; ``"self"`` → each
             sample's own loss.
-        method: an estimator name (``diffin.methods()``); ``"diffin"`` picks the best variant.
-        pairwise: with target examples, one column per example (N × Q).
+        method: an estimator name (``diffin.methods()``); ``"diffin"`` (the default) picks the
+            best variant.
+        pairwise: with target examples, one column per example (N × Q). Default False.
         progress: show a progress bar.
         config / options: :class:`diffin.ScoreConfig` or its fields as keywords
-            (``hvp="exact"``, ``convention="renormalize"``, ...).
+            (``hvp="exact"``, ``convention="renormalize"``, ...). A keyword given explicitly
+            (``method``, ``pairwise`` included) overrides the config's field; one not given
+            leaves it as the config has it.
+
+    Before scoring, the data is checked: NaN or Inf in the training or target data raises
+    :class:`diffin.NonFiniteDataError` naming the ids; the model and loss are called on two rows
+    and any failure raises :class:`diffin.ModelCallError` saying what was called on which shapes
+    (integer labels the loss refuses, e.g. int32 for cross-entropy, are cast to int64); training
+    rows that were never in a recorded batch give a :class:`diffin.UntrainedRowsWarning`.
 
     Returns:
         ``(N,)`` (or ``(N, Q)`` with ``pairwise=True``) array in the model's dtype:
         ``score[i]`` ≈ f(θ_T without sample i) − f(θ_T), in the target's loss units.
         Positive: the sample helped (removing it raises the loss). Negative: it hurt.
     """
+    if pairwise is not None:
+        options["pairwise"] = pairwise
     return score(
-        run, model, loss_fn, train=train, target=target, method=method, pairwise=pairwise,
-        progress=progress, config=config, **options,
+        run, model, loss_fn, train=train, target=target, method=method, progress=progress,
+        config=config, **options,
     ).scores
+
+
+def check_inputs(train: DataSource, target: Target, fm: FlatModel, chunk: int) -> None:
+    """The checks run before scoring: the model and loss callable on a few rows of the training
+    and target data (:func:`diffin._data.probe_model_and_loss`), and every value finite
+    (streamed in chunks of ``chunk`` rows). Call with the model in eval mode."""
+    sources = [train]
+    tsrc = getattr(target, "source", None)
+    if isinstance(tsrc, DataSource) and not isinstance(target, SelfLoss) and tsrc is not train:
+        sources.append(tsrc)
+    for src in sources:
+        probe_model_and_loss(src, fm)
+    for src in sources:
+        src.check_finite(chunk)
+
+
+def warn_untrained_rows(run: Run, n_train: int) -> int:
+    """Warn (:class:`UntrainedRowsWarning`) if some of the ``n_train`` training rows were never in
+    a recorded batch; returns how many. Runs without batch ids are not checked (returns 0)."""
+    if not run.has_batch_ids:
+        return 0
+    seen = np.zeros(n_train, dtype=bool)
+    for t in range(run.n_steps):
+        seen[run.batch(t)] = True
+    missing = int(n_train - seen.sum())
+    if missing:
+        first = np.flatnonzero(~seen)[:10].tolist()
+        warnings.warn(
+            f"{missing} of the {n_train} training rows (first ids: {first}) were never in any recorded "
+            "batch: the sweep methods (diffin-exact, diffin-frozen, tracin-every-step) give them score 0, "
+            "and methods without the batches score them as if trained on. Pass only the training set "
+            "the run used, indexed by its recorded ids, unless leaving them out was intended",
+            UntrainedRowsWarning, stacklevel=3,
+        )
+    return missing
 
 
 @contextlib.contextmanager

@@ -1,17 +1,77 @@
-"""Uniform access by id to training / target data given as tensors, arrays or a Dataset."""
+"""Uniform access by id to training / target data given as tensors, arrays or a Dataset, and the
+checks diffin runs on that data before scoring (finite values, the model and loss callable on it)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import operator
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from ._errors import DataMismatchError, InvalidIdsError
+from ._errors import DataMismatchError, DatasetIdError, InvalidIdsError, ModelCallError, NonFiniteDataError
+
+if TYPE_CHECKING:
+    from ._functional import FlatModel
+
+log = logging.getLogger("diffin")
+
+MAX_NAMED_IDS = 10  # ids named in an error message
+
+
+class WithIds(Dataset):
+    """A map-style Dataset whose item ``i`` is ``(i, input, target)``; see :func:`with_ids`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not isinstance(dataset, Dataset) or isinstance(dataset, (tuple, list)):
+            raise DataMismatchError(
+                f"with_ids needs a map-style torch.utils.data.Dataset, got {type(dataset).__name__}; "
+                "for tensors X, Y use diffin.with_ids(TensorDataset(X, Y))"
+            )
+        try:
+            self._n = len(dataset)  # type: ignore[arg-type]
+        except TypeError as e:
+            raise DataMismatchError("with_ids needs a Dataset that defines __len__ (a map-style Dataset)") from e
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> tuple[int, Any, Any]:
+        i = operator.index(index)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"index {index} out of range for a dataset of {self._n} items")
+        item = self.dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataMismatchError(
+                f"with_ids: item {i} of the wrapped dataset is a {type(item).__name__}"
+                f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
+                "items must be (input, target) pairs"
+            )
+        return i, item[0], item[1]
+
+
+def with_ids(dataset: Dataset) -> WithIds:
+    """Wrap a map-style Dataset of ``(input, target)`` items so that item ``i`` is ``(i, input, target)``.
+
+    A ``DataLoader`` over it (``shuffle=True`` or any sampler) yields ``(ids, x, y)`` batches,
+    ``ids`` an int64 tensor of shape (B,) holding each sample's index in ``dataset``: exactly
+    what ``Recorder.step(ids)`` records. Pass the same wrapped dataset (or the plain one) as
+    ``train=`` when scoring; score ``i`` belongs to ``dataset[i]``::
+
+        loader = DataLoader(diffin.with_ids(TensorDataset(X, Y)), batch_size=64, shuffle=True)
+        for ids, x, y in loader:
+            ...
+            rec.step(ids)
+    """
+    return WithIds(dataset)
 
 
 class DataSource:
@@ -19,17 +79,25 @@ class DataSource:
 
     Args:
         data: ``(inputs, targets)`` tensors or numpy arrays with a common first dimension, or a
-            ``torch.utils.data.Dataset`` whose items are ``(input, target)``.
+            map-style ``torch.utils.data.Dataset`` whose item ``i`` is ``(input, target)`` or
+            ``(i, input, target)`` (e.g. :func:`with_ids`; an item whose id is not its index
+            raises :class:`DatasetIdError`).
         dtype: floating inputs are cast to it (the model's dtype); integer inputs are left alone.
         device: where batches are placed.
         name: used in error messages ("train", "target").
+
+    ``target_dtype`` (set by :func:`probe_model_and_loss` when the loss needs it, e.g. int32
+    class labels for cross-entropy) casts the targets of every batch.
     """
 
     def __init__(self, data: Any, dtype: torch.dtype, device: torch.device, name: str = "train"):
         self.name = name
         self.dtype = dtype
         self.device = device
+        self.target_dtype: torch.dtype | None = None
         self._ds: Dataset | None = None
+        if isinstance(data, WithIds):
+            data = data.dataset  # ids are positions by construction: read the (input, target) items
         if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
             self._ds = data
             try:
@@ -60,14 +128,19 @@ class DataSource:
         idx = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         if self._ds is not None:
             batch = default_collate([self._ds[int(i)] for i in idx])
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            if isinstance(batch, (tuple, list)) and len(batch) == 3:
+                self._check_item_ids(batch[0], idx)
+                x, y = batch[1], batch[2]
+            elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+                x, y = batch
+            else:
                 raise DataMismatchError(
-                    f"{self.name} Dataset items must be (input, target) pairs"
+                    f"{self.name} Dataset items must be (input, target) pairs or (id, input, target) "
+                    "triples (diffin.with_ids(dataset) makes the latter)"
                 )
-            x, y = batch
         else:
             x, y = self.x[idx], self.y[idx]  # type: ignore[index]
-        return self._place(x), y.to(self.device)
+        return self._place(x), self._place_targets(y)
 
     def all(self) -> tuple[Tensor, Tensor]:
         return self.get(np.arange(self._n))
@@ -78,15 +151,133 @@ class DataSource:
             stop = min(start + size, self._n)
             ids = np.arange(start, stop)
             if self._ds is None and self.x is not None and self.y is not None:
-                yield ids, self._place(self.x[start:stop]), self.y[start:stop].to(self.device)
+                yield ids, self._place(self.x[start:stop]), self._place_targets(self.y[start:stop])
             else:
                 x, y = self.get(ids)
                 yield ids, x, y
+
+    def check_finite(self, chunk: int) -> None:
+        """Raise :class:`NonFiniteDataError` if any floating input or target is NaN or ±Inf.
+
+        Streams over the data in chunks of ``chunk`` rows (memory independent of N); values are
+        checked as the model will see them (cast to its dtype, so an overflow to Inf counts).
+        The message names up to ``MAX_NAMED_IDS`` offending ids.
+        """
+        counts = {"inputs": 0, "targets": 0}
+        named: list[int] = []
+        for ids, x, y in self.chunks(chunk):
+            bad_x, bad_y = _nonfinite_rows(x, len(ids)), _nonfinite_rows(y, len(ids))
+            counts["inputs"] += int(bad_x.sum())
+            counts["targets"] += int(bad_y.sum())
+            bad = (bad_x | bad_y).cpu().numpy()
+            if bad.any() and len(named) < MAX_NAMED_IDS:
+                named += ids[bad][: MAX_NAMED_IDS - len(named)].tolist()
+        if not named:
+            return
+        where = " and ".join(f"{k} of {v} rows" for k, v in counts.items() if v)
+        what = "training" if self.name == "train" else self.name
+        fix = ("fix or replace those values (e.g. torch.nan_to_num), keeping every row at the id it had "
+               "during training" if self.name == "train" else "drop or fix those rows")
+        raise NonFiniteDataError(
+            f"the {what} data holds NaN or Inf (as {self.dtype} where floating) in the {where}; "
+            f"first ids: {named}. Every score would be NaN: {fix}, then score again."
+        )
+
+    def _check_item_ids(self, got: Any, idx: Tensor) -> None:
+        if not isinstance(got, Tensor) or got.dtype.is_floating_point or got.is_complex() or got.ndim != 1:
+            raise DataMismatchError(
+                f"{self.name} Dataset items have three parts but the first is not an integer id; items "
+                "must be (input, target) pairs or (id, input, target) triples"
+            )
+        got = got.to(device="cpu", dtype=torch.long)
+        wrong = (got != idx).nonzero().reshape(-1)
+        if wrong.numel():
+            k = int(wrong[0])
+            raise DatasetIdError(
+                f"{self.name} Dataset item {int(idx[k])} carries id {int(got[k])}: an (id, input, target) "
+                "Dataset must give item i the id i, the row number the run recorded. Wrap the plain "
+                "(input, target) Dataset with diffin.with_ids(dataset) instead"
+            )
 
     def _place(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
             return x.to(device=self.device, dtype=self.dtype)
         return x.to(self.device)
+
+    def _place_targets(self, y: Tensor) -> Tensor:
+        if self.target_dtype is not None:
+            return y.to(device=self.device, dtype=self.target_dtype)
+        return y.to(self.device)
+
+
+def _nonfinite_rows(a: Any, b: int) -> Tensor:
+    """(b,) bool: rows of a batch (tensor, or tuple / list / dict of tensors) holding NaN or Inf."""
+    if isinstance(a, Tensor):
+        if not (a.is_floating_point() or a.is_complex()) or a.ndim == 0 or a.shape[0] != b:
+            return torch.zeros(b, dtype=torch.bool)
+        return ~torch.isfinite(a).reshape(b, -1).all(dim=1).cpu()
+    parts = a.values() if isinstance(a, dict) else a if isinstance(a, (tuple, list)) else ()
+    out = torch.zeros(b, dtype=torch.bool)
+    for p in parts:
+        out |= _nonfinite_rows(p, b)
+    return out
+
+
+def _describe(a: Any) -> str:
+    if isinstance(a, Tensor):
+        return f"shape {tuple(a.shape)} (dtype {str(a.dtype).removeprefix('torch.')})"
+    if isinstance(a, (tuple, list)):
+        return f"a {type(a).__name__} of [{', '.join(_describe(p) for p in a)}]"
+    return f"type {type(a).__name__}"
+
+
+def probe_model_and_loss(src: DataSource, fm: FlatModel) -> None:
+    """Call the model and the loss on the first (up to) 2 rows of ``src``, before any scoring.
+
+    Any exception is re-raised as :class:`ModelCallError` saying what diffin was calling, on
+    which shapes and dtypes (the original chained). Integer class labels of another integer
+    dtype that the loss refuses (e.g. int32 for cross-entropy) are cast to int64 for every batch
+    from then on. A loss that does not return one value per sample raises ``LossShapeError``.
+    The model runs with its own parameter values here (only shapes and dtypes matter) and under
+    ``torch.no_grad``; call it with the model in the mode scoring uses (eval).
+    """
+    ids = np.arange(min(2, len(src)))
+    x, y = src.get(ids)
+    who = "training" if src.name == "train" else src.name
+    with torch.no_grad():
+        try:
+            out = fm.model(x)
+        except Exception as e:
+            raise ModelCallError(
+                f"calling model(x) on {len(ids)} {who} inputs of {_describe(x)} failed: "
+                f"{type(e).__name__}: {e}. Pass data shaped as in training, and a model built like the "
+                f"trained one (its parameters are {str(fm.dtype).removeprefix('torch.')})"
+            ) from e
+        try:
+            fm.loss_fn(out, y)
+        except Exception as e:
+            if not _integer_labels_fixable(fm, out, y):
+                raise ModelCallError(
+                    f"calling loss_fn(outputs, targets) on model outputs of {_describe(out)} and {len(ids)} "
+                    f"{who} targets of {_describe(y)} failed: {type(e).__name__}: {e}. loss_fn must take "
+                    "(model outputs, targets) and return one loss per sample (reduction='none')"
+                ) from e
+            src.target_dtype = torch.int64
+            log.info("%s targets of dtype %s cast to int64 for the loss", src.name, y.dtype)
+            y = y.to(torch.int64)
+    fm.losses(fm.theta_from_model(), x, y)  # LossShapeError unless one loss per sample
+
+
+def _integer_labels_fixable(fm: FlatModel, out: Any, y: Any) -> bool:
+    """True if ``y`` is an integer tensor other than int64 that the loss accepts as int64."""
+    if not isinstance(y, Tensor) or y.dtype == torch.int64 or y.is_floating_point() or y.is_complex() \
+            or y.dtype == torch.bool:
+        return False
+    try:
+        fm.loss_fn(out, y.to(torch.int64))
+    except Exception:
+        return False
+    return True
 
 
 def _as_tensor(a: Any, what: str) -> Tensor:
@@ -103,13 +294,20 @@ def fingerprint(data: Any) -> str:
     ``(inputs, targets)`` tensors / arrays: every byte, with shapes and dtypes. A ``Dataset``:
     its length and the bytes of up to 64 items spread over it (hashing millions of items would
     cost a pass over the data; a changed dataset of the same length that differs only between
-    the sampled items is not detected). ``None`` hashes to a fixed value.
+    the sampled items is not detected); a :func:`with_ids` wrapper hashes as the dataset it
+    wraps. ``None`` hashes to a fixed value.
     """
     h = hashlib.sha256()
 
     def add(a: Any) -> None:
         if isinstance(a, Tensor):
-            a = a.detach().to("cpu").contiguous().numpy()
+            a = a.detach().to("cpu").contiguous()
+            try:
+                a = a.numpy()
+            except TypeError:  # a dtype numpy lacks (e.g. bfloat16): hash the raw bytes
+                h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+                h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+                return
         if isinstance(a, np.ndarray):
             a = np.ascontiguousarray(a)
             h.update(f"{a.dtype.str}{a.shape}".encode())
@@ -118,11 +316,18 @@ def fingerprint(data: Any) -> str:
             h.update(f"seq{len(a)}".encode())
             for item in a:
                 add(item)
+        elif isinstance(a, dict):
+            h.update(f"dict{len(a)}".encode())
+            for k in sorted(a, key=repr):
+                add(repr(k))
+                add(a[k])
         elif isinstance(a, (int, float, str, bool, np.generic)) or a is None:
             h.update(repr(a).encode())
         else:
             raise DataMismatchError(f"cannot fingerprint data of type {type(a).__name__}")
 
+    if isinstance(data, WithIds):
+        data = data.dataset
     if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
         n = len(data)  # type: ignore[arg-type]
         h.update(f"dataset{type(data).__name__}{n}".encode())
