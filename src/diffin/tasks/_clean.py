@@ -1,4 +1,4 @@
-"""Data cleaning (METHOD.md section 6): flag the training samples that hurt a trusted validation
+"""Data cleaning (docs/method.md §6): flag the training samples that hurt a trusted validation
 loss most (or, without a validation set, those with the largest self-influence), measure how well
 that finds known label noise, and retrain without them.
 
@@ -10,7 +10,8 @@ Harm, per method (higher = more suspicious):
   loss would rise if removed: memorised, mislabelled samples rise most);
 * ``loss``: the training loss at θ_T;
 * ``cleanlab``: ``1 − cleanlab.rank.get_label_quality_scores`` on out-of-fold predicted
-  probabilities (K-fold retraining with the same recipe); ``find_label_issues`` is reported too.
+  probabilities (K-fold retraining with the task's retraining recipe); ``find_label_issues`` is
+  reported too.
 
 Retraining replays the recorded batch order and learning rates with the flagged samples left out
 of every batch (each batch renormalised over what remains), from the same θ_0: the change in test
@@ -30,23 +31,25 @@ import numpy as np
 import torch
 
 from .._data import DataSource
-from .._errors import ConfigError
-from .._io import write_json, write_text
-from ..builtin.trainer import train as train_builtin
-from ..config import ScoreConfig
+from .._errors import ConfigError, MissingExtraError
+from .._io import write_json
+from .._optional import require
+from ..config import ScoreConfig, config_field
 from ..estimators.base import Estimator, ScoringContext
 from ..groundtruth import replay_many
-from ..metrics import detection_auc, recall_at
-from ..report import image_grid, markdown_table, score_histograms, text_table
+from ..report import Report, format_sizes, image_grid, score_histograms, text_table
 from ..targets import MeanLoss
 from ._common import (
+    Recipe,
     TaskInputs,
+    TaskState,
     cached_score,
-    config_field,
     evaluate_theta,
     fraction_count,
-    prepare_out,
+    losses_at,
+    prepare_task,
     theta_final,
+    write_csv,
 )
 
 RECALL_AT = (0.05, 0.1, 0.2)
@@ -79,28 +82,46 @@ class CleanConfig:
         return list(dict.fromkeys(names))
 
 
-def _harm(name: str, inp: TaskInputs, cfg: CleanConfig, out: Path | None, progress: bool,
-          notes: dict[str, Any]) -> np.ndarray:
+def _self_ranked(cfg: CleanConfig, inp: TaskInputs) -> bool:
+    return cfg.no_validation or inp.val is None
+
+
+def _what(name: str, self_ranked: bool) -> tuple[str, str]:
+    """(axis label of the value a method ranks by, short name for captions)."""
     if name == "loss":
-        fm, theta, _ = theta_final(inp)
-        with torch.no_grad():
-            x, y = inp.train
-            return torch.cat([fm.losses(theta, x[s : s + 2048], y[s : s + 2048])
-                              for s in range(0, inp.n_train, 2048)]).double().numpy()
+        return "training loss at θ_T (more harmful →)", "loss"
     if name == "cleanlab":
-        return _cleanlab_harm(inp, cfg, notes)
+        return "1 − cleanlab label quality (more harmful →)", "1−quality"
+    if self_ranked:
+        return "self-influence: own loss rise if removed (more harmful →)", "self-infl."
+    return "validation loss change if removed (← more harmful)", "Δval loss"
+
+
+def _shown(name: str, harm: np.ndarray, self_ranked: bool) -> np.ndarray:
+    """The natural value of a method from its harm: influence scores against a validation set
+    are −harm; every other harm is shown as is."""
+    return -harm if (name in Estimator.registry and not self_ranked) else harm
+
+
+def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe: Recipe | None,
+          progress: bool, notes: dict[str, Any]) -> np.ndarray:
+    if name == "loss":
+        fm, theta, _ = theta_final(inp, state.run)
+        return losses_at(fm, theta, inp.train)
+    if name == "cleanlab":
+        if recipe is None:
+            raise ConfigError("cleanlab's out-of-fold models need a retraining recipe; see the recipe error")
+        return _cleanlab_harm(inp, cfg, recipe, notes)
     if name not in Estimator.registry:
         raise ConfigError(f"unknown method {name!r} for cleaning")
-    if cfg.no_validation or inp.val is None:
-        return cached_score(inp, name, "self", out, progress).scores.astype(np.float64)
-    return -cached_score(inp, name, inp.val, out, progress).scores.astype(np.float64)
+    if _self_ranked(cfg, inp):
+        return cached_score(inp, state, name, "self", progress).astype(np.float64)
+    return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
 
 
-def out_of_fold_probs(inp: TaskInputs, folds: int, seed: int) -> np.ndarray:
-    """Predicted class probabilities of every training sample from a model trained on the other
-    folds with the run's recipe (``inp.train_config``): (N, C)."""
-    if inp.train_config is None:
-        raise ConfigError("out-of-fold probabilities need a training recipe (TaskInputs.train_config)")
+def out_of_fold_probs(inp: TaskInputs, recipe: Recipe, folds: int, seed: int) -> np.ndarray:
+    """Predicted class probabilities (N, C) of every training sample from a model trained with
+    ``recipe`` on the other folds."""
     x, y = inp.train
     N = inp.n_train
     order = np.random.default_rng(seed).permutation(N)
@@ -110,23 +131,22 @@ def out_of_fold_probs(inp: TaskInputs, folds: int, seed: int) -> np.ndarray:
         for k, held in enumerate(parts):
             keep = np.setdiff1d(order, held)
             model = inp.model_factory()
-            train_builtin(model, x, y, inp.train_config, Path(tmp) / f"fold{k}", keep=keep, overwrite=True)
+            recipe.train(model, x, y, Path(tmp) / f"fold{k}", keep, recipe.config.seed, inp.loss_fn)
             model.eval()
             with torch.no_grad():
-                p = model(x[torch.as_tensor(held)]).softmax(1).double().numpy()
+                xh = x[torch.as_tensor(held)]
+                p = model(xh.to(next(model.parameters()).dtype) if xh.is_floating_point() else xh)
+                p = p.softmax(1).double().numpy()
             if probs.shape[1] == 0:
                 probs = np.zeros((N, p.shape[1]))
             probs[held] = p
     return probs
 
 
-def _cleanlab_harm(inp: TaskInputs, cfg: CleanConfig, notes: dict[str, Any]) -> np.ndarray:
-    try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError as e:
-        raise ConfigError("cleanlab is not installed: pip install 'diffin[clean]'") from e
-    probs = out_of_fold_probs(inp, cfg.cleanlab_folds, cfg.seed)
+def _cleanlab_harm(inp: TaskInputs, cfg: CleanConfig, recipe: Recipe, notes: dict[str, Any]) -> np.ndarray:
+    find_label_issues = require("cleanlab.filter", "cleanlab", "the cleanlab baseline", "clean").find_label_issues
+    quality = require("cleanlab.rank", "cleanlab", "the cleanlab baseline", "clean").get_label_quality_scores
+    probs = out_of_fold_probs(inp, recipe, cfg.cleanlab_folds, cfg.seed)
     labels = inp.labels
     issues = find_label_issues(labels, probs)
     notes["cleanlab"] = {"find_label_issues_count": int(issues.sum()), "folds": cfg.cleanlab_folds,
@@ -134,11 +154,15 @@ def _cleanlab_harm(inp: TaskInputs, cfg: CleanConfig, notes: dict[str, Any]) -> 
     if inp.flipped is not None:
         notes["cleanlab"]["find_label_issues_precision"] = float(inp.flipped[issues].mean()) if issues.any() else None
         notes["cleanlab"]["find_label_issues_recall"] = float(issues[inp.flipped].mean())
-    return 1.0 - get_label_quality_scores(labels, probs)
+    return 1.0 - quality(labels, probs)
 
 
-def _retrain(inp: TaskInputs, flagged: np.ndarray, cfg: CleanConfig) -> dict[str, Any]:
-    fm, _, run = theta_final(inp)
+def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanConfig) -> dict[str, Any]:
+    evalset = inp.test if inp.test is not None else inp.val
+    if evalset is None:
+        raise ConfigError("retraining needs test (or validation) data to evaluate on")
+    which = "test" if inp.test is not None else "val"
+    fm, _, run = theta_final(inp, state.run)
     src = DataSource(inp.train, fm.dtype, fm.device)
     ctx = ScoringContext(run, fm, src, MeanLoss(src), ScoreConfig(), progress=False)
     rng = np.random.default_rng(cfg.seed + 17)
@@ -147,14 +171,9 @@ def _retrain(inp: TaskInputs, flagged: np.ndarray, cfg: CleanConfig) -> dict[str
         groups["oracle_removal"] = np.flatnonzero(inp.flipped)
     with torch.no_grad():
         full, thetas = replay_many(ctx, list(groups.values()), "renormalize")
-    evalset = inp.test if inp.test is not None else inp.val
-    if evalset is None:
-        raise ConfigError("retraining needs test (or validation) data to evaluate on")
-    which = "test" if inp.test is not None else "val"
 
     def ev(th: torch.Tensor) -> dict[str, float]:
-        r = evaluate_theta(fm, th, evalset)
-        return {f"{which}_{k}": v for k, v in r.items()}
+        return {f"{which}_{k}": v for k, v in evaluate_theta(fm, th, evalset).items()}
 
     out: dict[str, Any] = {"evaluated_on": which, "before": ev(full), "n_removed": int(len(flagged))}
     for (name, grp), th in zip(groups.items(), thetas):
@@ -167,23 +186,37 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
           overwrite: bool = False, progress: bool = True, **options: Any) -> dict[str, Any]:
     """Flag the most harmful training samples; report detection quality and the retrain effect.
 
-    Returns the content of ``clean.json`` (also written into ``out`` with ``clean.csv`` and
-    ``report.md``): ``flagged_ids``, ``detection`` (per method: ``auc``, ``recall_at``),
-    ``retrain`` (``before``/``after``: test accuracy and loss), and more.
+    Returns the content of ``clean.json`` (also written into ``out`` with ``clean.csv``,
+    ``report.md`` and ``report.html``): ``flagged_ids``, ``detection`` (per method: ``auc``,
+    ``recall_at``), ``retrain`` (``before``/``after``: test accuracy and loss), and more.
+    ``out`` holding results made from other inputs is refused unless ``overwrite``.
     """
+    from ..metrics import detection_auc, recall_at
+
     cfg = config if config is not None else CleanConfig(**options)
-    outp = prepare_out(Path(out) if out is not None else None, cfg, overwrite)
+    methods = cfg.method_list()
+    recipe, recipe_error = None, None
+    if "cleanlab" in methods:
+        try:
+            recipe = inp.recipe()
+        except ConfigError as e:
+            if cfg.method == "cleanlab":
+                raise
+            recipe_error = str(e)
+    state = prepare_task(inp, "clean", cfg, out, overwrite, progress, recipe)
     t0 = time.perf_counter()
     k = fraction_count(inp.n_train, None if cfg.count else cfg.fraction, cfg.count, "flag")
     notes: dict[str, Any] = {}
     harms: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
-    errors: dict[str, str] = {}
-    for name in cfg.method_list():
+    errors: dict[str, str] = {"cleanlab": recipe_error} if recipe_error else {}
+    for name in methods:
+        if name in errors:
+            continue
         t = time.perf_counter()
         try:
-            harms[name] = _harm(name, inp, cfg, outp, progress, notes)
-        except ConfigError as e:
+            harms[name] = _harm(name, inp, state, cfg, recipe, progress, notes)
+        except (ConfigError, MissingExtraError) as e:
             if name == cfg.method:
                 raise
             errors[name] = str(e)
@@ -191,17 +224,20 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
         timing[name] = time.perf_counter() - t
     primary = harms[cfg.method]
     flagged = np.sort(np.argsort(-primary, kind="stable")[:k])
+    self_ranked = _self_ranked(cfg, inp)
     result: dict[str, Any] = {
         "setup": inp.description,
         "sizes": inp.sizes or {"train": inp.n_train},
         "method": cfg.method,
-        "ranking": "self-influence" if (cfg.no_validation or inp.val is None) else "validation loss",
+        "ranking": "self-influence" if self_ranked else "validation loss",
         "n_flagged": int(k),
         "flagged_ids": flagged.tolist(),
         "seconds": timing,
         "errors": errors,
         **notes,
     }
+    if recipe is not None:
+        result["recipe"] = {"description": recipe.describe(), **recipe.to_json()}
     if inp.flipped is not None:
         result["n_flipped"] = int(inp.flipped.sum())
         result["flagged_precision"] = float(inp.flipped[flagged].mean())
@@ -211,71 +247,88 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
             for name, h in harms.items()
         }
     if cfg.retrain:
-        result["retrain"] = _retrain(inp, flagged, cfg)
+        result["retrain"] = _retrain(inp, state, flagged, cfg)
     result["total_seconds"] = time.perf_counter() - t0
     result["config"] = asdict(cfg)
-    if outp is not None:
-        _write(outp, inp, result, harms, flagged)
+    if state.out is not None:
+        _write(state.out, inp, result, harms, flagged, self_ranked)
     return result
+
+
+def _detection_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    rows = [[m, d["auc"], *d["recall_at"].values()] for m, d in result["detection"].items()]
+    return ["method", "ROC-AUC", *[f"recall @{float(f):.0%}" for f in RECALL_AT]], rows
+
+
+def _retrain_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    r = result["retrain"]
+    keys = list(r["before"])
+    rows = [[n.replace("_", " "), *[r[n][k] for k in keys]]
+            for n in ("before", "after", "random_removal", "oracle_removal") if n in r]
+    return ["run", *[k.replace("_", " ") for k in keys]], rows
 
 
 def summary_text(result: dict[str, Any]) -> str:
     """Terminal tables: detection per method and the retrain effect."""
-    parts = [f"flagged {result['n_flagged']} samples by {result['method']} ({result['ranking']})"]
+    parts = [f"flagged {result['n_flagged']:,} samples by {result['method']} ({result['ranking']})"]
     if "detection" in result:
-        rows = [[m, d["auc"], *d["recall_at"].values()] for m, d in result["detection"].items()]
-        header = ["method", "ROC-AUC", *[f"recall @{float(f):.0%}" for f in RECALL_AT]]
-        parts += [f"\nfinding the {result['n_flipped']} flipped labels:\n", text_table(header, rows)]
+        parts += [f"\nfinding the {result['n_flipped']:,} flipped labels:\n", text_table(*_detection_table(result))]
     if "retrain" in result:
-        r = result["retrain"]
-        keys = list(r["before"])
-        rows = [[n, *[r[n][k] for k in keys]] for n in ("before", "after", "random_removal",
-                                                        "oracle_removal") if n in r]
         parts += ["\nretrained without the flagged samples (same θ_0 and batch order):\n",
-                  text_table(["run", *keys], rows)]
+                  text_table(*_retrain_table(result))]
+    for name, err in result.get("errors", {}).items():
+        parts.append(f"\n{name} did not run: {err}")
     return "\n".join(parts)
 
 
 def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, np.ndarray],
-           flagged: np.ndarray) -> None:
+           flagged: np.ndarray, self_ranked: bool) -> None:
     write_json(out / "clean.json", result)
     labels = inp.labels
     is_flagged = np.zeros(inp.n_train, dtype=bool)
     is_flagged[flagged] = True
-    cols = ["id", "label"] + (["true_label", "flipped"] if inp.flipped is not None else []) + \
-        [f"harm_{m}" for m in harms] + ["flagged"]
-    lines = [",".join(cols)]
     true = inp.clean_labels.numpy() if inp.clean_labels is not None else None
+    known = inp.flipped is not None and true is not None
+    header = ["id", "label"] + (["true_label", "flipped"] if known else []) + [f"harm_{m}" for m in harms] + ["flagged"]
+    rows = []
     for i in range(inp.n_train):
         row = [str(i), str(labels[i])]
-        if inp.flipped is not None and true is not None:
-            row += [str(true[i]), str(int(inp.flipped[i]))]
-        row += [f"{harms[m][i]:.9g}" for m in harms] + [str(int(is_flagged[i]))]
-        lines.append(",".join(row))
-    write_text(out / "clean.csv", "\n".join(lines) + "\n")
-    text = [f"# diffin clean\n\n{result['setup']}. Sizes: {result['sizes']}.\n",
-            f"Flagged the {result['n_flagged']} samples with the highest harm by **{result['method']}** "
-            f"(ranked by {result['ranking']}).\n"]
+        if known:
+            row += [str(true[i]), str(int(inp.flipped[i]))]  # type: ignore[index]
+        rows.append(row + [f"{harms[m][i]:.9g}" for m in harms] + [str(int(is_flagged[i]))])
+    write_csv(out / "clean.csv", header, rows)
+
+    rep = Report("diffin clean")
+    rep.text(f"{result['setup']}. Sizes: {format_sizes(result['sizes'])}.")
+    rep.text(f"Flagged the {result['n_flagged']:,} samples with the highest harm by **{result['method']}** "
+             f"(ranked by {result['ranking']}).")
+    if "recipe" in result:
+        rep.text(f"Retraining recipe of cleanlab's out-of-fold models: {result['recipe']['description']}.")
     if "detection" in result:
-        rows = [[m, d["auc"], *d["recall_at"].values()] for m, d in result["detection"].items()]
-        header = ["method", "ROC-AUC", *[f"recall @{float(f):.0%}" for f in RECALL_AT]]
-        text.append(f"## Finding the {result['n_flipped']} flipped labels\n\n{markdown_table(header, rows)}\n")
-        score_histograms(out / "harm_histograms.png", {m: -h for m, h in harms.items()}, inp.flipped)
-        text.append("![harm](harm_histograms.png)\n\n(x axis: −harm; flipped samples should sit left.)\n")
+        rep.heading(f"Finding the {result['n_flipped']:,} flipped labels")
+        rep.table(*_detection_table(result))
+        shown = {m: _shown(m, h, self_ranked) for m, h in harms.items()}
+        score_histograms(out / "harm_histograms.png", shown, inp.flipped,  # type: ignore[arg-type]
+                         {m: _what(m, self_ranked)[0] for m in harms})
+        rep.figure("harm_histograms.png", "what each method ranks by, clean and flipped samples")
     if "retrain" in result:
-        r = result["retrain"]
-        keys = [k for k in r["before"]]
-        rows = [[name, *[r[name][k] for k in keys]] for name in
-                ("before", "after", "random_removal", "oracle_removal") if name in r]
-        text.append("## Retraining without the flagged samples\n\nSame θ_0, batch order and learning "
-                    "rates; flagged samples left out of every batch.\n\n"
-                    + markdown_table(["run", *keys], rows) + "\n")
+        rep.heading("Retraining without the flagged samples")
+        rep.text("Same θ_0, batch order and learning rates; flagged samples left out of every batch.")
+        rep.table(*_retrain_table(result))
+    if result.get("errors"):
+        rep.heading("Methods that did not run")
+        for name, err in result["errors"].items():
+            rep.text(f"**{name}**: {err}")
     side = int(round(inp.train[0][0].numel() ** 0.5))
     if side * side == inp.train[0][0].numel() and side >= 8:
-        worst = np.argsort(-harms[result["method"]], kind="stable")[:25]
-        caps = [f"#{i} label {labels[i]}" + (f" / true {inp.clean_labels[i].item()}"
-                                              if inp.clean_labels is not None else "") for i in worst]
-        image_grid(out / "most_harmful.png", inp.train[0][worst].numpy(), caps, side,
-                   f"25 most harmful by {result['method']}")
-        text.append("![most harmful](most_harmful.png)\n")
-    write_text(out / "report.md", "\n".join(text))
+        m = result["method"]
+        label, short = _what(m, self_ranked)
+        values = _shown(m, harms[m], self_ranked)
+        worst = np.argsort(-harms[m], kind="stable")[:25]
+        caps = [f"#{i} label {labels[i]}"
+                + (f" (true {true[i]})" if true is not None and true[i] != labels[i] else "")
+                + f"\n{short} {values[i]:.3g}" for i in worst]
+        image_grid(out / "most_harmful.png", inp.train[0][worst].detach().cpu().numpy(), caps, side,
+                   f"25 most harmful by {m}: {label.split(' (')[0]}")
+        rep.figure("most_harmful.png", f"the 25 most harmful training samples by {m}, with their values")
+    rep.write(out)

@@ -1,35 +1,50 @@
-"""Shared plumbing of the data-centric tasks: inputs, output folders, cached scores, evaluation.
+"""Shared plumbing of the data-centric tasks: inputs, output folders keyed by what made them,
+cached pieces, the retraining recipe.
 
-A task runs either on a built-in setup (trained and recorded into ``OUT/run`` on first use, reused
+A task runs either on a built-in setup (recorded into ``OUT/run`` on first use, reused
 afterwards) or on the user's own recorded run, model, loss and data (:class:`TaskInputs`).
-Every output folder holds ``config.json``; a re-run with a different config is refused unless
-``overwrite`` is set, and everything already finished (scores, replays, retrains) is reused, so an
-interrupted task resumes where it stopped.
+
+Every output folder holds ``config.json``: the task's key, made of the task config, the run's
+identity (:attr:`diffin.Run.fingerprint`), content hashes of the train / validation / test data,
+the built-in setup and its label noise, and the retraining recipe where the task retrains. A
+re-run whose key differs is refused (:class:`~diffin._errors.OutputExistsError`) before anything
+in the folder is touched, or, with ``overwrite``, starts afresh. Each cached piece (scores,
+replays, retrains) carries its own key and is reused only when that key matches, so an
+interrupted task resumes where it stopped and never reuses a result made from other inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _constants as C
-from .._api import ScoreResult, score
-from .._errors import ConfigError, OutputExistsError
+from .._api import score
+from .._data import fingerprint
+from .._errors import ConfigError, DiffinError, OutputExistsError, RecipeError
 from .._functional import FlatModel, LossFn
-from .._io import write_json
-from ..builtin.trainer import TrainConfig
+from .._io import write_json, write_npy, write_text
+from ..builtin.trainer import TrainConfig, evaluate
+from ..builtin.trainer import train as train_builtin
 from ..config import ScoreConfig
 from ..recording.run import Run, load_run
+
+if TYPE_CHECKING:
+    from ..builtin.setups import Setup
+
+TASK_JSON = "config.json"
+BUILDING = ".diffin_setup_building.json"
+"""Marker beside a built-in run while it is being recorded (holds the setup's meta)."""
 
 
 @dataclass
@@ -38,8 +53,14 @@ class TaskInputs:
 
     ``model_factory`` builds a fresh module of the architecture (values come from the run);
     ``train``/``val``/``test`` are ``(inputs, targets)`` tensors (``val``/``test`` optional);
-    ``flipped`` marks training ids whose labels are known to be wrong (for detection metrics);
-    ``train_config`` is the recipe for retraining from scratch (pruning).
+    ``flipped`` marks training ids whose labels are known to be wrong (for detection metrics).
+
+    Retraining (pruning, cleanlab's out-of-fold models) uses :meth:`recipe`: ``train_config`` when
+    given (a built-in setup's recipe), else the recipe recorded in the run; ``train_overrides``
+    (TrainConfig fields the user gave explicitly, e.g. ``{"epochs": 1, "lr": 0.001}``) on top.
+
+    ``setup``: for a built-in setup, the run at ``run`` is recorded from it on first use, after
+    the task has checked its output folder (:meth:`ensure_run`); ``None`` for a user's run.
     """
 
     run: Path
@@ -53,6 +74,15 @@ class TaskInputs:
     train_config: TrainConfig | None = None
     description: str = "user run"
     sizes: dict[str, int] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    setup: Setup | None = None
+
+    def __post_init__(self) -> None:
+        self.run = Path(self.run)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.train_overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown} in train_overrides; valid: {sorted(names)}")
 
     @property
     def n_train(self) -> int:
@@ -62,88 +92,328 @@ class TaskInputs:
     def labels(self) -> np.ndarray:
         return self.train[1].detach().cpu().numpy()
 
+    def setup_meta(self) -> dict[str, Any] | None:
+        """What identifies the built-in setup (name, noise, recipe); ``None`` for a user's run."""
+        from ..builtin.setups import setup_meta
 
-def builtin_inputs(setup_name: str, noise: float | None, out: Path, overwrite: bool = False,
-                   progress: bool = False) -> TaskInputs:
-    """Train (once) and record a built-in setup into ``out/run``; return its :class:`TaskInputs`."""
-    from ..builtin import get_setup, train
+        return None if self.setup is None else setup_meta(self.setup)
+
+    def data_fingerprints(self) -> dict[str, str]:
+        """Content hashes of the train, validation and test data."""
+        return {"train": fingerprint(self.train), "val": fingerprint(self.val), "test": fingerprint(self.test)}
+
+    def run_state(self) -> str:
+        """``"ready"`` (a user's run, or a built-in run recorded from ``setup``), ``"missing"``
+        (not recorded yet, or an interrupted recording of this setup) or ``"other"`` (the folder
+        holds something else). Reads only."""
+        from ..builtin.setups import read_setup_meta, setup_meta
+
+        if self.setup is None:
+            return "ready"
+        if not self.run.exists() or (self.run.is_dir() and not any(self.run.iterdir())):
+            return "missing"
+        marker = self.run / BUILDING
+        if marker.exists():
+            try:
+                same = json.loads(marker.read_text(encoding="utf-8")) == self.setup_meta()
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                same = False
+            return "missing" if same else "other"
+        try:
+            recorded = read_setup_meta(self.run)
+            load_run(self.run)
+        except DiffinError:
+            return "other"
+        return "ready" if recorded is not None and setup_meta(recorded) == self.setup_meta() else "other"
+
+    def ensure_run(self, overwrite: bool = False, progress: bool = False) -> Run:
+        """The recorded run; a built-in setup's run is recorded into ``run`` when missing (or,
+        with ``overwrite``, when the folder holds another run)."""
+        state = self.run_state()
+        if state == "other" and not overwrite:
+            raise OutputExistsError(
+                f"{self.run} holds another run than the one of setup {self.setup.name!r} "  # type: ignore[union-attr]
+                f"(noise {self.setup.noise:g}); choose another output folder or overwrite it"  # type: ignore[union-attr]
+            )
+        if state != "ready":
+            from ..builtin.setups import write_setup_meta
+
+            setup = self.setup
+            assert setup is not None  # "missing"/"other" only arise for built-in setups
+            data = setup.data()
+            write_json(self.run / BUILDING, self.setup_meta())
+            train_builtin(setup.model(data), data.x_train, data.y_train, setup.train, self.run,
+                          overwrite=True, progress=progress)
+            write_setup_meta(self.run, setup)
+            (self.run / BUILDING).unlink()
+        return load_run(self.run)
+
+    def recipe(self, run: Run | None = None) -> Recipe:
+        """The effective retraining recipe (see the class docstring and :class:`Recipe`)."""
+        over = dict(self.train_overrides)
+        if self.train_config is not None:
+            base, lrs, source = self.train_config, None, "built-in setup recipe"
+        else:
+            base, lrs, source = recorded_recipe(run or load_run(self.run), self.n_train, over)
+        if "lr" in over or "schedule" in over:
+            lrs = None
+        try:
+            cfg = dataclasses.replace(base, **over)
+        except TypeError as e:
+            raise ConfigError(f"bad train_overrides {over}: {e}") from e
+        return Recipe(cfg, None if lrs is None else tuple(float(v) for v in lrs), source, over)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How retrains are trained: a :class:`TrainConfig` and, for a recorded schedule, the per-step
+    learning rates it follows by training progress (:func:`diffin.builtin.trainer.step_lrs`)."""
+
+    config: TrainConfig
+    lrs: tuple[float, ...] | None
+    source: str
+    overrides: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        lrs = None
+        if self.lrs is not None:
+            arr = np.asarray(self.lrs, dtype=np.float64)
+            lrs = {"steps": int(arr.size), "min": float(arr.min()), "max": float(arr.max()),
+                   "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
+        return {"source": self.source, "train": self.config.to_json(), "lrs": lrs,
+                "overrides": dict(sorted(self.overrides.items()))}
+
+    def describe(self) -> str:
+        """One line, e.g. ``SGD lr 0.02, momentum 0.9, batch 32, 5 epochs (recorded run)``."""
+        c = self.config
+        lr = (f"lr {min(self.lrs):.3g}–{max(self.lrs):.3g} (recorded per-step schedule)"
+              if self.lrs is not None else f"lr {c.lr:g}" + (" cosine" if c.schedule == "cosine" else ""))
+        parts = [f"SGD {lr}"]
+        if c.momentum:
+            parts.append(f"momentum {c.momentum:g}" + (" (Nesterov)" if c.nesterov else ""))
+        if c.weight_decay:
+            parts.append(f"weight decay {c.weight_decay:g}")
+        parts += [f"batch {c.batch_size}", f"{c.epochs} epoch{'s' if c.epochs != 1 else ''}"]
+        extra = f"; overrides: {', '.join(f'{k} {v}' for k, v in sorted(self.overrides.items()))}" \
+            if self.overrides else ""
+        return ", ".join(parts) + f" ({self.source}{extra})"
+
+    def train(self, model: nn.Module, x: Tensor, y: Tensor, run_dir: Path, keep: np.ndarray, seed: int,
+              loss_fn: LossFn) -> None:
+        """Train ``model`` in place on the rows ``keep`` of (x, y), recording into ``run_dir``."""
+        train_builtin(model, x, y, dataclasses.replace(self.config, seed=seed), run_dir, keep=keep,
+                      loss=loss_fn, lrs=self.lrs, overwrite=True)
+
+
+def recorded_recipe(run: Run, n_train: int, overrides: dict[str, Any]) -> tuple[TrainConfig, np.ndarray | None, str]:
+    """The recipe a user's run was recorded with: optimizer (``Run.optimizer``), the per-step
+    learning rates ``Run.lrs`` (``None`` when constant: then ``lr`` holds the rate), batch size
+    (``Run.batch_size_hint()``) and epochs (steps × batch size / N, rounded).
+
+    Raises :class:`RecipeError` naming the overrides to give when the run does not say."""
+    spec = run.optimizer
+    source = "recorded run"
+    opt: dict[str, Any] = {}
+    if spec.is_sgd:
+        opt = {"momentum": spec.momentum, "dampening": spec.dampening, "nesterov": spec.nesterov,
+               "weight_decay": spec.weight_decay}
+        if spec.assumed:
+            source = "recorded run; optimizer not recorded, plain SGD assumed"
+    elif "lr" not in overrides:
+        raise RecipeError(
+            f"the run at {run.path} was recorded with {spec.kind} (maximize={spec.maximize}, uniform param "
+            f"groups={spec.uniform_groups}), which the built-in trainer (torch.optim.SGD) cannot reproduce; "
+            "give the SGD recipe to retrain with explicitly: train_overrides lr and, as needed, momentum, "
+            "weight_decay, batch_size, epochs (command line: --lr, --momentum, --weight-decay, "
+            "--batch-size, --epochs)"
+        )
+    else:
+        source = f"recorded run ({spec.kind} replaced by SGD with the given overrides)"
+    bs = overrides.get("batch_size") or run.batch_size_hint()
+    if bs is None:
+        raise RecipeError(
+            f"the run at {run.path} recorded no batch ids, so its batch size is unknown; give "
+            "train_overrides batch_size (and epochs) (command line: --batch-size, --epochs)"
+        )
+    n = run.n_train_recorded or n_train
+    epochs = int(overrides.get("epochs") or max(1, round(run.n_steps * int(bs) / n)))
+    lrs = np.asarray(run.lrs, dtype=np.float64)
+    if lrs.size == 0 or not lrs.max() > 0:
+        raise RecipeError(f"the run at {run.path} recorded no positive learning rate; give train_overrides lr")
+    constant = bool(np.all(lrs == lrs[0]))
+    seed = run.manifest.get("seed")
+    cfg = TrainConfig(epochs=epochs, batch_size=int(bs), lr=float(lrs[0] if constant else lrs.max()),
+                      checkpoint_every=0, seed=seed if isinstance(seed, int) else 0, **opt)
+    return cfg, None if constant else lrs, source
+
+
+def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[str],
+                   train_overrides: dict[str, Any] | None = None) -> TaskInputs:
+    """:class:`TaskInputs` of a built-in setup whose run lives in ``out/run``.
+
+    Nothing is written here: the task records the run there on first use, after checking its
+    output folder (:meth:`TaskInputs.ensure_run`)."""
+    from ..builtin import get_setup
 
     setup = get_setup(setup_name)
     if noise is not None:
         setup = setup.with_changes(noise=noise)
     data = setup.data()
-    run_dir = out / "run"
-    meta = {"setup": setup.name, "noise": setup.noise, "train": setup.train.to_json()}
-    meta_path = run_dir / C.SETUP_JSON
-    fresh = not (meta_path.exists() and (run_dir / C.MANIFEST).exists()
-                 and json.loads(meta_path.read_text(encoding="utf-8")) == meta)
-    if fresh:
-        train(setup.model(data), data.x_train, data.y_train, setup.train, run_dir, overwrite=True,
-              progress=progress)
-        write_json(meta_path, meta)
-    has_test = len(data.y_test) > 0
     return TaskInputs(
-        run=run_dir,
+        run=Path(out) / "run",
         model_factory=lambda: setup.model(data),
         loss_fn=setup.loss_fn,
         train=(data.x_train, data.y_train),
         val=(data.x_val, data.y_val) if len(data.y_val) else None,
-        test=(data.x_test, data.y_test) if has_test else None,
+        test=(data.x_test, data.y_test) if len(data.y_test) else None,
         flipped=data.flipped if setup.noise else None,
         clean_labels=data.y_train_clean,
         train_config=setup.train,
         description=setup.description + (f"; {setup.noise:.0%} of training labels flipped"
                                          if setup.noise else ""),
         sizes=data.sizes(),
+        train_overrides=dict(train_overrides or {}),
+        setup=setup,
     )
 
 
-def prepare_out(out: Path | None, config: Any, overwrite: bool) -> Path | None:
-    """Create ``out``; refuse one holding a different task config unless ``overwrite``."""
-    if out is None:
-        return None
-    out = Path(out)
-    cfg = dataclasses.asdict(config)
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != cfg:
+# ---------------------------------------------------------------------- output folders
+@dataclass
+class TaskState:
+    """A task's checked output folder (``None``: nothing is saved), its run and its key."""
+
+    out: Path | None
+    run: Run
+    key: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return self.run.fingerprint
+
+    @property
+    def data(self) -> dict[str, str]:
+        return self.key["data"]
+
+
+def prepare_task(inp: TaskInputs, task: str, config: Any, out: str | os.PathLike[str] | None,
+                 overwrite: bool, progress: bool = False, recipe: Recipe | None = None) -> TaskState:
+    """Check ``out`` against the task's key, then (only then) write to it.
+
+    Same key: resume (cached pieces are reused). Other key: :class:`OutputExistsError` naming
+    what differs, without touching anything, unless ``overwrite`` (then ``out`` is emptied, a
+    built-in run that still matches its setup kept). A built-in setup's run is recorded after
+    the check."""
+    key = canonical({"task": task, "config": dataclasses.asdict(config), "setup": inp.setup_meta(),
+                     "data": inp.data_fingerprints(), "recipe": None if recipe is None else recipe.to_json()})
+    state = inp.run_state()
+    key["run"] = load_run(inp.run).fingerprint if state == "ready" else None
+    outp = None if out is None else Path(out)
+    if outp is not None and (outp / TASK_JSON).exists():
+        try:
+            old = json.loads((outp / TASK_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            old = {"unreadable": True}
+        if old != key:
             if not overwrite:
                 raise OutputExistsError(
-                    f"{out} holds results of another {type(config).__name__} ({_diff(old, cfg)}); "
-                    "pass overwrite=True (--overwrite) or choose another folder"
+                    f"{outp} holds {task} results made from other inputs ({_diff(old, key)}); choose "
+                    "another folder or overwrite them"
                 )
-            for child in out.iterdir():
-                if child.name != "run":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, cfg)
-    return out
+            _empty(outp, keep=inp.run if state == "ready" else None)
+    run = inp.ensure_run(overwrite=overwrite, progress=progress)
+    key["run"] = run.fingerprint
+    if outp is not None:
+        outp.mkdir(parents=True, exist_ok=True)
+        write_json(outp / TASK_JSON, key)
+    return TaskState(outp, run, key)
 
 
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])
+def _empty(out: Path, keep: Path | None) -> None:
+    """Remove everything in ``out`` except the folder holding ``keep`` (and a user's run)."""
+    keep_r = None if keep is None else keep.resolve()
+    for child in out.iterdir():
+        c = child.resolve()
+        if keep_r is not None and (c == keep_r or c in keep_r.parents):
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
-def cached_score(inp: TaskInputs, method: str, target: Any, out: Path | None, progress: bool,
-                 **options: Any) -> ScoreResult:
-    """Score with ``method``, reusing ``out/scores-<method>`` when it holds the same config."""
+def _diff(old: Any, new: Any, path: str = "") -> str:
+    """What differs between two keys, e.g. ``setup.noise: 0.1 -> 0.2; data.train changed``."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, p: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                if a.get(k) != b.get(k):
+                    walk(a.get(k), b.get(k), f"{p}.{k}" if p else str(k))
+        elif p == "run" or (isinstance(a, str) and isinstance(b, str) and len(a) == len(b) == 64):
+            out.append(f"{p} changed" if b is not None else f"{p} missing or replaced")
+        else:
+            out.append(f"{p}: {_short(a)} -> {_short(b)}")
+
+    walk(old, new, path)
+    more = f"; and {len(out) - 6} more" if len(out) > 6 else ""
+    return "; ".join(out[:6]) + more
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def canonical(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples → lists, numpy scalars → numbers), so that a
+    key compares equal to its saved copy."""
+    return json.loads(json.dumps(obj, default=_json_scalar))
+
+
+def _json_scalar(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def load_piece(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """A saved piece (JSON with ``"key"``) when its key equals ``key``, else ``None``."""
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and obj.get("key") == key else None
+
+
+def cached_score(inp: TaskInputs, state: TaskState, method: str, target: Any, progress: bool,
+                 **options: Any) -> np.ndarray:
+    """Scores (N,) by ``method`` against ``target`` (validation data or ``"self"``), reusing
+    ``out/scores-<method>[-self]`` only when it was made from the same run, data and config."""
     cfg = ScoreConfig(method=method, **options)
-    folder = None if out is None else out / f"scores-{method}{'-self' if isinstance(target, str) else ''}"
-    if folder is not None and (folder / C.SCORES_JSON).exists():
-        meta = json.loads((folder / C.SCORES_JSON).read_text(encoding="utf-8"))
-        if meta.get("config") == cfg.to_json() and meta.get("run") == str(load_run(inp.run).path):
-            arr = np.load(folder / C.SCORES_NPY, allow_pickle=False)
-            return ScoreResult(arr, method, meta["variant"], cfg, meta["run"], meta["target"],
-                               meta["seconds"], meta.get("diagnostics", {}))
-    return score(inp.run, inp.model_factory(), inp.loss_fn, train=inp.train, target=target,
-                 config=cfg, progress=progress, out=folder, overwrite=True)
+    self_target = isinstance(target, str)
+    key = canonical({"run": state.run_id, "train": state.data["train"],
+                     "target": target if self_target else fingerprint(target), "config": cfg.to_json()})
+    folder = None if state.out is None else state.out / f"scores-{method}{'-self' if self_target else ''}"
+    if folder is not None:
+        meta = load_piece(folder / "scores.json", key)
+        if meta is not None and (folder / "scores.npy").exists():
+            arr = np.load(folder / "scores.npy", allow_pickle=False)
+            if arr.shape == (inp.n_train,):
+                return arr
+        (folder / "scores.json").unlink(missing_ok=True)
+    res = score(state.run, inp.model_factory(), inp.loss_fn, train=inp.train, target=target, config=cfg,
+                progress=progress)
+    if folder is not None:
+        write_npy(folder / "scores.npy", res.scores)
+        write_json(folder / "scores.json", {**res.to_json(), "key": key})
+    return res.scores
 
 
-def theta_final(inp: TaskInputs) -> tuple[FlatModel, Tensor, Run]:
+def theta_final(inp: TaskInputs, run: Run | None = None) -> tuple[FlatModel, Tensor, Run]:
     """The functional model and θ_T of the run (buffers installed)."""
-    run = load_run(inp.run)
+    run = run or load_run(inp.run)
     fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
     ck = run.load_checkpoint(run.n_steps)
     fm.set_constants({**{n: t for n, t in ck.params.items() if n not in set(run.trainable)},
@@ -151,22 +421,17 @@ def theta_final(inp: TaskInputs) -> tuple[FlatModel, Tensor, Run]:
     return fm, fm.flatten(ck.params), run
 
 
-@torch.no_grad()
 def evaluate_theta(fm: FlatModel, theta: Tensor, data: tuple[Tensor, Tensor]) -> dict[str, float]:
-    """Mean loss and (for classifiers: 2-D outputs, integer targets) accuracy at θ."""
-    from torch.func import functional_call
+    """Mean loss and (classifiers) accuracy at θ (P,): :func:`diffin.builtin.trainer.evaluate`."""
+    return evaluate(fm.model, data[0], data[1], fm.loss_fn, params=fm.unflatten(theta))
 
+
+@torch.no_grad()
+def losses_at(fm: FlatModel, theta: Tensor, data: tuple[Tensor, Tensor], chunk: int = 2048) -> np.ndarray:
+    """Per-sample losses (N,) at θ, float64."""
     x, y = data
-    was = fm.model.training
-    fm.model.eval()
-    outs = [functional_call(fm.model, fm.unflatten(theta), (x[s : s + 2048].to(fm.dtype),))
-            for s in range(0, x.shape[0], 2048)]
-    fm.model.train(was)
-    out = torch.cat(outs)
-    res = {"loss": float(fm.loss_fn(out, y).mean())}
-    if out.ndim == 2 and not y.is_floating_point():
-        res["accuracy"] = float((out.argmax(1) == y).double().mean())
-    return res
+    return torch.cat([fm.losses(theta, x[s : s + chunk], y[s : s + chunk])
+                      for s in range(0, x.shape[0], chunk)]).double().numpy()
 
 
 def fraction_count(n: int, fraction: float | None, count: int | None, what: str) -> int:
@@ -202,18 +467,6 @@ def read_ids(path: str | os.PathLike[str]) -> list[np.ndarray]:
     return groups
 
 
-def check_ids(groups: list[np.ndarray], n: int) -> None:
-    from .._errors import InvalidIdsError
-
-    for k, g in enumerate(groups):
-        if g.size == 0:
-            raise ConfigError(f"group {k} is empty")
-        if g.min() < 0 or g.max() >= n:
-            raise InvalidIdsError(
-                f"group {k} holds ids outside [0, {n}): {sorted(set(g[(g < 0) | (g >= n)].tolist()))[:5]}"
-            )
-
-
-def config_field(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """A CSV file from string cells (atomically)."""
+    write_text(path, "\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")

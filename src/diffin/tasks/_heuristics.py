@@ -1,4 +1,4 @@
-"""Per-sample importance heuristics for coreset selection (METHOD.md section 6), computed from the
+"""Per-sample importance heuristics for coreset selection (docs/method.md §6), computed from the
 same recorded run. Higher = more important to keep, as each is used in its paper:
 
 * ``loss``: the loss at θ_T.
@@ -24,8 +24,9 @@ from .._errors import ConfigError
 from .._functional import FlatModel
 from ..config import ScoreConfig
 from ..estimators.base import ScoringContext
+from ..recording.run import Run
 from ..targets import MeanLoss
-from ._common import TaskInputs, theta_final
+from ._common import TaskInputs, losses_at, theta_final
 
 HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting")
 
@@ -35,19 +36,18 @@ def _early_step(steps: list[int], n_steps: int) -> int:
     return later[0] if later else steps[-1]
 
 
-def importance(name: str, inp: TaskInputs, seed: int = 0) -> np.ndarray:
-    """Importance (N,) of every training sample under heuristic ``name``."""
+def importance(name: str, inp: TaskInputs, seed: int = 0, run: Run | None = None) -> np.ndarray:
+    """Importance (N,) of every training sample under heuristic ``name`` (``run``: the loaded
+    run of ``inp``, to save loading it again)."""
     if name not in HEURISTICS:
         raise ConfigError(f"unknown heuristic {name!r}; choose from {HEURISTICS}")
     N = inp.n_train
     if name == "random":
         return np.random.default_rng(seed).random(N)
-    fm, theta_T, run = theta_final(inp)
+    fm, theta_T, run = theta_final(inp, run)
     x, y = inp.train
     if name == "loss":
-        with torch.no_grad():
-            return torch.cat([fm.losses(theta_T, x[s : s + 2048], y[s : s + 2048])
-                              for s in range(0, N, 2048)]).double().numpy()
+        return losses_at(fm, theta_T, inp.train)
     if name == "forgetting":
         return _forgetting(inp, fm, run)
     early = _early_step(run.checkpoint_steps, run.n_steps)
@@ -71,7 +71,7 @@ def _check_classifier(out: torch.Tensor, y: torch.Tensor) -> None:
         raise ConfigError("EL2N and forgetting need a classifier (2-D logits, integer labels)")
 
 
-def _forgetting(inp: TaskInputs, fm: FlatModel, run) -> np.ndarray:  # noqa: ANN001
+def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
     """Forgetting events counted along the replayed trajectory, at each presentation (before the
     step's update). Never-correct samples get one more than the largest count."""
     if not run.has_batch_ids:

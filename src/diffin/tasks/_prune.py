@@ -1,4 +1,4 @@
-"""Coreset selection (METHOD.md section 6): keep a fraction of the training set chosen by score,
+"""Coreset selection (docs/method.md §6): keep a fraction of the training set chosen by score,
 retrain from scratch on it (several seeds), and compare test accuracy across methods.
 
 Selection rules for influence scores (positive = helpful):
@@ -13,26 +13,31 @@ they always keep the highest importance (hardest / most forgotten first, as in t
 ``random`` keeps a seeded random subset per seed. ``class_balanced`` applies the rule within each
 class, keeping the same fraction of every class.
 
-Each retrain (method, keep fraction, seed) is saved as it finishes, so an interrupted run resumes.
+Retrains follow the task's retraining recipe (:meth:`TaskInputs.recipe`: a built-in setup's, or
+the one recorded in the user's run, with the user's explicit overrides on top). Each retrain
+(method, keep fraction, seed) is saved as it finishes with the key of what made it (recipe, run,
+data, kept ids, seed), so an interrupted run resumes and a changed recipe retrains afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._data import fingerprint
 from .._errors import ConfigError
-from .._io import write_json, write_text
+from .._io import write_json
 from ..builtin.trainer import evaluate
-from ..builtin.trainer import train as train_builtin
+from ..config import config_field
 from ..estimators.base import Estimator
-from ..report import curves, markdown_table
-from ._common import TaskInputs, cached_score, config_field, prepare_out
+from ..report import Report, curves, format_list, format_sizes
+from ._common import Recipe, TaskInputs, TaskState, cached_score, canonical, load_piece, prepare_task, write_csv
 from ._heuristics import HEURISTICS, importance
 
 RULES = ("drop-harmful", "keep-helpful")
@@ -113,53 +118,63 @@ def select(values: np.ndarray, fraction: float, rule: str = "drop-harmful", labe
     return out
 
 
-def _values(name: str, inp: TaskInputs, out: Path | None, progress: bool) -> tuple[np.ndarray, bool]:
+def _values(name: str, inp: TaskInputs, state: TaskState, progress: bool) -> tuple[np.ndarray, bool]:
     if name in HEURISTICS:
-        return importance(name, inp), False
+        return importance(name, inp, run=state.run), False
     if name not in Estimator.registry:
         raise ConfigError(f"unknown selection method {name!r}; use an estimator or one of {HEURISTICS}")
     if inp.val is None:
         raise ConfigError("influence-based pruning scores against validation data; give val")
-    return cached_score(inp, name, inp.val, out, progress).scores.astype(np.float64), True
+    return cached_score(inp, state, name, inp.val, progress).astype(np.float64), True
+
+
+def _retrain(inp: TaskInputs, state: TaskState, recipe: Recipe, evalset: tuple[Any, Any], tag: str,
+             keep_ids: np.ndarray, seed: int) -> dict[str, Any]:
+    """Train from scratch on ``keep_ids`` with ``recipe`` and ``seed``; evaluate on ``evalset``.
+    Reuses ``out/retrains/<tag>_seed<seed>.json`` only when it was made by the same recipe, run,
+    data, kept ids and seed."""
+    keep_ids = np.asarray(keep_ids, dtype=np.int64)
+    key = canonical({"recipe": recipe.to_json(), "run": state.run_id, "train": state.data["train"],
+                     "eval": fingerprint(evalset), "seed": seed, "n_kept": int(keep_ids.size),
+                     "kept_sha256": hashlib.sha256(keep_ids.tobytes()).hexdigest()})
+    path = None if state.out is None else state.out / "retrains" / f"{tag}_seed{seed}.json"
+    saved = None if path is None else load_piece(path, key)
+    if saved is not None:
+        return saved["result"]
+    model = inp.model_factory()
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.train(model, *inp.train, Path(tmp) / "run", keep_ids, seed, inp.loss_fn)
+    ev = evaluate(model, *evalset, loss_fn=inp.loss_fn)
+    if "accuracy" not in ev:
+        raise ConfigError("pruning compares accuracies: it needs a classifier (2-D outputs, integer labels)")
+    res = {"accuracy": ev["accuracy"], "loss": ev["loss"], "n_kept": int(keep_ids.size)}
+    if path is not None:
+        write_json(path, {"key": key, "result": res})
+    return res
 
 
 def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | None = None,
           overwrite: bool = False, progress: bool = True, log: Any = None, **options: Any) -> dict[str, Any]:
     """Select, retrain and evaluate; returns the content of ``prune.json`` with ``curves``
-    (per method: list of {``keep``, ``test_accuracy_mean``, ``test_accuracy_std``, ...})."""
+    (per method: list of {``keep``, ``test_accuracy_mean``, ``test_accuracy_std``, ...}) and the
+    ``recipe`` the retrains followed. ``out`` holding results made from other inputs (another
+    config, run, data, setup or recipe) is refused unless ``overwrite``."""
     cfg = config if config is not None else PruneConfig(**options)
-    outp = prepare_out(Path(out) if out is not None else None, cfg, overwrite)
     say = log or (lambda *a: None)
-    if inp.train_config is None:
-        raise ConfigError("pruning retrains from scratch: give the training recipe (TaskInputs.train_config)")
     evalset = inp.test if inp.test is not None else inp.val
     if evalset is None:
         raise ConfigError("pruning needs test (or validation) data to evaluate the retrained models")
     which = "test" if inp.test is not None else "val"
+    recipe = inp.recipe()
+    state = prepare_task(inp, "prune", cfg, out, overwrite, progress, recipe)
+    say(f"  retraining recipe: {recipe.describe()}")
     labels = inp.labels
     fractions = cfg.fractions()
     seeds = [cfg.seed + s for s in range(cfg.seeds)]
     t0 = time.perf_counter()
-    values = {m: _values(m, inp, outp, progress) for m in cfg.method_list()}
+    values = {m: _values(m, inp, state, progress) for m in cfg.method_list()}
     t_scores = time.perf_counter() - t0
-
-    def retrain(tag: str, keep_ids: np.ndarray, seed: int) -> dict[str, float]:
-        path = None if outp is None else outp / "retrains" / f"{tag}_seed{seed}.json"
-        if path is not None and path.exists():
-            import json
-
-            return json.loads(path.read_text(encoding="utf-8"))
-        tc = replace(inp.train_config, seed=seed)
-        model = inp.model_factory()
-        with tempfile.TemporaryDirectory() as tmp:
-            train_builtin(model, *inp.train, tc, Path(tmp) / "run", keep=keep_ids, overwrite=True)
-        ev = evaluate(model, *evalset)
-        res = {"accuracy": ev["accuracy"], "loss": ev["loss"], "n_kept": int(len(keep_ids))}
-        if path is not None:
-            write_json(path, res)
-        return res
-
-    full = [retrain("full", np.arange(inp.n_train), s) for s in seeds]
+    full = [_retrain(inp, state, recipe, evalset, "full", np.arange(inp.n_train), s) for s in seeds]
     curves_: dict[str, list[dict[str, Any]]] = {}
     for m, (v, signed) in values.items():
         pts = []
@@ -168,7 +183,7 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
             for s in seeds:
                 vv = importance("random", inp, seed=s) if m == "random" else v
                 kept = select(vv, f, cfg.rule, labels, cfg.class_balanced, signed=signed, seed=s)
-                runs.append(retrain(f"{m}_keep{f:g}", kept, s))
+                runs.append(_retrain(inp, state, recipe, evalset, f"{m}_keep{f:g}", kept, s))
             accs = np.array([r["accuracy"] for r in runs])
             losses = np.array([r["loss"] for r in runs])
             pts.append({"keep": f, "n_kept": runs[0]["n_kept"],
@@ -184,6 +199,7 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
         "rule": cfg.rule,
         "class_balanced": cfg.class_balanced,
         "seeds": seeds,
+        "recipe": {"description": recipe.describe(), **recipe.to_json()},
         "full_data": {"test_accuracy_mean": float(full_acc.mean()), "test_accuracy_std": float(full_acc.std())},
         "curves": curves_,
         "seconds": {"scores": t_scores, "total": time.perf_counter() - t0},
@@ -193,12 +209,13 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
         rnd = {p["keep"]: p["test_accuracy_mean"] for p in curves_["random"]}
         result["vs_random"] = {m: {str(p["keep"]): p["test_accuracy_mean"] - rnd[p["keep"]] for p in pts}
                                for m, pts in curves_.items() if m != "random"}
-    if outp is not None:
-        _write(outp, inp, result, values)
+    if state.out is not None:
+        _write(state.out, inp, result, values)
     return result
 
 
 def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the accuracy table: one row per method, one column per keep fraction."""
     fr = [p["keep"] for p in next(iter(result["curves"].values()))]
     header = ["method", *[f"keep {f:.0%}" for f in fr], "mean"]
     rows = []
@@ -211,24 +228,22 @@ def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str, tuple[np.ndarray, bool]]) -> None:
     write_json(out / "prune.json", result)
     labels = inp.labels
-    lines = [",".join(["id", "label", *[f"score_{m}" for m in values]])]
-    for i in range(inp.n_train):
-        lines.append(",".join([str(i), str(labels[i]), *[f"{v[i]:.9g}" for v, _ in values.values()]]))
-    write_text(out / "prune.csv", "\n".join(lines) + "\n")
+    write_csv(out / "prune.csv", ["id", "label", *[f"score_{m}" for m in values]],
+              [[str(i), str(labels[i]), *[f"{v[i]:.9g}" for v, _ in values.values()]] for i in range(inp.n_train)])
     xs = {m: [p["keep"] for p in pts] for m, pts in result["curves"].items()}
     ys = {m: [p["test_accuracy_mean"] for p in pts] for m, pts in result["curves"].items()}
     es = {m: [p["test_accuracy_std"] for p in pts] for m, pts in result["curves"].items()}
     curves(out / "prune_curves.png", xs, ys, es, "fraction of training set kept",
-           f"{result['evaluated_on']} accuracy", f"coreset selection ({result['rule']})")
-    header, rows = summary_rows(result)
-    write_text(out / "report.md", f"""# diffin prune
-
-{result['setup']}. Sizes: {result['sizes']}. Rule for influence methods: `{result['rule']}`;
-class-balanced: {result['class_balanced']}; seeds {result['seeds']}. Each cell: mean
-{result['evaluated_on']} accuracy of models retrained from scratch on the kept subset.
-Full data: {result['full_data']['test_accuracy_mean']:.4f} ± {result['full_data']['test_accuracy_std']:.4f}.
-
-{markdown_table(header, rows)}
-
-![curves](prune_curves.png)
-""")
+           f"{result['evaluated_on']} accuracy after retraining (mean ± std over seeds)",
+           f"coreset selection ({result['rule']})")
+    full = result["full_data"]
+    rep = Report("diffin prune")
+    rep.text(f"{result['setup']}. Sizes: {format_sizes(result['sizes'])}. Rule for influence methods: "
+             f"`{result['rule']}`; class-balanced: {'yes' if result['class_balanced'] else 'no'}; "
+             f"seeds {format_list(result['seeds'])}.")
+    rep.text(f"Retraining recipe: {result['recipe']['description']}.")
+    rep.text(f"Each cell: mean {result['evaluated_on']} accuracy of models retrained from scratch on the kept "
+             f"subset. Full data: {full['test_accuracy_mean']:.4f} ± {full['test_accuracy_std']:.4f}.")
+    rep.table(*summary_rows(result))
+    rep.figure("prune_curves.png", f"{result['evaluated_on']} accuracy against the fraction kept, per method")
+    rep.write(out)
