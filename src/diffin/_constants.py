@@ -3,16 +3,38 @@ writers never disagree."""
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-"""Version of the run-folder format written by :class:`diffin.Recorder`."""
+FORMAT_VERSION = 2
+"""Version of the run-folder format written by :class:`diffin.Recorder`.
+
+2: per-step logs are append-only raw little-endian files (``LRS_LOG``, ``BATCH_IDS_LOG``,
+``BATCH_OFFSETS_LOG``); the manifest is rewritten atomically at every checkpoint and says how many
+entries of each log are valid (with their sha256) and the run's ``status``.
+1: logs written once at ``close()`` as ``.npy`` (``V1_*`` names); no manifest before ``close()``.
+Both are read."""
 
 MANIFEST = "manifest.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = "step_{step:09d}.safetensors"
-LRS = "lrs.npy"
-BATCH_IDS = "batch_ids.npy"
-BATCH_OFFSETS = "batch_offsets.npy"
-PARTIAL_SUFFIX = ".part"
+
+# format 2: append-only logs (raw little-endian arrays, no header)
+LRS_LOG = "lrs.f64"
+BATCH_IDS_LOG = "batch_ids.i64"
+BATCH_OFFSETS_LOG = "batch_offsets.i64"
+LRS_DTYPE = "<f8"
+IDS_DTYPE = "<i8"
+
+# run status in the manifest (format 2)
+STATUS_RECORDING = "recording"
+"""The recorder is running, or its process died (killed) without closing the run."""
+STATUS_INTERRUPTED = "interrupted"
+"""An exception inside ``with Recorder(...)`` closed the run at its last checkpoint."""
+STATUS_COMPLETE = "complete"
+
+# format 1 (read only)
+V1_LRS = "lrs.npy"
+V1_BATCH_IDS = "batch_ids.npy"
+V1_BATCH_OFFSETS = "batch_offsets.npy"
+V1_PARTIAL_SUFFIX = ".part"
 
 # keys inside a checkpoint file
 PARAM_PREFIX = "param."

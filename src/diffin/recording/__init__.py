@@ -1,7 +1,18 @@
-"""Recording a training run (:class:`Recorder`) and reading it back (:func:`load_run`)."""
+"""Recording a training run (:class:`Recorder`), reading it back (:func:`load_run`), and
+continuing a killed run (:func:`restore_checkpoint`, then ``Recorder(..., resume=True)``)."""
 
+from .._errors import PartialRunWarning, ResumeError
 from .manifest import OptimizerSpec
-from .recorder import Recorder
+from .recorder import Recorder, restore_checkpoint
 from .run import Checkpoint, Run, load_run
 
-__all__ = ["Checkpoint", "OptimizerSpec", "Recorder", "Run", "load_run"]
+__all__ = [
+    "Checkpoint",
+    "OptimizerSpec",
+    "PartialRunWarning",
+    "Recorder",
+    "ResumeError",
+    "Run",
+    "load_run",
+    "restore_checkpoint",
+]

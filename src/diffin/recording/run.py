@@ -1,11 +1,18 @@
-"""Load and validate a recorded run folder. Nothing is unpickled: JSON, ``.npy`` with
-``allow_pickle=False`` and safetensors only."""
+"""Load and validate a recorded run folder. Nothing is unpickled: JSON, raw little-endian
+logs (format 2), ``.npy`` with ``allow_pickle=False`` (format 1) and safetensors only.
+
+A run folder is valid up to its last checkpoint at all times while it is being recorded: the
+manifest lists the checkpoints written so far and how many entries of each append-only log they
+cover (with a sha256 of those bytes). A run that was not closed (``status`` other than
+``"complete"``) loads up to that checkpoint with a :class:`PartialRunWarning`; log entries past it
+are ignored."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ from .._errors import (
     MissingFileError,
     NonFiniteCheckpointError,
     ParameterMismatchError,
+    PartialRunWarning,
     RunNotFoundError,
     TruncatedFileError,
 )
@@ -51,12 +59,18 @@ class Run:
 
     Steps are numbered t = 0 … T−1; step t moves θ_t to θ_{t+1} with learning rate
     ``lrs[t]`` on the batch ``batch(t)``. Checkpoint steps are in 0 … T (0 and T always).
+    For a run that was not closed (``complete`` is False), T is its last checkpoint.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         m = self.manifest
+        self.format_version: int = int(m["format_version"])
+        self.status: str = m.get("status", C.STATUS_COMPLETE)
+        if self.status not in (C.STATUS_COMPLETE, C.STATUS_RECORDING, C.STATUS_INTERRUPTED):
+            raise CorruptManifestError(f"{self.path / C.MANIFEST}: unknown status {self.status!r}")
+        self.interrupted: dict[str, Any] | None = m.get("interrupted")
         try:
             self.n_steps: int = int(m["n_steps"])
             self.optimizer = OptimizerSpec.from_json(m["optimizer"])
@@ -81,11 +95,11 @@ class Run:
         for entry in self._ckpt_entries.values():
             self._check_file(entry)
             self._check_safetensors_header(entry)
-        self._check_file(m["lrs"])
-        self.lrs: np.ndarray = _load_npy(self.path / m["lrs"]["file"])
+        read = self._read_log_v1 if self.format_version == 1 else self._read_log
+        self.lrs: np.ndarray = read(m["lrs"], C.LRS_DTYPE).astype(np.float64)
         if self.lrs.shape != (self.n_steps,) or not np.all(np.isfinite(self.lrs)):
             raise TruncatedFileError(
-                f"{self.path / C.LRS}: expected {self.n_steps} finite learning rates, "
+                f"{self.path / m['lrs']['file']}: expected {self.n_steps} finite learning rates, "
                 f"found shape {self.lrs.shape}"
             )
         bi = m.get("batch_ids", {"recorded": False})
@@ -101,10 +115,8 @@ class Run:
                 raise CorruptManifestError(
                     f"{self.path / C.MANIFEST}: malformed batch_ids entry ({e!r}); the file is damaged"
                 ) from e
-            self._check_file(ids_entry)
-            self._check_file(offsets_entry)
-            self._ids = _load_npy(self.path / ids_entry["file"], mmap=True)
-            self._offsets = _load_npy(self.path / offsets_entry["file"])
+            self._offsets = read(offsets_entry, C.IDS_DTYPE).astype(np.int64)
+            self._ids = read(ids_entry, C.IDS_DTYPE, mmap=True)
             if (
                 self._offsets.shape != (self.n_steps + 1,)
                 or self._offsets[0] != 0
@@ -121,7 +133,80 @@ class Run:
             self.batch_sizes = [int(b) for b in bi.get("batch_sizes", [])]
         self.n_train_recorded: int | None = m.get("n_train")
 
+    # ------------------------------------------------------------------ reading logs
+    def _read_log_v1(self, entry: dict[str, Any], dtype: str, mmap: bool = False) -> np.ndarray:
+        """A format-1 log: an ``.npy`` file whose byte count the manifest lists."""
+        self._check_file(entry)
+        return _load_npy(self.path / entry["file"], mmap=mmap)
+
+    def _read_log(self, entry: dict[str, Any], dtype: str, mmap: bool = False) -> np.ndarray:
+        """The valid prefix of a format-2 append-only log: ``count`` entries of ``dtype`` whose
+        bytes hash to ``sha256``. A complete run's log holds exactly those bytes; a run that was
+        not closed may hold more (steps past its last checkpoint), which are ignored."""
+        try:
+            rel, count, digest = entry["file"], int(entry["count"]), str(entry["sha256"])
+            ok_dtype = entry["dtype"] == dtype
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptManifestError(f"{self.path}: malformed log entry {entry!r}") from e
+        if not ok_dtype or count < 0:
+            raise CorruptManifestError(f"{self.path}: log entry {entry!r} should hold {dtype}, count >= 0")
+        p = self.path / rel
+        if not p.exists():
+            raise MissingFileError(f"{p} is listed in the manifest but missing; copy the whole run folder")
+        itemsize = np.dtype(dtype).itemsize
+        need, actual = count * itemsize, p.stat().st_size
+        if actual < need or (self.complete and actual != need):
+            raise TruncatedFileError(
+                f"{p} has {actual} bytes but the manifest lists {count} entries ({need} bytes): the "
+                "file is truncated or was replaced; re-copy the run folder or record the run again"
+            )
+        if sha256_prefix(p, need).hexdigest() != digest:
+            raise TruncatedFileError(
+                f"{p}: its first {need} bytes do not match the sha256 in the manifest: the file is "
+                "damaged or was replaced; re-copy the run folder or record the run again"
+            )
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        if mmap:
+            return np.memmap(p, dtype=dtype, mode="r", shape=(count,))
+        return np.fromfile(p, dtype=dtype, count=count)
+
     # ------------------------------------------------------------------ queries
+    @property
+    def complete(self) -> bool:
+        """True when the recorder closed the run; False for a killed or interrupted recording
+        (then only steps 0 … ``n_steps``, up to its last checkpoint, are loaded)."""
+        return self.status == C.STATUS_COMPLETE
+
+    @property
+    def steps_logged(self) -> int:
+        """How many steps the training loop had recorded (``Recorder.step`` calls) when the run
+        stopped, counting those past the last checkpoint that are ignored; ``n_steps`` for a
+        complete run."""
+        if self.complete or self.format_version == 1:
+            return self.n_steps
+        p = self.path / self.manifest["lrs"]["file"]
+        return max(self.n_steps, p.stat().st_size // np.dtype(C.LRS_DTYPE).itemsize)
+
+    def partial_note(self) -> str:
+        """Why a run that was not closed is loaded only up to its last checkpoint ('' if complete)."""
+        if self.complete:
+            return ""
+        s = self.n_steps
+        if self.status == C.STATUS_INTERRUPTED and isinstance(self.interrupted, dict):
+            how = (
+                f"was interrupted by {self.interrupted.get('exception', 'an exception')} at step "
+                f"{self.interrupted.get('at_step', '?')} and closed at its last checkpoint"
+            )
+        else:
+            how = "was not closed (the training process was killed or died)"
+        return (
+            f"the run at {self.path} {how}: it stopped at step {s} of the {self.steps_logged} "
+            f"steps recorded, and scores cover steps 0..{s} only. To continue training it, load its "
+            "last checkpoint with diffin.recording.restore_checkpoint(path, model, optimizer) and "
+            "record on with diffin.Recorder(path, model, optimizer, ..., resume=True)"
+        )
+
     @property
     def fingerprint(self) -> str:
         """Content hash (sha256 hex) of the manifest: the run's identity for cache keys.
@@ -141,7 +226,7 @@ class Run:
         """Dataset ids of the batch of step t (int64, shape (|B_t|,))."""
         if self._ids is None or self._offsets is None:
             raise InvalidIdsError("this run recorded no batch ids")
-        return np.array(self._ids[self._offsets[t] : self._offsets[t + 1]])
+        return np.array(self._ids[self._offsets[t] : self._offsets[t + 1]], dtype=np.int64)
 
     def batch_size_hint(self) -> int | None:
         """The most common batch size (if ids were recorded)."""
@@ -236,8 +321,15 @@ class Run:
 
 def load_run(path: str | os.PathLike[str], model: nn.Module | None = None,
              n_train: int | None = None) -> Run:
-    """Open a run folder, validate it, and (optionally) check it against a model and data size."""
+    """Open a run folder, validate it, and (optionally) check it against a model and data size.
+
+    A run that was not closed (its training process was killed, or an exception left
+    ``with Recorder(...)``) loads up to its last checkpoint and emits a :class:`PartialRunWarning`
+    that names the step it stopped at; everything past that checkpoint is ignored.
+    """
     run = Run(path)
+    if not run.complete:
+        warnings.warn(run.partial_note(), PartialRunWarning, stacklevel=2)
     if model is not None:
         run.check_model(model)
     if n_train is not None:
@@ -253,8 +345,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not mpath.exists():
         if (path / C.CHECKPOINT_DIR).exists():
             raise IncompleteRunError(
-                f"{path} holds checkpoints but no manifest: the recording was not closed. Call "
-                "Recorder.close() after training (or use it as a context manager)"
+                f"{path} holds checkpoints but no manifest: the recording stopped before its first "
+                "checkpoint was complete (or it was written in run format 1, which wrote the manifest "
+                "only at Recorder.close()). Nothing in it can be scored: record the run again "
+                "(diffin.Recorder(..., overwrite=True))"
             )
         raise RunNotFoundError(f"{path} has no {C.MANIFEST}; it is not a diffin run folder")
     try:
@@ -264,8 +358,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise CorruptManifestError(f"{mpath} does not hold a JSON object")
     version = m.get("format_version")
-    if not isinstance(version, int):
-        raise CorruptManifestError(f"{mpath} has no integer format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptManifestError(f"{mpath} has no integer format_version >= 1")
     if version > C.FORMAT_VERSION:
         raise FormatVersionError(
             f"{path} was written in run format {version} by diffin {m.get('diffin_version')}; "
@@ -275,6 +369,21 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
     return m
+
+
+def sha256_prefix(path: Path, nbytes: int, chunk: int = 1 << 20) -> Any:
+    """A ``hashlib.sha256`` object fed the first ``nbytes`` bytes of ``path`` (read in 1 MiB
+    chunks); ``.hexdigest()`` for the digest, ``.update`` to go on hashing appended bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        left = nbytes
+        while left > 0:
+            buf = fh.read(min(chunk, left))
+            if not buf:
+                break
+            h.update(buf)
+            left -= len(buf)
+    return h
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
