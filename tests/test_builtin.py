@@ -281,7 +281,8 @@ def test_train_optimizer_and_schedule(tmp_path: Path, tiny: DataSplit) -> None:
     spec = run.optimizer
     assert (spec.momentum, spec.nesterov, spec.weight_decay) == (0.9, True, 1e-3)
     expected = [0.5 * 0.4 * (1 + math.cos(math.pi * t / 3)) for t in range(3)]
-    np.testing.assert_allclose(run.lrs, expected, rtol=0, atol=1e-15)
+    # the same formula through numpy's and libm's cosine: equal to a few float64 ulps
+    np.testing.assert_allclose(run.lrs, expected, rtol=8 * np.finfo(np.float64).eps, atol=0)
     assert run.load_checkpoint(2).momentum is not None
 
 
@@ -296,7 +297,8 @@ def test_train_refuses_existing_run(tmp_path: Path, tiny: DataSplit) -> None:
 @pytest.mark.parametrize(
     "kw",
     [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"lr": math.nan}, {"schedule": "step"},
-     {"checkpoint_every": -1}],
+     {"checkpoint_every": -1}, {"momentum": 1.0}, {"weight_decay": -1.0}, {"nesterov": True},
+     {"momentum": 0.9, "nesterov": True, "dampening": 0.1}],
 )
 def test_train_config_errors(kw: dict) -> None:
     with pytest.raises(ConfigError):
@@ -312,9 +314,47 @@ def test_evaluate(tiny: DataSplit) -> None:
     with torch.no_grad():
         out = model(tiny.x_val)
     assert res["accuracy"] == pytest.approx(float((out.argmax(1) == tiny.y_val).double().mean()), abs=0)
+    # per-sample losses averaged vs the fused mean: float64 rounding of a 30-term sum
     assert res["loss"] == pytest.approx(float(F.cross_entropy(out, tiny.y_val)), rel=1e-12)
     assert 0.0 <= res["accuracy"] <= 1.0
     assert model.training  # mode restored
+
+
+def test_evaluate_at_given_parameters_with_a_loss(tiny: DataSplit) -> None:
+    torch.manual_seed(0)
+    model, other = mlp(5, 3, (6,)).double(), mlp(5, 3, (6,)).double()
+    at_other = evaluate(model, tiny.x_val, tiny.y_val, params=dict(other.named_parameters()))
+    chunked = evaluate(other, tiny.x_val, tiny.y_val, batch_size=7)
+    assert chunked["accuracy"] == at_other["accuracy"]
+    assert chunked["loss"] == pytest.approx(at_other["loss"], rel=1e-12)  # float64 rounding only
+    assert at_other != evaluate(model, tiny.x_val, tiny.y_val)
+    zeros = torch.zeros(30, 3, dtype=torch.float64)
+    sq = evaluate(model, tiny.x_val, zeros, loss_fn=lambda o, y: ((o - y) ** 2).sum(1))
+    with torch.no_grad():
+        want = float((model(tiny.x_val) ** 2).sum(1).mean())
+    assert set(sq) == {"loss"} and sq["loss"] == pytest.approx(want, rel=1e-12)  # no accuracy for regression
+    x32 = tiny.x_val.float()  # inputs are cast to the model's dtype
+    assert evaluate(model, x32, tiny.y_val)["accuracy"] == evaluate(model, x32.double(), tiny.y_val)["accuracy"]
+
+
+def test_train_with_a_loss_function_and_per_step_rates(tmp_path: Path, tiny: DataSplit) -> None:
+    from diffin.builtin.trainer import step_lrs
+
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.2, checkpoint_every=0, seed=3)
+    a = _fit(tiny, tmp_path / "a", cfg)
+    b = _fit(tiny, tmp_path / "b", cfg, loss=cross_entropy)  # per-sample loss, averaged per batch
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        pa, pb = pa.detach(), pb.detach()
+        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12 * float(pa.abs().max()))
+    rates = np.linspace(0.3, 0.01, 8)
+    _fit(tiny, tmp_path / "c", cfg, lrs=rates)
+    np.testing.assert_array_equal(diffin.load_run(tmp_path / "c").lrs, rates)  # 8 steps: followed exactly
+    np.testing.assert_array_equal(step_lrs(cfg, 4, rates), rates[[0, 2, 4, 6]])  # by progress
+    np.testing.assert_array_equal(step_lrs(cfg, 16, rates), np.repeat(rates, 2))
+    with pytest.raises(ConfigError, match="lrs"):
+        step_lrs(cfg, 4, [0.1, float("nan")])
+    with pytest.raises(ConfigError, match="loss"):
+        _fit(tiny, tmp_path / "d", cfg, loss="hinge")
 
 
 def test_training_improves_accuracy(tmp_path: Path, tiny: DataSplit) -> None:

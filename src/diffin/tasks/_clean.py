@@ -329,6 +329,6 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
                 + (f" (true {true[i]})" if true is not None and true[i] != labels[i] else "")
                 + f"\n{short} {values[i]:.3g}" for i in worst]
         image_grid(out / "most_harmful.png", inp.train[0][worst].detach().cpu().numpy(), caps, side,
-                   f"25 most harmful by {m}: {label.split(' (')[0]}")
-        rep.figure("most_harmful.png", f"the 25 most harmful training samples by {m}, with their values")
+                   f"{len(worst)} most harmful by {m}: {label.split(' (')[0]}")
+        rep.figure("most_harmful.png", f"the {len(worst)} most harmful training samples by {m}, with their values")
     rep.write(out)
