@@ -271,6 +271,8 @@ class Recorder:
                     shutil.rmtree(target)
                 else:
                     target.unlink()
+            for f in p.glob(".*.tmp"):
+                f.unlink()  # an atomic write of the old run cut short
             return False
         manifest = _read_json(p / C.MANIFEST)
         status = manifest.get("status", C.STATUS_COMPLETE) if manifest is not None else None

@@ -186,7 +186,9 @@ class Run:
         if self.complete or self.format_version == 1:
             return self.n_steps
         p = self.path / self.manifest["lrs"]["file"]
-        return max(self.n_steps, p.stat().st_size // np.dtype(C.LRS_DTYPE).itemsize)
+        logged = p.stat().st_size // np.dtype(C.LRS_DTYPE).itemsize
+        at = self.interrupted.get("at_step") if isinstance(self.interrupted, dict) else None
+        return max(self.n_steps, logged, at if isinstance(at, int) else 0)
 
     def partial_note(self) -> str:
         """Why a run that was not closed is loaded only up to its last checkpoint ('' if complete)."""
