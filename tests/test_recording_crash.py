@@ -31,7 +31,7 @@ from _recording_loop import (
     train,
 )
 from diffin import _constants as C
-from diffin._errors import RecordingError, RunExistsError, TruncatedFileError
+from diffin._errors import CorruptManifestError, RecordingError, RunExistsError, TruncatedFileError
 from diffin.recording import PartialRunWarning, ResumeError, restore_checkpoint
 
 EVERY, STEPS, KILLED_AFTER = 3, 11, 8
@@ -393,3 +393,34 @@ def test_killed_run_with_a_damaged_log_is_named(tmp_path: Path) -> None:
     (path / C.LRS_LOG).write_bytes(bytes(data))
     with pytest.raises(TruncatedFileError, match="damaged"):
         diffin.load_run(path)
+
+
+def test_resume_with_a_damaged_manifest_is_named(tmp_path: Path) -> None:
+    abandon(tmp_path / "run", steps=4)
+    (tmp_path / "run" / C.MANIFEST).write_text('{"format_version": 2, "n_st')
+    model, opt = fresh()
+    with pytest.raises(CorruptManifestError, match="not valid JSON"):
+        diffin.Recorder(tmp_path / "run", model, optimizer=opt, checkpoint_every=3, resume=True)
+
+
+def test_failing_to_close_an_interrupted_run_keeps_the_loops_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If even the interrupted manifest cannot be written (disk full), the user's exception is the
+    one raised, a warning says so, and the run still loads up to its last checkpoint."""
+    path = tmp_path / "run"
+    model, opt = fresh()
+    rec = diffin.Recorder(path, model, optimizer=opt, checkpoint_every=2)
+    rec.step([0, 1], lr=0.1)
+    rec.step([2], lr=0.1)
+    rec.step([3], lr=0.1)
+
+    def disk_full(*a: Any, **k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("diffin.recording.recorder.write_json", disk_full)
+    with pytest.raises(ValueError, match="user bug"), pytest.warns(PartialRunWarning, match="could not close"), rec:
+        raise ValueError("user bug")
+    monkeypatch.undo()
+    with pytest.warns(PartialRunWarning, match="stopped at step 2"):
+        assert diffin.load_run(path).checkpoint_steps == [0, 2]

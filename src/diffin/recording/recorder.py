@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,6 +37,7 @@ from torch import nn
 from .. import _constants as C
 from .._errors import (
     InvalidIdsError,
+    PartialRunWarning,
     RecordingError,
     ResumeError,
     RunExistsError,
@@ -252,7 +254,13 @@ class Recorder:
         if exc_type is None:
             self.close()
         elif not self._closed:
-            self._close_interrupted(exc_type, exc)
+            try:
+                self._close_interrupted(exc_type, exc)
+            except (OSError, RecordingError) as e:  # keep the training loop's exception the one raised
+                warnings.warn(
+                    f"could not close the interrupted run at {self.path} ({e!r}); it stays loadable up "
+                    "to its last checkpoint", PartialRunWarning, stacklevel=2,
+                )
 
     # ------------------------------------------------------------------ folder
     def _prepare_folder(self, overwrite: bool, resume: bool) -> bool:
@@ -278,6 +286,8 @@ class Recorder:
         status = manifest.get("status", C.STATUS_COMPLETE) if manifest is not None else None
         stopped = manifest.get("n_steps") if manifest is not None else None
         if resume:
+            if manifest is None and (p / C.MANIFEST).exists():
+                Run(p)  # raises the named error of the damaged manifest
             if manifest is None:
                 raise ResumeError(
                     f"{p} holds an unfinished recording without a manifest ({', '.join(present)}): it "
