@@ -19,13 +19,14 @@ from diffin.cli import main
 
 METRICS = {"pearson", "spearman", "kendall", "jaccard_top10", "mae", "lds", "seconds", "peak_rss_mb",
            "peak_rss_rise_mb", "notes", "options"}
+U = float(np.finfo(np.float64).eps)  # the tiny setup runs in float64
 CFG = BenchConfig(methods="diffin,tracin", n_removed=10, lds_subsets=4, lds_examples=0)
 
 
 def _check_metrics(r: dict, units: str) -> None:
     assert set(r) >= METRICS and "error" not in r
     for k in ("pearson", "spearman", "kendall"):
-        assert -1 - 1e-9 <= r[k] <= 1 + 1e-9
+        assert -1 - 1e4 * U <= r[k] <= 1 + 1e4 * U  # a correlation, up to rounding
     assert 0 <= r["jaccard_top10"] <= 1 and -1 <= r["lds"] <= 1
     assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
     assert np.isnan(r["mae"]) if units == "rank-only" else r["mae"] >= 0
@@ -47,9 +48,11 @@ def test_peer_rows_have_the_metrics(tmp_path):
             _check_metrics(r, units[name])
         else:
             assert r["error"].startswith("not installed")
-    # captum's TracIn-CP is diffin's tracin computed by captum: the same metrics
+    # captum's TracIn-CP is diffin's tracin computed by captum (the scores agree to rounding):
+    # the same metrics, to √u relative with a 1e4·u floor (correlations are O(1); mae in loss units)
     for k in ("pearson", "spearman", "mae", "lds"):
-        assert rows["captum-tracincp"][k] == pytest.approx(rows["tracin"][k], rel=1e-6, abs=1e-9)
+        ref = rows["tracin"][k]
+        assert rows["captum-tracincp"][k] == pytest.approx(ref, rel=U**0.5, abs=1e4 * U * max(1.0, abs(ref)))
 
 
 def _fake_run_peer(fail: str):

@@ -6,6 +6,8 @@ Every test skips when its peer's package is not importable (``pip install 'diffi
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,20 @@ import diffin
 from diffin.groundtruth import replay_removal
 from diffin.peers import available_peers, peer_units, run_peer
 
-RTOL = 1e-6  # float64 agreement of two exact computations of the same formula
 N, D, C = 40, 5, 3
+CG_TOL = 1e-6  # an iterative solver against a dense solve: its stopping rule, not the dtype, bounds this
+
+
+def assert_close(actual, ref, dtype: torch.dtype = torch.float64, tol: float | None = None) -> None:
+    """Two computations of the same formula in ``dtype`` agree to rounding: relative tolerance
+    √u and an absolute floor of 1e4·u times the largest reference value (u the dtype's machine
+    epsilon), so entries near zero, whose rounding error is set by the larger terms they were
+    summed from, are judged on the scale of the vector. ``tol`` replaces both (relative, and
+    the floor's factor) where something other than rounding bounds the difference."""
+    u = torch.finfo(dtype).eps
+    ref = np.asarray(ref, dtype=np.float64)
+    rtol, floor = (u**0.5, 1e4 * u) if tol is None else (tol, tol)
+    np.testing.assert_allclose(actual, ref, rtol=rtol, atol=floor * float(np.abs(ref).max()))
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,7 +87,10 @@ WD = 0.1
 @pytest.fixture(scope="module")
 def convex_run(tmp_path_factory):
     """Logistic regression with weight decay, full-batch gradient descent run to convergence:
-    the influence function at θ_T is the exact first-order leave-one-out effect."""
+    the influence function at θ_T is the exact first-order leave-one-out effect. Skips before
+    its 400 steps when no peer that uses it is installed."""
+    if not any(importlib.util.find_spec(p) for p in ("dattri", "kronfluence", "trak")):
+        pytest.skip("needs dattri, kronfluence or traker (pip install 'diffin[peers]')")
     x, y, xv, yv = _data(1)
     path = tmp_path_factory.mktemp("peers") / "convex"
     run = _record(path, logreg, x, y, lr=0.5, steps=400, batch=N, every=100, weight_decay=WD)
@@ -170,8 +187,7 @@ def test_pairwise_columns_average_to_the_mean_target_scores(sgd_run, name):
     per = _peer(name, run, mlp, train, target, pairwise=True, **opts).scores
     assert per.shape == (N, target[0].shape[0])
     # TRAK computes in float32; the rest in the run's float64
-    np.testing.assert_allclose(per.mean(axis=1), mean, rtol=1e-4 if name == "trak" else RTOL,
-                               atol=1e-6 * np.abs(mean).max())
+    assert_close(per.mean(axis=1), mean, torch.float32 if name == "trak" else torch.float64)
 
 
 def test_unknown_peer_and_option_raise(sgd_run):
@@ -197,7 +213,7 @@ def test_captum_tracincp_equals_reference(sgd_run, sample_wise):
     run, train, target = sgd_run
     res = _peer("captum-tracincp", run, mlp, train, target, sample_wise_grads_per_batch=sample_wise)
     ref = tracin_reference(run, mlp, train, target)
-    np.testing.assert_allclose(res.scores, ref, rtol=RTOL, atol=1e-12)
+    assert_close(res.scores, ref)
     assert res.seconds > 0 and "Q·N" in res.notes
     assert res.peak_rss_mb is None or res.peak_rss_mb > 0
 
@@ -208,7 +224,7 @@ def test_captum_tracincp_equals_diffin_tracin(sgd_run):
     res = _peer("captum-tracincp", run.path, mlp, train, target)  # a run folder works too
     ours = diffin.influence(run, mlp(), loss_fn, train=train, target=target, method="tracin",
                             progress=False)
-    np.testing.assert_allclose(res.scores, ours, rtol=RTOL, atol=1e-12)
+    assert_close(res.scores, ours)
 
 
 def test_captum_tracincp_fast_equals_last_layer_reference(sgd_run):
@@ -222,7 +238,7 @@ def test_captum_tracincp_fast_equals_last_layer_reference(sgd_run):
         theta = _theta(run, mlp, c1)
         coef = float(np.sum(run.lrs[c0:c1])) / N
         ref += coef * _grads(model, theta, *train)[:, w] @ _target_grad(model, theta, *target)[w]
-    np.testing.assert_allclose(res.scores, ref.numpy(), rtol=RTOL, atol=1e-12)
+    assert_close(res.scores, ref.numpy())
 
 
 def test_tracin_sign_agrees_with_replayed_removal(sgd_run):
@@ -241,8 +257,7 @@ def test_dattri_tracin_equals_reference(sgd_run):
     pytest.importorskip("dattri")
     run, train, target = sgd_run
     res = _peer("dattri-tracin", run, mlp, train, target)
-    np.testing.assert_allclose(res.scores, tracin_reference(run, mlp, train, target), rtol=RTOL,
-                               atol=1e-12)
+    assert_close(res.scores, tracin_reference(run, mlp, train, target))
 
 
 def test_dattri_grad_dot_equals_reference(sgd_run):
@@ -251,23 +266,21 @@ def test_dattri_grad_dot_equals_reference(sgd_run):
     res = _peer("dattri-grad-dot", run, mlp, train, target)
     model, theta = mlp(), _theta(run, mlp, run.n_steps)
     ref = _grads(model, theta, *train) @ _target_grad(model, theta, *target) / N
-    np.testing.assert_allclose(res.scores, ref.numpy(), rtol=RTOL, atol=1e-12)
+    assert_close(res.scores, ref.numpy())
 
 
 def test_dattri_if_explicit_equals_dense_hessian(convex_run):
     pytest.importorskip("dattri")
     run, train, target = convex_run
     res = _peer("dattri-if-explicit", run, logreg, train, target, regularization=WD)
-    np.testing.assert_allclose(res.scores, if_reference(run, logreg, train, target, WD), rtol=RTOL,
-                               atol=1e-12)
+    assert_close(res.scores, if_reference(run, logreg, train, target, WD))
 
 
 def test_dattri_if_cg_equals_dense_hessian(convex_run):
     pytest.importorskip("dattri")
     run, train, target = convex_run
     res = _peer("dattri-if-cg", run, logreg, train, target, regularization=WD, max_iter=100)
-    np.testing.assert_allclose(res.scores, if_reference(run, logreg, train, target, WD), rtol=1e-5,
-                               atol=1e-10)
+    assert_close(res.scores, if_reference(run, logreg, train, target, WD), tol=CG_TOL)
 
 
 def test_influence_function_sign_agrees_with_replayed_removal(convex_run):
@@ -318,7 +331,7 @@ def test_kronfluence_equals_kronecker_reference(convex_run, name):
     run, train, target = convex_run
     res = _peer(name, run, logreg, train, target, damping_factor=WD, use_empirical_fisher=True)
     ref = kfac_reference(run, train, target, WD, eigen_corrected=name.endswith("ekfac"))
-    np.testing.assert_allclose(res.scores, ref, rtol=RTOL, atol=1e-12)
+    assert_close(res.scores, ref)
 
 
 @pytest.mark.parametrize("name", ["kronfluence-ekfac", "kronfluence-kfac"])
