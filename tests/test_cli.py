@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffin.builtin.setups import read_setup_meta
 from diffin.cli import main
 
 
@@ -32,6 +33,8 @@ def test_train_then_score_builtin(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--setup", "tiny", "--out", str(run), "--quiet", "--epochs", "2"]) == 0
     assert "trained tiny" in capsys.readouterr().out
+    setup = read_setup_meta(run)  # diffin_setup.json: the setup and the recipe actually trained
+    assert setup.name == "tiny" and setup.train.epochs == 2
     for method in ("diffin", "diffin-closed-form", "tracin"):
         out = tmp_path / method
         assert main(["score", str(run), "--method", method, "--out", str(out), "--quiet"]) == 0
@@ -44,10 +47,14 @@ def test_train_then_score_builtin(tmp_path, capsys):
     meta = json.loads((tmp_path / "diffin" / "scores.json").read_text())
     assert meta["variant"] == "diffin-exact"
     # self-influence, and a re-run with another config into the same folder is refused
-    assert main(["score", str(run), "--target", "self", "--out", str(tmp_path / "self"), "--quiet"]) == 0
+    assert main(["score", str(run), "--target", "self", "--method", "tracin", "--out", str(tmp_path / "self"),
+                 "--quiet"]) == 0
+    assert np.load(tmp_path / "self" / "scores.npy").shape == (120,)
     code = main(["score", str(run), "--method", "tracin", "--out", str(tmp_path / "diffin"), "--quiet"])
     assert code == 2
-    assert "overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("diffin: error: OutputExistsError:")
+    assert "--overwrite" in err and "overwrite=True" not in err
 
 
 def test_score_user_model_from_npz(tmp_path, monkeypatch, capsys):

@@ -139,6 +139,8 @@ def test_library_hints_in_cli_terms():
     say = lambda m: in_cli_terms(m, table)  # noqa: E731
     assert say("out holds scores; pass overwrite=True (--overwrite) or choose another folder") == (
         "out holds scores; pass --overwrite or choose another folder")
+    assert say("pass overwrite=True (on the command line: --overwrite) to replace them") == (
+        "pass --overwrite to replace them")
     assert say("choose another folder or pass overwrite=True to replace it") == (
         "choose another folder or pass --overwrite to replace it")
     assert say("try fd_eps=1e-4 or hvp='exact'") == "try --fd-eps 1e-4 or --hvp exact"
@@ -176,3 +178,18 @@ def test_library_never_imports_the_cli():
     ]
     assert offenders == []
     assert "diffin.cli" in _imported_modules(SRC / "__main__.py")  # the resolver sees relative imports
+
+
+def test_error_text_names_the_overwrite_flag():
+    from diffin._errors import ConfigError, OutputExistsError
+    from diffin.cli._messages import error_text
+
+    parsers = _subparsers(build_parser())
+    prune, bench = flag_table(parsers["prune"]), flag_table(parsers["bench"])
+    e = OutputExistsError("out holds prune results made from other inputs; choose another folder or overwrite them")
+    assert error_text(e, prune) == ("OutputExistsError: out holds prune results made from other inputs; choose "
+                                    "another folder or overwrite them; pass --overwrite to replace them")
+    assert error_text(e, bench).endswith("or overwrite them")  # bench has no --overwrite
+    e = OutputExistsError("out holds scores; pass overwrite=True or choose another folder")
+    assert error_text(e, prune) == "OutputExistsError: out holds scores; pass --overwrite or choose another folder"
+    assert error_text(ConfigError("give lr=0.1"), prune) == "ConfigError: give --lr 0.1"

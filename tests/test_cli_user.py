@@ -3,70 +3,23 @@ folder, labels of any integer width, errors in command-line terms, task inputs f
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
 import diffin
+from _cli_project import ce, inside, make_project
 from diffin.cli import build_parser, main
-
-MODELS = '''"""A user's model file, as a new user would write it."""
-import torch
-
-
-def build():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
-
-
-def explode():
-    raise RuntimeError("boom in the user's factory")
-'''
-
-
-def ce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(o, y, reduction="none")
-
-
-def make_project(folder: Path, label_dtype: type = np.int64) -> tuple[ModuleType, torch.Tensor, torch.Tensor]:
-    """``folder/mymodels.py``, ``folder/data.npz`` (labels saved as ``label_dtype``) and a run
-    recorded from a plain SGD loop in ``folder/run``; returns the module and (X, Y)."""
-    (folder / "mymodels.py").write_text(MODELS, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("_user_models_for_test", folder / "mymodels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(24, 3, generator=g, dtype=torch.float64)
-    Y = torch.randint(0, 3, (24,), generator=g)
-    np.savez(folder / "data.npz", x_train=X.numpy(), y_train=Y.numpy().astype(label_dtype),
-             x_val=X[:6].numpy(), y_val=Y[:6].numpy().astype(label_dtype))
-    model = mod.build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with diffin.Recorder(folder / "run", model, optimizer=opt, checkpoint_every=2) as rec:
-        for s in range(0, 24, 6):
-            opt.zero_grad()
-            ce(model(X[s : s + 6]), Y[s : s + 6]).mean().backward()
-            opt.step()
-            rec.step(list(range(s, s + 6)))
-    return mod, X, Y
 
 
 @pytest.fixture
 def in_project(tmp_path, monkeypatch):
-    """Run inside ``tmp_path`` as the current folder; sys.path and the imported ``mymodels``
-    are restored afterwards (the CLI puts the current folder on sys.path)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    sys.modules.pop("mymodels", None)
-    yield tmp_path
-    sys.modules.pop("mymodels", None)
+    with inside(tmp_path, monkeypatch) as folder:
+        yield folder
 
 
 def test_model_imports_from_the_current_folder(tmp_path):

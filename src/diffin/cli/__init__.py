@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from .._errors import DiffinError
 from .._version import __version__
 from . import _bench, _core, _tasks
-from ._messages import flag_table, in_cli_terms
+from ._messages import error_text, flag_table
 
 __all__ = ["build_parser", "main"]
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffinError as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"diffin: error: {type(e).__name__}: {in_cli_terms(str(e), args.flags)}", file=sys.stderr)
+        print(f"diffin: error: {error_text(e, args.flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffin: interrupted", file=sys.stderr)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import re
 
+from .._errors import DiffinError, OutputExistsError, RunExistsError
+
 # name=value, value: True/False, a quoted string, a number or a bare word; then an optional
-# "(--flag)" that some messages already add for the command line (dropped: the flag replaces it).
+# aside naming the flag that some messages already add for the command line, "(--flag)" or
+# "(on the command line: --flag)" (dropped: the flag replaces the keyword).
 _KEYWORD = re.compile(
     r"(?<![\w.-])([A-Za-z_]\w*)="
     r"(True|False|'[^']*'|\"[^\"]*\"|[-+]?\d[\w.+-]*|[A-Za-z_][\w.-]*)"
-    r"(\s*\(--[\w-]+\))?"
+    r"(\s*\([^()]*?--[\w-]+[^()]*\))?"
 )
 
 
@@ -55,3 +58,13 @@ def in_cli_terms(message: str, table: dict[tuple[str, object], str]) -> str:
         return f"{flag} {value}"
 
     return _KEYWORD.sub(repl, message)
+
+
+def error_text(error: DiffinError, table: dict[tuple[str, object], str]) -> str:
+    """What ``diffin`` prints for a library error: its type and message in command-line terms; an
+    existing output the command could replace also names the flag that does (``--overwrite``)."""
+    text = in_cli_terms(str(error), table)
+    overwrite = table.get(("overwrite", True))
+    if isinstance(error, (OutputExistsError, RunExistsError)) and overwrite and overwrite not in text:
+        text += f"; pass {overwrite} to replace them"
+    return f"{type(error).__name__}: {text}"
