@@ -100,6 +100,8 @@ def test_bad_model_specs_are_named_errors(in_project, capsys):
         assert words in capsys.readouterr().err
     assert main(["score", "run", "--model", "mymodels:build", "--quiet"]) == 2
     assert "--model and --data go together" in capsys.readouterr().err
+    assert main(["score", "run", "--model", "mymodels:build", "--data", "data.npz", "--setup", "tiny"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_task_inputs_carry_only_the_recipe_flags_given(in_project):

@@ -53,6 +53,8 @@ def _score_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndar
     from ..builtin.setups import read_setup_meta
 
     if args.model or args.data:
+        if args.setup:
+            raise ConfigError("give either --setup NAME (a built-in setup) or your own --model and --data, not both")
         if not (args.model and args.data):
             raise ConfigError("--model and --data go together: --model module:function --data file.npz "
                               "(with x_train, y_train and optionally x_val, y_val)")
