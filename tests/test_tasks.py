@@ -160,7 +160,7 @@ def test_select_rules():
 
 def test_prune_curves_and_resume(tiny, tmp_path, monkeypatch):
     inp, _ = tiny
-    cfg = PruneConfig(keep="0.3,0.7", methods="diffin,tracin,random,loss,el2n,grand,forgetting", seeds=2)
+    cfg = PruneConfig(keep="0.3,0.7", methods="diffin,tracin,random,loss,el2n,grand,forgetting", seeds=1)
     res = prune(inp, cfg, out=tmp_path / "p", progress=False)
     assert set(res["curves"]) == {"diffin", "tracin", "random", "loss", "el2n", "grand", "forgetting"}
     for pts in res["curves"].values():

@@ -65,6 +65,8 @@ def score_histograms(
             ax.axvline(0, color="k", lw=0.6)
         ax.set_title(name)
         ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel[name], fontsize=9)
+        ax.locator_params(axis="x", nbins=4)
+        ax.xaxis.set_major_formatter(lambda v, _pos: f"{v:.2g}")
     axes[0][0].set_ylabel("density")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

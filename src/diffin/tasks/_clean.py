@@ -34,6 +34,7 @@ from .._data import DataSource
 from .._errors import ConfigError, MissingExtraError
 from .._io import write_json
 from .._optional import require
+from ..builtin.trainer import evaluate
 from ..config import ScoreConfig, config_field
 from ..estimators.base import Estimator, ScoringContext
 from ..groundtruth import replay_many
@@ -44,7 +45,6 @@ from ._common import (
     TaskInputs,
     TaskState,
     cached_score,
-    evaluate_theta,
     fraction_count,
     losses_at,
     prepare_task,
@@ -173,7 +173,8 @@ def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanC
         full, thetas = replay_many(ctx, list(groups.values()), "renormalize")
 
     def ev(th: torch.Tensor) -> dict[str, float]:
-        return {f"{which}_{k}": v for k, v in evaluate_theta(fm, th, evalset).items()}
+        res = evaluate(fm.model, *evalset, loss_fn=fm.loss_fn, params=fm.unflatten(th))
+        return {f"{which}_{k}": v for k, v in res.items()}
 
     out: dict[str, Any] = {"evaluated_on": which, "before": ev(full), "n_removed": int(len(flagged))}
     for (name, grp), th in zip(groups.items(), thetas):

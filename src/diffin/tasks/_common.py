@@ -34,7 +34,7 @@ from .._data import fingerprint
 from .._errors import ConfigError, DiffinError, OutputExistsError, RecipeError
 from .._functional import FlatModel, LossFn
 from .._io import write_json, write_npy, write_text
-from ..builtin.trainer import TrainConfig, evaluate
+from ..builtin.trainer import TrainConfig
 from ..builtin.trainer import train as train_builtin
 from ..config import ScoreConfig
 from ..recording.run import Run, load_run
@@ -419,11 +419,6 @@ def theta_final(inp: TaskInputs, run: Run | None = None) -> tuple[FlatModel, Ten
     fm.set_constants({**{n: t for n, t in ck.params.items() if n not in set(run.trainable)},
                       **ck.buffers})
     return fm, fm.flatten(ck.params), run
-
-
-def evaluate_theta(fm: FlatModel, theta: Tensor, data: tuple[Tensor, Tensor]) -> dict[str, float]:
-    """Mean loss and (classifiers) accuracy at θ (P,): :func:`diffin.builtin.trainer.evaluate`."""
-    return evaluate(fm.model, data[0], data[1], fm.loss_fn, params=fm.unflatten(theta))
 
 
 @torch.no_grad()
