@@ -3,8 +3,8 @@ estimator on a tiny model in float64:
 
 * dense Hessians and loops of autograd per-sample gradients;
 * the trajectory replayed with a real ``torch.optim.SGD`` on the module itself;
-* the explicit forward recursion of METHOD.md section 4 (one sample at a time, dense Hessians);
-* TracIn-CP and the checkpoint closed form (METHOD.md 4.2) sample by sample.
+* the explicit forward recursion of docs/method.md §4 (one sample at a time, dense Hessians);
+* TracIn-CP and the checkpoint closed form (docs/method.md §4.2) sample by sample.
 
 Everything here loops in Python and forms P×P matrices: for tiny models only.
 """
@@ -82,7 +82,7 @@ def forward_recursion(
     convention: str = "keep",
 ) -> float:
     """Score of sample z (or of removing the group z at once) by the explicit forward recursion
-    of METHOD.md section 4, with dense Hessians.
+    of docs/method.md §4, with dense Hessians.
 
     Tracks the linearised change of (θ, v) when the samples are removed from every batch:
     ``Δg_t`` = −Σ_{z∈S∩B} G_z/|B| (keep) or (k·G_B − Σ_{z∈S∩B} G_z)/(|B| − k) (renormalize; −G_B
@@ -140,7 +140,7 @@ def closed_form(
     run: Run, fm: FlatModel, train: DataSource, target_grads, batch: int, n_batches: int = 1,  # noqa: ANN001
     seed: int = 0,
 ) -> Tensor:
-    """The closed form of METHOD.md 4.2 (negated to the removal sign), sample by sample with
+    """The closed form of docs/method.md §4.2 (negated to the removal sign), sample by sample with
     dense Hessians. Proxy batches are drawn exactly as the estimator draws them
     (``numpy.random.default_rng(seed)``, ``n_batches`` × ``choice(N, batch, replace=False)`` per
     checkpoint, in checkpoint order)."""

@@ -1,4 +1,4 @@
-"""Ground truth by replayed removal (METHOD.md section 3), and LDS subsets.
+"""Ground truth by replayed removal (docs/method.md §3), and LDS subsets.
 
 Retrain from the recorded θ_0 with the recorded batch sequence and learning rates, with a sample
 (or a group S) removed from every batch under the ``keep`` or ``renormalize`` convention, and
@@ -15,22 +15,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from tqdm.auto import tqdm
 
 from ._api import _eval_mode
 from ._data import DataSource
 from ._errors import ConfigError, DataMismatchError, InvalidIdsError
 from ._functional import FlatModel, LossFn
+from ._progress import progress_bar
 from .config import CONVENTIONS, ScoreConfig
 from .estimators.base import ScoringContext
 from .recording.run import Run, load_run
 from .targets import make_target
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def _as_groups(remove: Any, n_train: int) -> list[np.ndarray]:
@@ -123,8 +126,8 @@ def replay_many(
     finals: list[Tensor] = []
     full = theta0
     N = ctx.n_train
-    bar = tqdm(total=ctx.run.n_steps * ((len(groups) + width) // width), desc="replay",
-               disable=not ctx.progress, leave=False)
+    bar = progress_bar(ctx.run.n_steps * ((len(groups) + width) // width), "replay", ctx.progress,
+                       unit="step")
     start = 0
     first = True
     while first or start < len(groups):

@@ -1,6 +1,6 @@
 """How well influence scores match ground truth, and how well they find noisy labels.
 
-Every score here follows the sign of METHOD.md section 2: ``score(z) = f(θ_T^{−z}) − f(θ_T)``,
+Every score here follows the sign of docs/method.md §2: ``score(z) = f(θ_T^{−z}) − f(θ_T)``,
 the change of the target (a loss) if z had been removed. Positive: z helped; negative: z hurt.
 
 * Agreement with replayed removal (data deletion): :func:`pearson`, :func:`spearman`,

@@ -2,7 +2,7 @@
 
 An estimator scores every training sample against a target:
 
-    score(z) ≈ f(θ_T^{−z}) − f(θ_T)      (METHOD.md section 2; positive = z helped)
+    score(z) ≈ f(θ_T^{−z}) − f(θ_T)      (docs/method.md §2; positive = z helped)
 
 Subclasses set ``name`` (registering themselves), declare what they need from the recording
 (``needs_batch_ids``, ``needs_sgd``) and implement :meth:`Estimator.score`. They may read the
@@ -17,19 +17,22 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .._data import DataSource
 from .._errors import ConfigError, UnknownMethodError, UnsupportedMethodError
 from .._functional import FlatModel
+from .._progress import progress_bar
 from ..config import ScoreConfig
 from ..recording.run import Run
 from ..targets import Target
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("diffin")
 
@@ -229,7 +232,8 @@ class ScoringContext:
 
     # ------------------------------------------------------------------ helpers
     def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="step")
+        """A progress bar over ``total`` steps (silent when progress is off or off a terminal)."""
+        return progress_bar(total, desc, self.progress, unit="step")
 
     def proxy_batch_size(self) -> int:
         if self.config.proxy_batch_size is not None:

@@ -1,11 +1,11 @@
-"""Diff-In's checkpoint closed form, METHOD.md section 4.2, as the authors' public code has it:
+"""Diff-In's checkpoint closed form, docs/method.md §4.2, as the authors' public code has it:
 
     I(z) = Σ_{t∈T_m} −(t·η_t²)/(N·m) · ⟨∇f(θ_t), H_{B_t} G_z + H_z G_{B_t}⟩
 
 T_m are the recorded checkpoints after step 0 (m of them), t the checkpoint's step, η_t the
 learning rate of step t (of step T−1 for θ_T), B_t a proxy batch drawn at the checkpoint
 (``proxy_batches`` batches of ``proxy_batch_size`` averaged). The formula measures up-weighting;
-diffin reports its negative so that the sign and units follow METHOD.md section 2:
+diffin reports its negative so that the sign and units follow docs/method.md §2:
 
     score(z) = Σ_t (t·η_t²)/(N·m) · ( ⟨H_B ∇f, G_z⟩ + ∇fᵀ H_z G_B )
 

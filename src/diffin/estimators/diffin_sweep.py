@@ -1,4 +1,4 @@
-"""Diff-In by the backward (adjoint) sweep, METHOD.md section 4.1.
+"""Diff-In by the backward (adjoint) sweep, docs/method.md §4.1.
 
 For one target f, with the adjoint a_t = ∂f/∂θ_t (and b_t = ∂f/∂v_t for momentum SGD):
 

@@ -1,4 +1,4 @@
-"""Gradient similarity at the final parameters, METHOD.md section 5.
+"""Gradient similarity at the final parameters, docs/method.md §5.
 
 * ``grad-dot``: ``(Σ_t η_t / N) · ⟨∇f(θ_T), G_z(θ_T)⟩`` — TracIn with the single checkpoint θ_T
   standing for the whole run, so in loss units and the removal sign.

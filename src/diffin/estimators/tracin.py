@@ -1,4 +1,4 @@
-"""TracIn (Pruthi et al. 2020), METHOD.md section 5, in diffin's sign and units.
+"""TracIn (Pruthi et al. 2020), docs/method.md §5, in diffin's sign and units.
 
 * ``tracin`` (TracIn-CP): for each segment between checkpoints c_k < c_{k+1},
   ``score(z) += (Σ_{t=c_k}^{c_{k+1}−1} η_t / N) · ⟨∇f(θ_{c_{k+1}}), G_z(θ_{c_{k+1}})⟩``:
