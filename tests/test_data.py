@@ -122,3 +122,14 @@ def test_fingerprint_of_the_wrapped_dataset_is_the_fingerprint_of_the_plain_one(
     Y2[0] = 4
     assert fingerprint(TensorDataset(X, Y2)) != fingerprint(TensorDataset(X, Y))
     assert fingerprint((X, {"a": Y})) != fingerprint((X, {"a": Y2}))  # dict items hash by content
+
+
+def test_fingerprint_hashes_tensors_in_bounded_blocks_with_the_same_result():
+    from diffin._data import _row_blocks
+
+    X = torch.randn(50, 3, dtype=torch.float64)
+    blocks = list(_row_blocks(X, max_bytes=3 * 8 * 7))  # 7 rows per block
+    assert [len(b) for b in blocks] == [7] * 7 + [1] and torch.equal(torch.cat(blocks), X)
+    assert fingerprint((X, X[:, 0])) == fingerprint((X.numpy(), X[:, 0].numpy()))  # tensor or array alike
+    assert fingerprint(X[:, ::2]) == fingerprint(X[:, ::2].contiguous())  # strided views by content
+    assert fingerprint(X.float()) != fingerprint(X)  # the dtype is part of the hash

@@ -301,17 +301,18 @@ def fingerprint(data: Any) -> str:
 
     def add(a: Any) -> None:
         if isinstance(a, Tensor):
-            a = a.detach().to("cpu").contiguous()
+            a = a.detach()
             try:
-                a = a.numpy()
-            except TypeError:  # a dtype numpy lacks (e.g. bfloat16): hash the raw bytes
-                h.update(f"{a.dtype}{tuple(a.shape)}".encode())
-                h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()).cast("B"))
-                return
-        if isinstance(a, np.ndarray):
-            a = np.ascontiguousarray(a)
+                dtype_str = np.dtype(torch.empty(0, dtype=a.dtype).numpy().dtype).str
+            except TypeError:  # a dtype numpy lacks (e.g. bfloat16): hash its raw bytes
+                dtype_str = str(a.dtype)
+            h.update(f"{dtype_str}{tuple(a.shape)}".encode())
+            for part in _row_blocks(a):  # bounded memory: a GPU or strided tensor is copied block by block
+                h.update(memoryview(part.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(a, np.ndarray):
             h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(memoryview(a.reshape(-1)).cast("B"))
+            for part in _row_blocks(a):
+                h.update(memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8)))
         elif isinstance(a, (tuple, list)):
             h.update(f"seq{len(a)}".encode())
             for item in a:
@@ -336,6 +337,17 @@ def fingerprint(data: Any) -> str:
     else:
         add(data)
     return h.hexdigest()
+
+
+def _row_blocks(a: Any, max_bytes: int = 1 << 26) -> Iterator[Any]:
+    """Consecutive blocks of rows of an array or tensor, each at most ``max_bytes`` (one row at least)."""
+    if a.ndim == 0 or a.shape[0] == 0:
+        yield a.reshape(-1)
+        return
+    row = max(1, a[:1].nbytes if isinstance(a, np.ndarray) else a[:1].numel() * a.element_size())
+    step = max(1, max_bytes // row)
+    for start in range(0, a.shape[0], step):
+        yield a[start : start + step]
 
 
 def check_id_groups(groups: Sequence[Any], n: int, what: str = "group") -> list[np.ndarray]:
