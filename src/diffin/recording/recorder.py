@@ -329,8 +329,8 @@ class Recorder:
                 "first with diffin.recording.restore_checkpoint(path, model, optimizer), which returns "
                 "the step to restart the training loop from, then create the Recorder with resume=True"
             )
-        m = run.manifest
-        s = run.n_steps
+        m, s = run.manifest, run.n_steps
+        del run, last  # release the memory map of the ids log before cutting it
         listed = {c["file"] for c in m["checkpoints"]}
         for f in (self.path / C.CHECKPOINT_DIR).iterdir():
             if f"{C.CHECKPOINT_DIR}/{f.name}" not in listed:
