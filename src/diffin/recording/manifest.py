@@ -12,7 +12,7 @@ from .._errors import CorruptManifestError, UnsupportedOptimizerError
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """What the recursion of docs/method.md ("The optimizer step") needs to know about the optimizer.
+    """What the recursion of docs/method.md §1 (the SGD step) needs to know about the optimizer.
 
     PyTorch SGD (``torch.optim.SGD``) is modelled exactly:
     ``g = G_B(θ) + λθ``; ``v' = μv + a·g`` (``a = 1`` on the optimizer's very first step, else
