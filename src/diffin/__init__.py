@@ -28,7 +28,7 @@ from ._errors import (
 from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
-from .recording import Recorder, Run, load_run
+from .recording import PartialRunWarning, Recorder, Run, load_run, restore_checkpoint
 
 
 def methods() -> dict[str, str]:
@@ -46,6 +46,7 @@ __all__ = [
     "ModelCallError",
     "NonFiniteDataError",
     "OutputExistsError",
+    "PartialRunWarning",
     "Recorder",
     "RecordingError",
     "Run",
@@ -58,6 +59,7 @@ __all__ = [
     "influence",
     "load_run",
     "methods",
+    "restore_checkpoint",
     "score",
     "with_ids",
 ]

@@ -26,7 +26,8 @@ class RunNotFoundError(RecordingError, FileNotFoundError):
 
 
 class IncompleteRunError(RecordingError):
-    """The run was started but never closed (``Recorder.close()`` was not called)."""
+    """The run folder holds checkpoints but no manifest (it stopped before its first checkpoint was
+    written); record it again."""
 
 
 class MissingFileError(RecordingError, FileNotFoundError):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -153,6 +154,7 @@ class Recorder:
         self._batch_sizes: set[int] = set()
         self._checkpoints: list[dict[str, Any]] = []
         self._created = _now()
+        self._recording_id = uuid.uuid4().hex  # tells apart runs re-recorded into one folder
         self._resumed_at: list[int] = []
         self._ids_log: _Log | None = None
         self._offsets_log: _Log | None = None
@@ -340,6 +342,7 @@ class Recorder:
         self._t = s
         self._checkpoints = [dict(c) for c in m["checkpoints"]]
         self._created = m.get("created", self._created)
+        self._recording_id = m.get("recording_id", self._recording_id)
         self._resumed_at = [*(int(x) for x in m.get("resumed_at", [])), s]
         self._lrs_log = _Log(self.path / C.LRS_LOG, C.LRS_DTYPE, keep=s)
         bi = m.get("batch_ids", {"recorded": False})
@@ -433,6 +436,7 @@ class Recorder:
             "format_version": C.FORMAT_VERSION,
             "diffin_version": __version__,
             "created": self._created,
+            "recording_id": self._recording_id,
             "status": status,
         }
         if interrupted is not None:

@@ -213,9 +213,10 @@ class Run:
     def fingerprint(self) -> str:
         """Content hash (sha256 hex) of the manifest: the run's identity for cache keys.
 
-        The manifest lists every file of the run with its size, the steps, learning rates'
-        file, optimizer and model; a re-recorded run (new time stamp, other data or recipe)
-        gets a new fingerprint even in the same folder."""
+        The manifest lists every file of the run with its size (and the logs' sha256), the
+        steps, optimizer and model, and a random ``recording_id`` drawn when the recording
+        started: a run re-recorded into the same folder gets a new fingerprint even when
+        nothing else differs."""
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     @property
