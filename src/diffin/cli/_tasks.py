@@ -68,7 +68,7 @@ def _command(task: str, cls: type) -> Callable[[argparse.Namespace], int]:
             res = tasks.prune(inp, cfg, out, args.overwrite, progress, log=None if args.quiet else print)
             header, rows = summary_rows(res)
             print(text_table(header, rows))
-        print(f"wrote {out}/{task}.json, {out}/{task}.csv, {out}/report.md")
+        print(f"wrote {out}/{task}.json, {out}/{task}.csv, {out}/report.md, {out}/report.html")
         return 0
 
     return run
