@@ -21,7 +21,7 @@ demo: $(VENV)/.diffin-tasks
 
 test: $(VENV)/.diffin-test
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 lint: $(VENV)/.diffin-test
 	$(VENV)/bin/ruff check src tests benchmarks examples
