@@ -1,7 +1,7 @@
 """``diffin bench``: every estimator against replayed removal on named setups.
 
 For a setup: train it with the recorder (timed), replay the removal of ``n_removed`` random
-training samples (the ground truth, METHOD.md section 3) and of the complements of LDS subsets,
+training samples (the ground truth, docs/method.md §3) and of the complements of LDS subsets,
 then score all samples with each method (timed, peak memory polled) and compare:
 Pearson, Spearman, Kendall τ, top-10 Jaccard (10 most helpful + 10 most harmful) and mean
 absolute error (loss units) on the removed samples; LDS on the subsets, for the mean validation
