@@ -5,14 +5,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import diffin
 
-RTOL = 1e-6  # float64 tolerances of CONVENTIONS.md
-ATOL = 1e-9
+
+def tolerance(dtype: torch.dtype = torch.float64, computation: str = "exact") -> tuple[float, float]:
+    """``(rtol, floor)`` for comparing a computation in ``dtype`` with its reference: an entry
+    passes when |actual − expected| ≤ rtol·|expected| + floor·max|expected| (see
+    :func:`assert_close`). Both come from the dtype's machine epsilon ε, never from one
+    machine's last bits (other BLAS builds and thread counts round differently).
+
+    * ``exact``: the same mathematics rounded differently: another summation order or chunking,
+      vmapped or looped, autograd or dense Hessians, through a few dozen SGD steps. Rounding
+      errors of a few hundred ε, amplified a little by the steps: rtol √ε/10 and floor 10⁴ε
+      (float64: 1.5e-9 and 2.2e-12; float32: 3.5e-5 and 1.2e-3).
+    * ``fd``: central finite differences at diffin's default step (about ε^(1/3) relative),
+      whose truncation and rounding errors are both about ε^(2/3) of the largest product:
+      rtol 10³ε^(2/3) and floor 10²ε^(2/3) (float64: 3.7e-8 and 3.7e-9).
+    """
+    eps = torch.finfo(dtype).eps
+    if computation == "exact":
+        return eps**0.5 / 10, 1e4 * eps
+    if computation == "fd":
+        return 1e3 * eps ** (2 / 3), 1e2 * eps ** (2 / 3)
+    raise ValueError(f"unknown computation {computation!r}")
+
+
+def _numpy(a: object) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def assert_close(
+    actual: object,
+    expected: object,
+    dtype: torch.dtype = torch.float64,
+    computation: str = "exact",
+    *,
+    rtol: float | None = None,
+    floor: float | None = None,
+    scale: float | None = None,
+    msg: str = "",
+) -> None:
+    """Assert |actual − expected| ≤ rtol·|expected| + floor·max|expected| entrywise.
+
+    ``rtol`` and ``floor`` default to :func:`tolerance` of ``dtype`` and ``computation``; pass
+    them for a computation whose error is known otherwise (an iterative solver stopped at a
+    residual, a finite difference of another order). The absolute part scales with the size of
+    the compared values, so entries near zero are judged against the vector's scale; pass
+    ``scale`` when the reference is a difference of larger numbers, whose rounding it inherits
+    (see :func:`difference_scale`).
+    """
+    a, e = _numpy(actual), _numpy(expected)
+    r, f = tolerance(dtype, computation)
+    r = r if rtol is None else rtol
+    f = f if floor is None else floor
+    if scale is None:
+        scale = float(np.abs(e).max()) if e.size else 0.0
+    np.testing.assert_allclose(a, e, rtol=r, atol=f * scale, err_msg=msg)
 
 
 def ce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,3 +157,11 @@ def record(
             rec.step(b if ids else None, lr=opt.param_groups[0]["lr"])
     rec.close()
     return Tiny(path, make, loss, X, Y, Xv, Yv)
+
+
+def difference_scale(theta: torch.Tensor, target_grad: torch.Tensor, value: float) -> float:
+    """The size of the rounding in f(θ') − f(θ) when θ' and θ come from separate replays of
+    training (replayed removal): each θ carries rounding of about ε·‖θ‖, which moves f by up to
+    ‖∇f‖·‖θ‖·ε, and f itself is rounded at ε·|f|. Pass it as ``scale`` to :func:`assert_close`."""
+    return float(target_grad.norm() * theta.norm()) + abs(float(value))
+

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from _tiny import tolerance
 from diffin import ConfigError
 from diffin.metrics import detection_auc, kendall, lds, mae, pearson, recall_at, spearman, topk_jaccard
 
@@ -18,34 +19,41 @@ A = np.array([0.3, -1.2, 2.5, 0.0, 0.7, -0.4, 1.1, 0.7])
 B = np.array([0.1, -0.9, 1.7, 0.4, 0.7, -1.0, 0.9, 0.2])
 A_TIES = np.array([1.0, 2.0, 2.0, 3.0, 1.0, 5.0])
 B_TIES = np.array([2.0, 2.0, 1.0, 4.0, 4.0, 6.0])
+RTOL, FLOOR = tolerance(torch.float64)
+
+
+def approx(expected: float) -> object:
+    """A float64 statistic of size at most about 1 (correlations, AUCs, means of O(1) values),
+    computed another way: relative tolerance from the dtype, absolute floor on the scale 1."""
+    return pytest.approx(expected, rel=RTOL, abs=FLOOR)
 
 
 # ---------------------------------------------------------------------- correlations
 @pytest.mark.parametrize(("a", "b"), [(A, B), (A_TIES, B_TIES)], ids=["plain", "ties"])
 def test_correlations_match_scipy(a: np.ndarray, b: np.ndarray) -> None:
-    assert pearson(a, b) == pytest.approx(stats.pearsonr(a, b).statistic, rel=1e-12)
-    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, rel=1e-12)
-    assert kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, rel=1e-12)
+    assert pearson(a, b) == approx(stats.pearsonr(a, b).statistic)
+    assert spearman(a, b) == approx(stats.spearmanr(a, b).statistic)
+    assert kendall(a, b) == approx(stats.kendalltau(a, b).statistic)
     for f in (pearson, spearman, kendall):
         assert isinstance(f(a, b), float)
 
 
 def test_correlations_by_hand() -> None:
     x = [1.0, 2.0, 3.0, 4.0]
-    assert pearson(x, [2.0, 4.0, 6.0, 8.0]) == pytest.approx(1.0, abs=1e-15)
-    assert pearson(x, [1.0, 4.0, 9.0, 16.0]) == pytest.approx(25 / math.sqrt(5 * 129), rel=1e-12)
-    assert spearman(x, [1.0, 4.0, 9.0, 16.0]) == pytest.approx(1.0)  # monotone
-    assert spearman(x, [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert pearson(x, [2.0, 4.0, 6.0, 8.0]) == approx(1.0)
+    assert pearson(x, [1.0, 4.0, 9.0, 16.0]) == approx(25 / math.sqrt(5 * 129))
+    assert spearman(x, [1.0, 4.0, 9.0, 16.0]) == approx(1.0)  # monotone
+    assert spearman(x, [4.0, 3.0, 2.0, 1.0]) == approx(-1.0)
     # one discordant pair of 6: τ = (5 − 1) / 6
-    assert kendall(x, [1.0, 3.0, 2.0, 4.0]) == pytest.approx(4 / 6)
+    assert kendall(x, [1.0, 3.0, 2.0, 4.0]) == approx(4 / 6)
     # ties: average ranks (1.5, 1.5, 3, 4) vs (1, 2, 3, 4)
     r = np.array([1.5, 1.5, 3.0, 4.0])
     expected = np.corrcoef(r, [1, 2, 3, 4])[0, 1]
-    assert spearman([5.0, 5.0, 6.0, 7.0], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(expected, rel=1e-12)
+    assert spearman([5.0, 5.0, 6.0, 7.0], [1.0, 2.0, 3.0, 4.0]) == approx(expected)
 
 
 def test_correlations_accept_lists_and_tensors() -> None:
-    assert pearson(torch.tensor(A), list(B)) == pytest.approx(stats.pearsonr(A, B).statistic)
+    assert pearson(torch.tensor(A), list(B)) == approx(stats.pearsonr(A, B).statistic)
 
 
 @pytest.mark.parametrize("f", [pearson, spearman, kendall])
@@ -69,8 +77,8 @@ def test_bad_shapes(f: object) -> None:
 
 # ---------------------------------------------------------------------- mae
 def test_mae() -> None:
-    assert mae([1.0, -2.0, 3.0], [0.5, -2.0, 5.0]) == pytest.approx((0.5 + 0.0 + 2.0) / 3, abs=1e-15)
-    assert mae(A, B) == pytest.approx(np.mean(np.abs(A - B)), rel=1e-14)
+    assert mae([1.0, -2.0, 3.0], [0.5, -2.0, 5.0]) == approx((0.5 + 0.0 + 2.0) / 3)
+    assert mae(A, B) == approx(np.mean(np.abs(A - B)))
     assert mae(A, A) == 0.0
 
 
@@ -79,7 +87,7 @@ def test_topk_jaccard_by_hand() -> None:
     pred = np.array([9.0, 1.0, 5.0, 0.0, 7.0, 3.0])
     actual = np.array([8.0, 2.0, 6.0, 7.0, 1.0, 3.0])
     # k=1: P = {top 0, bottom 3}; A = {top 0, bottom 4} → |{0}| / |{0, 3, 4}|
-    assert topk_jaccard(pred, actual, k=1) == pytest.approx(1 / 3)
+    assert topk_jaccard(pred, actual, k=1) == approx(1 / 3)
     # k=2: P = {0, 4} ∪ {3, 1}; A = {0, 3} ∪ {4, 1} → identical sets
     assert topk_jaccard(pred, actual, k=2) == 1.0
     assert topk_jaccard(pred, -pred, k=1) == 1.0  # top and bottom swap, sets equal
@@ -92,7 +100,7 @@ def test_topk_jaccard_disjoint_and_ties() -> None:
     actual = np.array([0.0, 0.1, 10.0, -10.0, 0.2, 0.3])
     assert topk_jaccard(pred, actual, k=1) == 0.0
     # all ties: the lowest ids are taken for both ends, so both sets are {0, 1}
-    assert topk_jaccard(np.zeros(6), np.array([0.0, 0.0, 1.0, 1.0, -1.0, -1.0]), k=1) == pytest.approx(0 / 2)
+    assert topk_jaccard(np.zeros(6), np.array([0.0, 0.0, 1.0, 1.0, -1.0, -1.0]), k=1) == approx(0 / 2)
     assert topk_jaccard(np.zeros(6), np.zeros(6), k=2) == 1.0
 
 
@@ -115,16 +123,16 @@ def _additive_case(q: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 def test_lds_sign_convention_additive() -> None:
     masks, actual, scores = _additive_case(None)
-    assert lds(masks, actual, scores) == pytest.approx(1.0, abs=1e-12)
+    assert lds(masks, actual, scores) == approx(1.0)
     # actual as f(θ^{−R}) (a shift of the change) is the same to Spearman
-    assert lds(masks, actual + 2.3, scores) == pytest.approx(1.0, abs=1e-12)
+    assert lds(masks, actual + 2.3, scores) == approx(1.0)
     # any monotone transform as well
-    assert lds(masks, np.exp(actual), scores) == pytest.approx(1.0, abs=1e-12)
+    assert lds(masks, np.exp(actual), scores) == approx(1.0)
     # scores of the wrong sign (up-weighting convention) give −1
-    assert lds(masks, actual, -scores) == pytest.approx(-1.0, abs=1e-12)
+    assert lds(masks, actual, -scores) == approx(-1.0)
     # summing over the KEPT set instead would also give −1: the removed set is what counts
     kept_sum = masks.astype(float) @ scores
-    assert spearman(kept_sum, actual) == pytest.approx(-1.0, abs=1e-12)
+    assert spearman(kept_sum, actual) == approx(-1.0)
 
 
 def test_lds_by_hand() -> None:
@@ -133,28 +141,28 @@ def test_lds_by_hand() -> None:
     # removed sets: {1}, {0}, {2}, {0, 1} → predicted 2, 1, 4, 3
     actual = np.array([0.2, 0.1, 0.3, 0.4])
     expected = stats.spearmanr([2.0, 1.0, 4.0, 3.0], actual).statistic
-    assert lds(masks, actual, scores) == pytest.approx(expected, rel=1e-12)
-    assert lds(masks.astype(int), actual, scores) == pytest.approx(expected, rel=1e-12)
+    assert lds(masks, actual, scores) == approx(expected)
+    assert lds(masks.astype(int), actual, scores) == approx(expected)
 
 
 def test_lds_two_dimensional() -> None:
     masks, actual, scores = _additive_case(3)
-    assert lds(masks, actual, scores) == pytest.approx(1.0, abs=1e-12)
+    assert lds(masks, actual, scores) == approx(1.0)
     rng = np.random.default_rng(1)
     noisy = actual + rng.normal(scale=2.0, size=actual.shape)
     pred = (~masks).astype(float) @ scores
     per_col = [stats.spearmanr(pred[:, q], noisy[:, q]).statistic for q in range(3)]
-    assert lds(masks, noisy, scores) == pytest.approx(np.mean(per_col), rel=1e-12)
+    assert lds(masks, noisy, scores) == approx(np.mean(per_col))
     assert not np.allclose(per_col, per_col[0])  # the columns really differ
     # the 1-D and (N, 1) forms agree
-    assert lds(masks, noisy[:, 0], scores[:, 0]) == pytest.approx(
-        lds(masks, noisy[:, :1], scores[:, :1]), rel=1e-15)
+    assert lds(masks, noisy[:, 0], scores[:, 0]) == approx(
+        lds(masks, noisy[:, :1], scores[:, :1]))
 
 
 def test_lds_skips_undefined_columns() -> None:
     masks, actual, scores = _additive_case(2)
     actual[:, 1] = 5.0  # constant column: its correlation is undefined
-    assert lds(masks, actual, scores) == pytest.approx(1.0, abs=1e-12)
+    assert lds(masks, actual, scores) == approx(1.0)
     assert math.isnan(lds(masks, np.ones(len(masks)), scores[:, 0]))
 
 
@@ -180,11 +188,11 @@ def test_lds_bad_shapes() -> None:
 def test_detection_auc_matches_sklearn() -> None:
     scores = np.array([-3.0, 0.5, -0.2, 1.0, -0.2, 2.0, -1.0, 0.0])
     flipped = np.array([True, False, True, False, False, False, False, True])
-    assert detection_auc(scores, flipped) == pytest.approx(roc_auc_score(flipped, -scores), rel=1e-12)
+    assert detection_auc(scores, flipped) == approx(roc_auc_score(flipped, -scores))
     # by hand: 3 flipped × 5 clean = 15 pairs; a flipped sample wins a pair when its score is
     # lower, a tie counts one half. −3 beats all 5; −0.2 beats 3 and ties 1 (3.5); 0.0 beats 3
-    assert detection_auc(scores, flipped) == pytest.approx((5 + 3.5 + 3) / 15, rel=1e-12)
-    assert detection_auc(scores, flipped.astype(int)) == pytest.approx((5 + 3.5 + 3) / 15, rel=1e-12)
+    assert detection_auc(scores, flipped) == approx((5 + 3.5 + 3) / 15)
+    assert detection_auc(scores, flipped.astype(int)) == approx((5 + 3.5 + 3) / 15)
 
 
 def test_detection_auc_extremes() -> None:

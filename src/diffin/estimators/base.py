@@ -314,6 +314,9 @@ class Estimator:
     needs_batch_ids: ClassVar[bool] = False
     needs_sgd: ClassVar[bool] = False
     supports_self: ClassVar[bool] = True
+    linear_in_target: ClassVar[bool] = True
+    """Scores are linear in the target's gradient ∇f, so the mean target's scores are the row mean
+    of the pairwise matrix over the same examples (the tests check it for every estimator)."""
     registry: ClassVar[dict[str, type[Estimator]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

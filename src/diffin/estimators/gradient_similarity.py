@@ -37,6 +37,7 @@ class GradCos(Estimator):
     name = "grad-cos"
     summary = "gradient cosine similarity at θ_T (unitless, for ranking)"
     supports_self = False  # the cosine of a gradient with itself is 1
+    linear_in_target = False  # normalised by ‖∇f‖: the mean target's cosine weighs examples by ‖∇f_j‖
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         fm = ctx.fm
