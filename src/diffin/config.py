@@ -70,7 +70,12 @@ class ScoreConfig:
     replay_memory_mb: float = config_field(
         1024.0, "memory for replayed parameter states per segment (diffin-exact); beyond it, replay twice"
     )
-    damping: float = config_field(1e-3, "influence functions: damping added to the Hessian (beside the weight decay)")
+    damping: float = config_field(
+        1e-3,
+        "influence functions: damping added to the Hessian (beside the weight decay); raised "
+        "automatically until H + damping*I is positive definite when the Hessian is indefinite "
+        "(the damping used is in the diagnostics)",
+    )
     cg_iters: int = config_field(100, "influence functions (CG): maximum conjugate-gradient iterations")
     cg_tol: float = config_field(1e-8, "influence functions (CG): relative residual tolerance")
     lissa_depth: int = config_field(1000, "influence functions (LiSSA): recursion depth")
