@@ -25,7 +25,7 @@ import torch
 
 from . import metrics
 from ._api import score
-from ._errors import ConfigError
+from ._errors import ConfigError, UnsupportedMethodError
 from ._io import write_json
 from ._measure import Measure
 from ._version import __version__
@@ -33,7 +33,8 @@ from .builtin import get_setup, train
 from .config import CONVENTIONS, config_field
 from .groundtruth import lds_ground_truth, lds_subsets, replay_removal
 
-BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum", "mnist5k-cnn")
+BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum", "mnist5k-cnn",
+                "mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups")
 DEFAULT_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin",
                    "tracin-every-step", "if-cg", "if-lissa", "grad-dot", "grad-cos")
 UNITLESS = {"grad-cos"}  # not in loss units: no MAE
@@ -115,6 +116,9 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
         "n_val": int(data.x_val.shape[0]),
         "n_steps": t.steps,
         "train_seconds": t.seconds,
+        "optimizer": setup.train.optimizer,
+        "clip_grad_norm": setup.train.clip_grad_norm,
+        "clipped_fraction": t.clipped_fraction,
         "ground_truth": {"kind": "replayed-removal", "convention": cfg.convention, "n_removed": k,
                          "seconds": m_gt.seconds, "removed_ids": removed.tolist()},
     }
@@ -135,9 +139,14 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     results = []
     for method in cfg.method_list():
         log(f"[{name}] {method} ...")
-        with Measure() as m:
-            r = score(run_dir, setup.model(data), setup.loss_fn, target=val, method=method,
-                      convention=cfg.convention, **common)
+        try:
+            with Measure() as m:
+                r = score(run_dir, setup.model(data), setup.loss_fn, target=val, method=method,
+                          convention=cfg.convention, **common)
+        except UnsupportedMethodError as e:  # refused by name for this run (e.g. an SGD formula on Adam)
+            log(f"[{name}] {method}: {e}")
+            results.append({"method": method, "variant": _short_error(str(e)), "error": str(e)})
+            continue
         s = r.scores.astype(np.float64)
         row: dict[str, Any] = {"method": method, "variant": r.variant}
         row.update(_compare(s[removed], actual, method in UNITLESS))
@@ -153,7 +162,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
                               actual_lds_ex=actual_lds_ex, n_examples=q, methods=peer_methods,
                               options=peer_options)
     out["results"] = results
-    exact = next((r for r in results if r["variant"] == "diffin-exact"), None)
+    exact = next((r for r in results if r.get("variant") == "diffin-exact"), None)
     if exact is not None:
         out["linearisation_ceiling"] = {k_: exact[k_] for k_ in ("pearson", "spearman", "kendall")}
     return out
@@ -331,7 +340,9 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
         r["config"] = dataclasses.asdict(cfg)
         results.append(r)
         print(f"\n{name}: {r['description']}")
-        print(f"N={r['n_train']}, {r['n_steps']} steps, trained in {r['train_seconds']:.2f}s; ground truth: "
+        clipped = (f" (clip_grad_norm {r['clip_grad_norm']:g}: {r['clipped_fraction']:.0%} of the steps clipped)"
+                   if r.get("clip_grad_norm") is not None else "")
+        print(f"N={r['n_train']}, {r['n_steps']} steps, trained in {r['train_seconds']:.2f}s{clipped}; ground truth: "
               f"{r['ground_truth']['n_removed']} replayed removals in {r['ground_truth']['seconds']:.1f}s\n")
         print(text_table(TABLE_COLUMNS, table_rows(r)))
         if out_json:  # keep what is done so far (atomic write each time)
