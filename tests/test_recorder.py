@@ -74,7 +74,7 @@ def test_round_trip(tmp_path: Path, steps: int, every: int, expected: list[int])
     assert run.optimizer.kind == "SGD" and run.optimizer.is_sgd and not run.optimizer.assumed
     assert run.complete and run.status == C.STATUS_COMPLETE and run.format_version == C.FORMAT_VERSION
     # a closed run's logs hold exactly the entries the manifest lists, nothing past them
-    assert (path / C.LRS_LOG).stat().st_size == 8 * steps
+    assert (path / C.GROUP_LRS_LOG).stat().st_size == 8 * steps
     if steps:
         assert (path / C.BATCH_OFFSETS_LOG).stat().st_size == 8 * (steps + 1)
         assert (path / C.BATCH_IDS_LOG).stat().st_size == 8 * sum(len(i) for i in out["ids"])
@@ -336,13 +336,31 @@ def test_bad_checkpoint_every(tmp_path: Path, every: Any) -> None:
 
 
 def test_param_groups_with_different_lrs(tmp_path: Path) -> None:
+    """Every group's rate is recorded at every step (read from the optimizer); lr= must agree."""
     model = make_model()
+    x, y = make_data()
     opt = torch.optim.SGD(
         [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.2}]
     )
-    rec = diffin.Recorder(tmp_path / "run", model, optimizer=opt)
-    with pytest.raises(UnsupportedOptimizerError, match="one η_t per step"):
-        rec.step([0])
+    with diffin.Recorder(tmp_path / "run", model, optimizer=opt) as rec:
+        for t in range(3):
+            opt.param_groups[1]["lr"] = 0.2 / (1 + t)
+            ids = batch_ids(t)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            rec.step(ids)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:3]), y[:3]).backward()
+        opt.step()
+        with pytest.raises(RecordingError, match=r"lr=0\.3 was passed but the optimizer stepped with lr=0\.1"):
+            rec.step([0, 1, 2], lr=0.3)
+        rec.step([0, 1, 2], lr=0.1)
+    run = diffin.load_run(tmp_path / "run", model)
+    np.testing.assert_array_equal(run.group_lrs, [[0.1, 0.2], [0.1, 0.1], [0.1, 0.2 / 3], [0.1, 0.2 / 3]])
+    np.testing.assert_array_equal(run.lrs, [0.1] * 4)
+    assert [g["params"] for g in run.optimizer.groups] == [NAMES[:2], NAMES[2:]]
+    assert not run.optimizer.uniform_groups
 
 
 def test_param_groups_with_equal_lrs(tmp_path: Path) -> None:
@@ -401,7 +419,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path: Path) -> None:
 def test_recording_folder_has_no_temp_files(run_dir: Path) -> None:
     names = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")}
     assert not any(n.endswith(".tmp") or n.endswith(C.V1_PARTIAL_SUFFIX) for n in names), names
-    assert {C.MANIFEST, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG, C.CHECKPOINT_DIR} <= names
+    assert {C.MANIFEST, C.GROUP_LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG, C.CHECKPOINT_DIR} <= names
 
 
 # ---------------------------------------------------------------------- no pickle

@@ -59,7 +59,7 @@ def test_checkpoints_without_manifest(run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------- errors: damaged files
-LOGS = [C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG]
+LOGS = [C.GROUP_LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG]
 
 
 def _log_entry(m: dict[str, Any], key: str) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def test_garbage_file_same_size(run_dir: Path, rel: str) -> None:
 
 def test_log_longer_than_manifest_in_complete_run(run_dir: Path) -> None:
     """A closed run's log holds exactly its listed entries; more means it was replaced."""
-    with open(run_dir / C.LRS_LOG, "ab") as fh:
+    with open(run_dir / C.GROUP_LRS_LOG, "ab") as fh:
         fh.write(np.ones(1).tobytes())
     with pytest.raises(TruncatedFileError, match="truncated or was replaced"):
         diffin.load_run(run_dir)
@@ -295,7 +295,7 @@ def test_non_finite_checkpoint(run_dir: Path, value: float) -> None:
 
 def test_non_finite_momentum(tmp_path: Path) -> None:
     record(tmp_path / "run", steps=4, every=2, momentum=0.5)
-    step = _poison_checkpoint(tmp_path / "run", 1, C.MOMENTUM_PREFIX + "0.bias", math.nan)
+    step = _poison_checkpoint(tmp_path / "run", 1, C.OPTIM_PREFIX + "momentum_buffer.0.bias", math.nan)
     run = diffin.load_run(tmp_path / "run")
     with pytest.raises(NonFiniteCheckpointError, match="0.bias"):
         run.load_checkpoint(step)
@@ -308,10 +308,10 @@ def to_format_1(run_dir: Path) -> None:
     """Rewrite a closed format-2 run in the layout run format 1 wrote at ``close()``: ``.npy``
     logs listed by byte count, no status other than complete, no log counts or hashes."""
     m = read_manifest(run_dir)
-    lrs = np.fromfile(run_dir / C.LRS_LOG, dtype="<f8").astype(np.float64)
+    lrs = np.fromfile(run_dir / C.GROUP_LRS_LOG, dtype="<f8").astype(np.float64)
     ids = np.fromfile(run_dir / C.BATCH_IDS_LOG, dtype="<i8").astype(np.int64)
     offsets = np.fromfile(run_dir / C.BATCH_OFFSETS_LOG, dtype="<i8").astype(np.int64)
-    for name in (C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG):
+    for name in (C.GROUP_LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG):
         (run_dir / name).unlink()
     write_npy(run_dir / C.V1_LRS, lrs)
     write_npy(run_dir / C.V1_BATCH_IDS, ids)

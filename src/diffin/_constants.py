@@ -3,14 +3,18 @@ writers never disagree."""
 
 from __future__ import annotations
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the run-folder format written by :class:`diffin.Recorder`.
 
+3: as 2, plus: the manifest's optimizer entry lists every param group (its parameters and
+hyper-parameters); the learning-rate log ``GROUP_LRS_LOG`` holds every group's rate at every step
+(T×G float64, step-major); checkpoints hold every per-parameter optimizer state tensor
+(``OPTIM_PREFIX``) and step count (``OPTIM_STEP_PREFIX``); the manifest records ``clip_grad_norm``.
 2: per-step logs are append-only raw little-endian files (``LRS_LOG``, ``BATCH_IDS_LOG``,
 ``BATCH_OFFSETS_LOG``); the manifest is rewritten atomically at every checkpoint and says how many
 entries of each log are valid (with their sha256) and the run's ``status``.
 1: logs written once at ``close()`` as ``.npy`` (``V1_*`` names); no manifest before ``close()``.
-Both are read."""
+All three are read."""
 
 MANIFEST = "manifest.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -18,6 +22,9 @@ CHECKPOINT_PATTERN = "step_{step:09d}.safetensors"
 
 # format 2: append-only logs (raw little-endian arrays, no header)
 LRS_LOG = "lrs.f64"
+"""Format 2: one learning rate per step."""
+GROUP_LRS_LOG = "group_lrs.f64"
+"""Format 3: every param group's learning rate at every step (T×G, step-major)."""
 BATCH_IDS_LOG = "batch_ids.i64"
 BATCH_OFFSETS_LOG = "batch_offsets.i64"
 LRS_DTYPE = "<f8"
@@ -40,6 +47,11 @@ V1_PARTIAL_SUFFIX = ".part"
 PARAM_PREFIX = "param."
 BUFFER_PREFIX = "buffer."
 MOMENTUM_PREFIX = "momentum."
+"""Formats 1 and 2: SGD momentum buffers (read as the optimizer state ``momentum_buffer``)."""
+OPTIM_PREFIX = "optim."
+"""Format 3: ``optim.<state name>.<parameter name>``, e.g. ``optim.exp_avg.0.weight``."""
+OPTIM_STEP_PREFIX = "optim_step."
+"""Format 3: ``optim_step.<parameter name>``: the optimizer's step count of that parameter (0-d)."""
 
 # scoring outputs
 SCORES_NPY = "scores.npy"

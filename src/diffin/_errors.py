@@ -72,6 +72,11 @@ class PartialRunWarning(UserWarning):
     last checkpoint are loaded and scored."""
 
 
+class UnsupportedOptimizerWarning(UserWarning):
+    """The optimizer (or a setting of it, e.g. Adam's amsgrad) has no Diff-In rule: the run records,
+    'tracin', 'if-cg' and 'grad-dot' score it, the sweep variants need SGD, Adam or AdamW."""
+
+
 # --- scoring ----------------------------------------------------------------------------------
 class UnknownMethodError(DiffinError, KeyError):
     """The method name is not registered."""
@@ -119,3 +124,9 @@ class MissingExtraError(DiffinError, ImportError):
 
 class RecipeError(ConfigError):
     """The retraining recipe cannot be derived from the recorded run; explicit overrides are needed."""
+
+
+class MissingOptimizerStateError(UnsupportedMethodError):
+    """A checkpoint lacks the optimizer state (e.g. Adam's moments) that following the optimizer's
+    steps needs: the run was recorded without it; record again, or use a method that does not
+    follow the optimizer (tracin, if-cg)."""

@@ -1,7 +1,7 @@
 """Recording a training run (:class:`Recorder`), reading it back (:func:`load_run`), and
 continuing a killed run (:func:`restore_checkpoint`, then ``Recorder(..., resume=True)``)."""
 
-from .._errors import PartialRunWarning, ResumeError
+from .._errors import PartialRunWarning, ResumeError, UnsupportedOptimizerWarning
 from .manifest import OptimizerSpec
 from .recorder import Recorder, restore_checkpoint
 from .run import Checkpoint, Run, load_run
@@ -13,6 +13,7 @@ __all__ = [
     "Recorder",
     "ResumeError",
     "Run",
+    "UnsupportedOptimizerWarning",
     "load_run",
     "restore_checkpoint",
 ]

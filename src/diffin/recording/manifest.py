@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._errors import CorruptManifestError, UnsupportedOptimizerError
+
+_NOT_HYPER = frozenset({"params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
+"""Param-group keys that are not hyper-parameters of the update: the parameters, the learning rate
+(recorded per step), the schedulers' bookkeeping and implementation switches that do not change the
+values computed."""
+
+_SGD_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize")
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """What the recursion of docs/method.md §1 (the SGD step) needs to know about the optimizer.
+    """The optimizer of a recorded run: its torch class name and its parameter groups.
+
+    ``groups``: one entry per torch param group, in order: ``{"params": [trainable parameter
+    names], "hyper": {hyper-parameter: value}}`` with every hyper-parameter of the group except the
+    learning rate (which is recorded at every step, ``Run.group_lrs``): e.g. ``momentum``,
+    ``dampening``, ``nesterov``, ``weight_decay``, ``maximize`` for SGD; ``beta1``, ``beta2`` (torch's
+    ``betas``), ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``decoupled_weight_decay`` for
+    Adam / AdamW. Runs recorded before groups were stored load as one group holding every trainable
+    parameter, with the scalar fields below as its hyper-parameters.
+
+    The scalar fields (``momentum`` … ``maximize``) are group 0's, kept for the SGD recursion of
+    docs/method.md §1 (:meth:`sgd_coefficients`); ``uniform_groups`` says whether every group had the
+    same hyper-parameters and learning rate when recording started. ``assumed``: no optimizer was
+    given to the recorder (plain SGD with the per-step learning rates is assumed).
 
     PyTorch SGD (``torch.optim.SGD``) is modelled exactly:
     ``g = G_B(θ) + λθ``; ``v' = μv + a·g`` (``a = 1`` on the optimizer's very first step, else
     ``1 − dampening``); ``θ' = θ − η·(g + μv')`` with Nesterov, else ``θ' = θ − η·v'``.
-    Other optimizers are recorded by name; estimators that need SGD semantics refuse them.
     """
 
     kind: str = "SGD"
@@ -29,20 +50,34 @@ class OptimizerSpec:
     uniform_groups: bool = True
     assumed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_sgd(self) -> bool:
         return self.kind == "SGD" and not self.maximize and self.uniform_groups
 
     @classmethod
-    def from_optimizer(cls, opt: torch.optim.Optimizer | None) -> OptimizerSpec:
+    def from_optimizer(cls, opt: torch.optim.Optimizer | None, model: nn.Module | None = None) -> OptimizerSpec:
+        """Describe ``opt``; with ``model``, its groups name the parameters they hold (without an
+        optimizer: one group of the model's parameters that require grad)."""
         if opt is None:
-            return cls(assumed=True)
+            groups = []
+            if model is not None:
+                names = [n for n, p in model.named_parameters() if p.requires_grad]
+                groups = [{"params": names, "hyper": {k: _SGD_DEFAULTS[k] for k in _SGD_HYPER}}]
+            return cls(assumed=True, groups=groups)
         kind = type(opt).__name__
-        groups = opt.param_groups
-        keys = ("momentum", "dampening", "nesterov", "weight_decay", "maximize")
-        g0 = groups[0]
-        uniform = all(all(g.get(k) == g0.get(k) for k in (*keys, "lr")) for g in groups)
+        pgroups = opt.param_groups
+        g0 = pgroups[0]
+        hypers = group_hypers(opt)
+        uniform = all(h == hypers[0] for h in hypers) and len({float(g["lr"]) for g in pgroups}) == 1
+        groups: list[dict[str, Any]] = []
+        if model is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = [
+                {"params": [names[id(p)] for p in g["params"] if id(p) in names], "hyper": h}
+                for g, h in zip(pgroups, hypers)
+            ]
         if kind == "SGD":
             return cls(
                 kind=kind,
@@ -52,6 +87,7 @@ class OptimizerSpec:
                 weight_decay=float(g0.get("weight_decay", 0.0)),
                 maximize=bool(g0.get("maximize", False)),
                 uniform_groups=uniform,
+                groups=groups,
             )
         extra = {
             k: (list(v) if isinstance(v, tuple) else v)
@@ -61,14 +97,11 @@ class OptimizerSpec:
         return cls(
             kind=kind,
             weight_decay=float(g0.get("weight_decay", 0.0)),
+            maximize=bool(g0.get("maximize", False)),
             uniform_groups=uniform,
             extra=extra,
+            groups=groups,
         )
-
-    def hyper_of(self, opt: torch.optim.Optimizer) -> tuple:
-        """The hyper-parameters that must stay constant during a recorded run."""
-        g0 = opt.param_groups[0]
-        return tuple(g0.get(k) for k in ("momentum", "dampening", "nesterov", "weight_decay"))
 
     def sgd_coefficients(self, first_step: bool) -> tuple[float, float, float]:
         """(a, α, β) of the linear step ``v' = μv + a·g``, ``θ' = θ − η(α·g + β·v)``."""
@@ -89,11 +122,84 @@ class OptimizerSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> OptimizerSpec:
+    def from_json(cls, d: dict[str, Any], trainable: list[str] | None = None) -> OptimizerSpec:
+        """Read the manifest's optimizer entry. An entry without ``groups`` (written before groups
+        were recorded) gets one implicit group of ``trainable`` (when given)."""
         try:
-            return cls(**d)
+            spec = cls(**d)
         except TypeError as e:
             raise CorruptManifestError(f"optimizer entry of the manifest is malformed: {e}") from e
+        if not isinstance(spec.groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and isinstance(g.get("hyper"), dict)
+            for g in spec.groups
+        ):
+            raise CorruptManifestError(
+                "optimizer entry of the manifest is malformed: groups must be a list of "
+                '{"params": [...], "hyper": {...}}; the file is damaged'
+            )
+        if not spec.groups and trainable is not None:
+            spec = replace(spec, groups=[{"params": list(trainable), "hyper": spec._implicit_hyper()}])
+        return spec
+
+    def _implicit_hyper(self) -> dict[str, Any]:
+        """The hyper-parameters of the one group of a run recorded before groups were stored."""
+        if self.kind == "SGD" or self.assumed:
+            return {k: getattr(self, k) for k in _SGD_HYPER}
+        hyper = _hyper_items({k: tuple(v) if isinstance(v, list) else v for k, v in self.extra.items()})
+        hyper.setdefault("weight_decay", self.weight_decay)
+        if self.kind == "AdamW":
+            hyper.setdefault("decoupled_weight_decay", True)
+        return hyper
+
+
+_SGD_DEFAULTS: dict[str, Any] = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0,
+                                 "maximize": False}
+
+
+def group_hypers(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every param group's hyper-parameters (JSON values), in group order: the keys of the
+    optimizer's ``defaults`` except the learning rate and implementation switches; ``betas`` is
+    split into ``beta1`` / ``beta2``; ``AdamW`` always carries ``decoupled_weight_decay: True``."""
+    keys = [k for k in opt.defaults if k not in _NOT_HYPER]
+    out = []
+    for g in opt.param_groups:
+        hyper = _hyper_items({k: g[k] for k in keys if k in g})
+        if type(opt).__name__ == "AdamW":
+            hyper.setdefault("decoupled_weight_decay", True)
+        out.append(hyper)
+    return out
+
+
+def _hyper_items(items: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in items.items():
+        if k in _NOT_HYPER:
+            continue
+        v = _json_scalar(v)
+        if k == "betas" and isinstance(v, list) and len(v) == 2:
+            out["beta1"], out["beta2"] = v
+        elif v is not _SKIP:
+            out[k] = v
+    return out
+
+
+_SKIP = object()
+
+
+def _json_scalar(v: Any) -> Any:
+    """``v`` as a JSON value (bool/int/float/str/None, or a list of numbers), else ``_SKIP``."""
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.numel() == 1 else _SKIP
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, (tuple, list)):
+        vals = [_json_scalar(x) for x in v]
+        return vals if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals) else _SKIP
+    return _SKIP
 
 
 REQUIRED_KEYS = ("format_version", "n_steps", "checkpoints", "model", "optimizer", "lrs")

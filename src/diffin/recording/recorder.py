@@ -4,8 +4,11 @@
     for ids, x, y in loader:
         loss = criterion(model(x), y)
         opt.zero_grad(); loss.backward(); opt.step()
-        rec.step(ids, lr=opt.param_groups[0]["lr"])   # after opt.step()
-    rec.close()                                        # saves θ_T and the final manifest
+        rec.step(ids)            # after opt.step(): every group's lr is read from the optimizer
+    rec.close()                  # saves θ_T and the final manifest
+
+With gradient clipping, pass the threshold to the recorder too; with gradient accumulation, pass
+the ids of every micro-batch of the step (see :class:`Recorder`).
 
 The folder is a valid run up to its last checkpoint at all times: per-step learning rates, batch
 ids and batch offsets go to append-only logs as they come, and at every checkpoint the manifest is
@@ -23,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -43,15 +47,22 @@ from .._errors import (
     ResumeError,
     RunExistsError,
     UnsupportedOptimizerError,
+    UnsupportedOptimizerWarning,
 )
 from .._io import write_json, write_safetensors
 from .._version import __version__
-from .manifest import OptimizerSpec
+from .manifest import OptimizerSpec, group_hypers
 from .run import Checkpoint, Run, sha256_prefix
 
-_OURS = (C.MANIFEST, C.CHECKPOINT_DIR, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG,
+_OURS = (C.MANIFEST, C.CHECKPOINT_DIR, C.GROUP_LRS_LOG, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG,
          C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX)
-"""Every name a run folder (format 1 or 2) may hold; an ``overwrite=True`` removes them."""
+"""Every name a run folder (format 1, 2 or 3) may hold; an ``overwrite=True`` removes them."""
+
+_SWEEP_KINDS = "SGD, Adam or AdamW"
+_CLIP_SLACK = 1e-3
+"""Relative slack of the clipping check: ``clip_grad_norm_`` leaves a norm of at most
+``max_norm·‖g‖/(‖g‖ + 1e-6)``; a gradient norm above ``max_norm·(1 + _CLIP_SLACK)`` at
+``optimizer.step()`` was not clipped."""
 
 
 class Recorder:
@@ -61,25 +72,56 @@ class Recorder:
         path: run folder to create (or, with ``resume=True``, to continue).
         model: the module being trained. Its parameters are read at construction (θ_0), at
             every checkpoint and at :meth:`close` (θ_T).
-        optimizer: the optimizer (``torch.optim.SGD`` supports every Diff-In variant; others
-            are recorded by name). Without one, plain SGD with the per-step ``lr`` is assumed.
+        optimizer: the optimizer. Every param group (its parameters and hyper-parameters) is
+            recorded, every group's learning rate at every step is read from it, and checkpoints
+            hold its per-parameter state (momentum buffers, Adam's moments and step count, …).
+            ``SGD``, ``Adam`` and ``AdamW`` support every Diff-In variant; other optimizers (and
+            Adam's ``amsgrad``) record with an :class:`~diffin._errors.UnsupportedOptimizerWarning`:
+            'tracin', 'if-cg' and 'grad-dot' score them. Without an optimizer, plain SGD with the
+            ``lr`` passed to :meth:`step` is assumed.
         checkpoint_every: save θ every this many steps (θ_0 and θ_T are always saved).
         seed: the training seed, stored for reference.
         n_train: size of the training set, if known (ids are checked against it).
         overwrite: replace an existing recording at ``path``.
+        clip_grad_norm: the ``max_norm`` the training loop passes to
+            ``torch.nn.utils.clip_grad_norm_`` (over all trainable parameters, L2 norm) before every
+            ``optimizer.step()``, or ``None`` when it does not clip. Recorded so that scoring
+            replays the clipped steps; at every ``optimizer.step()`` the recorder checks that the
+            gradient norm is within it (:class:`~diffin._errors.RecordingError` otherwise).
         resume: continue the unfinished recording at ``path`` (killed, or interrupted by an
             exception) from its last checkpoint S: the logs are cut back to S and recording goes
-            on at step S (:attr:`steps`). The model (and the optimizer's SGD momentum buffers)
-            must hold the checkpoint's values already — load them with
-            :func:`restore_checkpoint` first — and the optimizer, ``checkpoint_every``, ``seed``
-            and ``n_train`` must be those of the recording (``seed`` / ``n_train`` left ``None``
-            take the recorded ones); otherwise :class:`~diffin._errors.ResumeError`. Only SGD
-            runs (or runs without an optimizer) can be resumed: other optimizers' state is not in
-            the checkpoints. A folder without a recording is simply started; a complete run is
-            refused.
+            on at step S (:attr:`steps`). The model and the optimizer's state (momentum
+            buffers, Adam's moments and step counts) must hold the checkpoint's values already —
+            load them with :func:`restore_checkpoint` first — and the optimizer, ``checkpoint_every``,
+            ``clip_grad_norm``, ``seed`` and ``n_train`` must be those of the recording (``seed`` /
+            ``n_train`` left ``None`` take the recorded ones); otherwise
+            :class:`~diffin._errors.ResumeError`. A folder without a recording is simply started;
+            a complete run is refused.
 
     Call :meth:`step` once after every ``optimizer.step()``; call :meth:`close` at the end
-    (or use the recorder as a context manager).
+    (or use the recorder as a context manager). The usual AdamW loop, with two param groups
+    (weight decay on weights only), a schedule, clipping and gradient accumulation::
+
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                 {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / T)))
+        with diffin.Recorder("runs/x", model, opt, checkpoint_every=50, clip_grad_norm=1.0) as rec:
+            for micro in steps:                          # micro: [(ids, x, y), …] of equal sizes
+                opt.zero_grad()
+                for ids, x, y in micro:
+                    (criterion(model(x), y) / len(micro)).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                rec.step([ids for ids, _, _ in micro])   # the step's batch: the union of its micro-batches
+                sched.step()
+
+    The learning rates recorded for a step are those the optimizer held when its ``step()`` ran
+    (the recorder registers a step pre-hook), so calling ``sched.step()`` before or after
+    :meth:`step` records the same. Hyper-parameters other than the learning rate (momentum,
+    betas, weight decay, …) must stay constant: changing one raises
+    :class:`~diffin._errors.UnsupportedOptimizerError`.
 
     Crash safety: the per-step logs are append-only raw files written at every step, and the
     manifest is rewritten atomically at every checkpoint with ``status: "recording"``, the
@@ -102,6 +144,7 @@ class Recorder:
         n_train: int | None = None,
         overwrite: bool = False,
         resume: bool = False,
+        clip_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise RecordingError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
@@ -113,6 +156,7 @@ class Recorder:
         self.checkpoint_every = checkpoint_every
         self.seed = seed
         self.n_train = n_train
+        self.clip_grad_norm = _check_clip(clip_grad_norm)
 
         params = dict(model.named_parameters())
         if not params:
@@ -130,8 +174,11 @@ class Recorder:
             self.trainable = [n for n, p in params.items() if p.requires_grad]
         if not self.trainable:
             raise RecordingError("no trainable parameters (none in the optimizer / requires_grad)")
-        self.opt_spec = OptimizerSpec.from_optimizer(optimizer)
-        self._hyper0 = self.opt_spec.hyper_of(optimizer) if optimizer is not None else None
+        self.opt_spec = OptimizerSpec.from_optimizer(optimizer, model)
+        self._n_groups = len(self.opt_spec.groups)
+        self._trainable_params = [params[n] for n in self.trainable]
+        self._stepped: list[dict[str, Any]] = []  # what the optimizer's pre-hook saw since the last step()
+        self._hook: Any = None
         first = params[self.trainable[0]]
         self.dtype = first.dtype
         self.device = first.device
@@ -164,8 +211,12 @@ class Recorder:
             self._resume()
         else:
             (self.path / C.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-            self._lrs_log = _Log(self.path / C.LRS_LOG, C.LRS_DTYPE)
+            self._lrs_log = _Log(self.path / C.GROUP_LRS_LOG, C.LRS_DTYPE)
             self._checkpoint()
+        if optimizer is not None:
+            if not resume:
+                _warn_without_rule(self.opt_spec)
+            self._hook = optimizer.register_step_pre_hook(self._pre_step)
 
     # ------------------------------------------------------------------ public
     @property
@@ -180,28 +231,20 @@ class Recorder:
         Args:
             ids: dataset indices of the samples in this step's batch (1-D ints), or ``None``
                 if the loop does not know them (then only checkpoint-based methods work).
-                Pass them on every step or on none.
-            lr: the learning rate η_t used by this step. Default: the optimizer's current lr.
+                Pass them on every step or on none. With gradient accumulation, a list or
+                tuple of the micro-batches' id arrays: the step's batch is their union
+                (concatenation). Scoring assumes the loop divides each micro-batch's mean loss
+                by the number of micro-batches, all of one size, so that the step's gradient
+                is the mean over the union.
+            lr: without an optimizer, the learning rate η_t of this step (required). With one,
+                leave it out: every group's rate is read from the optimizer as its ``step()``
+                used it; a value given must equal group 0's rate.
         """
         if self._closed:
             raise RecordingError("Recorder.step() called after close()")
-        if lr is None:
-            if self.optimizer is None:
-                raise RecordingError("pass lr= to step() when the Recorder has no optimizer")
-            lr = self.optimizer.param_groups[0]["lr"]
-        lr = float(lr)
-        if not np.isfinite(lr) or lr < 0:
-            raise RecordingError(f"learning rate must be finite and >= 0, got {lr}")
+        lrs = self._step_lrs(lr)
         if self.optimizer is not None:
-            if len({g["lr"] for g in self.optimizer.param_groups}) > 1:
-                raise UnsupportedOptimizerError(
-                    "param groups have different learning rates; diffin records one η_t per step"
-                )
-            if self.opt_spec.hyper_of(self.optimizer) != self._hyper0:
-                raise RecordingError(
-                    "momentum / dampening / nesterov / weight decay changed during training; "
-                    "diffin records them once. Keep them constant or start a new recording."
-                )
+            self._check_optimizer()
         has_ids = ids is not None
         if self._ids_recorded is not None and self._ids_recorded != has_ids:
             raise RecordingError(
@@ -209,11 +252,12 @@ class Recorder:
             )
         arr = None
         if has_ids:
-            arr = _as_ids(ids)
+            arr = _as_step_ids(ids)
             if self.n_train is not None and arr.size and int(arr.max()) >= self.n_train:
                 raise InvalidIdsError(
                     f"step {self._t}: id {int(arr.max())} is out of range for n_train={self.n_train}"
                 )
+        self._stepped.clear()
         # every check passed: append to the logs (ids first, the learning rate last)
         self._ids_recorded = has_ids
         if arr is not None:
@@ -227,10 +271,85 @@ class Recorder:
                 self._max_id = max(self._max_id, int(arr.max()))
             self._batch_sizes.add(int(arr.size))
             self._offsets_log.append(np.array([self._n_ids], dtype=np.int64))
-        self._lrs_log.append(np.array([lr], dtype=np.float64))
+        self._lrs_log.append(lrs)
         self._t += 1
         if self._t % self.checkpoint_every == 0:
             self._checkpoint()
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Step pre-hook: the learning rates, hyper-parameters and gradient norm the step uses."""
+        seen: dict[str, Any] = {
+            "lrs": [float(g["lr"]) for g in optimizer.param_groups],
+            "hyper": group_hypers(optimizer),
+        }
+        if self.clip_grad_norm is not None:
+            grads = [p.grad.detach() for p in self._trainable_params if p.grad is not None and not p.grad.is_sparse]
+            if grads:
+                norms = torch.stack([torch.linalg.vector_norm(g, 2).to(torch.float64) for g in grads])
+                seen["grad_norm"] = float(torch.linalg.vector_norm(norms, 2))
+        self._stepped.append(seen)
+
+    def _step_lrs(self, lr: float | None) -> np.ndarray:
+        """Every group's learning rate of the step being recorded, (G,) float64, checked."""
+        if self.optimizer is None:
+            if lr is None:
+                raise RecordingError("pass lr= to step() when the Recorder has no optimizer")
+            lrs = np.array([float(lr)] * self._n_groups, dtype=np.float64)
+        else:
+            if len(self._stepped) > 1:
+                n = len(self._stepped)
+                self._stepped.clear()
+                raise RecordingError(
+                    f"optimizer.step() ran {n} times since the last "
+                    "Recorder.step(); call rec.step(ids) once after every optimizer.step()"
+                )
+            if self._stepped:
+                used = self._stepped[0]["lrs"]
+            else:  # the optimizer did not step through torch's hooks: read its current rates
+                used = [float(g["lr"]) for g in self.optimizer.param_groups]
+            lrs = np.array(used, dtype=np.float64)
+            if lr is not None and not np.isclose(float(lr), lrs[0], rtol=1e-12, atol=0.0):
+                raise RecordingError(
+                    f"step {self._t}: lr={float(lr)!r} was passed but the optimizer stepped with "
+                    f"lr={float(lrs[0])!r} (param group 0); leave lr= out, diffin reads every group's rate "
+                    "from the optimizer"
+                )
+        bad = lrs[~np.isfinite(lrs) | (lrs < 0)]
+        if bad.size:
+            raise RecordingError(f"learning rate must be finite and >= 0, got {float(bad[0])}")
+        if self._stepped and "grad_norm" in self._stepped[0]:
+            norm, c = self._stepped[0]["grad_norm"], self.clip_grad_norm
+            if c is not None and norm > c * (1 + _CLIP_SLACK):
+                raise RecordingError(
+                    f"step {self._t}: the gradient norm at optimizer.step() was {norm:.6g}, above "
+                    f"clip_grad_norm={c:g}: the loop did not clip. Call "
+                    f"torch.nn.utils.clip_grad_norm_(model.parameters(), {c:g}) after backward() and "
+                    "before optimizer.step(), or record without clip_grad_norm"
+                )
+        return lrs
+
+    def _check_optimizer(self) -> None:
+        """Refuse a change of the param groups or of a hyper-parameter other than the lr."""
+        assert self.optimizer is not None
+        seen = [h["hyper"] for h in self._stepped] + [group_hypers(self.optimizer)]
+        want = [g["hyper"] for g in self.opt_spec.groups]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        now = [[names.get(id(p), "?") for p in g["params"]] for g in self.optimizer.param_groups]
+        if now != [g["params"] for g in self.opt_spec.groups]:
+            raise UnsupportedOptimizerError(
+                f"step {self._t}: the optimizer's param groups changed during training (e.g. "
+                "add_param_group); diffin records them once. Keep them fixed or start a new recording"
+            )
+        for hypers in seen:
+            for j, (h, w) in enumerate(zip(hypers, want)):
+                if h != w:
+                    diff = sorted(k for k in set(h) | set(w) if h.get(k) != w.get(k))
+                    raise UnsupportedOptimizerError(
+                        f"step {self._t}: {', '.join(diff)} of param group {j} changed during training "
+                        f"({', '.join(f'{k}: {w.get(k)!r} -> {h.get(k)!r}' for k in diff)}); diffin "
+                        "records hyper-parameters other than the learning rate once. Keep them "
+                        "constant or start a new recording"
+                    )
 
     def close(self) -> Path:
         """Save θ_T (if not saved already) and the final manifest (``status: "complete"``).
@@ -242,7 +361,13 @@ class Recorder:
         self._write_manifest(C.STATUS_COMPLETE)
         self._close_logs()
         self._closed = True
+        self._remove_hook()
         return self.path
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def __enter__(self) -> Recorder:
         return self
@@ -344,7 +469,7 @@ class Recorder:
         self._created = m.get("created", self._created)
         self._recording_id = m.get("recording_id", self._recording_id)
         self._resumed_at = [*(int(x) for x in m.get("resumed_at", [])), s]
-        self._lrs_log = _Log(self.path / C.LRS_LOG, C.LRS_DTYPE, keep=s)
+        self._lrs_log = _Log(self.path / C.GROUP_LRS_LOG, C.LRS_DTYPE, keep=s * self._n_groups)
         bi = m.get("batch_ids", {"recorded": False})
         if bi.get("recorded"):
             self._ids_recorded = True
@@ -363,13 +488,10 @@ class Recorder:
     def _check_resumable(self, run: Run) -> None:
         run.check_model(self.model)
         problems = []
-        if not (self.opt_spec.assumed or self.opt_spec.kind == "SGD"):
-            problems.append(
-                f"the optimizer is {self.opt_spec.kind}, whose state the checkpoints do not hold "
-                "(only SGD runs can be resumed)"
-            )
-        elif self.opt_spec.to_json() != run.optimizer.to_json():
+        if self.opt_spec.to_json() != run.optimizer.to_json():
             problems.append(f"optimizer {self.opt_spec.to_json()} vs recorded {run.optimizer.to_json()}")
+        if self.clip_grad_norm != run.clip_grad_norm:
+            problems.append(f"clip_grad_norm={self.clip_grad_norm} vs recorded {run.clip_grad_norm}")
         if self.trainable != run.trainable:
             problems.append(f"trainable parameters {self.trainable} vs recorded {run.trainable}")
         if self.dtype != run.dtype:
@@ -398,19 +520,23 @@ class Recorder:
             tensors[C.PARAM_PREFIX + n] = prm.detach()
         for n, b in self.model.named_buffers():
             tensors[C.BUFFER_PREFIX + n] = b.detach()
-        has_momentum = False
-        if self.optimizer is not None and self.opt_spec.kind == "SGD":
-            named = dict(self.model.named_parameters())
-            for n in self.trainable:
-                buf = self.optimizer.state.get(named[n], {}).get("momentum_buffer")
-                if buf is not None:
-                    tensors[C.MOMENTUM_PREFIX + n] = buf.detach()
-                    has_momentum = True
+        entry: dict[str, Any] = {"step": step, "has_momentum": False, "optimizer_step": step}
+        if self.optimizer is not None:
+            state, steps, missing = _optimizer_state(self.optimizer, self.model, self.trainable)
+            for name, per_param in state.items():
+                for n, t in per_param.items():
+                    tensors[f"{C.OPTIM_PREFIX}{name}.{n}"] = t
+            for n, k in steps.items():
+                tensors[C.OPTIM_STEP_PREFIX + n] = torch.tensor(float(k), dtype=torch.float64)
+            entry["has_momentum"] = "momentum_buffer" in state
+            entry["optimizer_state"] = sorted(state)
+            if steps:
+                entry["optimizer_step"] = max(steps.values())
+            if missing:
+                entry["optimizer_state_missing"] = missing
         rel = f"{C.CHECKPOINT_DIR}/{C.CHECKPOINT_PATTERN.format(step=step)}"
         write_safetensors(self.path / rel, tensors, metadata={"step": str(step)})
-        self._checkpoints.append(
-            {"file": rel, "bytes": (self.path / rel).stat().st_size, "step": step, "has_momentum": has_momentum}
-        )
+        self._checkpoints.append({"file": rel, "bytes": (self.path / rel).stat().st_size, **entry})
         self._snapshot()
 
     def _checkpoint(self) -> None:
@@ -449,6 +575,7 @@ class Recorder:
             "checkpoints": list(self._checkpoints),
             "model": self._model_entry,
             "optimizer": self.opt_spec.to_json(),
+            "clip_grad_norm": self.clip_grad_norm,
             "seed": self.seed,
             "n_train": self.n_train,
             "lrs": self._snap["lrs"],
@@ -459,9 +586,10 @@ class Recorder:
     def _close_interrupted(self, exc_type: type[BaseException], exc: BaseException | None) -> None:
         """Close the run at its last checkpoint after an exception (see the class docstring)."""
         self._closed = True
+        self._remove_hook()
         self._close_logs()
         snap = self._snap
-        self._lrs_log.cut(snap["n_steps"])
+        self._lrs_log.cut(snap["lrs"]["count"])
         if snap["batch_ids"]["recorded"] and self._ids_log is not None and self._offsets_log is not None:
             self._ids_log.cut(snap["batch_ids"]["ids"]["count"])
             self._offsets_log.cut(snap["batch_ids"]["offsets"]["count"])
@@ -486,28 +614,27 @@ def restore_checkpoint(
     path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> int:
     """Load the last checkpoint of the run at ``path`` into ``model`` (parameters and buffers) and
-    ``optimizer`` (SGD momentum buffers; none when the checkpoint has none), so that a restarted
-    training loop continues a killed run exactly. Returns the checkpoint's step S: the loop
-    restarts at step S, i.e. with the batch it would have used for step S (seed the data order
-    so that it repeats, and skip the first S batches).
+    ``optimizer`` (its whole per-parameter state: SGD momentum buffers, Adam's ``exp_avg``,
+    ``exp_avg_sq`` and ``step``, …; a state the checkpoint does not hold is cleared), so that a
+    restarted training loop continues a killed run exactly. Returns the checkpoint's step S: the
+    loop restarts at step S, i.e. with the batch it would have used for step S (seed the data
+    order so that it repeats, skip the first S batches, and step a learning-rate scheduler S times).
 
     When ``path`` holds no recording yet, nothing is loaded and 0 is returned, so a restartable
     script can call it unconditionally before ``Recorder(path, ..., resume=True)``.
-    Raises :class:`~diffin._errors.ResumeError` for a non-SGD optimizer (its state is not in the
-    checkpoints) and the loading errors of :func:`diffin.load_run` for a damaged run.
+    Raises :class:`~diffin._errors.ResumeError` when the optimizer is not the recorded one or the
+    checkpoint lacks part of its state (a run of an older format with another optimizer than SGD,
+    or an optimizer keeping state that is not per-parameter), and the loading errors of
+    :func:`diffin.load_run` for a damaged run.
     """
     p = Path(path)
     if not p.is_dir() or not any((p / n).exists() for n in _OURS):
         return 0
-    spec = OptimizerSpec.from_optimizer(optimizer)
-    if optimizer is not None and spec.kind != "SGD":
-        raise ResumeError(
-            f"cannot restore the state of {spec.kind}: diffin's checkpoints hold SGD momentum only; "
-            "only SGD runs (or runs without an optimizer) can be resumed"
-        )
     run = Run(p)
     run.check_model(model)
     last = run.load_checkpoint(run.n_steps)
+    if optimizer is not None:
+        _check_restorable(run, last, optimizer)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, prm in named.items():
@@ -516,14 +643,76 @@ def restore_checkpoint(
             if n in last.buffers:
                 b.copy_(last.buffers[n])
     if optimizer is not None:
+        group_of = {id(prm): g for g in optimizer.param_groups for prm in g["params"]}
         for n in run.trainable:
             prm = named[n]
-            state = optimizer.state[prm]
-            if last.momentum is not None and n in last.momentum:
-                state["momentum_buffer"] = last.momentum[n].to(device=prm.device, dtype=prm.dtype).clone()
-            else:
-                state.pop("momentum_buffer", None)
+            state: dict[str, Any] = {}
+            for name, per_param in last.optimizer_state.items():
+                if n in per_param:
+                    state[name] = per_param[n].to(device=prm.device).clone()
+            if n in last.param_steps:
+                g = group_of.get(id(prm), {})
+                on_device = bool(g.get("capturable", False) or g.get("fused", False))
+                state["step"] = torch.tensor(
+                    float(last.param_steps[n]), dtype=_step_dtype(bool(g.get("fused", False))),
+                    device=prm.device if on_device else "cpu",
+                )
+            optimizer.state.pop(prm, None)
+            if state:
+                optimizer.state[prm] = state
     return run.n_steps
+
+
+def _check_restorable(run: Run, last: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    kind = type(optimizer).__name__
+    recorded = run.optimizer.kind if not run.optimizer.assumed else None
+    if recorded is not None and kind != recorded:
+        raise ResumeError(
+            f"cannot restore {kind}: the run at {run.path} was recorded with {recorded}; pass the "
+            "optimizer of the recording"
+        )
+    if last.optimizer_step is None:
+        raise ResumeError(
+            f"cannot restore the state of {kind}: the run at {run.path} was written in run format "
+            f"{run.format_version}, whose checkpoints hold SGD momentum only; record it again to "
+            "resume it"
+        )
+    missing = run._ckpt_entries[last.step].get("optimizer_state_missing")
+    if missing:
+        raise ResumeError(
+            f"cannot restore the state of {kind}: its checkpoint at step {last.step} lacks state "
+            f"that is not a tensor shaped like its parameter ({', '.join(missing[:5])}); such a run "
+            "cannot be resumed exactly. Record it again (overwrite=True)"
+        )
+
+
+def _step_dtype(fused: bool) -> torch.dtype:
+    """The dtype torch's own optimizers give ``state["step"]``."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, trainable: list[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int], list[str]]:
+    """The optimizer's per-parameter state: (state name → {parameter name → tensor shaped like the
+    parameter}, {parameter name → step count}, the "parameter: key" entries left out because they
+    are neither such a tensor nor ``step``)."""
+    named = dict(model.named_parameters())
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    steps: dict[str, int] = {}
+    missing: list[str] = []
+    for n in trainable:
+        prm = named[n]
+        for key, val in optimizer.state.get(prm, {}).items():
+            if key == "step" and (isinstance(val, (int, float)) or (torch.is_tensor(val) and val.numel() == 1)):
+                steps[n] = int(float(val))
+            elif torch.is_tensor(val) and val.shape == prm.shape and isinstance(key, str) and "." not in key:
+                state.setdefault(key, {})[n] = val.detach()
+            else:
+                missing.append(f"{n}: {key}")
+    return state, steps, missing
 
 
 class _Log:
@@ -569,8 +758,8 @@ class _Log:
 def _state_differences(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable: list[str], ck: Checkpoint
 ) -> list[str]:
-    """Names of the parameters, buffers and SGD momentum buffers whose current values are not
-    exactly the checkpoint's."""
+    """Names of the parameters, buffers and optimizer states whose current values are not exactly
+    the checkpoint's."""
     out = []
     named = dict(model.named_parameters())
     for n, prm in named.items():
@@ -580,13 +769,18 @@ def _state_differences(
         if n in ck.buffers and not torch.equal(b.detach().to("cpu"), ck.buffers[n]):
             out.append(f"buffer {n}")
     if optimizer is not None:
+        state, steps, _ = _optimizer_state(optimizer, model, trainable)
+        for name in sorted(set(state) | set(ck.optimizer_state)):
+            have, want = state.get(name, {}), ck.optimizer_state.get(name, {})
+            for n in trainable:
+                a, b = have.get(n), want.get(n)
+                if (a is None) != (b is None) or (
+                    a is not None and b is not None and not torch.equal(a.to("cpu"), b)
+                ):
+                    out.append(f"optimizer state {name} of {n}")
         for n in trainable:
-            buf = optimizer.state.get(named[n], {}).get("momentum_buffer")
-            want = ck.momentum.get(n) if ck.momentum is not None else None
-            if (buf is None) != (want is None) or (
-                buf is not None and want is not None and not torch.equal(buf.detach().to("cpu"), want)
-            ):
-                out.append(f"momentum buffer of {n}")
+            if steps.get(n) != ck.param_steps.get(n):
+                out.append(f"optimizer step count of {n}")
     return out
 
 
@@ -601,6 +795,46 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_clip(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RecordingError(
+            f"clip_grad_norm must be None (the loop does not clip) or the finite max_norm > 0 the loop "
+            f"passes to torch.nn.utils.clip_grad_norm_, got {value!r}"
+        )
+    return float(value)
+
+
+def _warn_without_rule(spec: OptimizerSpec) -> None:
+    """Warn when the sweep variants will not be able to score the run (no rule, or a setting the
+    rule refuses, e.g. amsgrad)."""
+    from ..trajectory.optim import get_rule  # noqa: PLC0415 - the trajectory layer imports recording
+
+    try:
+        rule = get_rule(spec.kind)
+        for g in spec.groups:
+            rule.check(g["hyper"])
+    except UnsupportedOptimizerError as e:
+        warnings.warn(
+            f"{e} — the run is recorded; 'tracin', 'if-cg' and 'grad-dot' will score it, but the "
+            f"Diff-In sweep variants (diffin, diffin-exact, diffin-frozen, diffin-expected) need "
+            f"{_SWEEP_KINDS} (without amsgrad or maximize).",
+            UnsupportedOptimizerWarning, stacklevel=3,
+        )
+
+
+def _as_step_ids(ids: Any) -> np.ndarray:
+    """The ids of one step: one 1-D array, or (gradient accumulation) a list / tuple of the
+    micro-batches' arrays, concatenated."""
+    if isinstance(ids, (list, tuple)) and ids and all(
+        isinstance(b, (list, tuple, np.ndarray, torch.Tensor)) for b in ids
+    ):
+        parts = [_as_ids(b) for b in ids]
+        return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return _as_ids(ids)
 
 
 def _as_ids(ids: Any) -> np.ndarray:

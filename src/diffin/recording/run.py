@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +45,39 @@ class Checkpoint:
     """θ and optimizer state at one recorded step.
 
     ``params``: every model parameter (trainable and frozen) by name; ``buffers``: module
-    buffers; ``momentum``: SGD momentum buffers of the trainable parameters, or ``None`` when
-    the optimizer had none yet (its next step then starts the buffer from the gradient).
+    buffers. ``optimizer_state``: state name → {trainable parameter name → tensor shaped like the
+    parameter}, e.g. ``{"momentum_buffer": ...}`` (SGD) or ``{"exp_avg": ..., "exp_avg_sq": ...}``
+    (Adam, AdamW); a state name (or a parameter under it) is absent when the optimizer had not
+    created it yet. ``optimizer_step``: the optimizer's step count k at this checkpoint (Adam's
+    ``state["step"]``; the checkpoint's step index for optimizers that keep no count, e.g. SGD, and
+    before the first step), ``None`` for a non-SGD run recorded before optimizer state was stored.
+    ``param_steps``: the step count of each parameter that has one (they differ only when some
+    parameters got no gradient on some steps). ``momentum``: ``optimizer_state["momentum_buffer"]``,
+    or ``None`` when the optimizer had none yet (its next step then starts the buffer from the
+    gradient).
     """
 
     step: int
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor] | None
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    optimizer_step: int | None = None
+    param_steps: dict[str, int] = field(default_factory=dict)
 
 
 class Run:
     """A validated, read-only view of a run folder written by :class:`diffin.Recorder`.
 
-    Steps are numbered t = 0 … T−1; step t moves θ_t to θ_{t+1} with learning rate
-    ``lrs[t]`` on the batch ``batch(t)``. Checkpoint steps are in 0 … T (0 and T always).
-    For a run that was not closed (``complete`` is False), T is its last checkpoint.
+    Steps are numbered t = 0 … T−1; step t moves θ_t to θ_{t+1} on the batch ``batch(t)`` with
+    learning rate ``group_lrs[t, j]`` for the parameters of param group j (``optimizer.groups``);
+    ``lrs`` is group 0's column. Checkpoint steps are in 0 … T (0 and T always). For a run that was
+    not closed (``complete`` is False), T is its last checkpoint.
+
+    Attributes set from the manifest: ``optimizer`` (:class:`OptimizerSpec`, with ``groups``),
+    ``group_lrs`` ((T, G) float64), ``lrs`` ((T,) float64), ``clip_grad_norm`` (the ``max_norm`` the
+    loop clipped the whole gradient to with ``torch.nn.utils.clip_grad_norm_``, or ``None``),
+    ``trainable``, ``param_shapes``, ``dtype``, ``checkpoint_steps``, ``n_steps``.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -73,8 +91,8 @@ class Run:
         self.interrupted: dict[str, Any] | None = m.get("interrupted")
         try:
             self.n_steps: int = int(m["n_steps"])
-            self.optimizer = OptimizerSpec.from_json(m["optimizer"])
             self.trainable: list[str] = list(m["model"]["trainable"])
+            self.optimizer = OptimizerSpec.from_json(m["optimizer"], self.trainable)
             self.param_shapes: dict[str, tuple[int, ...]] = {
                 p["name"]: tuple(p["shape"]) for p in m["model"]["parameters"]
             }
@@ -96,12 +114,28 @@ class Run:
             self._check_file(entry)
             self._check_safetensors_header(entry)
         read = self._read_log_v1 if self.format_version == 1 else self._read_log
-        self.lrs: np.ndarray = read(m["lrs"], C.LRS_DTYPE).astype(np.float64)
-        if self.lrs.shape != (self.n_steps,) or not np.all(np.isfinite(self.lrs)):
+        self.clip_grad_norm: float | None = _clip_entry(m.get("clip_grad_norm"), self.path)
+        n_groups = len(self.optimizer.groups) or 1
+        if self.format_version >= 3 and self.optimizer.groups:
+            named = [n for g in self.optimizer.groups for n in g["params"]]
+            if sorted(named) != sorted(self.trainable):
+                raise CorruptManifestError(
+                    f"{self.path / C.MANIFEST}: the optimizer's groups hold {sorted(named)[:5]} but the "
+                    f"trainable parameters are {self.trainable[:5]}; the manifest is damaged"
+                )
+        lrs = read(m["lrs"], C.LRS_DTYPE).astype(np.float64)
+        if self.format_version < 3:
+            n_groups = 1
+        if lrs.shape != (self.n_steps * n_groups,) or not np.all(np.isfinite(lrs)):
             raise TruncatedFileError(
-                f"{self.path / m['lrs']['file']}: expected {self.n_steps} finite learning rates, "
-                f"found shape {self.lrs.shape}"
+                f"{self.path / m['lrs']['file']}: expected {self.n_steps} finite learning rates for each "
+                f"of {n_groups} param group(s), found {lrs.size} values"
             )
+        group_lrs = lrs.reshape(self.n_steps, n_groups)
+        if n_groups != len(self.optimizer.groups):  # format 1/2: one rate for every group
+            group_lrs = np.repeat(group_lrs[:, :1], max(len(self.optimizer.groups), 1), axis=1)
+        self.group_lrs: np.ndarray = np.ascontiguousarray(group_lrs)
+        self.lrs: np.ndarray = np.ascontiguousarray(self.group_lrs[:, 0])
         bi = m.get("batch_ids", {"recorded": False})
         self.has_batch_ids: bool = bool(bi.get("recorded", False))
         self._ids: np.ndarray | None = None
@@ -186,7 +220,8 @@ class Run:
         if self.complete or self.format_version == 1:
             return self.n_steps
         p = self.path / self.manifest["lrs"]["file"]
-        logged = p.stat().st_size // np.dtype(C.LRS_DTYPE).itemsize
+        per_step = self.group_lrs.shape[1] if self.format_version >= 3 else 1
+        logged = p.stat().st_size // (np.dtype(C.LRS_DTYPE).itemsize * per_step)
         at = self.interrupted.get("at_step") if isinstance(self.interrupted, dict) else None
         return max(self.n_steps, logged, at if isinstance(at, int) else 0)
 
@@ -247,7 +282,9 @@ class Run:
         path = self.path / entry["file"]
         params: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
-        momentum: dict[str, torch.Tensor] = {}
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        steps: dict[str, int] = {}
+        old_momentum = self.format_version < 3
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as fh:
                 for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -256,11 +293,16 @@ class Run:
                         params[key[len(C.PARAM_PREFIX) :]] = t
                     elif key.startswith(C.BUFFER_PREFIX):
                         buffers[key[len(C.BUFFER_PREFIX) :]] = t
-                    elif key.startswith(C.MOMENTUM_PREFIX):
-                        momentum[key[len(C.MOMENTUM_PREFIX) :]] = t
+                    elif key.startswith(C.OPTIM_STEP_PREFIX):
+                        steps[key[len(C.OPTIM_STEP_PREFIX) :]] = int(t.item())
+                    elif key.startswith(C.OPTIM_PREFIX):
+                        name, _, pname = key[len(C.OPTIM_PREFIX) :].partition(".")
+                        state.setdefault(name, {})[pname] = t
+                    elif old_momentum and key.startswith(C.MOMENTUM_PREFIX):
+                        state.setdefault("momentum_buffer", {})[key[len(C.MOMENTUM_PREFIX) :]] = t
         except Exception as e:  # safetensors raises its own error types
             raise TruncatedFileError(f"{path}: cannot be read ({e})") from e
-        for name, t in {**params, **momentum}.items():
+        for name, t in [*params.items(), *((f"{s}.{n}", t) for s, d in state.items() for n, t in d.items())]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteCheckpointError(
                     f"{path}: tensor {name!r} holds NaN or Inf (training diverged before step "
@@ -269,8 +311,16 @@ class Run:
         missing = [n for n in self.param_shapes if n not in params]
         if missing:
             raise TruncatedFileError(f"{path}: parameters missing from the checkpoint: {missing}")
-        has_m = bool(entry.get("has_momentum", False))
-        return Checkpoint(step, params, buffers, momentum if has_m else None)
+        if old_momentum and not entry.get("has_momentum", False):
+            state.pop("momentum_buffer", None)
+        opt = self.optimizer
+        if steps:
+            k: int | None = max(steps.values())
+        elif self.format_version >= 3 or opt.kind == "SGD" or opt.assumed:
+            k = int(entry.get("optimizer_step", step))
+        else:
+            k = None  # a non-SGD run of format 1/2: its optimizer state was not recorded
+        return Checkpoint(step, params, buffers, state.get("momentum_buffer"), state, k, steps)
 
     def _check_file(self, entry: dict[str, Any]) -> None:
         _check_entry(self.path, entry)
@@ -372,6 +422,17 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
     return m
+
+
+def _clip_entry(value: Any, path: Path) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CorruptManifestError(
+            f"{path / C.MANIFEST}: clip_grad_norm must be null or a finite number > 0, got {value!r}; "
+            "the manifest is damaged"
+        )
+    return float(value)
 
 
 def sha256_prefix(path: Path, nbytes: int, chunk: int = 1 << 20) -> Any:
