@@ -71,3 +71,42 @@ def test_cli_bench(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert [r["method"] for r in doc["results"]] == ["diffin", "tracin"]
     assert "lds" not in doc
+
+
+def test_bench_setups_include_adam_and_clipping() -> None:
+    from diffin.bench import BENCH_SETUPS
+    from diffin.builtin import get_setup
+
+    assert {"mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups"} <= set(BENCH_SETUPS)
+    for name in BENCH_SETUPS:
+        get_setup(name)  # every listed setup exists
+
+
+def test_method_refused_by_name_gets_an_error_row(tmp_path, monkeypatch, capsys):
+    """A method that refuses the run (UnsupportedMethodError) leaves a row with its message; the
+    other methods are still scored, and a clipping run reports the share of clipped steps."""
+    import dataclasses
+
+    import diffin.bench as bench
+    from diffin._errors import UnsupportedMethodError
+    from diffin.builtin import setups
+
+    real = bench.score
+
+    def score(*a, method, **kw):
+        if method == "tracin":
+            raise UnsupportedMethodError("tracin cannot score this run; use diffin")
+        return real(*a, method=method, **kw)
+
+    monkeypatch.setattr(bench, "score", score)
+    tiny = setups.get_setup("tiny")
+    clipped = tiny.with_changes(name="tiny-clip", train=dataclasses.replace(tiny.train, clip_grad_norm=0.5))
+    monkeypatch.setitem(setups.SETUPS, "tiny-clip", clipped)
+    cfg = BenchConfig(methods="tracin,diffin", n_removed=6, lds_subsets=0)
+    doc = run_bench(["tiny-clip"], cfg, str(tmp_path / "b.json"), workdir=str(tmp_path / "w"), quiet=True)
+    bad, good = doc["results"]
+    assert bad == {"method": "tracin", "variant": "error: tracin cannot score this run; use diffin",
+                   "error": "tracin cannot score this run; use diffin"}
+    assert good["method"] == "diffin" and -1 <= good["pearson"] <= 1
+    assert doc["clip_grad_norm"] == 0.5 and 0 < doc["clipped_fraction"] <= 1
+    assert "of the steps clipped" in capsys.readouterr().out

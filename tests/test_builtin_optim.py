@@ -95,6 +95,18 @@ def test_trainer_is_the_users_loop(tmp_path: Path, tiny: DataSplit, name: str) -
     run = diffin.load_run(tmp_path / "run", model, n_train=60)
     assert run.n_steps == res.steps == len(lrs) == 2 * math.ceil(60 / 16)
     np.testing.assert_array_equal(run.lrs, [row[0] for row in lrs])
+    np.testing.assert_array_equal(run.group_lrs, lrs)  # (T, G): every group's rate at every step
+    assert run.optimizer.kind == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[cfg.optimizer]
+    groups = run.optimizer.groups
+    if cfg.weight_decay_on == "weights":
+        assert [g["params"] for g in groups] == [["0.weight", "2.weight"], ["0.bias", "2.bias"]]
+        assert [g["hyper"]["weight_decay"] for g in groups] == [cfg.weight_decay, 0.0]
+    else:
+        assert len(groups) == 1 and groups[0]["hyper"]["weight_decay"] == cfg.weight_decay
+    if cfg.optimizer != "sgd":
+        h = groups[0]["hyper"]
+        assert (h["beta1"], h["beta2"], h["eps"]) == (cfg.beta1, cfg.beta2, cfg.eps)
+    assert run.clip_grad_norm == cfg.clip_grad_norm
     if cfg.clip_grad_norm is None:
         assert res.clipped_fraction is None
     else:

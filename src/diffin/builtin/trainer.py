@@ -212,8 +212,7 @@ def train(
     t0 = time.perf_counter()
     last = float("nan")
     with Recorder(run_dir, model, optimizer=opt, checkpoint_every=every, seed=config.seed,
-                  n_train=int(x.shape[0]), overwrite=overwrite,
-                  **({} if clip is None else {"clip_grad_norm": clip})) as rec, \
+                  n_train=int(x.shape[0]), overwrite=overwrite, clip_grad_norm=clip) as rec, \
             progress_bar(total, "train", progress) as bar:
         for t, pos in enumerate(order):
             if rates is not None:
