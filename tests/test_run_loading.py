@@ -1,6 +1,6 @@
 """Reading a run back with :func:`diffin.load_run`: a named error for every missing, truncated or
 damaged file and malformed manifest, model/data mismatches, non-finite checkpoints, and runs
-written in the older run format 1."""
+written in the older run formats 1 and 2."""
 
 from __future__ import annotations
 
@@ -303,15 +303,111 @@ def test_non_finite_momentum(tmp_path: Path) -> None:
 
 
 
-# ---------------------------------------------------------------------- run format 1
-def to_format_1(run_dir: Path) -> None:
-    """Rewrite a closed format-2 run in the layout run format 1 wrote at ``close()``: ``.npy``
-    logs listed by byte count, no status other than complete, no log counts or hashes."""
+# ---------------------------------------------------------------------- run formats 1 and 2
+def to_format_2(run_dir: Path) -> None:
+    """Rewrite a closed one-group run of the current format in the layout run format 2 wrote: one
+    learning rate per step in ``lrs.f64``, SGD momentum under ``momentum.`` in the checkpoints and
+    no other optimizer state, no param groups or clipping threshold in the manifest."""
     m = read_manifest(run_dir)
-    lrs = np.fromfile(run_dir / C.GROUP_LRS_LOG, dtype="<f8").astype(np.float64)
+    assert m["format_version"] == 3 and len(m["optimizer"]["groups"]) == 1
+    (run_dir / C.GROUP_LRS_LOG).rename(run_dir / C.LRS_LOG)
+    m["lrs"]["file"] = C.LRS_LOG
+    for c in m["checkpoints"]:
+        path = run_dir / c["file"]
+        old = load_file(path)
+        new = {k: v for k, v in old.items() if k.startswith((C.PARAM_PREFIX, C.BUFFER_PREFIX))}
+        prefix = C.OPTIM_PREFIX + "momentum_buffer."
+        if m["optimizer"]["kind"] == "SGD":
+            new.update({C.MOMENTUM_PREFIX + k[len(prefix):]: v for k, v in old.items() if k.startswith(prefix)})
+        save_file(new, path, metadata={"step": str(c["step"])})
+        c["bytes"] = path.stat().st_size
+        for key in ("optimizer_state", "optimizer_step", "optimizer_state_missing"):
+            c.pop(key, None)
+    del m["optimizer"]["groups"], m["clip_grad_norm"]
+    m["format_version"] = 2
+    write_manifest(run_dir, m)
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.rglob("*"):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir()
+        else:
+            target.write_bytes(f.read_bytes())
+    return dst
+
+
+def test_format_2_sgd_run_still_loads(tmp_path: Path) -> None:
+    out = record(tmp_path / "v3", steps=5, every=2, momentum=0.5, weight_decay=1e-3, n_train=N_TRAIN)
+    to_format_2(copy_run(tmp_path / "v3", tmp_path / "v2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v2 = diffin.load_run(tmp_path / "v2", out["model"], n_train=N_TRAIN)
+    v3 = diffin.load_run(tmp_path / "v3")
+    assert v2.format_version == 2 and v2.complete and v2.clip_grad_norm is None
+    assert not any(k.startswith(C.OPTIM_PREFIX) for k in load_file(tmp_path / "v2" / ckpt_rel(2)))
+    assert v2.optimizer.groups == v3.optimizer.groups == [{
+        "params": NAMES,
+        "hyper": {"momentum": 0.5, "dampening": 0.0, "nesterov": False, "weight_decay": 1e-3, "maximize": False},
+    }]
+    np.testing.assert_array_equal(v2.group_lrs, np.asarray(out["lrs"])[:, None])
+    np.testing.assert_array_equal(v2.lrs, out["lrs"])
+    for s in v2.checkpoint_steps:
+        a, b = v2.load_checkpoint(s), v3.load_checkpoint(s)
+        assert a.optimizer_step == b.optimizer_step == s
+        assert sorted(a.optimizer_state) == sorted(b.optimizer_state) == (["momentum_buffer"] if s else [])
+        for n in NAMES:
+            assert torch.equal(a.params[n], b.params[n])
+            if s:
+                assert torch.equal(a.momentum[n], out["moms"][s][n])
+                assert torch.equal(a.optimizer_state["momentum_buffer"][n], b.optimizer_state["momentum_buffer"][n])
+
+
+def test_format_2_adam_run_loads_without_optimizer_state(tmp_path: Path) -> None:
+    model = make_model()
+    x, y = make_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.9), weight_decay=1e-2)
+    with diffin.Recorder(tmp_path / "v3", model, opt, checkpoint_every=2) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            rec.step(None)
+    to_format_2(copy_run(tmp_path / "v3", tmp_path / "v2"))
+    run = diffin.load_run(tmp_path / "v2", model)
+    [group] = run.optimizer.groups
+    assert group["params"] == NAMES
+    assert {k: group["hyper"][k] for k in ("beta1", "beta2", "eps", "weight_decay", "amsgrad")} == {
+        "beta1": 0.8, "beta2": 0.9, "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False}
+    assert "lr" not in group["hyper"]
+    ck = run.load_checkpoint(2)
+    assert ck.optimizer_state == {} and ck.optimizer_step is None and ck.momentum is None
+    with pytest.raises(diffin.recording.ResumeError, match="run format 2, whose checkpoints hold SGD momentum only"):
+        diffin.recording.restore_checkpoint(tmp_path / "v2", make_model(), torch.optim.Adam(make_model().parameters()))
+
+
+def test_format_2_run_with_unequal_groups_has_no_groups(tmp_path: Path) -> None:
+    """A format-2 run whose groups differed (e.g. weight decay on weights only) did not save them."""
+    record(tmp_path / "v3", steps=2, every=2)
+    to_format_2(tmp_path / "v3")
+    m = read_manifest(tmp_path / "v3")
+    m["optimizer"]["uniform_groups"] = False
+    write_manifest(tmp_path / "v3", m)
+    run = diffin.load_run(tmp_path / "v3")
+    assert run.optimizer.groups == [] and run.group_lrs.shape == (2, 1)
+
+
+def to_format_1(run_dir: Path) -> None:
+    """Rewrite a closed run in the layout run format 1 wrote at ``close()``: ``.npy``
+    logs listed by byte count, no status other than complete, no log counts or hashes."""
+    to_format_2(run_dir)
+    m = read_manifest(run_dir)
+    lrs = np.fromfile(run_dir / C.LRS_LOG, dtype="<f8").astype(np.float64)
     ids = np.fromfile(run_dir / C.BATCH_IDS_LOG, dtype="<i8").astype(np.int64)
     offsets = np.fromfile(run_dir / C.BATCH_OFFSETS_LOG, dtype="<i8").astype(np.int64)
-    for name in (C.GROUP_LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG):
+    for name in (C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG):
         (run_dir / name).unlink()
     write_npy(run_dir / C.V1_LRS, lrs)
     write_npy(run_dir / C.V1_BATCH_IDS, ids)
@@ -330,14 +426,7 @@ def to_format_1(run_dir: Path) -> None:
 @pytest.mark.filterwarnings("ignore::diffin._errors.UntrainedRowsWarning")
 def test_format_1_run_still_loads_and_scores(tmp_path: Path) -> None:
     out = record(tmp_path / "v2", steps=7, every=3, momentum=0.5, n_train=N_TRAIN)
-    (tmp_path / "v1").mkdir()
-    for f in (tmp_path / "v2").rglob("*"):
-        target = tmp_path / "v1" / f.relative_to(tmp_path / "v2")
-        if f.is_dir():
-            target.mkdir()
-        else:
-            target.write_bytes(f.read_bytes())
-    to_format_1(tmp_path / "v1")
+    to_format_1(copy_run(tmp_path / "v2", tmp_path / "v1"))
     assert sorted(p.name for p in (tmp_path / "v1").glob("*.npy")) == sorted(
         [C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS])
 

@@ -29,7 +29,8 @@ class OptimizerSpec:
     ``dampening``, ``nesterov``, ``weight_decay``, ``maximize`` for SGD; ``beta1``, ``beta2`` (torch's
     ``betas``), ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``decoupled_weight_decay`` for
     Adam / AdamW. Runs recorded before groups were stored load as one group holding every trainable
-    parameter, with the scalar fields below as its hyper-parameters.
+    parameter, with the scalar fields below as its hyper-parameters, when their groups were uniform;
+    otherwise (their groups' settings were not saved) ``groups`` is empty.
 
     The scalar fields (``momentum`` … ``maximize``) are group 0's, kept for the SGD recursion of
     docs/method.md §1 (:meth:`sgd_coefficients`); ``uniform_groups`` says whether every group had the
@@ -92,7 +93,7 @@ class OptimizerSpec:
         extra = {
             k: (list(v) if isinstance(v, tuple) else v)
             for k, v in g0.items()
-            if k != "params" and isinstance(v, (int, float, bool, tuple, str))
+            if k not in _NOT_HYPER and isinstance(v, (int, float, bool, tuple, str))
         }
         return cls(
             kind=kind,
@@ -118,13 +119,19 @@ class OptimizerSpec:
             return a, 1.0 + mu * a, mu * mu
         return a, a, mu  # θ' = θ − η v' = θ − η(a g + μ v)
 
+    def same_optimizer(self, other: OptimizerSpec) -> bool:
+        """Whether ``other`` describes the same update: class, groups and their hyper-parameters
+        (learning rates and the informative fields aside)."""
+        return (self.kind, self.assumed, self.groups) == (other.kind, other.assumed, other.groups)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any], trainable: list[str] | None = None) -> OptimizerSpec:
         """Read the manifest's optimizer entry. An entry without ``groups`` (written before groups
-        were recorded) gets one implicit group of ``trainable`` (when given)."""
+        were recorded) gets one implicit group of ``trainable`` (when given) if its groups were
+        uniform; otherwise its groups are unknown and stay empty."""
         try:
             spec = cls(**d)
         except TypeError as e:
@@ -137,7 +144,7 @@ class OptimizerSpec:
                 "optimizer entry of the manifest is malformed: groups must be a list of "
                 '{"params": [...], "hyper": {...}}; the file is damaged'
             )
-        if not spec.groups and trainable is not None:
+        if not spec.groups and trainable is not None and spec.uniform_groups:
             spec = replace(spec, groups=[{"params": list(trainable), "hyper": spec._implicit_hyper()}])
         return spec
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -178,6 +179,7 @@ class Recorder:
         self._n_groups = len(self.opt_spec.groups)
         self._trainable_params = [params[n] for n in self.trainable]
         self._stepped: list[dict[str, Any]] = []  # what the optimizer's pre-hook saw since the last step()
+        self._n_stepped = 0
         self._hook: Any = None
         first = params[self.trainable[0]]
         self.dtype = first.dtype
@@ -216,7 +218,7 @@ class Recorder:
         if optimizer is not None:
             if not resume:
                 _warn_without_rule(self.opt_spec)
-            self._hook = optimizer.register_step_pre_hook(self._pre_step)
+            self._hook = optimizer.register_step_pre_hook(_weak_hook(self))
 
     # ------------------------------------------------------------------ public
     @property
@@ -258,6 +260,7 @@ class Recorder:
                     f"step {self._t}: id {int(arr.max())} is out of range for n_train={self.n_train}"
                 )
         self._stepped.clear()
+        self._n_stepped = 0
         # every check passed: append to the logs (ids first, the learning rate last)
         self._ids_recorded = has_ids
         if arr is not None:
@@ -287,7 +290,11 @@ class Recorder:
             if grads:
                 norms = torch.stack([torch.linalg.vector_norm(g, 2).to(torch.float64) for g in grads])
                 seen["grad_norm"] = float(torch.linalg.vector_norm(norms, 2))
-        self._stepped.append(seen)
+        if len(self._stepped) < 2:  # two are enough to refuse "stepped twice"
+            self._stepped.append(seen)
+        else:
+            self._stepped[-1] = seen
+        self._n_stepped += 1
 
     def _step_lrs(self, lr: float | None) -> np.ndarray:
         """Every group's learning rate of the step being recorded, (G,) float64, checked."""
@@ -296,9 +303,10 @@ class Recorder:
                 raise RecordingError("pass lr= to step() when the Recorder has no optimizer")
             lrs = np.array([float(lr)] * self._n_groups, dtype=np.float64)
         else:
-            if len(self._stepped) > 1:
-                n = len(self._stepped)
+            if self._n_stepped > 1:
+                n = self._n_stepped
                 self._stepped.clear()
+                self._n_stepped = 0
                 raise RecordingError(
                     f"optimizer.step() ran {n} times since the last "
                     "Recorder.step(); call rec.step(ids) once after every optimizer.step()"
@@ -488,8 +496,12 @@ class Recorder:
     def _check_resumable(self, run: Run) -> None:
         run.check_model(self.model)
         problems = []
-        if self.opt_spec.to_json() != run.optimizer.to_json():
-            problems.append(f"optimizer {self.opt_spec.to_json()} vs recorded {run.optimizer.to_json()}")
+        mine, theirs = self.opt_spec, run.optimizer
+        if not mine.same_optimizer(theirs):
+            if (mine.kind, mine.assumed) != (theirs.kind, theirs.assumed):
+                problems.append(f"optimizer {_kind(mine)} vs recorded {_kind(theirs)}")
+            else:
+                problems.append(f"optimizer param groups {mine.groups} vs recorded {theirs.groups}")
         if self.clip_grad_norm != run.clip_grad_norm:
             problems.append(f"clip_grad_norm={self.clip_grad_norm} vs recorded {run.clip_grad_norm}")
         if self.trainable != run.trainable:
@@ -795,6 +807,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _kind(spec: OptimizerSpec) -> str:
+    return "none (plain SGD assumed)" if spec.assumed else spec.kind
+
+
+def _weak_hook(rec: Recorder) -> Any:
+    """The recorder's step pre-hook holding it weakly (an abandoned recorder is not kept alive)."""
+    ref = weakref.ref(rec)
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        r = ref()
+        if r is not None and not r._closed:
+            r._pre_step(optimizer, args, kwargs)
+
+    return hook
 
 
 def _check_clip(value: Any) -> float | None:
