@@ -7,9 +7,10 @@ Everything an estimator needs is here, built on ``torch.func`` and autograd:
 * per-sample inner products ``⟨v, ∇l_i(θ)⟩``            shape (B,) or (Q, B) for Q vectors
   as one forward-mode JVP of the per-sample losses (no (B, P) matrix is formed)
 * Hessian–vector products ``H_B(θ) v``                  shape (P,) or (Q, P)
-  by central or forward finite differences of first-order gradients, or exactly
-  (double-backward autograd) as the reference mode
+  by central or forward finite differences of first-order gradients, or exactly by double
+  backward, which gives the batch's inner products ⟨v, ∇l_i(θ)⟩ from the same pass
 * mixed second directional derivatives ``aᵀ ∇²l_i(θ) b`` shape (B,) or (Q, B)
+  (exactly by triple backward, or by differences of JVPs)
 
 Estimators compose these; they never re-derive them. Losses are in the loss function's units;
 gradients in loss units per parameter unit; an HVP in loss units per parameter unit squared.
@@ -215,7 +216,9 @@ class FlatModel:
         With finite differences the per-sample losses at θ ± ε v̂ come free with the gradients
         there, so ``dots="fd"`` (the default for ``mode="central"``) gets the inner products as
         ``(l_i(θ+εv̂) − l_i(θ−εv̂)) / 2ε · ‖v‖`` at no extra pass. ``dots="jvp"`` computes them
-        exactly with one forward-mode pass.
+        exactly with one forward-mode pass. With ``mode="exact"`` the inner products are exact
+        whatever ``dots`` says: they come from the HVP's own backward pass
+        (:meth:`_exact_hvp_and_dots`).
 
         Shapes: v (P,) → (P,), (B,); v (Q, P) → (Q, P), (Q, B).
         """
@@ -228,8 +231,7 @@ class FlatModel:
         if dots == "auto":
             dots = "fd" if mode == "central" else "jvp"
         if mode == "exact":
-            hv = self._exact_hvp(theta, x, y, V)
-            d = self.dots(theta, x, y, V) if want_dots else None
+            hv, d = self._exact_hvp_and_dots(theta, x, y, V, want_dots)
         else:
             norms = V.norm(dim=1, keepdim=True)  # (Q, 1)
             safe = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -258,19 +260,42 @@ class FlatModel:
             return hv[0], (None if d is None else d[0])
         return hv, d
 
-    def _exact_hvp(self, theta: Tensor, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
-        """Reference HVP by reverse-over-reverse autograd (double backward), V (Q, P) → (Q, P).
+    def _exact_hvp_and_dots(
+        self, theta: Tensor, x: Tensor, y: Tensor, V: Tensor, want_dots: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """H_B(θ) v and the per-sample ⟨v, ∇l_i(θ)⟩ by double backward: V (Q, P) → (Q, P), (Q, B).
 
-        One forward pass and a gradient graph, then one more backward pass per vector. (Plain
-        autograd rather than ``torch.func``: no one-time transform set-up, which costs about a
-        second on the first call in a process.)
+        One forward pass and one backward pass that keeps its graph, with the per-sample weights
+        of the mean as an input u (u_i = 1/B): g(θ, u) = Σ_i u_i ∇l_i(θ) = ∇L_B(θ). Then one more
+        backward pass per vector v differentiates ⟨g, v⟩ with respect to both inputs:
+        ∂/∂θ = Σ_i u_i ∇²l_i(θ) v = H_B(θ) v, and ∂/∂u_i = ⟨v, ∇l_i(θ)⟩ — the inner products
+        come out of the same pass as the HVP, at the cost of a (B,) vector.
+
+        Measured on a batch of 128 of the speed setup with ReLU (MLP 784-128-10, float32, one
+        thread, CPU time per vector): 1.9 ms, against 3.7 ms for the double-backward HVP
+        followed by a separate forward-mode pass for the inner products, 3.7 ms for one
+        forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad`` with the losses as
+        auxiliary output, whose tangents are H_B v and the inner products), 2.2 ms for central
+        differences with their free inner products, and 0.9 ms for one batch gradient. (Plain
+        autograd rather than ``torch.func``: no one-time transform set-up either.)
         """
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.losses(th, x, y).mean(), th, create_graph=True)
-            rows = [torch.autograd.grad(g, th, grad_outputs=v, retain_graph=i < len(V) - 1)[0]
-                    for i, v in enumerate(V)]
-        return torch.stack(rows).detach()
+            losses = self.losses(th, x, y)
+            u = torch.full_like(losses.detach(), 1.0 / losses.shape[0]).requires_grad_(want_dots)
+            (g,) = torch.autograd.grad(losses, th, grad_outputs=u, create_graph=True)
+            inputs = (th, u) if want_dots else (th,)
+            hv, dots = [], []
+            for i, v in enumerate(V):
+                if g.requires_grad:
+                    parts = torch.autograd.grad(g, inputs, grad_outputs=v, retain_graph=i < len(V) - 1,
+                                                allow_unused=True)
+                else:  # the loss is linear in θ and the weights are constants: H_B = 0
+                    parts = (None,) * len(inputs)
+                hv.append(torch.zeros_like(theta) if parts[0] is None else parts[0])
+                if want_dots:
+                    dots.append(torch.zeros_like(u) if parts[1] is None else parts[1])
+        return torch.stack(hv).detach(), (torch.stack(dots).detach() if want_dots else None)
 
     def mixed_second(
         self,
@@ -281,20 +306,28 @@ class FlatModel:
         b: Tensor,
         mode: HvpMode = "exact",
         eps: float | None = None,
+        plus_dots: Tensor | None = None,
     ) -> Tensor:
         """Per-sample aᵀ ∇²l_i(θ) b, i.e. ∂²/∂s∂r l_i(θ + s·a + r·b) at 0.
 
-        ``mode="exact"``: forward-over-forward JVP. Otherwise the JVP along b is differenced
-        along a (central or forward). Shapes: a (P,) or (Q, P), b (P,) → (B,) or (Q, B).
+        ``mode="exact"``: by triple backward (see :meth:`_exact_mixed`). Otherwise the JVP along
+        b is differenced along a (central or forward). ``plus_dots`` w, of a's shape, adds the
+        first-order ⟨w, ∇l_i(θ)⟩ to each row (exact mode: from the same pass, at no extra cost;
+        the closed form needs ⟨H_B ∇f, G_z⟩ + ∇fᵀ H_z G_B). Shapes: a (P,) or (Q, P), b (P,)
+        → (B,) or (Q, B).
         """
         single = a.ndim == 1
         A = a.unsqueeze(0) if single else a
+        W = None if plus_dots is None else (plus_dots.unsqueeze(0) if single else plus_dots)
+        if W is not None and W.shape != A.shape:
+            raise ConfigError(f"plus_dots has shape {tuple(plus_dots.shape)}; it must match a's "
+                              f"{tuple(a.shape)}")
 
         def along_b(th: Tensor) -> Tensor:
             return jvp(lambda t2: self.losses(t2, x, y), (th,), (b,))[1]
 
         if mode == "exact":
-            out = vmap(lambda vec: jvp(along_b, (theta,), (vec,))[1])(A)
+            out = self._exact_mixed(theta, x, y, A, b, W)
         else:
             norms = A.norm(dim=1, keepdim=True)
             safe = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -305,7 +338,43 @@ class FlatModel:
                 out = (plus - minus) * (norms / (2 * e))
             else:
                 out = (plus - along_b(theta)) * (norms / e)
+            if W is not None:
+                out = out + self.dots(theta, x, y, W)
         return out[0] if single else out
+
+    def _exact_mixed(
+        self, theta: Tensor, x: Tensor, y: Tensor, A: Tensor, b: Tensor, W: Tensor | None
+    ) -> Tensor:
+        """Per-sample aᵀ ∇²l_i(θ) b (+ ⟨w, ∇l_i(θ)⟩) for the rows a of A (Q, P) → (Q, B).
+
+        With per-sample weights u as an input, g(θ, u) = Σ_i u_i ∇l_i(θ) (one backward pass with
+        graph), h(θ, u) = ∂/∂θ ⟨g, b⟩ = Σ_i u_i ∇²l_i(θ) b (a second one), and per row a the
+        derivative of ⟨h, a⟩ + ⟨g, w⟩ with respect to u_i is aᵀ ∇²l_i b + ⟨w, ∇l_i⟩: the first
+        three passes are shared by all Q rows. Measured on 4,096 MNIST samples through the MLP
+        784-128-10 (ReLU, float32, one thread, CPU time): 60 ms, against 83 ms for nested
+        forward-mode JVPs (``torch.func.jvp`` of a JVP) and 35 ms for one forward-mode pass of
+        inner products — so the closed form's ⟨H_B ∇f, G_z⟩ + ∇fᵀ H_z G_B costs 60 ms with
+        ``plus_dots`` against 95 ms as two calls.
+        """
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            losses = self.losses(th, x, y)
+            u = torch.ones_like(losses.detach()).requires_grad_(True)
+            (g,) = torch.autograd.grad(losses, th, grad_outputs=u, create_graph=True)
+            (h,) = torch.autograd.grad(g, th, grad_outputs=b, create_graph=True, allow_unused=True)
+            outs = [h] if W is None else [h, g]
+            keep = [o is not None and o.requires_grad for o in outs]
+            rows = []
+            for q in range(len(A)):
+                grads = [A[q]] if W is None else [A[q], W[q]]
+                pairs = [(o, v) for o, v, k in zip(outs, grads, keep) if k]
+                if not pairs:  # l_i is linear in θ and w is absent: every product is zero
+                    rows.append(torch.zeros_like(u))
+                    continue
+                (du,) = torch.autograd.grad([o for o, _ in pairs], u, grad_outputs=[v for _, v in pairs],
+                                            retain_graph=q < len(A) - 1, allow_unused=True)
+                rows.append(torch.zeros_like(u) if du is None else du)
+        return torch.stack(rows).detach()
 
 
 def _batch_len(x: Tensor | Sequence[Tensor]) -> int:
