@@ -209,14 +209,15 @@ class Recorder:
         self._offsets_log: _Log | None = None
         self._snap: dict[str, Any] = {}
         self._closed = False
-        if self._prepare_folder(overwrite, resume):
+        resumed = self._prepare_folder(overwrite, resume)
+        if resumed:
             self._resume()
         else:
             (self.path / C.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
             self._lrs_log = _Log(self.path / C.GROUP_LRS_LOG, C.LRS_DTYPE)
             self._checkpoint()
         if optimizer is not None:
-            if not resume:
+            if not resumed:  # warned when the recording started
                 _warn_without_rule(self.opt_spec)
             self._hook = optimizer.register_step_pre_hook(_weak_hook(self))
 
