@@ -5,7 +5,7 @@ changes, each a Hessian–vector product from finite differences of gradients.
 
     loader = DataLoader(diffin.with_ids(dataset), batch_size=64, shuffle=True)  # (ids, x, y)
     rec = diffin.Recorder("runs/x", model, optimizer=opt, checkpoint_every=50)
-    ... for ids, x, y in loader: ... rec.step(ids, lr=...) after every optimizer step ...; rec.close()
+    ... for ids, x, y in loader: ... rec.step(ids) after every optimizer step ...; rec.close()
     scores = diffin.influence("runs/x", model, loss_fn, train=dataset, target=(Xv, Yv))
 """
 
@@ -23,6 +23,7 @@ from ._errors import (
     RecordingError,
     UnknownMethodError,
     UnsupportedMethodError,
+    UnsupportedOptimizerWarning,
     UntrainedRowsWarning,
 )
 from ._version import __version__
@@ -54,6 +55,7 @@ __all__ = [
     "ScoreResult",
     "UnknownMethodError",
     "UnsupportedMethodError",
+    "UnsupportedOptimizerWarning",
     "UntrainedRowsWarning",
     "__version__",
     "influence",
