@@ -100,13 +100,38 @@ def test_method_refused_by_name_gets_an_error_row(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(bench, "score", score)
     tiny = setups.get_setup("tiny")
-    clipped = tiny.with_changes(name="tiny-clip", train=dataclasses.replace(tiny.train, clip_grad_norm=0.5))
-    monkeypatch.setitem(setups.SETUPS, "tiny-clip", clipped)
+    recipe = dataclasses.replace(tiny.train, optimizer="adamw", lr=0.01, weight_decay=0.01, schedule="cosine",
+                                 weight_decay_on="weights", clip_grad_norm=0.5)  # the user recipe, tiny
+    monkeypatch.setitem(setups.SETUPS, "tiny-clip", tiny.with_changes(name="tiny-clip", train=recipe))
     cfg = BenchConfig(methods="tracin,diffin", n_removed=6, lds_subsets=0)
     doc = run_bench(["tiny-clip"], cfg, str(tmp_path / "b.json"), workdir=str(tmp_path / "w"), quiet=True)
     bad, good = doc["results"]
     assert bad == {"method": "tracin", "variant": "error: tracin cannot score this run; use diffin",
                    "error": "tracin cannot score this run; use diffin"}
-    assert good["method"] == "diffin" and -1 <= good["pearson"] <= 1
+    assert good["method"] == "diffin" and good["variant"] == "diffin-exact" and -1 <= good["pearson"] <= 1
+    assert doc["optimizer"] == "adamw"
     assert doc["clip_grad_norm"] == 0.5 and 0 < doc["clipped_fraction"] <= 1
     assert "of the steps clipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_adam_speed_script(tmp_path, monkeypatch, capsys):
+    """benchmarks/adam_speed.py runs end to end on the tiny setup (its timings are not asserted)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adam_speed.py"
+    spec = importlib.util.spec_from_file_location("adam_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "a.json"
+    monkeypatch.setattr(sys, "argv", ["adam_speed.py", "--setup", "tiny", "--repeats", "1", "--rounds", "1",
+                                      "--json", str(out)])
+    mod.main()
+    doc = json.loads(out.read_text())
+    assert doc["variants"] == {"sgd": "diffin-exact", "adamw": "diffin-exact"}
+    assert doc["adamw_recipe"]["optimizer"] == "adamw" and doc["adamw_recipe"]["lr"] == 1e-3
+    assert doc["ratio_adamw_over_sgd"] == pytest.approx(doc["seconds"]["adamw"] / doc["seconds"]["sgd"], rel=1e-12)
+    assert all(len(v) == 1 and v[0] > 0 for v in doc["seconds_all"].values())
+    assert "AdamW run / on the SGD run" in capsys.readouterr().out
