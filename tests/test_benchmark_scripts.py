@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +37,37 @@ def test_lds_tails_on_tiny_setup(tmp_path, monkeypatch, capsys):
     assert -1.0 <= res["spearman_exact_vs_expected"] <= 1.0
     assert np.isfinite(res["actual_change_std"]) and res["actual_change_std"] > 0
     assert "diffin-exact" in capsys.readouterr().out
+
+
+def test_speed_setup_swaps_the_activation_only():
+    mod = _load("speed")
+    base, relu = mod.speed_setup("tanh"), mod.speed_setup("relu")
+    assert base.name == "speed" and relu.name == "speed-relu"
+    data = base.data()
+    kinds = [type(m) for m in relu.model(data).modules()]
+    assert torch.nn.ReLU in kinds and torch.nn.Tanh not in kinds
+    assert torch.nn.Tanh in [type(m) for m in base.model(data).modules()]
+    assert relu.train == base.train and relu.dtype == base.dtype
+    shapes = [p.shape for p in base.model(data).parameters()]
+    assert [p.shape for p in relu.model(data).parameters()] == shapes
+
+
+@pytest.mark.slow
+def test_speed_on_a_tiny_slice(tmp_path, monkeypatch, capsys):
+    mod = _load("speed")
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--n", "256", "--repeats", "1", "--threads", "1",
+                                      "--methods", "diffin-exact", "--naive-samples", "1", "--json", str(out)])
+    mod.main()
+    res = json.loads(out.read_text())
+    assert sorted(res["activations"]) == ["relu", "tanh"] and res["n"] == 256
+    for act, block in res["activations"].items():
+        assert block["train_seconds"] > 0 and len(block["train_seconds_all"]) == 1
+        (r,) = block["results"]
+        assert r["method"] == "diffin-exact" and r["activation"] == act and r["n"] == 256
+        assert r["seconds"] > 0 and r["x_training_run"] == pytest.approx(r["seconds"] / block["train_seconds"])
+    assert res["activations"]["relu"]["results"][0]["hvp"] == "exact"  # a kink: auto picks exact HVPs
+    assert res["naive_per_sample_seconds"] > 0
+    assert [(m["n"], m["activation"]) for m in res["memory_vs_n"]] == [(64, "tanh"), (128, "tanh"), (256, "tanh")]
+    assert "| relu | diffin-exact |" in res["markdown"]
+    assert "Training run, relu" in capsys.readouterr().out
