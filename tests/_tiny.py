@@ -165,3 +165,59 @@ def difference_scale(theta: torch.Tensor, target_grad: torch.Tensor, value: floa
     ‖∇f‖·‖θ‖·ε, and f itself is rounded at ε·|f|. Pass it as ``scale`` to :func:`assert_close`."""
     return float(target_grad.norm() * theta.norm()) + abs(float(value))
 
+
+
+def record_loop(
+    path: Path,
+    make_opt: object,  # (model) -> torch.optim.Optimizer
+    *,
+    n: int = 18,
+    d: int = 4,
+    k: int = 3,
+    batch: int = 6,
+    epochs: int = 2,
+    every: int = 3,
+    clip: float | None = None,
+    record_clip: float | None | str = "same",
+    micro: int = 1,
+    scheduler: object = None,  # (optimizer) -> LR scheduler, stepped after every step
+    warmup: int = 0,
+    seed: int = 0,
+) -> Tiny:
+    """Train the tiny tanh MLP (float64) with a user's loop: any optimizer, ``clip_grad_norm_`` at
+    ``clip``, ``micro`` equal micro-batches per step (each mean loss divided by ``micro``), an LR
+    scheduler; recorded with ``rec.step(ids)`` (no lr) and ``Recorder(clip_grad_norm=...)``
+    (``record_clip="same"``: the loop's threshold). ``warmup``: full-batch steps taken before
+    recording starts (the run then starts from a trained optimizer state)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Xv = torch.randn(8, d, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, k, (n,), generator=g)
+    Yv = torch.randint(0, k, (8,), generator=g)
+
+    def make() -> nn.Module:
+        return make_model("mlp", d, k)
+
+    model = make()
+    opt = make_opt(model)
+    sched = scheduler(opt) if scheduler is not None else None
+    for _ in range(warmup):
+        opt.zero_grad()
+        ce(model(X), Y).mean().backward()
+        opt.step()
+    rc = clip if record_clip == "same" else record_clip
+    with diffin.Recorder(path, model, optimizer=opt, checkpoint_every=every, n_train=n, clip_grad_norm=rc) as rec:
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n, batch):
+                parts = perm[s : s + batch].chunk(micro)
+                opt.zero_grad()
+                for p in parts:
+                    (ce(model(X[p]), Y[p]).mean() / len(parts)).backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                rec.step(list(parts) if micro > 1 else parts[0])
+                if sched is not None:
+                    sched.step()
+    return Tiny(path, make, ce, X, Y, Xv, Yv)

@@ -11,6 +11,7 @@ import diffin
 from _tiny import assert_close, difference_scale, record
 from diffin import _reference as ref
 from diffin._data import DataSource
+from diffin._errors import UnsupportedOptimizerWarning
 from diffin._functional import FlatModel
 from diffin.groundtruth import replay_removal
 from diffin.targets import MeanLoss, Target
@@ -284,18 +285,22 @@ def _record_in_order(path, model, opt, X, Y, batch):
             rec.step(list(range(s, s + batch)))
 
 
-def test_adam_runs_refuse_the_sweep_but_allow_tracin(tmp_path):
+def test_optimizers_without_a_rule_refuse_the_sweep_by_name_but_allow_tracin(tmp_path):
     X = torch.randn(12, 4, dtype=torch.float64)
     Y = torch.randint(0, 3, (12,))
     model = nn.Linear(4, 3).double()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    _record_in_order(tmp_path / "adam", model, opt, X, Y, batch=4)
+    opt = torch.optim.Adagrad(model.parameters(), lr=1e-2)
+    with pytest.warns(UnsupportedOptimizerWarning, match="Adagrad"):
+        _record_in_order(tmp_path / "adagrad", model, opt, X, Y, batch=4)
     loss = lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")  # noqa: E731
-    with pytest.raises(diffin.UnsupportedMethodError, match="Adam"):
-        diffin.influence(tmp_path / "adam", model, loss, train=(X, Y), target=(X, Y), method="diffin")
-    s = diffin.influence(tmp_path / "adam", model, loss, train=(X, Y), target=(X, Y), method="tracin",
-                         progress=False)
-    assert s.shape == (12,)
+    kw = dict(train=(X, Y), target=(X, Y), progress=False)
+    for method in ("diffin", "diffin-exact", "diffin-frozen", "diffin-expected", "tracin-every-step"):
+        with pytest.raises(diffin.UnsupportedMethodError, match=r"Adagrad.*'tracin'"):
+            diffin.influence(tmp_path / "adagrad", model, loss, method=method, **kw)
+    with pytest.raises(diffin.UnsupportedMethodError, match="closed form for SGD"):
+        diffin.influence(tmp_path / "adagrad", model, loss, method="diffin-closed-form", **kw)
+    s = diffin.influence(tmp_path / "adagrad", model, loss, method="tracin", **kw)
+    assert s.shape == (12,) and np.all(np.isfinite(s))
 
 
 def test_scores_ignore_the_model_objects_current_values(tmp_path):

@@ -196,9 +196,9 @@ def score(
     with _eval_mode(model), torch.no_grad():
         output = est_cls().score(ctx)
     seconds = time.perf_counter() - t0
-    if ctx._hvp_mode is not None:  # the estimator used Hessian-vector products
-        output.diagnostics["hvp"] = {"mode": ctx._hvp_mode, "reason": ctx.hvp_reason}
-        log.info("HVPs: %s (%s)", ctx._hvp_mode, ctx.hvp_reason)
+    if ctx.hvp_used is not None:  # the estimator used Hessian-vector products
+        output.diagnostics["hvp"] = ctx.hvp_used
+        log.info("HVPs: %s (%s)", ctx.hvp_used["mode"], ctx.hvp_used["reason"])
     np_dtype = torch.empty(0, dtype=fm.dtype).numpy().dtype
     scores = output.scores.detach().to("cpu").numpy().astype(np_dtype, copy=False)
     if not np.all(np.isfinite(scores)):

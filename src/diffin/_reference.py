@@ -3,7 +3,9 @@ estimator on a tiny model in float64:
 
 * dense Hessians and loops of autograd per-sample gradients;
 * the trajectory replayed with a real ``torch.optim.SGD`` on the module itself;
-* the explicit forward recursion of docs/method.md §4 (one sample at a time, dense Hessians);
+* the explicit forward recursion of docs/method.md §4 (one sample at a time, dense Hessians,
+  forward-mode derivatives of the optimizer's step) for any optimizer rule;
+* the metagradient: autograd through the whole recorded run unrolled as one program;
 * TracIn-CP and the checkpoint closed form (docs/method.md §4.2) sample by sample.
 
 Everything here loops in Python and forms P×P matrices: for tiny models only.
@@ -11,18 +13,30 @@ Everything here loops in Python and forms P×P matrices: for tiny models only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import jvp
 
 from ._data import DataSource
 from ._functional import FlatModel, LossFn
 from .recording.run import Run
+from .trajectory import TrainState, Trajectory
+from .trajectory.clipping import clip
 
 
 def dense_hessian(fm: FlatModel, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """∇²L_B(θ) of the mean loss on (x, y), shape (P, P)."""
     return torch.autograd.functional.hessian(lambda th: fm.losses(th, x, y).mean(), theta)
+
+
+def hessian_vector(fm: FlatModel, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """∇²L_B(θ)·v (P,) of the mean loss by ``torch.autograd.functional.hvp`` (double backward)."""
+    if not bool(v.any()):
+        return torch.zeros_like(v)
+    return torch.autograd.functional.hvp(lambda th: fm.losses(th, x, y).mean(), theta, v)[1]
 
 
 def loop_grads(fm: FlatModel, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -80,33 +94,48 @@ def forward_recursion(
     target_grad: Tensor,
     z: int | np.ndarray,
     convention: str = "keep",
+    states: list[tuple[dict[str, Tensor], int]] | None = None,
 ) -> float:
     """Score of sample z (or of removing the group z at once) by the explicit forward recursion
-    of docs/method.md §4, with dense Hessians.
+    of docs/method.md §4 (§4.3 for any optimizer rule), with Hessian-vector products by
+    ``torch.autograd.functional.hvp`` (not diffin's functional core).
 
-    Tracks the linearised change of (θ, v) when the samples are removed from every batch:
-    ``Δg_t`` = −Σ_{z∈S∩B} G_z/|B| (keep) or (k·G_B − Σ_{z∈S∩B} G_z)/(|B| − k) (renormalize; −G_B
-    when the whole batch goes) for a batch holding k of them (with multiplicity),
-    ``Δv' = μΔv + a(JΔθ + Δg)``, ``Δθ' = Δθ − η(α(JΔθ + Δg) + βΔv)`` with J = H_B + λI.
+    Tracks the linearised change (Δθ, Δs) of the parameters and the optimizer's state when the
+    samples are removed from every batch: the raw batch gradient changes by
+    ``Δg_t = H_B(θ_t)Δθ + Δg_rem``, with ``Δg_rem`` = −Σ_{z∈S∩B} G_z/|B| (keep) or
+    (k·G_B − Σ_{z∈S∩B} G_z)/(|B| − k) (renormalize; −G_B when the whole batch goes) for a batch
+    holding k of them (with multiplicity), and (Δθ', Δs') is the forward-mode derivative
+    (``torch.func.jvp``) of the recorded step ``(θ, s, g) ↦ rule.step(θ, s, clip(g), η_t, k)``
+    at (θ_t, s_t, g_t) along (Δθ, Δs, Δg_t). No adjoint code is involved.
+
+    ``thetas``: θ_0 … θ_T (P,) to linearise at; ``states``: (optimizer state, step count) at
+    each step, by default carried along ``thetas`` with the rule from checkpoint 0's state.
     Returns ⟨∇f(θ_T), Δθ_T⟩ (loss units).
     """
+    traj = Trajectory(run, fm, train)
+    rule = traj.rule
+    c = traj.clip_norm
     group = np.atleast_1d(np.asarray(z))
-    o = run.optimizer
-    P = thetas[0].numel()
-    d_theta = torch.zeros(P, dtype=thetas[0].dtype)
-    d_v = torch.zeros(P, dtype=thetas[0].dtype)
-    has_m0 = bool(run._ckpt_entries[0].get("has_momentum", False))
+    if states is None:
+        st = traj.state(0)
+        states = []
+        for t in range(run.n_steps):
+            states.append((st.opt, st.k))
+            _, x, y = traj.batch(t)
+            st = traj.advance(TrainState(thetas[t], st.opt, st.k), t, fm.loss_grad(thetas[t], x, y)[0])
+    d_theta = torch.zeros_like(thetas[0])
+    d_s: dict[str, Tensor] = {}
     for t in range(run.n_steps):
         ids = run.batch(t)
         x, y = train.get(ids)
         th = thetas[t]
-        J = dense_hessian(fm, th, x, y) + o.weight_decay * torch.eye(P, dtype=th.dtype)
+        opt, k_t = states[t]
         members = np.isin(ids, group)
         k = int(members.sum())
         B = len(ids)
-        dg = J @ d_theta
+        G = loop_grads(fm, th, x, y)
+        dg = hessian_vector(fm, th, x, y, d_theta)
         if k:
-            G = loop_grads(fm, th, x, y)
             removed = G[torch.as_tensor(members)].sum(0)
             if convention == "keep":
                 dg = dg - removed / B
@@ -114,10 +143,37 @@ def forward_recursion(
                 dg = dg - G.mean(0)
             else:
                 dg = dg + (k * G.mean(0) - removed) / (B - k)
-        eta = float(run.lrs[t])
-        a, alpha, beta = o.sgd_coefficients(t == 0 and o.momentum != 0 and not has_m0)
-        d_theta, d_v = d_theta - eta * (alpha * dg + beta * d_v), o.momentum * d_v + a * dg
+        lr = traj.lr(t)
+
+        def one_step(th_: Tensor, s_: dict[str, Tensor], g_: Tensor, lr=lr, k_t=k_t) -> tuple[Tensor, dict]:  # noqa: ANN001
+            return rule.step(th_, s_, clip(g_, c) if c is not None else g_, lr, k_t)
+
+        s_tan = {key: d_s.get(key, torch.zeros_like(th)) for key in opt}
+        _, (d_theta, d_s) = jvp(one_step, (th, opt, G.mean(0)), (d_theta, s_tan, dg))
     return float(target_grad @ d_theta)
+
+
+def metagradient(run: Run, fm: FlatModel, train: DataSource, target: Callable[[Tensor], Tensor]) -> Tensor:
+    """−∂f(θ_T)/∂c_z for every training sample (N,): reverse-mode autograd through the whole
+    recorded run unrolled as one differentiable program, each step
+    ``θ', s' = rule.step(θ, s, clip(∇_θ Σ_{i∈B_t} c_i·l_i(θ)/|B_t|), η_t, k)`` from checkpoint 0,
+    with per-sample weights c = 1 (removing z under ``keep`` sets c_z = 0, so this is the
+    first-order removal effect the sweep computes). ``target(θ_T) -> f`` (a scalar). Memory and
+    time grow with the whole run: for tiny models only.
+    """
+    traj = Trajectory(run, fm, train)
+    st = traj.state(0)
+    weights = torch.ones(len(train), dtype=st.theta.dtype, requires_grad=True)
+    with torch.enable_grad():
+        theta = st.theta.detach().clone().requires_grad_(True)
+        state = TrainState(theta, dict(st.opt), st.k)
+        for t in range(run.n_steps):
+            ids, x, y = traj.batch(t)
+            loss = (weights[torch.as_tensor(ids)] * fm.losses(state.theta, x, y)).sum() / len(ids)
+            (g,) = torch.autograd.grad(loss, state.theta, create_graph=True)
+            state = traj.advance(state, t, g)
+        (dw,) = torch.autograd.grad(target(state.theta), weights)
+    return -dw.detach()
 
 
 def tracin_cp(run: Run, fm: FlatModel, train: DataSource, target_grads) -> Tensor:  # noqa: ANN001

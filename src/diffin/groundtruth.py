@@ -1,6 +1,8 @@
 """Ground truth by replayed removal (docs/method.md §3), and LDS subsets.
 
-Retrain from the recorded θ_0 with the recorded batch sequence and learning rates, with a sample
+Retrain from the recorded θ_0 (and optimizer state) with the recorded batch sequence, learning
+rates and optimizer (every parameter group's settings; each run's own gradient clipped when the
+run clipped), through :class:`diffin.trajectory.Trajectory`, with a sample
 (or a group S) removed from every batch under the ``keep`` or ``renormalize`` convention, and
 report ``f(θ_T^{−S}) − f(θ_T)``, where θ_T is the replay with nothing removed (computed side by
 side with the same arithmetic, so replay rounding cancels). In float64 this is the exact
@@ -20,17 +22,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from ._api import _eval_mode
 from ._data import DataSource
 from ._errors import ConfigError, DataMismatchError, InvalidIdsError
 from ._functional import FlatModel, LossFn
 from ._progress import progress_bar
-from .config import CONVENTIONS, ScoreConfig
-from .estimators.base import ScoringContext
+from .config import CONVENTIONS
 from .recording.run import Run, load_run
 from .targets import make_target
+from .trajectory import TrainState, Trajectory, check_rule
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -87,16 +88,15 @@ def replay_removal(
     run_obj.check_model(model)
     if not run_obj.has_batch_ids:
         raise DataMismatchError("replayed removal needs the batch ids of every step; record them")
-    if not run_obj.optimizer.is_sgd:
-        raise DataMismatchError(f"replayed removal replays SGD; the run used {run_obj.optimizer.kind}")
+    check_rule(run_obj)  # a named error for optimizers without a rule
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
     src = DataSource(train, fm.dtype, fm.device)
     run_obj.check_ids(len(src))
     groups = _as_groups(remove, len(src))
     tgt = make_target(target, src, fm, pairwise=pairwise)
-    ctx = ScoringContext(run_obj, fm, src, tgt, ScoreConfig(), progress=progress)
+    traj = Trajectory(run_obj, fm, src)
     with _eval_mode(model), torch.no_grad():
-        theta_full, thetas = replay_many(ctx, groups, convention, memory_mb)
+        theta_full, thetas = replay_many(traj, groups, convention, memory_mb, progress=progress)
         base = tgt.values(fm, theta_full)
         if tgt.kind == "self":
             vals = torch.stack([tgt.values(fm, th)[g].sum() - base[g].sum()
@@ -112,22 +112,26 @@ def replay_removal(
 
 
 def replay_many(
-    ctx: ScoringContext, groups: list[np.ndarray], convention: str, memory_mb: float = 1024.0
+    traj: Trajectory, groups: list[np.ndarray], convention: str, memory_mb: float = 1024.0,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Train the full run and one run per removal group from θ_0; returns θ_T (P,), (K, P).
 
-    The full run travels with the first group of runs so its arithmetic (vmapped) is the same as
-    theirs.
+    Every run follows the recorded optimizer (its rule, per-group hyper-parameters and learning
+    rates, clipping of each run's own gradient). The full run travels with the first group of
+    runs so its arithmetic (vmapped) is the same as theirs.
     """
-    theta0, v0 = ctx.checkpoint(0)
+    start_state = traj.state(0)
+    theta0 = start_state.theta
     P = theta0.numel()
-    per_run = P * theta0.element_size() * (3 if ctx.run.optimizer.momentum else 2)
+    n_state = len(traj.rule.state_keys)
+    per_run = P * theta0.element_size() * (2 + n_state)
     width = max(1, int(memory_mb * 2**20 // per_run))
     finals: list[Tensor] = []
     full = theta0
-    N = ctx.n_train
-    bar = progress_bar(ctx.run.n_steps * ((len(groups) + width) // width), "replay", ctx.progress,
-                       unit="step")
+    N = len(traj.train) if traj.train is not None else 0
+    n_steps = traj.run.n_steps
+    bar = progress_bar(n_steps * ((len(groups) + width) // width), "replay", progress, unit="step")
     start = 0
     first = True
     while first or start < len(groups):
@@ -135,7 +139,7 @@ def replay_many(
         member = np.zeros((len(chunk) + (1 if first else 0), N), dtype=bool)
         for k, g in enumerate(chunk):
             member[k + (1 if first else 0), g] = True
-        th = _advance(ctx, theta0, v0, member, convention, bar)
+        th = _advance(traj, start_state, member, convention, bar)
         if first:
             full, th = th[0], th[1:]
         finals.append(th)
@@ -145,31 +149,22 @@ def replay_many(
     return full, (torch.cat(finals) if finals else theta0[None, :0])
 
 
-def _advance(
-    ctx: ScoringContext, theta0: Tensor, v0: Tensor | None, member: np.ndarray, convention: str,
-    bar: tqdm,
-) -> Tensor:
-    """Advance K runs (rows of ``member``: the ids each removes) through every recorded step."""
-    fm = ctx.fm
+def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm) -> Tensor:
+    """Advance K runs (rows of ``member``: the ids each removes) through every recorded step;
+    returns their θ_T (K, P)."""
     K = member.shape[0]
-    TH = theta0.expand(K, -1).clone()
-    V = None if v0 is None else v0.expand(K, -1).clone()
-
-    def weighted(th: Tensor, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return (fm.losses(th, x, y) * w).sum()
-
-    gfun = vmap(grad(weighted), in_dims=(0, 0, None, None))
-    for t in range(ctx.run.n_steps):
-        ids, x, y = ctx.batch(t)
-        keep = torch.as_tensor(~member[:, ids], dtype=TH.dtype)  # (K, B)
+    state = TrainState(state0.theta.expand(K, -1).clone(),
+                       {k: v.expand(K, -1).clone() for k, v in state0.opt.items()}, state0.k)
+    for t in range(traj.run.n_steps):
+        ids, x, y = traj.batch(t)
+        keep = torch.as_tensor(~member[:, ids], dtype=state.theta.dtype)  # (K, B)
         if convention == "keep":
             W = keep / len(ids)
         else:
             W = keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
-        G = gfun(TH, W, x, y)
-        TH, V = ctx.sgd_update(TH, V, t, G)
+        state, _ = traj.step(state, t, x, y, weights=W)
         bar.update()
-    return TH
+    return state.theta
 
 
 def lds_subsets(n_train: int, n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> np.ndarray:

@@ -3,14 +3,17 @@
 | name                 | module                 | needs                      |
 |----------------------|------------------------|----------------------------|
 | diffin               | diffin_sweep.py        | picks exact / expected     |
-| diffin-exact         | diffin_sweep.py        | batch ids, SGD             |
-| diffin-frozen        | diffin_sweep.py        | batch ids, SGD             |
-| diffin-expected      | diffin_sweep.py        | SGD                        |
-| diffin-closed-form   | diffin_closed_form.py  | checkpoints, learning rates|
+| diffin-exact         | diffin_sweep.py        | batch ids, optimizer rule  |
+| diffin-frozen        | diffin_sweep.py        | batch ids, optimizer rule  |
+| diffin-expected      | diffin_sweep.py        | optimizer rule             |
+| diffin-closed-form   | diffin_closed_form.py  | checkpoints, lrs; SGD only |
 | tracin               | tracin.py              | checkpoints, learning rates|
-| tracin-every-step    | tracin.py              | batch ids, SGD             |
+| tracin-every-step    | tracin.py              | batch ids, optimizer rule  |
 | if-cg, if-lissa      | influence_function.py  | final parameters           |
 | grad-dot, grad-cos   | gradient_similarity.py | final parameters           |
+
+"Optimizer rule": the run's optimizer has a rule in :mod:`diffin.trajectory.optim` (SGD, Adam,
+AdamW; with parameter groups, clipping and accumulation).
 """
 
 from . import (  # noqa: F401  (registration)

@@ -5,7 +5,7 @@ An estimator scores every training sample against a target:
     score(z) ≈ f(θ_T^{−z}) − f(θ_T)      (docs/method.md §2; positive = z helped)
 
 Subclasses set ``name`` (registering themselves), declare what they need from the recording
-(``needs_batch_ids``, ``needs_sgd``) and implement :meth:`Estimator.score`. They may read the
+(``needs_batch_ids``, ``needs_rule``) and implement :meth:`Estimator.score`. They may read the
 run, the functional model, the data and the target through :class:`ScoringContext`, and nothing
 else.
 """
@@ -13,9 +13,6 @@ else.
 from __future__ import annotations
 
 import logging
-import math
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from .._data import DataSource
-from .._errors import ConfigError, UnknownMethodError, UnsupportedMethodError
+from .._errors import UnknownMethodError, UnsupportedMethodError, UnsupportedOptimizerError
 from .._functional import FlatModel
 from .._progress import progress_bar
 from ..config import ScoreConfig
 from ..recording.run import Run
 from ..targets import Target
+from ..trajectory import ReplayDriftWarning, Trajectory, check_rule  # noqa: F401 - ReplayDriftWarning re-exported
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -45,10 +43,6 @@ NON_SMOOTH = (
 """Layers whose gradient jumps: finite-difference HVPs across them are unreliable."""
 
 
-class ReplayDriftWarning(UserWarning):
-    """Replaying training from a checkpoint did not land on the next checkpoint."""
-
-
 @dataclass
 class EstimatorOutput:
     """Scores (N,) or (N, Q) in loss units, the variant actually run, and diagnostics."""
@@ -60,7 +54,9 @@ class EstimatorOutput:
 
 
 class ScoringContext:
-    """What an estimator may touch: the run, the model as a function of θ, data and target."""
+    """What an estimator may touch: the run's trajectory (:class:`diffin.trajectory.Trajectory`:
+    checkpoints, batches, steps, replay), the model as a function of θ, data, target, config,
+    the HVP choice, progress bars and the removal groups."""
 
     def __init__(
         self,
@@ -80,7 +76,7 @@ class ScoringContext:
         self.config = config
         self.progress = progress
         self.n_train = len(train)
-        self.drift = 0.0  # largest relative replay drift seen (see replay_reversed)
+        self.trajectory = Trajectory(run, fm, train, memory_mb=config.replay_memory_mb)
         self._hvp_mode: str | None = None
         self.hvp_reason = ""
 
@@ -92,6 +88,14 @@ class ScoringContext:
         if self._hvp_mode is None:
             self._hvp_mode, self.hvp_reason = self._resolve_hvp()
         return self._hvp_mode
+
+    @property
+    def hvp_used(self) -> dict[str, str] | None:
+        """``{"mode", "reason"}`` once an estimator asked for :attr:`hvp_mode`, else None (the
+        estimator used no Hessian-vector products)."""
+        if self._hvp_mode is None:
+            return None
+        return {"mode": self._hvp_mode, "reason": self.hvp_reason}
 
     def _resolve_hvp(self) -> tuple[str, str]:
         """Central differences of gradients jump where a perturbation θ ± εv̂ crosses a kink
@@ -105,7 +109,7 @@ class ScoringContext:
         kinks = sorted({type(m).__name__ for m in self.fm.model.modules() if isinstance(m, NON_SMOOTH)})
         if kinks:
             return "exact", f"non-smooth layers {kinks}"
-        theta, _ = self.checkpoint(self.run.n_steps)
+        theta = self.trajectory.theta(self.run.n_steps)
         ids = np.arange(min(self.n_train, 256))
         x, y = self.train.get(ids)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -120,115 +124,6 @@ class ScoringContext:
         if rel > tol:
             return "exact", f"central differences off by {rel:.1e} (relative) on a probe batch"
         return "central", f"smooth model (probe agreement {rel:.1e})"
-
-    # ------------------------------------------------------------------ trajectory
-    def checkpoint(self, step: int) -> tuple[Tensor, Tensor | None]:
-        """θ_c (P,) and the SGD momentum buffer v_c (P,) or None, at a checkpoint step.
-
-        Buffers and frozen parameters of that checkpoint are installed in the functional model.
-        """
-        ck = self.run.load_checkpoint(step)
-        frozen = {n: t for n, t in ck.params.items() if n not in set(self.fm.spec.names)}
-        self.fm.set_constants({**frozen, **ck.buffers})
-        theta = self.fm.flatten(ck.params)
-        mom = self.fm.flatten(ck.momentum) if ck.momentum is not None else None
-        return theta, mom
-
-    def batch(self, t: int) -> tuple[np.ndarray, Tensor, Tensor]:
-        """Ids, inputs and targets of the recorded batch of step t."""
-        ids = self.run.batch(t)
-        x, y = self.train.get(ids)
-        return ids, x, y
-
-    def first_step_fresh(self, t: int) -> bool:
-        """True at step 0 when the optimizer started without momentum buffers (PyTorch then
-        initialises the buffer with the gradient itself)."""
-        return t == 0 and self.run.optimizer.momentum != 0 and not self._has_momentum0()
-
-    def _has_momentum0(self) -> bool:
-        return bool(self.run._ckpt_entries[0].get("has_momentum", False))
-
-    def sgd_step(
-        self, theta: Tensor, v: Tensor | None, t: int, x: Tensor, y: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """One recorded training step θ_t → θ_{t+1} (and momentum), as torch.optim.SGD does."""
-        g, _ = self.fm.loss_grad(theta, x, y)
-        return self.sgd_update(theta, v, t, g)
-
-    def sgd_update(
-        self, theta: Tensor, v: Tensor | None, t: int, g: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """Apply step t's SGD update given the batch gradient g (P,) (weight decay added here)."""
-        opt = self.run.optimizer
-        if opt.weight_decay:
-            g = g + opt.weight_decay * theta
-        eta = float(self.run.lrs[t])
-        a, alpha, beta = opt.sgd_coefficients(self.first_step_fresh(t))
-        if opt.momentum == 0:
-            return theta - eta * g, None
-        v_old = torch.zeros_like(theta) if v is None else v
-        return theta - eta * (alpha * g + beta * v_old), opt.momentum * v_old + a * g
-
-    def replay_reversed(self, c0: int, c1: int) -> Iterator[tuple[int, Tensor]]:
-        """Yield (t, θ_t) for t = c1−1 … c0, replaying training forward from checkpoint c0.
-
-        Memory holds at most about ``replay_memory_mb`` of states: when a segment's states do not
-        fit, anchors are kept every s steps and each stretch is replayed again (twice the replay
-        cost, memory O(√segment)). The replayed θ_{c1} is compared with the recorded one; the
-        relative drift is kept in ``self.drift`` and warned about when large.
-        """
-        theta, v = self.checkpoint(c0)
-        length = c1 - c0
-        per_state = theta.numel() * theta.element_size() * (2 if v is not None or
-                                                            self.run.optimizer.momentum else 1)
-        cap = max(2, int(self.config.replay_memory_mb * 2**20 // per_state))
-        stride = 1 if length <= cap else math.ceil(length / (cap // 2))
-        if stride > cap // 2 + 1:
-            raise ConfigError(
-                f"a segment of {length} steps needs more than {self.config.replay_memory_mb} MB of "
-                "replay memory even with two-level replay; raise replay_memory_mb or record "
-                "checkpoints more often"
-            )
-        anchors: list[tuple[int, Tensor, Tensor | None]] = []
-        stored: list[Tensor] = []
-        for t in range(c0, c1):
-            if stride == 1:
-                stored.append(theta)
-            elif (t - c0) % stride == 0:
-                anchors.append((t, theta, v))
-            _, x, y = self.batch(t)
-            theta, v = self.sgd_step(theta, v, t, x, y)
-        self._note_drift(c0, c1, theta)
-        if stride == 1:
-            for i in range(length - 1, -1, -1):
-                yield c0 + i, stored[i]
-            return
-        for t_a, th, vv in reversed(anchors):
-            end = min(t_a + stride, c1)
-            local: list[Tensor] = []
-            for t in range(t_a, end):
-                local.append(th)
-                _, x, y = self.batch(t)
-                th, vv = self.sgd_step(th, vv, t, x, y)
-            for i in range(len(local) - 1, -1, -1):
-                yield t_a + i, local[i]
-
-    def _note_drift(self, c0: int, c1: int, replayed: Tensor) -> None:
-        recorded, _ = self.checkpoint(c1)
-        start, _ = self.checkpoint(c0)
-        moved = float((recorded - start).norm())
-        rel = float((replayed - recorded).norm()) / max(moved, torch.finfo(recorded.dtype).tiny)
-        self.drift = max(self.drift, rel)
-        tol = 100 * torch.finfo(recorded.dtype).eps ** 0.5
-        if rel > tol:
-            warnings.warn(
-                f"replaying steps {c0}..{c1} from the checkpoint lands {rel:.2e} (relative to the "
-                f"segment's movement) away from the recorded checkpoint {c1}. The scores assume "
-                "the recorded loop is reproducible: same loss_fn (mean over the batch), the "
-                "recorded lr, no dropout/augmentation randomness, SGD as recorded.",
-                ReplayDriftWarning,
-                stacklevel=3,
-            )
 
     # ------------------------------------------------------------------ helpers
     def bar(self, total: int, desc: str) -> tqdm:
@@ -312,7 +207,9 @@ class Estimator:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_batch_ids: ClassVar[bool] = False
-    needs_sgd: ClassVar[bool] = False
+    needs_rule: ClassVar[bool] = False
+    """The estimator follows the optimizer's steps (docs/method.md §4.3): the run's optimizer needs
+    a rule in :mod:`diffin.trajectory.optim` (SGD, Adam, AdamW)."""
     supports_self: ClassVar[bool] = True
     linear_in_target: ClassVar[bool] = True
     """Scores are linear in the target's gradient ∇f, so the mean target's scores are the row mean
@@ -335,13 +232,13 @@ class Estimator:
                 "none. Pass ids to Recorder.step(ids, ...) when recording, or use "
                 "'diffin-expected', 'diffin-closed-form' or 'tracin'."
             )
-        if cls.needs_sgd and not run.optimizer.is_sgd:
-            o = run.optimizer
-            raise UnsupportedMethodError(
-                f"method {cls.name!r} unrolls torch.optim.SGD steps (momentum and weight decay "
-                f"included), but the run used {o.kind} (maximize={o.maximize}, uniform param "
-                f"groups={o.uniform_groups}). Use 'tracin' for this run."
-            )
+        if cls.needs_rule:
+            try:
+                check_rule(run)
+            except UnsupportedOptimizerError as e:
+                raise UnsupportedMethodError(
+                    f"method {cls.name!r} follows the optimizer's steps, which it cannot for this run: {e}"
+                ) from None
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:  # pragma: no cover - abstract
         raise NotImplementedError

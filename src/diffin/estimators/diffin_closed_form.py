@@ -13,6 +13,11 @@ by the symmetry of H_B (one HVP per checkpoint, then one JVP pass over all sampl
 mixed second directional derivative of l(z; θ) along ∇f and G_B (one nested JVP pass).
 ``first_order=True`` adds the TracIn-CP term of the same checkpoints. The truncation behind the
 formula, (I − tηH) ≈ I, holds only while t·η·‖H‖ ≪ 1; benchmarks show where it breaks.
+
+The formula is the paper's, for SGD: on a run trained with any other optimizer (Adam, AdamW,
+...) it is refused by name (:class:`diffin.UnsupportedMethodError`) rather than run with a
+meaning it does not have; ``diffin`` / ``diffin-exact`` follow those optimizers exactly. With
+parameter groups of different learning rates, η_t is group 0's (``Run.lrs``).
 """
 
 from __future__ import annotations
@@ -22,13 +27,25 @@ import torch
 from torch import vmap
 from torch.func import jvp
 
+from .._errors import UnsupportedMethodError
 from .._functional import fd_epsilon
+from ..recording.run import Run
 from .base import Estimator, EstimatorOutput, ScoringContext
 
 
 class DiffInClosedForm(Estimator):
     name = "diffin-closed-form"
     summary = "Diff-In closed form over checkpoints (paper's Eq. 9; truncated, no batch order)"
+
+    @classmethod
+    def check(cls, run: Run, target_kind: str = "mean") -> None:
+        super().check(run, target_kind)
+        if run.optimizer.kind != "SGD":
+            raise UnsupportedMethodError(
+                f"method {cls.name!r} is the paper's closed form for SGD; this run used "
+                f"{run.optimizer.kind}. Use 'diffin' (it follows {run.optimizer.kind}'s steps exactly) "
+                "or 'tracin'"
+            )
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         run, fm, cfg = ctx.run, ctx.fm, ctx.config
@@ -45,7 +62,7 @@ class DiffInClosedForm(Estimator):
         coefs: list[float] = []
         with ctx.bar(m, self.name) as bar:
             for c in steps:
-                theta, _ = ctx.checkpoint(c)
+                theta = ctx.trajectory.theta(c)
                 eta = float(run.lrs[min(c, run.n_steps - 1)])
                 coef = c * eta**2 / (N * m)
                 coefs.append(coef)

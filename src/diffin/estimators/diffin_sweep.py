@@ -1,35 +1,43 @@
-"""Diff-In by the backward (adjoint) sweep, docs/method.md §4.1.
+"""Diff-In by the backward (adjoint) sweep, docs/method.md §4.1 and §4.3, on any optimizer
+with a rule in :mod:`diffin.trajectory.optim` (SGD with momentum, Nesterov, dampening and weight
+decay; Adam; AdamW; parameter groups; gradient-norm clipping; accumulated micro-batches).
 
-For one target f, with the adjoint a_t = ∂f/∂θ_t (and b_t = ∂f/∂v_t for momentum SGD):
+With the adjoint (θ̄_t, s̄_t) = ∂f/∂(θ_t, s_t) of the training state (s: the optimizer's state):
 
-    a_T = ∇f(θ_T), b_T = 0
+    θ̄_T = ∇f(θ_T), s̄_T = 0
     for t = T−1 … 0:
-        (a, α, β) = the step's SGD coefficients:  v' = μv + a·g,  θ' = θ − η(α·g + β·v)
-        w   = a·b_{t+1} − η_t·α·a_{t+1}                 (how f moves with the step's gradient g)
+        (w, θ̄', s̄_t) = the transpose of step t's linearisation applied to (θ̄_{t+1}, s̄_{t+1})
+                        (``Trajectory.adjoint``: the optimizer rule, then the clip transpose;
+                        w is the coefficient of the step's raw batch gradient g)
         for z in B_t:  score(z) += ⟨w, Δg_z⟩            (keep: Δg_z = −G_z(θ_t)/|B_t|)
-        a_t = a_{t+1} + (H_{B_t}(θ_t) + λI)·w
-        b_t = μ·b_{t+1} − η_t·β·a_{t+1}
+        θ̄_t = θ̄' + H_{B_t}(θ_t)·w
 
-For plain SGD this is exactly  score(z) += (η_t/|B_t|)⟨a_{t+1}, G_z⟩,
-a_t = a_{t+1} − η_t(H_{B_t} + λI)a_{t+1}.  One batch HVP and one per-sample inner product per
+For plain SGD this is exactly  score(z) += (η_t/|B_t|)⟨θ̄_{t+1}, G_z⟩,
+θ̄_t = θ̄_{t+1} − η_t(H_{B_t} + λI)θ̄_{t+1}.  One batch HVP and one per-sample inner product per
 step serve every training sample together; with central differences both come from two
-gradient evaluations at θ_t ± εŵ.
+gradient evaluations at θ_t ± εŵ. Adam's and clipping's w depend on the step's gradient g:
+the replay keeps it with the state (within the memory budget); the frozen variants compute it
+at the frozen θ. SGD without clipping needs no g (its w does not depend on it).
 
-Variants differ in the θ_t used at step t:
+Variants differ in the state used at step t:
 
 * ``diffin-exact``  — replayed forward from the nearest earlier checkpoint (segment by segment).
-* ``diffin-frozen`` — the nearest earlier checkpoint itself (no replay).
-* ``diffin-expected`` — no batch ids: θ frozen at the checkpoint, H_{B_t} from proxy batches,
+* ``diffin-frozen`` — θ and the optimizer state (and its step count) of the nearest earlier
+  checkpoint (no replay); g is the batch gradient at that θ.
+* ``diffin-expected`` — no batch ids: frozen as above, H_{B_t} and g from proxy batches,
   each sample credited its expected share |B|/N of every step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..targets import Target
+from ..trajectory import TrainState, Trajectory
 from .base import Estimator as _Estimator
 from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, log
 
@@ -39,7 +47,7 @@ SELF_CHUNK = 64
 class _Sweep(_Estimator):
     """Shared driver: mean / pairwise targets in one sweep, self-influence in chunks."""
 
-    needs_sgd = True
+    needs_rule = True
     group_acc: GroupAccumulator | None = None
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
@@ -58,46 +66,31 @@ class _Sweep(_Estimator):
         if self.group_acc is not None:
             groups = self.group_acc.values
             groups = groups[:, 0] if tgt.kind == "mean" else groups
-        return EstimatorOutput(scores, self.name, {"replay_drift": ctx.drift}, group_scores=groups)
+        diag = {"replay_drift": ctx.trajectory.drift, "optimizer": ctx.run.optimizer.kind,
+                "clip_grad_norm": ctx.trajectory.clip_norm}
+        return EstimatorOutput(scores, self.name, diag, group_scores=groups)
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
-def _coefficients(ctx: ScoringContext, t: int, A: Tensor, Bv: Tensor | None) -> Tensor:
-    """w = a·b_{t+1} − η_t·α·a_{t+1}: the adjoint's coefficient of the step's gradient g."""
-    eta = float(ctx.run.lrs[t])
-    a, alpha, _ = ctx.run.optimizer.sgd_coefficients(ctx.first_step_fresh(t))
-    w = -eta * alpha * A
-    if Bv is not None:
-        w = w + a * Bv
-    return w
-
-
-def _adjoint_update(
-    ctx: ScoringContext, t: int, A: Tensor, Bv: Tensor | None, W: Tensor, HW: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """(a_t, b_t) from (a_{t+1}, b_{t+1}), w and H_{B_t}·w."""
-    opt = ctx.run.optimizer
-    A_new = A + HW
-    if opt.weight_decay:
-        A_new = A_new + opt.weight_decay * W
-    if Bv is not None:
-        _, _, beta = opt.sgd_coefficients(ctx.first_step_fresh(t))
-        Bv = opt.momentum * Bv - float(ctx.run.lrs[t]) * beta * A
-    return A_new, Bv
-
-
-def _start(ctx: ScoringContext, target: Target) -> tuple[Tensor, Tensor | None, Tensor]:
-    theta_T, _ = ctx.checkpoint(ctx.run.n_steps)
+def _start(ctx: ScoringContext, target: Target) -> tuple[Tensor, Tensor]:
+    """θ̄_T = ∇f(θ_T) (Q, P) and zero scores (N, Q)."""
+    theta_T = ctx.trajectory.theta(ctx.run.n_steps)
     A = target.grads(ctx.fm, theta_T)  # (Q, P)
-    Bv = torch.zeros_like(A) if ctx.run.optimizer.momentum else None
     scores = torch.zeros(ctx.n_train, A.shape[0], dtype=torch.float64, device=A.device)
-    return A, Bv, scores
+    return A, scores
+
+
+def _frozen(traj: Trajectory, c0: int, c1: int) -> Iterator[tuple[int, TrainState, Tensor | None]]:
+    """(t, the checkpoint's frozen state, None) for t = c1−1 … c0."""
+    at = traj.state(c0)
+    for t in range(c1 - 1, c0 - 1, -1):
+        yield t, traj.frozen_state(at, t, c0), None
 
 
 class DiffInExact(_Sweep):
-    """Backward sweep with θ_t replayed from the nearest earlier checkpoint (best, default)."""
+    """Backward sweep with the state replayed from the nearest earlier checkpoint (best, default)."""
 
     name = "diffin-exact"
     summary = "Diff-In backward sweep, θ_t replayed from checkpoints (needs batch ids)"
@@ -105,33 +98,33 @@ class DiffInExact(_Sweep):
     replay = True
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
-        cfg = ctx.config
-        A, Bv, scores = _start(ctx, target)
+        cfg, fm, traj = ctx.config, ctx.fm, ctx.trajectory
+        A, scores = _start(ctx, target)
+        S: dict[str, Tensor] = {}  # s̄: the adjoint of the optimizer's state
+        need_g = traj.needs_gradient
         if ctx.groups is not None and target.kind != "self":
             self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, A.shape[0], cfg.convention)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             for c0, c1 in reversed(ctx.run.segments):
-                if self.replay:
-                    states = ctx.replay_reversed(c0, c1)
-                else:
-                    theta_c, _ = ctx.checkpoint(c0)
-                    states = ((t, theta_c) for t in range(c1 - 1, c0 - 1, -1))
-                for t, theta in states:
-                    ids, x, y = ctx.batch(t)
-                    W = _coefficients(ctx, t, A, Bv)
-                    HW, d = ctx.fm.hvp_and_dots(
-                        theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps, dots=cfg.dots
+                states = traj.replay_reversed(c0, c1) if self.replay else _frozen(traj, c0, c1)
+                for t, state, g in states:
+                    ids, x, y = traj.batch(t)
+                    if g is None and need_g:
+                        g = traj.gradient(state.theta, x, y)
+                    W, A_direct, S = traj.adjoint(t, state, g, A, S)
+                    HW, d = fm.hvp_and_dots(
+                        state.theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps, dots=cfg.dots
                     )
                     add_removal_contrib(scores, ids, d, cfg.convention)
                     if self.group_acc is not None:
                         self.group_acc.add(ids, d)
-                    A, Bv = _adjoint_update(ctx, t, A, Bv, W, HW)
+                    A = A_direct + HW
                     bar.update()
         return scores
 
 
 class DiffInFrozen(DiffInExact):
-    """Backward sweep with θ frozen at the nearest earlier checkpoint (no replay)."""
+    """Backward sweep with θ and the optimizer state frozen at the nearest earlier checkpoint."""
 
     name = "diffin-frozen"
     summary = "Diff-In backward sweep, θ frozen at the nearest earlier checkpoint (needs batch ids)"
@@ -150,15 +143,16 @@ class DiffInExpected(_Sweep):
     summary = "Diff-In sweep from checkpoints and learning rates only (proxy batches)"
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
-        cfg = ctx.config
-        fm = ctx.fm
+        cfg, fm, traj = ctx.config, ctx.fm, ctx.trajectory
         N = ctx.n_train
         b = ctx.proxy_batch_size()
-        A, Bv, scores = _start(ctx, target)
+        A, scores = _start(ctx, target)
+        S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             for c0, c1 in reversed(ctx.run.segments):
-                theta, _ = ctx.checkpoint(c0)
+                at = traj.state(c0)
+                theta = at.theta
                 proxies = None
                 if cfg.proxy_batches is not None:
                     proxies = [rng.choice(N, size=b, replace=False) for _ in range(cfg.proxy_batches)]
@@ -167,10 +161,12 @@ class DiffInExpected(_Sweep):
                     ids = (proxies[(t - c0) % len(proxies)] if proxies is not None
                            else rng.choice(N, size=b, replace=False))
                     x, y = ctx.train.get(ids)
-                    W = _coefficients(ctx, t, A, Bv)
+                    state = traj.frozen_state(at, t, c0)
+                    g = traj.gradient(theta, x, y) if traj.needs_gradient else None
+                    W, A_direct, S = traj.adjoint(t, state, g, A, S)
                     W_sum += W
                     HW = fm.hvp(theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps)
-                    A, Bv = _adjoint_update(ctx, t, A, Bv, W, HW)
+                    A = A_direct + HW
                     bar.update()
                 D = torch.cat(
                     [fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)]
@@ -188,7 +184,7 @@ class DiffIn(_Estimator):
 
     name = "diffin"
     summary = "Diff-In, best variant the run allows: diffin-exact, else diffin-expected"
-    needs_sgd = True
+    needs_rule = True
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         chosen = DiffInExact if ctx.run.has_batch_ids else DiffInExpected

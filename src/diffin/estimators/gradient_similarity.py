@@ -19,7 +19,7 @@ class GradDot(Estimator):
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         fm, cfg = ctx.fm, ctx.config
-        theta, _ = ctx.checkpoint(ctx.run.n_steps)
+        theta = ctx.trajectory.theta(ctx.run.n_steps)
         coef = float(np.sum(ctx.run.lrs)) / ctx.n_train
         tgt = ctx.target
         if tgt.kind == "self":
@@ -42,7 +42,7 @@ class GradCos(Estimator):
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         fm = ctx.fm
         tgt = ctx.target
-        theta, _ = ctx.checkpoint(ctx.run.n_steps)
+        theta = ctx.trajectory.theta(ctx.run.n_steps)
         g = tgt.grads(fm, theta)  # (Q, P)
         gn = g.norm(dim=1).clamp(min=torch.finfo(g.dtype).tiny)
         rows = []

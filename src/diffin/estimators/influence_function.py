@@ -158,7 +158,7 @@ class _InfluenceFunction(Estimator):
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         fm, cfg = ctx.fm, ctx.config
         N = ctx.n_train
-        theta, _ = ctx.checkpoint(ctx.run.n_steps)
+        theta = ctx.trajectory.theta(ctx.run.n_steps)
         tgt = ctx.target
         curv = self.curvature(ctx, theta)
         if tgt.kind == "self":

@@ -35,11 +35,11 @@ from .._errors import ConfigError, MissingExtraError
 from .._io import write_json
 from .._optional import require
 from ..builtin.trainer import evaluate
-from ..config import ScoreConfig, config_field
-from ..estimators.base import Estimator, ScoringContext
+from ..config import config_field
+from ..estimators.base import Estimator
 from ..groundtruth import replay_many
 from ..report import Report, format_sizes, image_grid, score_histograms, text_table
-from ..targets import MeanLoss
+from ..trajectory import Trajectory
 from ._common import (
     Recipe,
     TaskInputs,
@@ -164,13 +164,13 @@ def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanC
     which = "test" if inp.test is not None else "val"
     fm, _, run = theta_final(inp, state.run)
     src = DataSource(inp.train, fm.dtype, fm.device)
-    ctx = ScoringContext(run, fm, src, MeanLoss(src), ScoreConfig(), progress=False)
+    traj = Trajectory(run, fm, src)
     rng = np.random.default_rng(cfg.seed + 17)
     groups = {"after": flagged, "random_removal": np.sort(rng.choice(inp.n_train, len(flagged), replace=False))}
     if inp.flipped is not None:
         groups["oracle_removal"] = np.flatnonzero(inp.flipped)
     with torch.no_grad():
-        full, thetas = replay_many(ctx, list(groups.values()), "renormalize")
+        full, thetas = replay_many(traj, list(groups.values()), "renormalize")
 
     def ev(th: torch.Tensor) -> dict[str, float]:
         res = evaluate(fm.model, *evalset, loss_fn=fm.loss_fn, params=fm.unflatten(th))

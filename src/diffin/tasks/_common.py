@@ -38,6 +38,7 @@ from ..builtin.trainer import TrainConfig
 from ..builtin.trainer import train as train_builtin
 from ..config import ScoreConfig
 from ..recording.run import Run, load_run
+from ..trajectory import Trajectory
 
 if TYPE_CHECKING:
     from ..builtin.setups import Setup
@@ -415,10 +416,7 @@ def theta_final(inp: TaskInputs, run: Run | None = None) -> tuple[FlatModel, Ten
     """The functional model and θ_T of the run (buffers installed)."""
     run = run or load_run(inp.run)
     fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
-    ck = run.load_checkpoint(run.n_steps)
-    fm.set_constants({**{n: t for n, t in ck.params.items() if n not in set(run.trainable)},
-                      **ck.buffers})
-    return fm, fm.flatten(ck.params), run
+    return fm, Trajectory(run, fm).theta(run.n_steps), run
 
 
 @torch.no_grad()

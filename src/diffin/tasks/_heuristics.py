@@ -22,10 +22,8 @@ from torch.func import functional_call
 from .._data import DataSource
 from .._errors import ConfigError
 from .._functional import FlatModel
-from ..config import ScoreConfig
-from ..estimators.base import ScoringContext
 from ..recording.run import Run
-from ..targets import MeanLoss
+from ..trajectory import Trajectory
 from ._common import TaskInputs, losses_at, theta_final
 
 HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting")
@@ -77,22 +75,22 @@ def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
     if not run.has_batch_ids:
         raise ConfigError("forgetting counts need the batch ids of every step")
     src = DataSource(inp.train, fm.dtype, fm.device)
-    ctx = ScoringContext(run, fm, src, MeanLoss(src), ScoreConfig(), progress=False)
+    traj = Trajectory(run, fm, src)
     N = inp.n_train
     last = np.zeros(N, dtype=bool)
     learned = np.zeros(N, dtype=bool)
     events = np.zeros(N, dtype=np.int64)
-    theta, v = ctx.checkpoint(0)
+    state = traj.state(0)
     with torch.no_grad():
         for t in range(run.n_steps):
-            ids, x, y = ctx.batch(t)
-            out = _logits(fm, theta, x)
+            ids, x, y = traj.batch(t)
+            out = _logits(fm, state.theta, x)
             _check_classifier(out, y)
             correct = (out.argmax(1) == y).numpy()
             events[ids] += last[ids] & ~correct
             last[ids] = correct
             learned[ids] |= correct
-            theta, v = ctx.sgd_step(theta, v, t, x, y)
+            state, _ = traj.step(state, t, x, y)
     score = events.astype(np.float64)
     score[~learned] = events.max() + 1
     return score

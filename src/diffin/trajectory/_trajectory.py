@@ -1,0 +1,389 @@
+"""A recorded run's training dynamics: checkpoints with their optimizer state, the batch of a
+step, one training step, and replay of a segment (docs/method.md §1, §4.3, §4.6).
+
+Estimators, ground truth and the tasks all go through :class:`Trajectory`; nothing else knows
+how an optimizer steps. The optimizer is one rule of :mod:`diffin.trajectory.optim` (chosen by
+the recorded ``torch.optim`` class name), with every hyper-parameter of every parameter group
+laid out per coordinate of the flat θ (``fm.spec.names`` gives the order): a float when all
+groups agree, else a (P,) vector. Gradient-norm clipping (``Recorder(..., clip_grad_norm=c)``)
+is applied to the raw batch gradient before the rule's step, as ``torch.nn.utils.clip_grad_norm_``
+does it over all trainable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .._data import DataSource
+from .._errors import ConfigError, MissingOptimizerStateError, UnsupportedOptimizerError
+from .._functional import FlatModel
+from ..recording.run import Run
+from .clipping import clip, clip_transpose
+from .optim import OptimizerRule, get_rule
+from .optim.base import Scalar
+from .optim.sgd import SGDRule
+
+# torch.optim group keys -> rule hyper keys (the rest are passed on unchanged)
+_BOOL_KEYS = ("nesterov", "maximize", "amsgrad", "decoupled", "foreach", "fused", "capturable",
+              "differentiable")
+_IGNORED = ("params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable")
+
+
+class ReplayDriftWarning(UserWarning):
+    """Replaying training from a checkpoint did not land on the next checkpoint."""
+
+
+@dataclass
+class TrainState:
+    """The training state before a step: θ (P,) or (K, P), the optimizer's state (name → tensor
+    shaped like θ; a name is absent while the optimizer has not created it, e.g. SGD's momentum
+    buffer before its first step, Adam's moments = zeros), and k, the number of optimizer steps
+    taken before (Adam's bias correction uses k + 1)."""
+
+    theta: Tensor
+    opt: dict[str, Tensor]
+    k: int
+
+
+def optimizer_groups(run: Run) -> list[dict[str, Any]]:
+    """The run's parameter groups ``[{"params": [names], "hyper": {...}}]`` (one implicit group
+    holding every trainable parameter for runs recorded without groups)."""
+    spec = run.optimizer
+    groups = getattr(spec, "groups", None)
+    if groups:
+        return [{"params": list(g["params"]), "hyper": dict(g.get("hyper", {}))} for g in groups]
+    if not spec.uniform_groups:
+        raise UnsupportedOptimizerError(
+            f"the run at {run.path} was recorded with parameter groups that differ, by a diffin that "
+            "did not save them; record it again with this diffin (it saves every group's settings), "
+            "or score with 'tracin' or 'if-cg'"
+        )
+    hyper: dict[str, Any] = dict(spec.extra)
+    hyper.update(weight_decay=spec.weight_decay, maximize=spec.maximize)
+    if spec.kind == "SGD":
+        hyper.update(momentum=spec.momentum, dampening=spec.dampening, nesterov=spec.nesterov)
+    return [{"params": list(run.trainable), "hyper": hyper}]
+
+
+def rule_hyper(kind: str, hyper: dict[str, Any]) -> dict[str, Any]:
+    """A group's torch hyper-parameters as the rule's keys (``betas`` → ``beta1``/``beta2``;
+    ``decoupled`` for AdamW or ``decoupled_weight_decay=True``)."""
+    out = {k: v for k, v in hyper.items() if k not in _IGNORED and k not in ("betas", "decoupled_weight_decay")}
+    if "betas" in hyper:
+        out["beta1"], out["beta2"] = (float(b) for b in hyper["betas"])
+    if kind in ("Adam", "AdamW"):
+        out["decoupled"] = kind == "AdamW" or bool(hyper.get("decoupled_weight_decay", False))
+    return out
+
+
+def check_rule(run: Run) -> type[OptimizerRule]:
+    """The rule of the run's optimizer, after checking every group's settings; raises
+    :class:`UnsupportedOptimizerError` (naming what to do) when there is none."""
+    kind = run.optimizer.kind
+    cls = get_rule(kind)
+    hypers = [rule_hyper(kind, g["hyper"]) for g in optimizer_groups(run)]
+    for h in hypers:
+        cls.check(h)
+    for key in sorted({k for h in hypers for k in h}):
+        vals = [h.get(key) for h in hypers]
+        if any(v != vals[0] for v in vals) and (
+            key in _BOOL_KEYS or any(isinstance(v, (bool, str)) or v is None for v in vals)
+        ):
+            raise UnsupportedOptimizerError(
+                f"{kind} parameter groups differ in {key!r} ({vals}); diffin models per-group numbers "
+                "(lr, weight decay, betas, eps, momentum, dampening), not per-group switches. Train with "
+                "one value of it, or score with 'tracin'"
+            )
+    return cls
+
+
+class Trajectory:
+    """The recorded dynamics of ``run`` for the functional model ``fm`` and training data
+    ``train`` (``None`` when only checkpoints are needed).
+
+    ``memory_mb`` bounds the states :meth:`replay_reversed` keeps per segment.
+    """
+
+    def __init__(self, run: Run, fm: FlatModel, train: DataSource | None = None, memory_mb: float = 1024.0):
+        self.run = run
+        self.fm = fm
+        self.train = train
+        self.memory_mb = memory_mb
+        self.clip_norm: float | None = getattr(run, "clip_grad_norm", None)
+        self.drift = 0.0  # largest relative replay drift seen (see replay_reversed)
+        self._rule: OptimizerRule | None = None
+        self._group_index: Tensor | None = None  # (P,) group of each coordinate
+        self._gfun: Callable[..., Tensor] | None = None
+
+    # ------------------------------------------------------------------ the optimizer
+    @property
+    def rule(self) -> OptimizerRule:
+        """The optimizer rule with per-coordinate hyper-parameters (built on first use; raises
+        :class:`UnsupportedOptimizerError` for optimizers without one)."""
+        if self._rule is None:
+            self._rule = self._build_rule()
+        return self._rule
+
+    def _build_rule(self) -> OptimizerRule:
+        kind = self.run.optimizer.kind
+        cls = check_rule(self.run)
+        groups = optimizer_groups(self.run)
+        names = self.fm.spec.names
+        where: dict[str, int] = {}
+        for gi, g in enumerate(groups):
+            for n in g["params"]:
+                where[n] = gi
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise UnsupportedOptimizerError(
+                f"trainable parameters {missing[:5]} are in none of the optimizer's recorded parameter "
+                "groups; give the optimizer every parameter the model trains"
+            )
+        gidx = torch.cat([torch.full((n,), where[name], dtype=torch.long)
+                          for name, n in zip(names, self.fm.spec.numels)]).to(self.fm.device)
+        self._group_index = gidx
+        hypers = [rule_hyper(kind, g["hyper"]) for g in groups]
+        merged: dict[str, Any] = {}
+        for key in sorted({k for h in hypers for k in h}):
+            vals = [h.get(key) for h in hypers]
+            if all(v == vals[0] for v in vals):
+                merged[key] = vals[0]
+            else:  # numbers (check_rule refused differing switches)
+                per = torch.as_tensor([float(v) for v in vals], dtype=self.fm.dtype, device=self.fm.device)
+                merged[key] = per[gidx]
+        return cls(merged)
+
+    @property
+    def needs_gradient(self) -> bool:
+        """Whether :meth:`adjoint` needs the step's raw batch gradient g: it does under clipping
+        and for every rule but SGD, whose adjoint is linear in the step with coefficients that do
+        not depend on g (the SGD sweep then costs no extra gradient per step)."""
+        return self.clip_norm is not None or not isinstance(self.rule, SGDRule)
+
+    def lr(self, t: int) -> Scalar:
+        """η_t: a float when every parameter group has the same learning rate at step t, else
+        a (P,) vector over θ's coordinates."""
+        glr = getattr(self.run, "group_lrs", None)
+        if glr is None or glr.ndim != 2 or glr.shape[1] == 1:
+            return float(self.run.lrs[t])
+        row = glr[t]
+        if np.all(row == row[0]):
+            return float(row[0])
+        _ = self.rule  # builds the group index
+        assert self._group_index is not None
+        return torch.as_tensor(row, dtype=self.fm.dtype, device=self.fm.device)[self._group_index]
+
+    # ------------------------------------------------------------------ checkpoints and batches
+    def theta(self, step: int) -> Tensor:
+        """θ (P,) at a checkpoint step; its buffers and frozen parameters are installed in the
+        functional model (works for any optimizer)."""
+        ck = self.run.load_checkpoint(step)
+        self._install(ck)
+        return self.fm.flatten(ck.params)
+
+    def _install(self, ck: Any) -> None:
+        names = set(self.fm.spec.names)
+        frozen = {n: t for n, t in ck.params.items() if n not in names}
+        self.fm.set_constants({**frozen, **ck.buffers})
+
+    def state(self, step: int) -> TrainState:
+        """The training state at a checkpoint: θ, the optimizer's state flattened like θ, and
+        its step count. Raises :class:`MissingOptimizerStateError` when the optimizer had taken
+        steps but the checkpoint holds none of its state (recorded by an older diffin)."""
+        rule = self.rule
+        ck = self.run.load_checkpoint(step)
+        self._install(ck)
+        theta = self.fm.flatten(ck.params)
+        raw = getattr(ck, "optimizer_state", None)
+        if raw is None:  # a Checkpoint without the optimizer_state field: SGD momentum only
+            raw = {"momentum_buffer": ck.momentum} if ck.momentum is not None else {}
+        k_rec = getattr(ck, "optimizer_step", None)
+        k = int(k_rec) if k_rec is not None else step
+        opt: dict[str, Tensor] = {}
+        for key in rule.state_keys:
+            named = raw.get(key)
+            if not named:
+                continue
+            lacking = [n for n in self.fm.spec.names if n not in named]
+            if lacking:
+                raise MissingOptimizerStateError(
+                    f"checkpoint {step} of {self.run.path} holds {key!r} for some parameters but not "
+                    f"for {lacking[:5]}; record the run again (every trained parameter needs its state)"
+                )
+            opt[key] = self.fm.flatten(named)
+        needed = self._needed_state_keys(rule)
+        absent = [key for key in needed if key not in opt]
+        if absent and (k_rec is None and step > 0 or k_rec is not None and k > 0):
+            raise MissingOptimizerStateError(
+                f"checkpoint {step} of {self.run.path} holds no {self.run.optimizer.kind} state "
+                f"({', '.join(absent)}) although the optimizer had taken steps: the run was recorded "
+                "by a diffin that did not save optimizer state. Record it again with this diffin, or "
+                "score with 'tracin' or 'if-cg', which do not follow the optimizer"
+            )
+        return TrainState(theta, opt, k)
+
+    @staticmethod
+    def _needed_state_keys(rule: OptimizerRule) -> tuple[str, ...]:
+        if isinstance(rule, SGDRule):
+            return rule.state_keys if rule.uses_momentum() else ()
+        return rule.state_keys
+
+    def frozen_state(self, at: TrainState, t: int, c0: int) -> TrainState:
+        """The state used at step t of the segment starting at checkpoint c0 by the frozen
+        variants: θ, optimizer state and step count of the checkpoint. Past the segment's first
+        step every state the rule keeps exists (zeros where the checkpoint had none yet), so a
+        rule's first-step form (SGD's fresh momentum buffer) applies only where it did."""
+        if t == c0:
+            return at
+        opt = dict(at.opt)
+        for key in self._needed_state_keys(self.rule):
+            if key not in opt:
+                opt[key] = torch.zeros_like(at.theta)
+        return TrainState(at.theta, opt, at.k)
+
+    def batch(self, t: int) -> tuple[np.ndarray, Tensor, Tensor]:
+        """Ids, inputs and targets of the recorded batch of step t (under accumulation, the
+        union of its micro-batches)."""
+        if self.train is None:
+            raise ConfigError("this trajectory was built without training data; pass train=")
+        ids = self.run.batch(t)
+        x, y = self.train.get(ids)
+        return ids, x, y
+
+    # ------------------------------------------------------------------ one step
+    def gradient(self, theta: Tensor, x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
+        """The raw batch gradient at θ: of the mean loss for θ (P,); for θ (K, P) with
+        ``weights`` (K, B), of Σ_i w_ki·l_i for each row k (one vmapped pass)."""
+        if weights is None:
+            return self.fm.loss_grad(theta, x, y)[0]
+        if self._gfun is None:
+            fm = self.fm
+
+            def weighted(th: Tensor, w: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+                return (fm.losses(th, xx, yy) * w).sum()
+
+            self._gfun = vmap(grad(weighted), in_dims=(0, 0, None, None))
+        return self._gfun(theta, weights, x, y)
+
+    def advance(self, state: TrainState, t: int, g: Tensor) -> TrainState:
+        """Step t from ``state`` given the raw batch gradient g (P,) or (K, P): clipped (row by
+        row) when the run clipped, then the rule's step with η_t."""
+        gc = clip(g, self.clip_norm) if self.clip_norm is not None else g
+        theta, opt = self.rule.step(state.theta, state.opt, gc, self.lr(t), state.k)
+        return TrainState(theta, opt, state.k + 1)
+
+    def step(
+        self, state: TrainState, t: int, x: Tensor | None = None, y: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> tuple[TrainState, Tensor]:
+        """One recorded training step: the gradient at θ on step t's batch (or on ``x, y``),
+        clipping, the rule's step. Returns the next state and the raw gradient g."""
+        if x is None or y is None:
+            _, x, y = self.batch(t)
+        g = self.gradient(state.theta, x, y, weights)
+        return self.advance(state, t, g), g
+
+    def adjoint(
+        self, t: int, state: TrainState, g: Tensor | None, theta_bar: Tensor, opt_bar: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Transpose of step t's linearisation at ``state`` (docs/method.md §4.3).
+
+        From the adjoint (θ̄_{t+1}, s̄_{t+1}), each (Q, P) or (P,), returns ``w_raw`` (the
+        coefficient of the step's raw batch gradient: removing samples changes f by
+        ⟨w_raw, Δg⟩; clip transpose applied), θ̄ without the Hessian term, and s̄_t. The full
+        θ̄_t is that θ̄ plus H_B(θ_t)·w_raw. ``g`` (the raw gradient at θ_t) may be None when
+        :attr:`needs_gradient` is False.
+        """
+        if g is None and self.needs_gradient:
+            raise ValueError("this optimizer's adjoint needs the step's batch gradient g")
+        gc = g
+        if self.clip_norm is not None:
+            assert g is not None
+            gc = clip(g, self.clip_norm)
+        w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar)  # type: ignore[arg-type]
+        if self.clip_norm is not None:
+            w = clip_transpose(w, g, self.clip_norm)  # type: ignore[arg-type]
+        return w, th, sb
+
+    # ------------------------------------------------------------------ replay
+    def replay_reversed(
+        self, c0: int, c1: int, with_grads: bool | None = None
+    ) -> Iterator[tuple[int, TrainState, Tensor | None]]:
+        """Yield (t, state before step t, raw gradient g_t or None) for t = c1−1 … c0, replaying
+        training forward from checkpoint c0.
+
+        ``with_grads`` (default :attr:`needs_gradient`) keeps g_t with each state. Memory holds
+        at most about ``memory_mb`` of states: when a segment's do not fit, anchors are kept
+        every s steps and each stretch is replayed again (twice the replay cost, memory
+        O(√segment)). The replayed θ_{c1} is compared with the recorded one; the relative drift
+        is kept in :attr:`drift` and warned about (:class:`ReplayDriftWarning`) when large.
+        """
+        keep_g = self.needs_gradient if with_grads is None else with_grads
+        state = self.state(c0)
+        length = c1 - c0
+        n_state = len(self._needed_state_keys(self.rule))
+        per_state = state.theta.numel() * state.theta.element_size() * (1 + n_state + (1 if keep_g else 0))
+        cap = max(2, int(self.memory_mb * 2**20 // per_state))
+        stride = 1 if length <= cap else math.ceil(length / (cap // 2))
+        if stride > cap // 2 + 1:
+            raise ConfigError(
+                f"a segment of {length} steps needs more than {self.memory_mb} MB of replay memory "
+                "even with two-level replay; raise replay_memory_mb or record checkpoints more often"
+            )
+        anchors: list[tuple[int, TrainState]] = []
+        stored: list[tuple[TrainState, Tensor | None]] = []
+        for t in range(c0, c1):
+            if stride == 1:
+                nxt, g = self.step(state, t)
+                stored.append((state, g if keep_g else None))
+                state = nxt
+            else:
+                if (t - c0) % stride == 0:
+                    anchors.append((t, state))
+                state, _ = self.step(state, t)
+        self._note_drift(c0, c1, state.theta)
+        if stride == 1:
+            for i in range(length - 1, -1, -1):
+                yield c0 + i, stored[i][0], stored[i][1]
+            return
+        for t_a, st in reversed(anchors):
+            local: list[tuple[TrainState, Tensor | None]] = []
+            for t in range(t_a, min(t_a + stride, c1)):
+                nxt, g = self.step(st, t)
+                local.append((st, g if keep_g else None))
+                st = nxt
+            for i in range(len(local) - 1, -1, -1):
+                yield t_a + i, local[i][0], local[i][1]
+
+    def _note_drift(self, c0: int, c1: int, replayed: Tensor) -> None:
+        recorded = self.theta(c1)
+        start = self.theta(c0)
+        moved = float((recorded - start).norm())
+        rel = float((replayed - recorded).norm()) / max(moved, torch.finfo(recorded.dtype).tiny)
+        self.drift = max(self.drift, rel)
+        tol = 100 * torch.finfo(recorded.dtype).eps ** 0.5
+        if rel > tol:
+            clip_note = (
+                f"the run says the loop clipped the gradient norm to {self.clip_norm}: check that it "
+                "called clip_grad_norm_ with that max_norm before every optimizer.step()"
+                if self.clip_norm is not None else
+                "if the loop clipped gradients, record with Recorder(..., clip_grad_norm=max_norm)"
+            )
+            warnings.warn(
+                f"replaying steps {c0}..{c1} from the checkpoint lands {rel:.2e} (relative to the "
+                f"segment's movement) away from the recorded checkpoint {c1}. The scores assume the "
+                "recorded loop is reproducible: the same loss_fn (mean over the batch), the recorded "
+                f"learning rates, no dropout/augmentation randomness, {self.run.optimizer.kind} as "
+                f"recorded; {clip_note}.",
+                ReplayDriftWarning,
+                stacklevel=3,
+            )
