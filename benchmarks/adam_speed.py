@@ -3,10 +3,11 @@
 The "speed" setup (4,500 MNIST-5k samples, MLP 784-128-10 tanh, float32, batch 128, 5 epochs,
 a checkpoint per epoch) is recorded twice by the built-in trainer: as it is (SGD lr 0.1), and
 with AdamW (lr 1e-3, weight decay 0.01, everything else the same). ``diffin-exact`` then scores
-all samples against the mean validation loss on each run, in fresh subprocesses, alternating
-SGD and AdamW for ``--rounds`` rounds of ``--repeats`` timed calls each, so both see the same
-machine load; the reported time of each is the median of all its timed calls. The ratio
-AdamW / SGD is the criterion; the training runs are timed too (median of ``--repeats``).
+all samples against the mean validation loss on each run: ``--rounds`` fresh subprocesses, each
+warming up on both runs and then timing ``--repeats`` pairs of calls, SGD then AdamW, so that the
+two see the same machine load; the reported time of each is the median of all its timed calls.
+The ratio AdamW / SGD is the criterion (also given per pair: median and range); the training
+runs are timed too (median of ``--repeats``, alternating as well).
 
     python benchmarks/adam_speed.py --json bench-out/adam_speed.json
 """
@@ -44,38 +45,41 @@ def recipe(setup_name: str, kind: str) -> Setup:
                                                         weight_decay=0.01))
 
 
-def worker(setup_name: str, kind: str, run_dir: str, repeats: int, threads: int) -> dict:
-    """Time ``repeats`` calls of diffin-exact on one run (after a warm-up on 8 targets)."""
+def worker(setup_name: str, run_dirs: dict[str, str], repeats: int, threads: int) -> dict:
+    """Time ``repeats`` pairs of diffin-exact calls (SGD run, then AdamW run) after a warm-up call
+    on each; returns the seconds of each call per run."""
     torch.set_num_threads(threads)
-    setup = recipe(setup_name, kind)
+    setup = get_setup(setup_name)
     data = setup.data()
     model = setup.model(data)
-    train_data = (data.x_train, data.y_train)
-    diffin.score(run_dir, model, setup.loss_fn, train=train_data, target=(data.x_val[:8], data.y_val[:8]),
-                 method="tracin", progress=False)
-    times = []
+    kw = dict(train=(data.x_train, data.y_train), target=(data.x_val, data.y_val), method=METHOD, progress=False)
+    variants = {k: diffin.score(run_dirs[k], model, setup.loss_fn, **kw).variant for k in RUNS}
+    times: dict[str, list[float]] = {k: [] for k in RUNS}
     for _ in range(repeats):
-        with Measure(poll=False) as m:
-            res = diffin.score(run_dir, model, setup.loss_fn, train=train_data, target=(data.x_val, data.y_val),
-                               method=METHOD, progress=False)
-        times.append(m.seconds)
-    return {"run": kind, "variant": res.variant, "seconds": times}
+        for k in RUNS:
+            with Measure(poll=False) as m:
+                diffin.score(run_dirs[k], model, setup.loss_fn, **kw)
+            times[k].append(m.seconds)
+    return {"variants": variants, "seconds": times}
 
 
-def record(setup_name: str, kind: str, out: Path, repeats: int, threads: int) -> tuple[str, list[float]]:
-    """Record the run ``repeats`` times into one folder; returns it and the training times (s)."""
+def record(setup_name: str, out: Path, repeats: int, threads: int) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """Record both runs ``repeats`` times, alternating, each into its folder; returns the folders
+    and the training times (s)."""
     torch.set_num_threads(threads)
-    setup = recipe(setup_name, kind)
-    data = setup.data()
-    run_dir = out / kind
-    times = [train(setup.model(data), data.x_train, data.y_train, setup.train, run_dir, overwrite=True).seconds
-             for _ in range(repeats)]
-    return str(run_dir), times
+    data = get_setup(setup_name).data()
+    times: dict[str, list[float]] = {k: [] for k in RUNS}
+    for _ in range(repeats):
+        for k in RUNS:
+            setup = recipe(setup_name, k)
+            times[k].append(train(setup.model(data), data.x_train, data.y_train, setup.train, out / k,
+                                  overwrite=True).seconds)
+    return {k: str(out / k) for k in RUNS}, times
 
 
-def _call(setup_name: str, kind: str, run_dir: str, repeats: int, threads: int) -> dict:
+def _call(setup_name: str, run_dirs: dict[str, str], repeats: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--setup", setup_name, "--threads", str(threads),
-           "--worker", kind, run_dir, str(repeats)]
+           "--worker", run_dirs["sgd"], run_dirs["adamw"], str(repeats)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -84,35 +88,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="bench-out/adam_speed.json", help="where to write the results")
     ap.add_argument("--setup", default="speed", help="built-in setup (default: speed)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per subprocess")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of SGD and AdamW subprocesses")
+    ap.add_argument("--repeats", type=int, default=3, help="timed (SGD, AdamW) pairs per subprocess; trainings each")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh subprocesses, each timing --repeats pairs of calls")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--worker", nargs=3, metavar=("RUN", "DIR", "REPEATS"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, metavar=("SGD_RUN", "ADAMW_RUN", "REPEATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        kind, run_dir, reps = args.worker
-        print(json.dumps(worker(args.setup, kind, run_dir, int(reps), args.threads)))
+        sgd, adamw, reps = args.worker
+        print(json.dumps(worker(args.setup, {"sgd": sgd, "adamw": adamw}, int(reps), args.threads)))
         return
     out = Path(tempfile.mkdtemp(prefix="diffin-adam-speed-"))
-    runs, train_times = {}, {}
-    for kind in RUNS:
-        runs[kind], train_times[kind] = record(args.setup, kind, out, args.repeats, args.threads)
+    runs, train_times = record(args.setup, out, args.repeats, args.threads)
     times: dict[str, list[float]] = {k: [] for k in RUNS}
     variants: dict[str, str] = {}
     for _ in range(args.rounds):
-        for kind in RUNS:
-            r = _call(args.setup, kind, runs[kind], args.repeats, args.threads)
-            times[kind] += r["seconds"]
-            variants[kind] = r["variant"]
+        r = _call(args.setup, runs, args.repeats, args.threads)
+        for k in RUNS:
+            times[k] += r["seconds"][k]
+        variants = r["variants"]
     med = {k: statistics.median(v) for k, v in times.items()}
     train_med = {k: statistics.median(v) for k, v in train_times.items()}
     ratio = med["adamw"] / med["sgd"]
+    pairs = [a / b for a, b in zip(times["adamw"], times["sgd"])]
     rows = [[k, recipe(args.setup, k).train.optimizer, variants[k], med[k], train_med[k], med[k] / train_med[k]]
             for k in RUNS]
     header = ["run", "optimizer", "variant", f"{METHOD} seconds", "training seconds", "x its training run"]
     print(f"\n{args.setup}: {get_setup(args.setup).description}\n")
     print(text_table(header, rows))
-    print(f"\n{METHOD} on the AdamW run / on the SGD run: {ratio:.3f} (median of {len(times['sgd'])} calls each)")
+    print(f"\n{METHOD} on the AdamW run / on the SGD run: {ratio:.3f} (medians of {len(times['sgd'])} calls each); "
+          f"per pair of calls: median {statistics.median(pairs):.3f}, range {min(pairs):.3f}–{max(pairs):.3f}")
     doc = {
         "setup": args.setup,
         "description": get_setup(args.setup).description,
@@ -124,6 +128,7 @@ def main() -> None:
         "train_seconds": train_med,
         "train_seconds_all": train_times,
         "ratio_adamw_over_sgd": ratio,
+        "ratio_per_pair": pairs,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__, "diffin": diffin.__version__},
     }
