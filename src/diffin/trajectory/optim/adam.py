@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..._errors import UnsupportedOptimizerError
-from .base import OptimizerRule, Scalar, State, zeros_like_state
+from .base import OptimizerRule, Scalar, State
 
 
 class AdamRule(OptimizerRule):
@@ -44,14 +44,17 @@ class AdamRule(OptimizerRule):
             raise UnsupportedOptimizerError("Adam with maximize=True is not supported; minimise the negated loss")
 
     def _parts(self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int) -> dict[str, Any]:
+        """The forward quantities of the step (d, m', v', r, D, ...), with as few passes over P as
+        the hyper-parameters allow (a step is a handful of elementwise ops on P numbers)."""
         h = self.hyper
         b1, b2, eps = h["beta1"], h["beta2"], h["eps"]
         lam = h.get("weight_decay", 0.0)
         decoupled = h.get("decoupled", False)
-        s = zeros_like_state(state, self.state_keys, theta)
         d = g + lam * theta if (not decoupled and _any(lam)) else g
-        m1 = b1 * s["exp_avg"] + (1 - b1) * d
-        v1 = b2 * s["exp_avg_sq"] + (1 - b2) * d * d
+        m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
+        m1 = (1 - b1) * d if m0 is None else b1 * m0 + (1 - b1) * d
+        dd = d * d
+        v1 = (1 - b2) * dd if v0 is None else b2 * v0 + (1 - b2) * dd
         step = k + 1
         c1 = 1 - b1 ** step
         c2 = 1 - b2 ** step
@@ -63,7 +66,9 @@ class AdamRule(OptimizerRule):
 
     def step(self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int) -> tuple[Tensor, State]:
         p = self._parts(theta, state, g, lr, k)
-        new = p["kappa"] * theta - (lr / p["c1"]) * p["m1"] / p["D"]
+        kappa = p["kappa"]
+        base = theta if isinstance(kappa, float) and kappa == 1.0 else kappa * theta
+        new = base - (lr / p["c1"]) * p["m1"] / p["D"]
         return new, {"exp_avg": p["m1"], "exp_avg_sq": p["v1"]}
 
     def adjoint(
@@ -71,15 +76,18 @@ class AdamRule(OptimizerRule):
         state_bar: State,
     ) -> tuple[Tensor, Tensor, State]:
         p = self._parts(theta, state, g, lr, k)
-        sb = zeros_like_state(state_bar, self.state_keys, theta)
-        step_size = lr / p["c1"]
-        m_t = sb["exp_avg"] - theta_bar * step_size / p["D"]
-        r = p["r"]
-        safe_r = torch.where(r > 0, r, torch.ones_like(r))
-        dv = theta_bar * step_size * p["m1"] / (p["D"] * p["D"]) / (2 * p["c2"] * safe_r)
-        v_t = sb["exp_avg_sq"] + torch.where(r > 0, dv, torch.zeros_like(dv))
-        w = (1 - p["b1"]) * m_t + 2 * (1 - p["b2"]) * p["d"] * v_t
-        th = p["kappa"] * theta_bar
+        # θ̄'·(η/c1)/D, shared by m̃ and ṽ
+        common = theta_bar * ((lr / p["c1"]) / p["D"])
+        m_t = -common if "exp_avg" not in state_bar else state_bar["exp_avg"] - common
+        # (η/c1)·m'/D² / (2·c2·r): where r = 0 every gradient so far was 0, so m' = 0 too and the
+        # term is 0 (r is floored only to avoid 0/0)
+        tiny = torch.finfo(p["r"].dtype).tiny
+        coef_v = p["m1"] / (p["D"] * (2 * p["c2"]) * p["r"].clamp_min(tiny))
+        dv = common * coef_v
+        v_t = dv if "exp_avg_sq" not in state_bar else state_bar["exp_avg_sq"] + dv
+        w = (1 - p["b1"]) * m_t + (2 * (1 - p["b2"])) * p["d"] * v_t
+        kappa = p["kappa"]
+        th = theta_bar if isinstance(kappa, float) and kappa == 1.0 else kappa * theta_bar
         if not p["decoupled"] and _any(p["lam"]):
             th = th + p["lam"] * w
         return w, th, {"exp_avg": p["b1"] * m_t, "exp_avg_sq": p["b2"] * v_t}
