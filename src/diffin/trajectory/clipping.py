@@ -32,9 +32,12 @@ def clip_transpose(w: Tensor, g: Tensor, max_norm: float) -> Tensor:
     """(∂g_c/∂g)ᵀ w at the unclipped gradient g; w and g of the same shape."""
     n = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
     s = max_norm / (n + DELTA)
-    active = s < 1.0
+    if g.ndim == 1 and not bool(s < 1.0):  # one gradient that was not clipped: the identity
+        return w
     proj = g * (g * w).sum(dim=-1, keepdim=True) / ((n + DELTA) * n.clamp(min=torch.finfo(g.dtype).tiny))
-    return torch.where(active, s * (w - proj), w)
+    if g.ndim == 1:
+        return s * (w - proj)
+    return torch.where(s < 1.0, s * (w - proj), w)
 
 
 def clipped_fraction(norms: Tensor, max_norm: float) -> float:
