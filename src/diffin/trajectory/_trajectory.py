@@ -1,5 +1,5 @@
 """A recorded run's training dynamics: checkpoints with their optimizer state, the batch of a
-step, one training step, and replay of a segment (docs/method.md §1, §4.3, §4.6).
+step, one training step, and replay of a segment (docs/method.md §1, §4.3).
 
 Estimators, ground truth and the tasks all go through :class:`Trajectory`; nothing else knows
 how an optimizer steps. The optimizer is one rule of :mod:`diffin.trajectory.optim` (chosen by

@@ -6,7 +6,7 @@ a per-coordinate vector (P,) (parameter groups with their own learning rate, wei
 betas become vectors). Tensors may carry a leading batch dimension (K, P): ground truth advances
 K runs side by side with the same rule.
 
-The sweep needs two things from a step S: (θ, s, g) → (θ', s') (docs/method.md §4.3, §4.6):
+The sweep needs two things from a step S: (θ, s, g) → (θ', s') (docs/method.md §4.3):
 
 * :meth:`OptimizerRule.step`: the forward step, given the (already clipped) batch gradient g of
   the mean loss (weight decay is the rule's business, coupled or decoupled);
