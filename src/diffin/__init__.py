@@ -17,6 +17,7 @@ from ._errors import (
     DatasetIdError,
     DiffinError,
     LossShapeError,
+    MissingOptimizerStateError,
     ModelCallError,
     NonFiniteDataError,
     OutputExistsError,
@@ -30,6 +31,7 @@ from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
 from .recording import PartialRunWarning, Recorder, Run, load_run, restore_checkpoint
+from .trajectory import ReplayDriftWarning
 
 
 def methods() -> dict[str, str]:
@@ -44,11 +46,13 @@ __all__ = [
     "DiffinError",
     "Estimator",
     "LossShapeError",
+    "MissingOptimizerStateError",
     "ModelCallError",
     "NonFiniteDataError",
     "OutputExistsError",
     "PartialRunWarning",
     "Recorder",
+    "ReplayDriftWarning",
     "RecordingError",
     "Run",
     "ScoreConfig",
