@@ -113,7 +113,7 @@ def test_lds_subsets_and_ground_truth(tmp_path):
 def test_ground_truth_errors(tmp_path):
     tiny = record(tmp_path / "r")
     kw = dict(train=(tiny.X, tiny.Y), target=(tiny.Xv, tiny.Yv), progress=False)
-    with pytest.raises(diffin.DiffinError, match="must lie in"):
+    with pytest.raises(diffin.DiffinError, match=r"holds ids outside \[0, "):
         replay_removal(tiny.run, tiny.make(), tiny.loss, remove=[99], **kw)
     with pytest.raises(diffin.ConfigError, match="convention"):
         replay_removal(tiny.run, tiny.make(), tiny.loss, remove=[1], convention="drop", **kw)

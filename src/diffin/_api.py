@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _constants as C
-from ._data import DataSource, fingerprint, probe_model_and_loss
+from ._data import DataSource, check_id_groups, fingerprint, probe_model_and_loss
 from ._errors import ConfigError, DataMismatchError, OutputExistsError, UntrainedRowsWarning
 from ._functional import FlatModel, LossFn
 from ._io import write_json, write_npy
@@ -187,10 +187,7 @@ def score(
     warn_untrained_rows(run_obj, len(train_src))
     group_arrays = None
     if groups is not None:
-        group_arrays = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
-        bad = [k for k, g in enumerate(group_arrays) if g.size and (g.min() < 0 or g.max() >= len(train_src))]
-        if bad:
-            raise DataMismatchError(f"groups {bad[:5]} hold ids outside [0, {len(train_src)})")
+        group_arrays = check_id_groups(groups, len(train_src), allow_empty=True)
     ctx = ScoringContext(run_obj, fm, train_src, tgt, cfg, progress=progress, groups=group_arrays)
     t0 = time.perf_counter()
     with _eval_mode(model), torch.no_grad():

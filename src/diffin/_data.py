@@ -350,16 +350,22 @@ def _row_blocks(a: Any, max_bytes: int = 1 << 26) -> Iterator[Any]:
         yield a[start : start + step]
 
 
-def check_id_groups(groups: Sequence[Any], n: int, what: str = "group") -> list[np.ndarray]:
+def check_id_groups(
+    groups: Sequence[Any], n: int, what: str = "group", allow_empty: bool = False
+) -> list[np.ndarray]:
     """Validate groups of training ids: each a non-empty 1-D integer array inside [0, n).
 
     Returns them as int64 arrays of unique sorted ids. Raises :class:`InvalidIdsError` naming
-    the first bad group and its out-of-range ids.
+    the first bad group and its out-of-range ids. ``allow_empty``: an empty group is a removal of
+    nothing (ground truth, group scores) instead of an error.
     """
     out = []
     for k, g in enumerate(groups):
         arr = np.asarray(g)
         if arr.size == 0:
+            if allow_empty:
+                out.append(np.zeros(0, dtype=np.int64))
+                continue
             raise InvalidIdsError(f"{what} {k} is empty; every {what} needs at least one id")
         if arr.dtype.kind not in "iu":
             raise InvalidIdsError(f"{what} {k} holds non-integer ids (dtype {arr.dtype})")

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ._api import _eval_mode
-from ._data import DataSource
-from ._errors import ConfigError, DataMismatchError, InvalidIdsError
+from ._data import DataSource, check_id_groups
+from ._errors import ConfigError, DataMismatchError
 from ._functional import FlatModel, LossFn
 from ._progress import progress_bar
 from .config import CONVENTIONS
@@ -38,20 +38,13 @@ if TYPE_CHECKING:
 
 
 def _as_groups(remove: Any, n_train: int) -> list[np.ndarray]:
+    """One id → one removal; a list of ids → one removal each; a list of groups → each group."""
     if isinstance(remove, (int, np.integer)):
-        groups = [np.array([int(remove)])]
+        groups: list[Any] = [[int(remove)]]
     else:
         items = list(remove)
-        if all(isinstance(i, (int, np.integer)) for i in items):
-            groups = [np.array([int(i)]) for i in items]  # one removal per id
-        else:
-            groups = [np.unique(np.asarray(g, dtype=np.int64).reshape(-1)) for g in items]
-    for g in groups:
-        if g.size and (g.min() < 0 or g.max() >= n_train):
-            raise InvalidIdsError(
-                f"removal ids must lie in [0, {n_train}); got {int(g.min())}..{int(g.max())}"
-            )
-    return groups
+        groups = [[int(i)] for i in items] if all(isinstance(i, (int, np.integer)) for i in items) else items
+    return check_id_groups(groups, n_train, what="removal group", allow_empty=True)
 
 
 def replay_removal(
