@@ -8,11 +8,11 @@ with ``hvp="auto"`` a ReLU network gets exact (double-backward) HVPs instead of 
 differences, whose gradients jump where a perturbation crosses a kink.
 
 For each activation, the training run's wall time is the plain loop of ``diffin.builtin.train``
-(the user's loop with ``diffin.Recorder``), median of --repeats runs, and every ratio is against
-that activation's own training run. For each method, in a fresh subprocess (so peak RSS is the
-method's own): wall time of scoring all samples (median of --repeats runs) and the rise of peak
-RSS over the process's footprint when scoring starts (RSS polled every 2 ms during one extra run;
-the timed runs are not polled).
+(the user's loop with ``diffin.Recorder``), median of --repeats runs after one untimed warm-up
+run, and every ratio is against that activation's own training run. For each method, in a fresh
+subprocess (so peak RSS is the method's own): wall time of scoring all samples (median of
+--repeats runs) and the rise of peak RSS over the process's footprint when scoring starts (RSS
+polled every 2 ms during one extra run; the timed runs are not polled).
 Memory is also measured at N/4, N/2 and N (first activation) to show it does not grow with N
 beyond the O(N) scores. A per-sample loop that follows the closed form sample by sample is timed
 on a few samples and extrapolated, for scale.
@@ -90,10 +90,11 @@ def record_run(out: Path, activation: str, n: int, repeats: int, threads: int) -
     times = []
     run_dir = out / f"run-{activation}-{n}"
     x, y = data.x_train[:n], data.y_train[:n]
-    for _ in range(repeats):
+    for i in range(repeats + 1):  # the first run warms up (kernels, allocator) and is not timed
         model = setup.model(data)
         r = train(model, x, y, setup.train, run_dir, overwrite=True)
-        times.append(r.seconds)
+        if i:
+            times.append(r.seconds)
     return str(run_dir), statistics.median(times), times
 
 
@@ -164,6 +165,7 @@ def main() -> None:
     activations = [a for a in args.activations.split(",") if a]
     methods = [m for m in args.methods.split(",") if m]
     N = args.n
+    load_start = list(os.getloadavg())
     out = Path(tempfile.mkdtemp(prefix="diffin-speed-"))
     steps = get_setup("speed").train.epochs * -(-N // get_setup("speed").train.batch_size)
     epochs = get_setup("speed").train.epochs
@@ -221,7 +223,8 @@ def main() -> None:
         "repeats": args.repeats,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads,
                     "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average": list(os.getloadavg())},
+                    "torch": torch.__version__, "load_average_start": load_start,
+                    "load_average_end": list(os.getloadavg())},
         "naive_per_sample_seconds": naive,
         "memory_vs_n": memory,
         "markdown": markdown_table(header, rows),
