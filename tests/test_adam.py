@@ -131,16 +131,20 @@ def test_exact_sweep_equals_the_forward_recursion_renormalized_groups(tmp_path, 
 
 @pytest.mark.parametrize("case", ["adam-l2", "adamw-clip", "adamw-groups-cosine"])
 def test_frozen_sweep_equals_the_recursion_at_frozen_states(tmp_path, case):
-    """θ, the optimizer's state and its step count frozen at each segment's first checkpoint."""
+    """θ frozen at each segment's first checkpoint; the optimizer's state and step count follow
+    the recorded batches with gradients at that θ (Adam's adjoint depends on them)."""
     tiny = record_loop(tmp_path / "r", **CASES[case])
     run, fm, train, traj = _setup(tiny)
     thetas, states = [], []
     for c0, c1 in run.segments:
         at = traj.state(c0)
+        st = at
         for t in range(c0, c1):
-            st = traj.frozen_state(at, t, c0)
-            thetas.append(st.theta)
+            thetas.append(at.theta)
             states.append((st.opt, st.k))
+            _, x, y = traj.batch(t)
+            nxt = traj.advance(st, t, ref.loop_grads(fm, at.theta, x, y).mean(0))
+            st = type(at)(at.theta, nxt.opt, nxt.k)
     thetas.append(traj.theta(run.n_steps))
     g = _val_grad(fm, tiny, thetas[-1])
     got = tiny.score("diffin-frozen", hvp="exact").scores

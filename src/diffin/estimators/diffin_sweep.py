@@ -83,7 +83,16 @@ def _start(ctx: ScoringContext, target: Target) -> tuple[Tensor, Tensor]:
 
 
 def _frozen(traj: Trajectory, c0: int, c1: int) -> Iterator[tuple[int, TrainState, Tensor | None]]:
-    """(t, the checkpoint's frozen state, None) for t = c1−1 … c0."""
+    """(t, state, g) for t = c1−1 … c0 with θ frozen at the checkpoint θ_{c0}.
+
+    Rules whose adjoint does not depend on g (SGD without clipping) use the checkpoint's state
+    for every step and need no gradient. Rules whose adjoint does (Adam, clipping) let the
+    optimizer state and step count follow the segment's batches with gradients at θ_{c0}: frozen
+    moments would treat every step after a fresh checkpoint (step 0) as Adam's first step, a
+    sign-descent step whose sensitivity compounds without bound over the segment."""
+    if traj.needs_gradient:
+        yield from traj.replay_reversed(c0, c1, freeze_theta=True)
+        return
     at = traj.state(c0)
     for t in range(c1 - 1, c0 - 1, -1):
         yield t, traj.frozen_state(at, t, c0), None
@@ -157,12 +166,21 @@ class DiffInExpected(_Sweep):
                 if cfg.proxy_batches is not None:
                     proxies = [rng.choice(N, size=b, replace=False) for _ in range(cfg.proxy_batches)]
                 W_sum = torch.zeros_like(A)
+                evolved = None
+                if traj.needs_gradient:  # the optimizer state follows the proxy batches (see _frozen)
+                    ids_of = {t: (proxies[(t - c0) % len(proxies)] if proxies is not None
+                                  else rng.choice(N, size=b, replace=False)) for t in range(c0, c1)}
+                    evolved = traj.replay_reversed(c0, c1, freeze_theta=True,
+                                                   batch_of=lambda t, m=ids_of: ctx.train.get(m[t]))
                 for t in range(c1 - 1, c0 - 1, -1):
-                    ids = (proxies[(t - c0) % len(proxies)] if proxies is not None
-                           else rng.choice(N, size=b, replace=False))
+                    if evolved is not None:
+                        _, state, g = next(evolved)
+                        ids = ids_of[t]
+                    else:
+                        ids = (proxies[(t - c0) % len(proxies)] if proxies is not None
+                               else rng.choice(N, size=b, replace=False))
+                        state, g = traj.frozen_state(at, t, c0), None
                     x, y = ctx.train.get(ids)
-                    state = traj.frozen_state(at, t, c0)
-                    g = traj.gradient(theta, x, y) if traj.needs_gradient else None
                     W, A_direct, S = traj.adjoint(t, state, g, A, S)
                     W_sum += W
                     HW = fm.hvp(theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps)

@@ -316,7 +316,8 @@ class Trajectory:
 
     # ------------------------------------------------------------------ replay
     def replay_reversed(
-        self, c0: int, c1: int, with_grads: bool | None = None
+        self, c0: int, c1: int, with_grads: bool | None = None, freeze_theta: bool = False,
+        batch_of: Callable[[int], tuple[Tensor, Tensor]] | None = None,
     ) -> Iterator[tuple[int, TrainState, Tensor | None]]:
         """Yield (t, state before step t, raw gradient g_t or None) for t = c1−1 … c0, replaying
         training forward from checkpoint c0.
@@ -326,6 +327,11 @@ class Trajectory:
         every s steps and each stretch is replayed again (twice the replay cost, memory
         O(√segment)). The replayed θ_{c1} is compared with the recorded one; the relative drift
         is kept in :attr:`drift` and warned about (:class:`ReplayDriftWarning`) when large.
+
+        ``freeze_theta``: θ stays at θ_{c0} (the frozen variants) while the optimizer state and
+        step count follow the segment's batches with gradients at θ_{c0}; no drift check.
+        ``batch_of(t) -> (x, y)``: the batch of step t (default: the recorded one; proxy batches
+        for ``diffin-expected``).
         """
         keep_g = self.needs_gradient if with_grads is None else with_grads
         state = self.state(c0)
@@ -341,16 +347,24 @@ class Trajectory:
             )
         anchors: list[tuple[int, TrainState]] = []
         stored: list[tuple[TrainState, Tensor | None]] = []
+        def forward(st: TrainState, t: int) -> tuple[TrainState, Tensor]:
+            if batch_of is None:
+                nxt, g = self.step(st, t)
+            else:
+                nxt, g = self.step(st, t, *batch_of(t))
+            return (TrainState(st.theta, nxt.opt, nxt.k), g) if freeze_theta else (nxt, g)
+
         for t in range(c0, c1):
             if stride == 1:
-                nxt, g = self.step(state, t)
+                nxt, g = forward(state, t)
                 stored.append((state, g if keep_g else None))
                 state = nxt
             else:
                 if (t - c0) % stride == 0:
                     anchors.append((t, state))
-                state, _ = self.step(state, t)
-        self._note_drift(c0, c1, state.theta)
+                state, _ = forward(state, t)
+        if not freeze_theta:
+            self._note_drift(c0, c1, state.theta)
         if stride == 1:
             for i in range(length - 1, -1, -1):
                 yield c0 + i, stored[i][0], stored[i][1]
@@ -358,7 +372,7 @@ class Trajectory:
         for t_a, st in reversed(anchors):
             local: list[tuple[TrainState, Tensor | None]] = []
             for t in range(t_a, min(t_a + stride, c1)):
-                nxt, g = self.step(st, t)
+                nxt, g = forward(st, t)
                 local.append((st, g if keep_g else None))
                 st = nxt
             for i in range(len(local) - 1, -1, -1):
