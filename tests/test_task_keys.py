@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,24 +186,30 @@ def test_recipe_errors_name_the_overrides(record_tiny, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="batch_size"):
         user_inputs(t).recipe()
     assert user_inputs(t, train_overrides={"batch_size": 6}).recipe().config.epochs == 2
-    # an optimizer the SGD trainer cannot reproduce
-    model = t.make()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    rec = diffin.Recorder(tmp_path / "adam", model, optimizer=opt, checkpoint_every=2, n_train=24)
-    for s in range(0, 24, 6):
-        b = torch.arange(s, s + 6)
-        loss = t.loss(model(t.X[b]), t.Y[b]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        rec.step(b, lr=0.01)
-    rec.close()
-    adam = TaskInputs(run=tmp_path / "adam", model_factory=t.make, loss_fn=t.loss, train=(t.X, t.Y))
-    with pytest.raises(RecipeError, match=r"Adam.*lr"):
-        adam.recipe()
-    r = TaskInputs(run=tmp_path / "adam", model_factory=t.make, loss_fn=t.loss, train=(t.X, t.Y),
+    # Adam is reproduced by the trainer; an optimizer it cannot reproduce needs the recipe given
+    for name, make_opt in (("adam", lambda m: torch.optim.Adam(m.parameters(), lr=0.01)),
+                           ("adagrad", lambda m: torch.optim.Adagrad(m.parameters(), lr=0.01))):
+        model = t.make()
+        opt = make_opt(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", diffin.UnsupportedOptimizerWarning)
+            rec = diffin.Recorder(tmp_path / name, model, optimizer=opt, checkpoint_every=2, n_train=24)
+        for s in range(0, 24, 6):
+            b = torch.arange(s, s + 6)
+            loss = t.loss(model(t.X[b]), t.Y[b]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(b, lr=0.01)
+        rec.close()
+    adam = TaskInputs(run=tmp_path / "adam", model_factory=t.make, loss_fn=t.loss, train=(t.X, t.Y)).recipe()
+    assert (adam.config.optimizer, adam.config.lr, adam.config.batch_size) == ("adam", 0.01, 6)
+    adagrad = TaskInputs(run=tmp_path / "adagrad", model_factory=t.make, loss_fn=t.loss, train=(t.X, t.Y))
+    with pytest.raises(RecipeError, match=r"Adagrad.*lr"):
+        adagrad.recipe()
+    r = TaskInputs(run=tmp_path / "adagrad", model_factory=t.make, loss_fn=t.loss, train=(t.X, t.Y),
                    train_overrides={"lr": 0.1}).recipe()
-    assert (r.config.lr, r.config.momentum, r.config.batch_size) == (0.1, 0.0, 6) and "Adam" in r.source
+    assert (r.config.lr, r.config.momentum, r.config.batch_size) == (0.1, 0.0, 6) and "Adagrad" in r.source
     with pytest.raises(ConfigError, match="unknown training option"):
         user_inputs(t, train_overrides={"learning_rate": 0.1})
 
@@ -225,3 +232,28 @@ def test_interrupted_builtin_recording_is_rebuilt_and_other_runs_refused(tmp_pat
     with pytest.raises(OutputExistsError, match="another run"):
         clean(builtin_inputs("tiny", 0.1, other), CleanConfig(baselines=""), out=other, progress=False)
     assert snapshot(other) == before
+
+
+def test_recorded_recipe_of_an_adamw_run_with_groups_and_clipping(tmp_path):
+    """An AdamW run (weight decay on weights only, clipping) retrains as AdamW with the same betas,
+    ε, decay pattern and threshold; groups with different learning rates need an lr override."""
+    from _tiny import record_loop
+    from diffin.recording import load_run
+    from diffin.tasks._common import recorded_recipe
+
+    def two_groups(m, lr_bias):
+        w = [p for p in m.parameters() if p.ndim >= 2]
+        b = [p for p in m.parameters() if p.ndim < 2]
+        return [{"params": w, "weight_decay": 0.05, "lr": 0.01}, {"params": b, "weight_decay": 0.0, "lr": lr_bias}]
+
+    tiny = record_loop(tmp_path / "r", lambda m: torch.optim.AdamW(two_groups(m, 0.01), betas=(0.8, 0.95), eps=1e-7),
+                       clip=0.5)
+    cfg, lrs, source = recorded_recipe(load_run(tiny.run), len(tiny.X), {})
+    assert (cfg.optimizer, cfg.beta1, cfg.beta2, cfg.eps) == ("adamw", 0.8, 0.95, 1e-7)
+    assert (cfg.weight_decay, cfg.weight_decay_on, cfg.clip_grad_norm) == (0.05, "weights", 0.5)
+    assert lrs is None and cfg.lr == 0.01 and "AdamW" in source
+    other = record_loop(tmp_path / "o", lambda m: torch.optim.AdamW(two_groups(m, 0.02)))
+    with pytest.raises(RecipeError, match="different learning rates"):
+        recorded_recipe(load_run(other.run), len(other.X), {})
+    cfg2, _, _ = recorded_recipe(load_run(other.run), len(other.X), {"lr": 0.01})
+    assert cfg2.optimizer == "adamw" and cfg2.clip_grad_norm is None

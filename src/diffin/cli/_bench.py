@@ -42,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     s = sub.add_parser("bench", help="compare every estimator with replayed removal on named setups",
                        parents=common[:1])
     s.add_argument("--setup", required=True, choices=[*BENCH_SETUPS, *sorted(set(SETUPS) - set(BENCH_SETUPS)), "all"],
-                   help="named setup, or 'all' for the five benchmark setups")
+                   help="named setup, or 'all' for every benchmark setup")
     s.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON here")
     s.add_argument("--workdir", default=None, help="where to keep the recorded runs (default: a temp dir)")
     s.add_argument("--peers", action="store_true", help="add the peer libraries' rows (diffin[peers])")

@@ -189,7 +189,11 @@ class Recipe:
         c = self.config
         lr = (f"lr {min(self.lrs):.3g}–{max(self.lrs):.3g} (recorded per-step schedule)"
               if self.lrs is not None else f"lr {c.lr:g}" + (" cosine" if c.schedule == "cosine" else ""))
-        parts = [f"SGD {lr}"]
+        parts = [f"{ {'sgd': 'SGD', 'adam': 'Adam', 'adamw': 'AdamW'}[c.optimizer]} {lr}"]
+        if c.optimizer != "sgd":
+            parts.append(f"betas ({c.beta1:g}, {c.beta2:g})")
+        if c.clip_grad_norm is not None:
+            parts.append(f"gradient norm clipped at {c.clip_grad_norm:g}")
         if c.momentum:
             parts.append(f"momentum {c.momentum:g}" + (" (Nesterov)" if c.nesterov else ""))
         if c.weight_decay:
@@ -220,6 +224,8 @@ def recorded_recipe(run: Run, n_train: int, overrides: dict[str, Any]) -> tuple[
                "weight_decay": spec.weight_decay}
         if spec.assumed:
             source = "recorded run; optimizer not recorded, plain SGD assumed"
+    elif spec.kind in ("Adam", "AdamW") and spec.groups:
+        opt, source = _adam_recipe(run, overrides)
     elif "lr" not in overrides:
         raise RecipeError(
             f"the run at {run.path} was recorded with {spec.kind} (maximize={spec.maximize}, uniform param "
@@ -243,9 +249,37 @@ def recorded_recipe(run: Run, n_train: int, overrides: dict[str, Any]) -> tuple[
         raise RecipeError(f"the run at {run.path} recorded no positive learning rate; give train_overrides lr")
     constant = bool(np.all(lrs == lrs[0]))
     seed = run.manifest.get("seed")
+    if run.clip_grad_norm is not None:
+        opt.setdefault("clip_grad_norm", float(run.clip_grad_norm))
     cfg = TrainConfig(epochs=epochs, batch_size=int(bs), lr=float(lrs[0] if constant else lrs.max()),
                       checkpoint_every=0, seed=seed if isinstance(seed, int) else 0, **opt)
     return cfg, None if constant else lrs, source
+
+
+def _adam_recipe(run: Run, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The built-in trainer's Adam/AdamW options for a recorded Adam/AdamW run: betas and ε of
+    its groups (which must agree), and its weight decay on every parameter or, when the groups
+    decay differently, on the ≥ 2-dimensional ones only (the trainer's two-group recipe)."""
+    hyper = [g["hyper"] for g in run.optimizer.groups]
+    h0 = hyper[0]
+    if any(h.get("amsgrad") or h.get("maximize") for h in hyper):
+        raise RecipeError(f"the run at {run.path} used amsgrad or maximize, which the built-in trainer does "
+                          "not reproduce; give the recipe explicitly (train_overrides optimizer, lr, ...)")
+    for key in ("beta1", "beta2", "eps"):
+        if len({h.get(key) for h in hyper}) > 1:
+            raise RecipeError(f"the run's parameter groups use different {key}; the built-in trainer uses one "
+                              "value: give it in train_overrides (command line: --" + key + ")")
+    if run.group_lrs.shape[1] > 1 and "lr" not in overrides and not np.allclose(
+            run.group_lrs, run.group_lrs[:, :1], rtol=0, atol=0):
+        raise RecipeError("the run's parameter groups had different learning rates; the built-in trainer "
+                          "uses one: give train_overrides lr (command line: --lr)")
+    wds = [float(h.get("weight_decay", 0.0)) for h in hyper]
+    decoupled = run.optimizer.kind == "AdamW" or bool(h0.get("decoupled_weight_decay"))
+    opt = {"optimizer": "adamw" if decoupled else "adam", "beta1": float(h0.get("beta1", 0.9)),
+           "beta2": float(h0.get("beta2", 0.999)), "eps": float(h0.get("eps", 1e-8)),
+           "weight_decay": max(wds), "weight_decay_on": "all" if len(set(wds)) == 1 else "weights"}
+    note = "" if len(set(wds)) == 1 else "; weight decay on ≥2-d parameters only, as the groups differed"
+    return opt, f"recorded run ({run.optimizer.kind}{note})"
 
 
 def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[str],
