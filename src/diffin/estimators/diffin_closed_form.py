@@ -10,7 +10,7 @@ diffin reports its negative so that the sign and units follow docs/method.md §2
     score(z) = Σ_t (t·η_t²)/(N·m) · ( ⟨H_B ∇f, G_z⟩ + ∇fᵀ H_z G_B )
 
 by the symmetry of H_B (one HVP per checkpoint, then one JVP pass over all samples) and a
-mixed second directional derivative of l(z; θ) along ∇f and G_B (one nested JVP pass).
+mixed second directional derivative of l(z; θ) along ∇f and G_B (exact: one triple-backward pass).
 ``first_order=True`` adds the TracIn-CP term of the same checkpoints. The truncation behind the
 formula, (I − tηH) ≈ I, holds only while t·η·‖H‖ ≪ 1; benchmarks show where it breaks.
 
@@ -89,7 +89,7 @@ class DiffInClosedForm(Estimator):
         """Yield (ids, ⟨∇f, H_B G_z + H_z G_B⟩ of shape (Q, B)) chunk by chunk.
 
         Exact mode: ⟨H_B ∇f, G_z⟩ (one HVP, one JVP pass) plus the mixed second derivative
-        ∇fᵀ H_z G_B (one nested JVP pass). Finite differences: by the product rule the bracket
+        ∇fᵀ H_z G_B (exact: one triple backward). Finite differences: by the product rule the bracket
         is the derivative along ∇f of ⟨G_B(θ), G_z(θ)⟩, so
         ``(⟨G_B(θ⁺), G_z(θ⁺)⟩ − ⟨G_B(θ⁻), G_z(θ⁻)⟩) / 2ε · ‖∇f‖`` with θ± = θ ± ε∇f/‖∇f‖:
         two batch gradients and two JVP passes (forward differences: one of each more at θ).
@@ -98,7 +98,7 @@ class DiffInClosedForm(Estimator):
         if ctx.hvp_mode == "exact":
             Hg = fm.hvp(theta, xp, yp, g, mode="exact")
             for ids, x, y in ctx.train.chunks(cfg.batch_size):
-                yield ids, fm.dots(theta, x, y, Hg) + fm.mixed_second(theta, x, y, g, GB)
+                yield ids, fm.mixed_second(theta, x, y, g, GB, plus_dots=Hg)
             return
         norms = g.norm(dim=1, keepdim=True)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
