@@ -38,9 +38,10 @@ def test_peak_sees_a_buffer_allocated_and_freed_inside_the_block() -> None:
 def test_without_polling_the_end_reading_still_counts() -> None:
     with Measure(poll=False) as m:
         buf = np.ones(64 * MB // 8)
+        inside = rss_mb()  # what the block ends with (the allocator may reuse resident pages)
     assert m._thread is None and m.peak_mb >= m.start_mb
     if sys.platform.startswith("linux"):
-        assert m.rise_mb >= 48
+        assert m.peak_mb >= inside - 1.0  # the end reading counts without any poll
     del buf
 
 
