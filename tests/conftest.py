@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+from _recording_loop import N_TRAIN
+from _recording_loop import record as record_loop_run
 from _tiny import Tiny, record
 
 
@@ -36,3 +38,10 @@ def record_tiny(tmp_path: Path) -> Callable[..., Tiny]:
         return record(tmp_path / name, **options)
 
     return make
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A closed recording of the recording tests' loop (``tests/_recording_loop.py``)."""
+    record_loop_run(tmp_path / "run", n_train=N_TRAIN)
+    return tmp_path / "run"

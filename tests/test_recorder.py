@@ -27,12 +27,6 @@ from diffin._errors import (
 from diffin._io import atomic_write, write_json, write_npy
 
 
-@pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    record(tmp_path / "run", n_train=N_TRAIN)
-    return tmp_path / "run"
-
-
 # ---------------------------------------------------------------------- round trip
 @pytest.mark.parametrize(
     ("steps", "every", "expected"),

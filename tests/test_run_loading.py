@@ -34,12 +34,6 @@ from diffin._errors import (
 from diffin._io import write_json, write_npy
 
 
-@pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    record(tmp_path / "run", n_train=N_TRAIN)
-    return tmp_path / "run"
-
-
 # ---------------------------------------------------------------------- errors: folders
 def test_run_not_found(tmp_path: Path) -> None:
     with pytest.raises(RunNotFoundError, match="diffin.Recorder"):
