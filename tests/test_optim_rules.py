@@ -126,3 +126,31 @@ def test_refused_settings_are_named() -> None:
         get_rule("Adam").check({"amsgrad": True})
     with pytest.raises(UnsupportedOptimizerError, match="Adagrad"):
         get_rule("Adagrad")
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_adam_adjoint_is_finite_in_float32_where_gradients_vanish(kind: str) -> None:
+    """Coordinates whose gradient was always 0 (v' = 0, m' = 0: e.g. weights of an always-zero input
+    pixel) and coordinates with tiny gradients: the float32 adjoint is finite and agrees with
+    float64 (the ṽ term is 0 where v' = 0; it once came out 0/0 in float32)."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(P, dtype=torch.float64, generator=gen)
+    g[:2] = 0.0
+    g[2] = 1e-30
+    theta = torch.randn(P, dtype=torch.float64, generator=gen)
+    tb = torch.randn(P, dtype=torch.float64, generator=gen)
+    state = {"exp_avg": 0.1 * torch.randn(P, dtype=torch.float64, generator=gen),
+             "exp_avg_sq": 0.01 * torch.rand(P, dtype=torch.float64, generator=gen)}
+    for v in state.values():
+        v[:2] = 0.0  # never a gradient there
+    hyper = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0 if kind == "Adam" else 0.01,
+             "decoupled": kind == "AdamW"}
+    rule = get_rule(kind)(hyper)
+    outs = {}
+    for dt in (torch.float32, torch.float64):
+        st = {k: v.to(dt) for k, v in state.items()}
+        w, th, sb = rule.adjoint(theta.to(dt), st, g.to(dt), 1e-3, 5, tb.to(dt), {})
+        assert all(bool(torch.isfinite(t).all()) for t in (w, th, *sb.values()))
+        outs[dt] = w
+    scale = float(outs[torch.float64].abs().max())
+    torch.testing.assert_close(outs[torch.float32].double(), outs[torch.float64], rtol=1e-3, atol=1e-5 * scale)

@@ -80,9 +80,10 @@ class AdamRule(OptimizerRule):
         common = theta_bar * ((lr / p["c1"]) / p["D"])
         m_t = -common if "exp_avg" not in state_bar else state_bar["exp_avg"] - common
         # (η/c1)·m'/D² / (2·c2·r): where r = 0 every gradient so far was 0, so m' = 0 too and the
-        # term is 0 (r is floored only to avoid 0/0)
+        # term is 0 (r is floored only to avoid 0/0). m'/r first: it stays O(1) for tiny r, where
+        # D·c2·r would underflow to 0 in float32
         tiny = torch.finfo(p["r"].dtype).tiny
-        coef_v = p["m1"] / (p["D"] * (2 * p["c2"]) * p["r"].clamp_min(tiny))
+        coef_v = (p["m1"] / p["r"].clamp_min(tiny)) / (p["D"] * (2 * p["c2"]))
         dv = common * coef_v
         v_t = dv if "exp_avg_sq" not in state_bar else state_bar["exp_avg_sq"] + dv
         w = (1 - p["b1"]) * m_t + (2 * (1 - p["b2"])) * p["d"] * v_t
