@@ -52,13 +52,15 @@ class AdamRule(OptimizerRule):
         decoupled = h.get("decoupled", False)
         d = g + lam * theta if (not decoupled and _any(lam)) else g
         m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
-        m1 = (1 - b1) * d if m0 is None else b1 * m0 + (1 - b1) * d
-        dd = d * d
-        v1 = (1 - b2) * dd if v0 is None else b2 * v0 + (1 - b2) * dd
+        m1 = (1 - b1) * d if m0 is None else torch.lerp(m0, d, 1 - b1)  # β1·m + (1 − β1)·d, as torch does
+        if isinstance(b2, float):
+            v1 = (1 - b2) * d * d if v0 is None else torch.addcmul(v0 * b2, d, d, value=1 - b2)
+        else:
+            v1 = (1 - b2) * d * d if v0 is None else b2 * v0 + (1 - b2) * d * d
         step = k + 1
         c1 = 1 - b1 ** step
         c2 = 1 - b2 ** step
-        r = torch.sqrt(v1) / _sqrt(c2)
+        r = torch.sqrt(v1 / c2)
         D = r + eps
         kappa = 1 - lr * lam if decoupled else 1.0
         return {"b1": b1, "b2": b2, "lam": lam, "decoupled": decoupled, "d": d, "m1": m1, "v1": v1,
@@ -86,7 +88,11 @@ class AdamRule(OptimizerRule):
         coef_v = (p["m1"] / p["r"].clamp_min(tiny)) / (p["D"] * (2 * p["c2"]))
         dv = common * coef_v
         v_t = dv if "exp_avg_sq" not in state_bar else state_bar["exp_avg_sq"] + dv
-        w = (1 - p["b1"]) * m_t + (2 * (1 - p["b2"])) * p["d"] * v_t
+        b2 = p["b2"]
+        if isinstance(b2, float):
+            w = torch.addcmul((1 - p["b1"]) * m_t, p["d"], v_t, value=2 * (1 - b2))
+        else:
+            w = (1 - p["b1"]) * m_t + (2 * (1 - b2)) * p["d"] * v_t
         kappa = p["kappa"]
         th = theta_bar if isinstance(kappa, float) and kappa == 1.0 else kappa * theta_bar
         if not p["decoupled"] and _any(p["lam"]):
@@ -98,5 +104,3 @@ def _any(x: Any) -> bool:
     return bool(x.any()) if isinstance(x, Tensor) else bool(x)
 
 
-def _sqrt(x: Scalar) -> Scalar:
-    return torch.sqrt(x) if isinstance(x, Tensor) else x ** 0.5
