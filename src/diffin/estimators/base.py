@@ -27,7 +27,7 @@ from .._progress import progress_bar
 from ..config import ScoreConfig
 from ..recording.run import Run
 from ..targets import Target
-from ..trajectory import ReplayDriftWarning, Trajectory, check_rule  # noqa: F401 - ReplayDriftWarning re-exported
+from ..trajectory import Trajectory, check_rule
 
 if TYPE_CHECKING:
     from tqdm import tqdm

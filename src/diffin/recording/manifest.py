@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import CorruptManifestError, UnsupportedOptimizerError
+from .._errors import CorruptManifestError
 
 _NOT_HYPER = frozenset({"params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
 """Param-group keys that are not hyper-parameters of the update: the parameters, the learning rate
@@ -32,9 +32,10 @@ class OptimizerSpec:
     parameter, with the scalar fields below as its hyper-parameters, when their groups were uniform;
     otherwise (their groups' settings were not saved) ``groups`` is empty.
 
-    The scalar fields (``momentum`` … ``maximize``) are group 0's, kept for the SGD recursion of
-    docs/method.md §1 (:meth:`sgd_coefficients`); ``uniform_groups`` says whether every group had the
-    same hyper-parameters and learning rate when recording started. ``assumed``: no optimizer was
+    The scalar fields (``momentum`` … ``maximize``) are group 0's, kept for runs written before
+    groups were stored (the update itself is :mod:`diffin.trajectory.optim`); ``uniform_groups``
+    says whether every group had the same hyper-parameters and learning rate when recording
+    started. ``assumed``: no optimizer was
     given to the recorder (plain SGD with the per-step learning rates is assumed).
 
     PyTorch SGD (``torch.optim.SGD``) is modelled exactly:
@@ -103,21 +104,6 @@ class OptimizerSpec:
             extra=extra,
             groups=groups,
         )
-
-    def sgd_coefficients(self, first_step: bool) -> tuple[float, float, float]:
-        """(a, α, β) of the linear step ``v' = μv + a·g``, ``θ' = θ − η(α·g + β·v)``."""
-        if not self.is_sgd:
-            raise UnsupportedOptimizerError(
-                f"optimizer {self.kind} (maximize={self.maximize}, uniform param groups="
-                f"{self.uniform_groups}) is not plain torch.optim.SGD"
-            )
-        mu = self.momentum
-        if mu == 0.0:
-            return 1.0, 1.0, 0.0
-        a = 1.0 if first_step else 1.0 - self.dampening
-        if self.nesterov:  # θ' = θ − η(g + μ v') = θ − η((1 + μa) g + μ² v)
-            return a, 1.0 + mu * a, mu * mu
-        return a, a, mu  # θ' = θ − η v' = θ − η(a g + μ v)
 
     def same_optimizer(self, other: OptimizerSpec) -> bool:
         """Whether ``other`` describes the same update: class, groups and their hyper-parameters

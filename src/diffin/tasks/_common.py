@@ -269,8 +269,7 @@ def _adam_recipe(run: Run, overrides: dict[str, Any]) -> tuple[dict[str, Any], s
         if len({h.get(key) for h in hyper}) > 1:
             raise RecipeError(f"the run's parameter groups use different {key}; the built-in trainer uses one "
                               "value: give it in train_overrides (command line: --" + key + ")")
-    if run.group_lrs.shape[1] > 1 and "lr" not in overrides and not np.allclose(
-            run.group_lrs, run.group_lrs[:, :1], rtol=0, atol=0):
+    if "lr" not in overrides and not np.all(run.group_lrs == run.group_lrs[:, :1]):
         raise RecipeError("the run's parameter groups had different learning rates; the built-in trainer "
                           "uses one: give train_overrides lr (command line: --lr)")
     wds = [float(h.get("weight_decay", 0.0)) for h in hyper]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ..._errors import UnsupportedOptimizerError
@@ -84,7 +83,3 @@ def get_rule(kind: str) -> type[OptimizerRule]:
             "'tracin' or 'if-cg', which do not follow the optimizer"
         ) from None
 
-
-def zeros_like_state(state: State, keys: tuple[str, ...], like: Tensor) -> State:
-    """``state`` with every key in ``keys`` present (missing ones as zeros shaped like ``like``)."""
-    return {key: state[key] if key in state else torch.zeros_like(like) for key in keys}
