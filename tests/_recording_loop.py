@@ -159,6 +159,18 @@ def loop_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out, y, reduction="none")
 
 
+def loop_optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, Y: torch.Tensor,
+                        t: int) -> np.ndarray:
+    """One optimizer step of the loop on step t's batch (mean loss, backward, ``opt.step()``);
+    returns the batch ids for ``rec.step``."""
+    b = loop_batch(t)
+    loss = loop_loss(model(X[b]), Y[b]).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return b
+
+
 def train(
     path: Path | str,
     *,
@@ -185,11 +197,7 @@ def train(
     for t in range(rec.steps, steps):
         for g in opt.param_groups:
             g["lr"] = loop_lr(t)
-        b = loop_batch(t)
-        loss = loop_loss(model(X[b]), Y[b]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        b = loop_optimizer_step(model, opt, X, Y, t)
         rec.step(b, lr=opt.param_groups[0]["lr"])
         if kill_after is not None and t + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)

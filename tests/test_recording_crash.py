@@ -25,6 +25,7 @@ from _recording_loop import (
     loop_loss,
     loop_lr,
     loop_model,
+    loop_optimizer_step,
     make_model,
     read_manifest,
     record,
@@ -178,11 +179,7 @@ def test_manifest_is_valid_at_every_checkpoint(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     rec = diffin.Recorder(path, model, optimizer=opt, checkpoint_every=EVERY)
     for t in range(7):
-        b = loop_batch(t)
-        loss = loop_loss(model(X[b]), Y[b]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        b = loop_optimizer_step(model, opt, X, Y, t)
         rec.step(b, lr=0.1)
         last = (t + 1) // EVERY * EVERY
         with pytest.warns(PartialRunWarning, match=f"stopped at step {last} of the {t + 1} steps"):
@@ -215,11 +212,7 @@ def test_exception_inside_with_closes_the_run_at_its_last_checkpoint(
         for t in range(STEPS):
             for g in opt.param_groups:
                 g["lr"] = loop_lr(t)
-            b = loop_batch(t)
-            loss = loop_loss(model(X[b]), Y[b]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            b = loop_optimizer_step(model, opt, X, Y, t)
             if t == 5:
                 raise exc
             rec.step(b, lr=opt.param_groups[0]["lr"])
@@ -252,12 +245,7 @@ def abandon(path: Path, steps: int, every: int = 3, momentum: float = 0.9) -> tu
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     rec = diffin.Recorder(path, model, optimizer=opt, checkpoint_every=every, n_train=N_LOOP)
     for t in range(steps):
-        b = loop_batch(t)
-        loss = loop_loss(model(X[b]), Y[b]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        rec.step(b, lr=0.1)
+        rec.step(loop_optimizer_step(model, opt, X, Y, t), lr=0.1)
     del rec  # the process "dies": nothing is closed (the logs reached the OS at every step)
     return model, opt
 
