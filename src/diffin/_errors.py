@@ -130,3 +130,8 @@ class MissingOptimizerStateError(UnsupportedMethodError):
     """A checkpoint lacks the optimizer state (e.g. Adam's moments) that following the optimizer's
     steps needs: the run was recorded without it; record again, or use a method that does not
     follow the optimizer (tracin, if-cg)."""
+
+
+class ReinitError(ConfigError):
+    """A fresh initialisation of the model cannot be drawn (a trained parameter that no module's
+    ``reset_parameters`` resets, or an ``init=`` callable that returns another architecture)."""
