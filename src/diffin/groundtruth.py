@@ -11,12 +11,19 @@ trajectory-specific leave-S-out effect, with no retraining noise.
 Removal runs are trained side by side: K parameter vectors advance together, one vmapped
 weighted-gradient evaluation per step (``torch.func.vmap`` over parameter copies with the batch
 shared), in groups sized to a memory budget.
+
+Ground truth by retraining (:func:`retrain_truth`, docs/method.md §3.1): the same recorded
+recipe (steps, per-step batch sizes, learning rates, optimizer, clipping) retrained with a fresh
+batch order (``reshuffle``) or a fresh θ_0 and order (``reseed``), K seeds per subset, each
+seed's full-data run and subset runs sharing its order and θ_0 (common random numbers).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +32,7 @@ from torch import Tensor, nn
 
 from ._api import _eval_mode
 from ._data import DataSource, check_id_groups
-from ._errors import ConfigError, DataMismatchError
+from ._errors import ConfigError, DataMismatchError, ReinitError
 from ._functional import FlatModel, LossFn
 from ._progress import progress_bar
 from .config import CONVENTIONS
@@ -142,6 +149,14 @@ def replay_many(
     return full, (torch.cat(finals) if finals else theta0[None, :0])
 
 
+def _weights(keep: Tensor, convention: str) -> Tensor:
+    """Per-sample loss weights (K, B) of a batch from its kept mask (K, B) (0/1 in θ's dtype):
+    ``keep``: 1/|B| for kept samples; ``renormalize``: 1/(number kept)."""
+    if convention == "keep":
+        return keep / keep.shape[1]
+    return keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
+
+
 def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm) -> Tensor:
     """Advance K runs (rows of ``member``: the ids each removes) through every recorded step;
     returns their θ_T (K, P)."""
@@ -151,11 +166,7 @@ def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, conventio
     for t in range(traj.run.n_steps):
         ids, x, y = traj.batch(t)
         keep = torch.as_tensor(~member[:, ids], dtype=state.theta.dtype)  # (K, B)
-        if convention == "keep":
-            W = keep / len(ids)
-        else:
-            W = keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
-        state, _ = traj.step(state, t, x, y, weights=W)
+        state, _ = traj.step(state, t, x, y, weights=_weights(keep, convention))
         bar.update()
     return state.theta
 
@@ -194,3 +205,313 @@ def lds_ground_truth(
     removed = [np.flatnonzero(~m) for m in np.asarray(masks, dtype=bool)]
     return replay_removal(run, model, loss_fn, train=train, target=target, remove=removed,
                           convention="keep", pairwise=pairwise, progress=progress, memory_mb=memory_mb)
+
+
+# ---------------------------------------------------------------------- ground truth by retraining
+TRUTH_MODES = ("replay", "reshuffle", "reseed")
+
+
+@dataclass
+class RetrainTruth:
+    """Targets of models retrained on LDS subsets, K seeds each (docs/method.md §3.1).
+
+    Attributes:
+        mode: one of :data:`TRUTH_MODES`.
+        masks: (S, N) bool, True = kept.
+        values: (S, K) or (S, K, Q) float64, loss units: ``f(θ_T^{s,k}) − f(θ_T^{full,k})``, the
+            target of the model trained on subset s with seed k minus that of the full-data run
+            with the same seed (same batch order and θ_0: common random numbers).
+        full: (K,) or (K, Q) float64: ``f(θ_T^{full,k})``.
+        seeds: (K,) int64: the seed of each retraining (``-1`` for ``replay``, which draws nothing).
+    """
+
+    mode: str
+    masks: np.ndarray
+    values: np.ndarray
+    full: np.ndarray
+    seeds: np.ndarray
+
+    def mean(self) -> np.ndarray:
+        """The mean change over the K seeds, (S,) or (S, Q): the LDS target."""
+        return self.values.mean(axis=1)
+
+    def noise_ceiling(self, n_splits: int = 50, seed: int = 0) -> float:
+        """Split-half reliability of the K-seed mean across subsets.
+
+        For each of ``n_splits`` random splits of the seeds into two halves, the Spearman
+        correlation r (across the S subsets) of the two halves' means, corrected to K seeds by
+        Spearman–Brown, 2r/(1 + r); averaged over splits (and over target columns for (S, K, Q)
+        values). ``nan`` when K < 2 or every correlation is undefined.
+        """
+        from .metrics import spearman
+
+        vals = self.values if self.values.ndim == 3 else self.values[:, :, None]
+        S, K, Q = vals.shape
+        if K < 2 or S < 2:
+            return float("nan")
+        rng = np.random.default_rng(seed)
+        out: list[float] = []
+        for _ in range(n_splits):
+            perm = rng.permutation(K)
+            a, b = perm[: K // 2], perm[K // 2 :]
+            ma, mb = vals[:, a].mean(axis=1), vals[:, b].mean(axis=1)
+            for q in range(Q):
+                r = spearman(ma[:, q], mb[:, q])
+                if np.isfinite(r) and r > -1:
+                    out.append(2 * r / (1 + r))
+        return float(np.mean(out)) if out else float("nan")
+
+
+def truth_seeds(seed: int, n_seeds: int) -> np.ndarray:
+    """The seeds of the K retrainings, (K,) int64: seed k is drawn from ``(seed, k)`` (so the
+    first K of K + 1 seeds are the K seeds)."""
+    return np.array([int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) for k in range(n_seeds)],
+                    dtype=np.int64)
+
+
+def step_plan(run: Run, n_train: int, batch_size: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """The population of a fresh batch order and the size of each step's batch.
+
+    With batch ids: the ids that appear in the recording and the recorded step sizes (the union
+    of the micro-batches under accumulation). Without: ``range(n_train)`` and ``batch_size`` (or
+    the recorded hint) at every step; :class:`DataMismatchError` when neither is known.
+    """
+    if run.has_batch_ids:
+        batches = [run.batch(t) for t in range(run.n_steps)]
+        sizes = [len(b) for b in batches]
+        population = np.unique(np.concatenate(batches)) if batches else np.zeros(0, dtype=np.int64)
+    else:
+        bs = batch_size or run.batch_size_hint()
+        if bs is None:
+            raise DataMismatchError(
+                f"the run at {run.path} recorded no batch ids, so the size of its batches is unknown; pass "
+                "batch_size= (the training loop's batch size) to retrain it with fresh batch orders"
+            )
+        sizes = [int(bs)] * run.n_steps
+        population = np.arange(n_train)
+    too_big = [b for b in sizes if b > len(population)]
+    if too_big:
+        raise DataMismatchError(
+            f"a step of {too_big[0]} samples is larger than the {len(population)} samples a fresh order draws "
+            "from; pass the training loop's batch size as batch_size="
+        )
+    return population.astype(np.int64), sizes
+
+
+def fresh_order(population: np.ndarray, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
+    """A fresh batch order: one id array per step, of the given sizes.
+
+    A permutation of ``population`` (drawn by ``np.random.default_rng(seed)``) is cut into
+    consecutive batches; when what is left of it is smaller than the next step's size, a new
+    permutation is drawn (the rest is dropped). For an ordinary loop this gives epochs: every id
+    once per epoch, with or without ``drop_last``.
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(population)
+    pos = 0
+    out = []
+    for b in sizes:
+        if len(perm) - pos < b:
+            perm = rng.permutation(population)
+            pos = 0
+        out.append(perm[pos : pos + b])
+        pos += b
+    return out
+
+
+def fresh_theta0(model: nn.Module, trainable: Sequence[str], seed: int,
+                 init: Callable[[int], nn.Module] | None = None) -> Tensor:
+    """A freshly initialised θ_0 (P,) in ``model``'s dtype and device, the trainable parameters
+    flattened in order (as :class:`diffin._functional.FlatModel` does).
+
+    ``init=None``: a deep copy of ``model`` whose modules with ``reset_parameters`` are reset
+    under ``torch.manual_seed(seed)`` (the global RNG is left as it was); raises
+    :class:`ReinitError` when a trainable parameter belongs to no such module. ``init``: a
+    callable ``seed -> nn.Module`` returning a freshly initialised model of the same
+    architecture (names and shapes are checked).
+    """
+    named0 = dict(model.named_parameters())
+    first = named0[trainable[0]] if trainable else next(iter(named0.values()))
+    dtype, device = first.dtype, first.device
+    devices = []  # CUDA generators forked besides the CPU one
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        if init is None:
+            fresh = copy.deepcopy(model)
+            covered: set[str] = set()
+            resettable = []
+            for prefix, mod in fresh.named_modules():
+                if callable(getattr(mod, "reset_parameters", None)):
+                    resettable.append(mod)
+                    covered |= {f"{prefix}.{n}" if prefix else n for n, _ in mod.named_parameters(recurse=False)}
+            missing = [n for n in trainable if n not in covered]
+            if missing:
+                raise ReinitError(
+                    f"trainable parameters {missing[:5]} belong to no module with reset_parameters(), so a "
+                    "fresh initialisation cannot be drawn; pass init=lambda seed: <a freshly initialised "
+                    "model of the same architecture> (or use mode='reshuffle', which keeps the recorded θ_0)"
+                )
+            for mod in resettable:
+                mod.reset_parameters()
+        else:
+            fresh = init(int(seed))
+            if not isinstance(fresh, nn.Module):
+                raise ReinitError(f"init(seed) must return an nn.Module, got {type(fresh).__name__}")
+    named = dict(fresh.named_parameters())
+    wrong = [n for n in trainable if n not in named or tuple(named[n].shape) != tuple(named0[n].shape)]
+    if wrong:
+        got = {n: tuple(named[n].shape) for n in wrong if n in named}
+        raise ReinitError(
+            f"init(seed) returned a model whose parameters {wrong[:5]} are missing or shaped differently "
+            f"({got}) from the recorded model's; return a freshly initialised model of the same architecture"
+        )
+    return torch.cat([named[n].detach().reshape(-1) for n in trainable]).to(dtype=dtype, device=device)
+
+
+def retrain_truth(
+    run: str | os.PathLike[str] | Run,
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    train: Any,
+    target: Any,
+    masks: np.ndarray,
+    mode: str = "reseed",
+    n_seeds: int = 10,
+    seed: int = 0,
+    init: Callable[[int], nn.Module] | None = None,
+    convention: str = "keep",
+    pairwise: bool = False,
+    progress: bool = True,
+    memory_mb: float = 1024.0,
+    batch_size: int | None = None,
+) -> RetrainTruth:
+    """Retrain the recorded recipe on each LDS subset (rows of ``masks``) with K seeds.
+
+    Args:
+        masks: (S, N) bool, True = kept; the removed ids get ``convention`` in every batch.
+        mode: ``"replay"`` (recorded θ_0 and batches; K = 1, equal to :func:`lds_ground_truth`
+            for ``keep``), ``"reshuffle"`` (recorded θ_0 and optimizer state, a fresh batch order
+            per seed) or ``"reseed"`` (a fresh θ_0 and a fresh order per seed).
+        n_seeds: K for the retraining modes.
+        seed: seed k of the K retrainings is :func:`truth_seeds` ``(seed, K)[k]``: it draws the
+            order (:func:`fresh_order`) and θ_0 (:func:`fresh_theta0`).
+        init: ``seed -> nn.Module``, a fresh model of the same architecture (``reseed`` only;
+            default: ``reset_parameters()`` of a copy of ``model``).
+        memory_mb: budget of the runs trained side by side (parameters, optimizer state,
+            gradients and each run's gathered batch).
+        batch_size: step size of a run recorded without batch ids.
+
+    Every retraining runs the recorded number of steps with the recorded per-step batch sizes,
+    learning rates, optimizer rule and clipping (:class:`diffin.trajectory.Trajectory`); seed k's
+    full-data run and subset runs share its order and θ_0. Returns a :class:`RetrainTruth`
+    whose ``values`` are (S, K) (mean target) or (S, K, Q) (``pairwise``), float64.
+    """
+    if mode not in TRUTH_MODES:
+        raise ConfigError(f"mode must be one of {TRUTH_MODES}, got {mode!r}")
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, (int, np.integer)) or n_seeds < 1:
+        raise ConfigError(f"n_seeds must be a positive int, got {n_seeds!r}")
+    if init is not None and mode != "reseed":
+        raise ConfigError(f"init= draws a fresh θ_0, which only mode='reseed' uses (mode is {mode!r})")
+    run_obj = run if isinstance(run, Run) else load_run(run)
+    run_obj.check_model(model)
+    check_rule(run_obj)
+    fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
+    src = DataSource(train, fm.dtype, fm.device)
+    N = len(src)
+    if run_obj.has_batch_ids:
+        run_obj.check_ids(N)
+    m = np.asarray(masks)
+    if m.ndim != 2 or m.shape[1] != N or m.shape[0] < 1:
+        raise ConfigError(f"masks must be (S, {N}) (one row per subset, True = kept), got shape {m.shape}")
+    if m.dtype != np.bool_:
+        if not np.isin(m, (0, 1)).all():
+            raise ConfigError("masks must be boolean (True = sample kept in that subset)")
+        m = m.astype(bool)
+    tgt = make_target(target, src, fm, pairwise=pairwise)
+    if tgt.kind == "self":
+        raise ConfigError("retrain_truth needs a fixed target (a validation set or test examples), not 'self'")
+    traj = Trajectory(run_obj, fm, src)
+    with _eval_mode(model), torch.no_grad():
+        if mode == "replay":
+            if not run_obj.has_batch_ids:
+                raise DataMismatchError("replayed removal needs the batch ids of every step; record them, "
+                                        "or use mode='reshuffle' / 'reseed'")
+            groups = [np.flatnonzero(~row) for row in m]
+            theta_full, thetas = replay_many(traj, groups, convention, memory_mb, progress=progress)
+            full = _target_values(tgt, fm, theta_full[None])  # (1, Q)
+            sub = _target_values(tgt, fm, thetas)  # (S, Q)
+            vals = (sub - full)[:, None, :]  # (S, 1, Q)
+            seeds = np.array([-1], dtype=np.int64)
+        else:
+            seeds = truth_seeds(seed, int(n_seeds))
+            vals, full = _retrain_many(traj, tgt, m, mode, seeds, init, model, convention, memory_mb,
+                                       progress, batch_size)
+    if tgt.kind == "mean":
+        vals, full = vals[..., 0], full[..., 0]
+    return RetrainTruth(mode=mode, masks=m, values=vals, full=full, seeds=seeds)
+
+
+def _target_values(tgt: Any, fm: FlatModel, thetas: Tensor) -> np.ndarray:
+    """f at each row of ``thetas`` (R, P) → (R, Q) float64."""
+    return np.stack([tgt.values(fm, th).double().cpu().numpy() for th in thetas]) if len(thetas) else \
+        np.zeros((0, tgt.size), dtype=np.float64)
+
+
+def _retrain_many(
+    traj: Trajectory, tgt: Any, masks: np.ndarray, mode: str, seeds: np.ndarray,
+    init: Callable[[int], nn.Module] | None, model: nn.Module, convention: str, memory_mb: float,
+    progress: bool, batch_size: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train the K·(S + 1) runs (seed k: its full-data run, then one per subset) side by side in
+    groups sized to ``memory_mb``; returns values (S, K, Q) and full (K, Q), float64."""
+    run, fm, src = traj.run, traj.fm, traj.train
+    assert src is not None
+    S, N = masks.shape
+    K = len(seeds)
+    population, sizes = step_plan(run, N, batch_size)
+    orders = [fresh_order(population, sizes, int(s)) for s in seeds]
+    start = traj.state(0)  # installs checkpoint 0's buffers and frozen parameters
+    if mode == "reseed":
+        theta0 = torch.stack([fresh_theta0(model, fm.spec.names, int(s), init) for s in seeds])  # (K, P)
+    else:
+        theta0 = start.theta.expand(K, -1)
+    removed = np.concatenate([np.zeros((1, N), dtype=bool), ~masks])  # row 0: the full-data run
+    # width: parameters, new parameters, gradient and optimizer state per run, plus its gathered batch
+    x1, y1 = src.get(population[:1])
+    row_bytes = x1.numel() * x1.element_size() + y1.numel() * y1.element_size()
+    P = fm.num_params
+    per_run = P * start.theta.element_size() * (3 + len(traj.rule.state_keys)) + 2 * max(sizes, default=0) * row_bytes
+    width = max(1, int(memory_mb * 2**20 // max(per_run, 1)))
+    runs = [(k, r) for k in range(K) for r in range(S + 1)]  # (seed, row of ``removed``)
+    n_chunks = -(-len(runs) // width)
+    bar = progress_bar(run.n_steps * n_chunks, f"retrain ({mode})", progress, unit="step")
+    F = np.zeros((K, S + 1, tgt.size), dtype=np.float64)
+    for c in range(n_chunks):
+        chunk = runs[c * width : (c + 1) * width]
+        ks = np.array([k for k, _ in chunk])
+        rows = np.array([r for _, r in chunk])
+        uniq, where = np.unique(ks, return_inverse=True)
+        where_t = torch.as_tensor(where, dtype=torch.long, device=fm.device)
+        state = TrainState(theta0[torch.as_tensor(ks, device=theta0.device)].clone(),
+                           {key: v.expand(len(chunk), -1).clone() for key, v in start.opt.items()}, start.k)
+        rem = removed[rows]  # (R, N)
+        for t in range(run.n_steps):
+            ids = np.stack([orders[k][t] for k in uniq])  # (U, B)
+            xs, ys = src.get(ids.reshape(-1))
+            xs = xs.reshape(len(uniq), -1, *xs.shape[1:])
+            ys = ys.reshape(len(uniq), -1, *ys.shape[1:])
+            keep = torch.as_tensor(~np.take_along_axis(rem, ids[where], axis=1), dtype=state.theta.dtype,
+                                   device=fm.device)  # (R, B)
+            g = traj.gradient(state.theta, xs[where_t], ys[where_t], _weights(keep, convention), per_run=True)
+            state = traj.advance(state, t, g)
+            bar.update()
+        F[ks, rows] = _target_values(tgt, fm, state.theta)
+    bar.close()
+    full = F[:, 0]  # (K, Q)
+    vals = np.transpose(F[:, 1:] - full[:, None], (1, 0, 2))  # (S, K, Q)
+    return np.ascontiguousarray(vals), full

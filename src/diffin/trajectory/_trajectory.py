@@ -123,6 +123,7 @@ class Trajectory:
         self._rule: OptimizerRule | None = None
         self._group_index: Tensor | None = None  # (P,) group of each coordinate
         self._gfun: Callable[..., Tensor] | None = None
+        self._gfun_per_run: Callable[..., Tensor] | None = None
 
     # ------------------------------------------------------------------ the optimizer
     @property
@@ -260,19 +261,30 @@ class Trajectory:
         return ids, x, y
 
     # ------------------------------------------------------------------ one step
-    def gradient(self, theta: Tensor, x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
+    def gradient(
+        self, theta: Tensor, x: Tensor, y: Tensor, weights: Tensor | None = None, *, per_run: bool = False
+    ) -> Tensor:
         """The raw batch gradient at θ: of the mean loss for θ (P,); for θ (K, P) with
-        ``weights`` (K, B), of Σ_i w_ki·l_i for each row k (one vmapped pass)."""
+        ``weights`` (K, B), of Σ_i w_ki·l_i for each row k (one vmapped pass).
+
+        ``per_run=True``: every run has its own batch: x (K, B, ...), y (K, B, ...), weights
+        (K, B) and θ (K, P) are all mapped over their first dimension (runs trained on different
+        batch orders side by side, :func:`diffin.groundtruth.retrain_truth`)."""
+        if per_run:
+            if weights is None:
+                raise ValueError("per_run=True needs weights (K, B)")
+            if self._gfun_per_run is None:
+                self._gfun_per_run = vmap(grad(self._weighted), in_dims=(0, 0, 0, 0))
+            return self._gfun_per_run(theta, weights, x, y)
         if weights is None:
             return self.fm.loss_grad(theta, x, y)[0]
         if self._gfun is None:
-            fm = self.fm
-
-            def weighted(th: Tensor, w: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
-                return (fm.losses(th, xx, yy) * w).sum()
-
-            self._gfun = vmap(grad(weighted), in_dims=(0, 0, None, None))
+            self._gfun = vmap(grad(self._weighted), in_dims=(0, 0, None, None))
         return self._gfun(theta, weights, x, y)
+
+    def _weighted(self, th: Tensor, w: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+        """Σ_i w_i·l_i(θ) over a batch (the function whose gradient :meth:`gradient` vmaps)."""
+        return (self.fm.losses(th, xx, yy) * w).sum()
 
     def advance(self, state: TrainState, t: int, g: Tensor) -> TrainState:
         """Step t from ``state`` given the raw batch gradient g (P,) or (K, P): clipped (row by
