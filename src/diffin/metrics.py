@@ -5,7 +5,9 @@ the change of the target (a loss) if z had been removed. Positive: z helped; neg
 
 * Agreement with replayed removal (data deletion): :func:`pearson`, :func:`spearman`,
   :func:`kendall`, :func:`mae`, :func:`topk_jaccard`.
-* Linear datamodeling score over random subsets: :func:`lds`.
+* Linear datamodeling score over random subsets: :func:`lds`, with a bootstrap interval over
+  subsets (:func:`lds_interval`) and the paired bootstrap of two methods' difference
+  (:func:`lds_bootstrap_diff`).
 * Label-noise detection (data cleaning): :func:`detection_auc`, :func:`recall_at`.
 
 All functions take array-likes (numpy arrays, lists, CPU tensors), compute in float64 and
@@ -24,7 +26,8 @@ from sklearn.metrics import roc_auc_score
 
 from ._errors import ConfigError
 
-__all__ = ["detection_auc", "kendall", "lds", "mae", "pearson", "recall_at", "spearman", "topk_jaccard"]
+__all__ = ["detection_auc", "kendall", "lds", "lds_bootstrap_diff", "lds_interval", "mae", "pearson", "recall_at",
+           "spearman", "topk_jaccard"]
 
 
 # ---------------------------------------------------------------------- input checks
@@ -115,28 +118,9 @@ def topk_jaccard(pred: Any, actual: Any, k: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------- LDS
-def lds(subset_masks: Any, subset_actual: Any, scores: Any) -> float:
-    """Linear datamodeling score (Park et al. 2023) of removal-sign scores.
-
-    Args:
-        subset_masks: (S, N) bool, ``True`` where sample n was KEPT in the model retrained on
-            subset s. The removed set of subset s is ``R_s = {n : not subset_masks[s, n]}``.
-        subset_actual: (S,) or (S, Q): the target of each retrained model, ``f(θ_T^{−R_s})``, or
-            its change ``f(θ_T^{−R_s}) − f(θ_T)`` (the same up to a shift per column, which
-            Spearman ignores). Q columns for Q targets.
-        scores: (N,) or (N, Q): removal-sign scores, ``score(z) = f(θ_T^{−z}) − f(θ_T)``.
-
-    Returns:
-        The Spearman correlation, across the S subsets, between the predicted change
-        ``pred_s = Σ_{z ∈ R_s} score(z)`` and ``subset_actual[s]``; averaged over the Q columns
-        when 2-D (columns whose correlation is undefined are left out; ``nan`` if all are).
-
-    Sign: removal-sign scores add up over the removed set, so the prediction sums over the
-    REMOVED samples, not the kept ones. Since ``Σ_{R_s} = Σ_all − Σ_{kept}``, this equals
-    ``−Σ_{z kept} score(z)`` up to a constant: Park et al.'s datamodel sum over the kept set,
-    with the sign flipped because those attributions measure up-weighting. Perfect,
-    additive scores give +1; scores of the wrong sign give negative values.
-    """
+def _lds_parts(subset_masks: Any, subset_actual: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Checked inputs of :func:`lds`: the predicted changes ``pred`` (S, Q) = Σ of the removed
+    samples' scores, and the actual changes (S, Q)."""
     masks = np.asarray(subset_masks)
     if masks.ndim != 2 or masks.size == 0:
         raise ConfigError(f"subset_masks must be a non-empty (S, N) array, got shape {masks.shape}")
@@ -164,10 +148,109 @@ def lds(subset_masks: Any, subset_actual: Any, scores: Any) -> float:
     if sc.shape[1] == 0:
         raise ConfigError("scores have no target columns (Q = 0)")
     pred = (~masks).astype(np.float64) @ sc  # (S, Q): Σ_{z ∈ R_s} score(z)
-    per_column = np.array([spearman(pred[:, q], actual[:, q]) for q in range(sc.shape[1])])
+    return pred, actual
+
+
+def lds(subset_masks: Any, subset_actual: Any, scores: Any) -> float:
+    """Linear datamodeling score (Park et al. 2023) of removal-sign scores.
+
+    Args:
+        subset_masks: (S, N) bool, ``True`` where sample n was KEPT in the model retrained on
+            subset s. The removed set of subset s is ``R_s = {n : not subset_masks[s, n]}``.
+        subset_actual: (S,) or (S, Q): the target of each retrained model, ``f(θ_T^{−R_s})``, or
+            its change ``f(θ_T^{−R_s}) − f(θ_T)`` (the same up to a shift per column, which
+            Spearman ignores). Q columns for Q targets.
+        scores: (N,) or (N, Q): removal-sign scores, ``score(z) = f(θ_T^{−z}) − f(θ_T)``.
+
+    Returns:
+        The Spearman correlation, across the S subsets, between the predicted change
+        ``pred_s = Σ_{z ∈ R_s} score(z)`` and ``subset_actual[s]``; averaged over the Q columns
+        when 2-D (columns whose correlation is undefined are left out; ``nan`` if all are).
+
+    Sign: removal-sign scores add up over the removed set, so the prediction sums over the
+    REMOVED samples, not the kept ones. Since ``Σ_{R_s} = Σ_all − Σ_{kept}``, this equals
+    ``−Σ_{z kept} score(z)`` up to a constant: Park et al.'s datamodel sum over the kept set,
+    with the sign flipped because those attributions measure up-weighting. Perfect,
+    additive scores give +1; scores of the wrong sign give negative values.
+    """
+    pred, actual = _lds_parts(subset_masks, subset_actual, scores)
+    per_column = np.array([spearman(pred[:, q], actual[:, q]) for q in range(pred.shape[1])])
     if np.all(np.isnan(per_column)):
         return float("nan")
     return float(np.nanmean(per_column))
+
+
+def _row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row pair of a, b (R, S) (average ranks for ties); ``nan``
+    where a row is constant."""
+    ra, rb = stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(axis=1) / den, np.nan)
+
+
+def _boot_lds(pred: np.ndarray, actual: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """LDS of each bootstrap resample (rows ``idx`` (B, S) of the subsets): (B,), averaged over
+    the Q columns whose correlation is defined (``nan`` if none is)."""
+    per = np.stack([_row_spearman(pred[idx, q], actual[idx, q]) for q in range(pred.shape[1])], axis=1)
+    out = np.full(per.shape[0], np.nan)
+    ok = ~np.all(np.isnan(per), axis=1)
+    out[ok] = np.nanmean(per[ok], axis=1)
+    return out
+
+
+def _boot_indices(n_sub: int, n_boot: int, seed: int, level: float) -> np.ndarray:
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ConfigError(f"n_boot must be a positive int, got {n_boot!r}")
+    if n_sub < 3:
+        raise ConfigError(f"a bootstrap over subsets needs at least 3 subsets, got {n_sub}")
+    return np.random.default_rng(seed).integers(0, n_sub, size=(int(n_boot), n_sub))
+
+
+def _percentiles(boot: np.ndarray, level: float) -> tuple[float, float]:
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def lds_interval(subset_masks: Any, subset_actual: Any, scores: Any, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, float]:
+    """:func:`lds` with a percentile bootstrap interval over subsets.
+
+    The S subsets (rows of ``subset_masks`` and ``subset_actual``) are resampled with
+    replacement ``n_boot`` times (``np.random.default_rng(seed)``); the LDS of each resample
+    gives the interval's ends, the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles.
+
+    Returns: ``{"lds": LDS on all subsets, "low": ..., "high": ...}``.
+    """
+    pred, actual = _lds_parts(subset_masks, subset_actual, scores)
+    idx = _boot_indices(pred.shape[0], n_boot, seed, level)
+    low, high = _percentiles(_boot_lds(pred, actual, idx), level)
+    return {"lds": lds(subset_masks, subset_actual, scores), "low": low, "high": high}
+
+
+def lds_bootstrap_diff(subset_masks: Any, subset_actual: Any, scores_a: Any, scores_b: Any, n_boot: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """The difference LDS(a) − LDS(b) of two methods on the same subsets, with a paired
+    bootstrap interval: each of ``n_boot`` resamples draws S subset rows with replacement and
+    computes both LDS on the same rows, so the subsets' shared difficulty cancels.
+
+    Returns: ``{"diff": LDS_a − LDS_b on all subsets, "low": ..., "high": ...}`` (percentile
+    interval at ``level``); an interval above 0 says a beats b on this truth.
+    """
+    pred_a, actual = _lds_parts(subset_masks, subset_actual, scores_a)
+    pred_b, _ = _lds_parts(subset_masks, subset_actual, scores_b)
+    idx = _boot_indices(pred_a.shape[0], n_boot, seed, level)
+    boot = _boot_lds(pred_a, actual, idx) - _boot_lds(pred_b, actual, idx)
+    low, high = _percentiles(boot, level)
+    diff = lds(subset_masks, subset_actual, scores_a) - lds(subset_masks, subset_actual, scores_b)
+    return {"diff": float(diff), "low": low, "high": high}
 
 
 # ---------------------------------------------------------------------- label-noise detection
