@@ -6,6 +6,10 @@ then score all samples with each method (timed, peak memory polled) and compare:
 Pearson, Spearman, Kendall τ, top-10 Jaccard (10 most helpful + 10 most harmful) and mean
 absolute error (loss units) on the removed samples; LDS on the subsets, for the mean validation
 loss and per validation example.
+
+LDS truths (``truth``, docs/method.md §3.1): ``replay`` (the subsets replayed), ``reshuffle``
+and ``reseed`` (retrained with fresh batch orders, and fresh θ_0, K seeds each): one
+``lds_<mode>`` per method with its bootstrap interval and its paired difference to TracIn.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from ._measure import Measure
 from ._version import __version__
 from .builtin import get_setup, train
 from .config import CONVENTIONS, config_field
-from .groundtruth import lds_ground_truth, lds_subsets, replay_removal
+from .groundtruth import TRUTH_MODES, lds_ground_truth, lds_subsets, replay_removal, retrain_truth
 
 BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum", "mnist5k-cnn",
                 "mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups")
 DEFAULT_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin",
                    "tracin-every-step", "if-cg", "if-lissa", "grad-dot", "grad-cos")
 UNITLESS = {"grad-cos"}  # not in loss units: no MAE
+LDS_SUBSETS_REPLAY = 50  # default number of LDS subsets with the replayed truth only
+LDS_SUBSETS_RETRAIN = 200  # ... when a retraining truth (reshuffle, reseed) is asked
 
 
 @dataclass
@@ -46,30 +52,54 @@ class BenchConfig:
 
     methods: str = config_field(",".join(DEFAULT_METHODS), "comma-separated methods to compare")
     n_removed: int | None = config_field(None, "samples whose removal is replayed (default: the setup's)")
-    lds_subsets: int = config_field(50, "LDS: random training subsets retrained by replay (0 = no LDS)")
+    lds_subsets: int | None = config_field(
+        None, f"LDS: random training subsets, the same for every truth (0 = no LDS; default {LDS_SUBSETS_REPLAY} "
+              f"with the replay truth only, {LDS_SUBSETS_RETRAIN} when a retraining truth is asked)")
     lds_fraction: float = config_field(0.5, "LDS: fraction of the training set each subset keeps")
     lds_examples: int = config_field(
         0, "LDS per validation example: number of examples (0 = off; costs one solve/sweep per example)"
     )
     convention: str = config_field("keep", "removal convention of ground truth and estimators",
                                     choices=CONVENTIONS)
-    seed: int = config_field(0, "seed of the removed samples and LDS subsets")
+    seed: int = config_field(0, "seed of the removed samples, LDS subsets and retraining seeds")
+    truth: str = config_field(
+        "replay", "LDS ground truths, comma-separated: replay (recorded θ_0 and batch order), reshuffle "
+                  "(recorded θ_0, fresh orders), reseed (fresh θ_0 and orders)")
+    truth_seeds: int = config_field(10, "seeds K per subset of the retraining truths (reshuffle, reseed)")
 
     def __post_init__(self) -> None:
         if self.n_removed is not None and self.n_removed < 2:
             raise ConfigError("n_removed must be >= 2")
-        if self.lds_subsets and self.lds_subsets < 2:
+        if self.lds_subsets is not None and (self.lds_subsets < 0 or self.lds_subsets == 1):
             raise ConfigError("lds_subsets must be 0 or >= 2")
         if self.lds_examples < 0:
             raise ConfigError("lds_examples must be >= 0")
+        modes = self.truth_modes()
+        bad = [m for m in modes if m not in TRUTH_MODES]
+        if bad or not modes:
+            raise ConfigError(f"truth must be a comma-separated subset of {', '.join(TRUTH_MODES)}, got {self.truth!r}")
+        if self.truth_seeds < 1:
+            raise ConfigError("truth_seeds must be >= 1")
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
+    def truth_modes(self) -> list[str]:
+        """The asked LDS truths, in the order of :data:`TRUTH_MODES`."""
+        asked = {m.strip() for m in self.truth.split(",") if m.strip()}
+        return [m for m in TRUTH_MODES if m in asked] + sorted(asked - set(TRUTH_MODES))
+
+    def n_lds_subsets(self) -> int:
+        """S: ``lds_subsets`` when given, else 50 (replay only) or 200 (a retraining truth asked)."""
+        if self.lds_subsets is not None:
+            return self.lds_subsets
+        retrain = any(m != "replay" for m in self.truth_modes())
+        return LDS_SUBSETS_RETRAIN if retrain else LDS_SUBSETS_REPLAY
+
     def lds_masks(self, n_train: int) -> np.ndarray:
-        """The LDS subsets of the benchmark, (lds_subsets, n_train) bool, True = kept (seed + 1,
-        so they do not share draws with the removed samples)."""
-        return lds_subsets(n_train, self.lds_subsets, self.lds_fraction, seed=self.seed + 1)
+        """The LDS subsets of the benchmark, (S, n_train) bool, True = kept (S =
+        :meth:`n_lds_subsets`; seed + 1, so they do not share draws with the removed samples)."""
+        return lds_subsets(n_train, self.n_lds_subsets(), self.lds_fraction, seed=self.seed + 1)
 
 
 def machine_info() -> dict[str, Any]:
@@ -123,20 +153,37 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
                          "seconds": m_gt.seconds, "removed_ids": removed.tolist()},
     }
     masks = actual_lds = actual_lds_ex = None
+    truths: dict[str, np.ndarray] = {}  # LDS truth mode -> (S,) mean change
     q = min(cfg.lds_examples, int(data.x_val.shape[0]))
-    if cfg.lds_subsets:
+    n_sub = cfg.n_lds_subsets()
+    modes = cfg.truth_modes()
+    if n_sub:
         masks = cfg.lds_masks(N)
-        log(f"[{name}] replaying {cfg.lds_subsets} LDS subsets ...")
-        with Measure() as m_lds:
-            actual_lds = lds_ground_truth(run_dir, setup.model(data), setup.loss_fn, target=val,
-                                          masks=masks, **common)
-            if q:
-                actual_lds_ex = lds_ground_truth(run_dir, setup.model(data), setup.loss_fn,
-                                                 target=(data.x_val[:q], data.y_val[:q]), masks=masks,
-                                                 pairwise=True, **common)
-        out["lds"] = {"n_subsets": cfg.lds_subsets, "fraction": cfg.lds_fraction, "n_examples": q,
-                      "seconds": m_lds.seconds}
+        out["truth"] = {}
+        if "replay" in modes:
+            log(f"[{name}] replaying {n_sub} LDS subsets ...")
+            with Measure() as m_lds:
+                actual_lds = lds_ground_truth(run_dir, setup.model(data), setup.loss_fn, target=val,
+                                              masks=masks, **common)
+                if q:
+                    actual_lds_ex = lds_ground_truth(run_dir, setup.model(data), setup.loss_fn,
+                                                     target=(data.x_val[:q], data.y_val[:q]), masks=masks,
+                                                     pairwise=True, **common)
+            out["lds"] = {"n_subsets": n_sub, "fraction": cfg.lds_fraction, "n_examples": q,
+                          "seconds": m_lds.seconds}
+            truths["replay"] = np.asarray(actual_lds, dtype=np.float64)
+            out["truth"]["replay"] = {"n_subsets": n_sub, "n_seeds": 1, "noise_ceiling": float("nan"),
+                                      "seconds": m_lds.seconds}
+        for mode in (m for m in modes if m != "replay"):
+            log(f"[{name}] retraining {n_sub} LDS subsets × {cfg.truth_seeds} seeds ({mode}) ...")
+            with Measure() as m_tr:
+                tr = retrain_truth(run_dir, setup.model(data), setup.loss_fn, target=val, masks=masks, mode=mode,
+                                   n_seeds=cfg.truth_seeds, seed=cfg.seed, convention=cfg.convention, **common)
+            truths[mode] = tr.mean()
+            out["truth"][mode] = {"n_subsets": n_sub, "n_seeds": cfg.truth_seeds,
+                                  "noise_ceiling": tr.noise_ceiling(), "seconds": m_tr.seconds}
     results = []
+    all_scores: dict[str, np.ndarray] = {}  # method -> (N,) scores, for the paired bootstraps
     for method in cfg.method_list():
         log(f"[{name}] {method} ...")
         try:
@@ -148,9 +195,11 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
             results.append({"method": method, "variant": _short_error(str(e)), "error": str(e)})
             continue
         s = r.scores.astype(np.float64)
+        all_scores[method] = s
         row: dict[str, Any] = {"method": method, "variant": r.variant}
         row.update(_compare(s[removed], actual, method in UNITLESS))
-        row["lds"] = metrics.lds(masks, actual_lds, s) if masks is not None else float("nan")
+        row["lds"] = metrics.lds(masks, actual_lds, s) if actual_lds is not None else float("nan")
+        row.update(_lds_columns(masks, truths, s))
         if actual_lds_ex is not None:
             rp = score(run_dir, setup.model(data), setup.loss_fn, target=(data.x_val[:q], data.y_val[:q]),
                        method=method, convention=cfg.convention, pairwise=True, **common)
@@ -160,11 +209,35 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     if peers:
         results += _peer_rows(run_dir, setup, data, removed, actual, masks, actual_lds, log,
                               actual_lds_ex=actual_lds_ex, n_examples=q, methods=peer_methods,
-                              options=peer_options)
+                              options=peer_options, truths=truths, scores_out=all_scores)
+    if "tracin" in all_scores and masks is not None:
+        for row in results:
+            s = all_scores.get(row["method"])
+            if s is None or row["method"] == "tracin" or row.get("error"):
+                continue
+            for mode, act in truths.items():
+                row[f"lds_{mode}_vs_tracin"] = metrics.lds_bootstrap_diff(masks, act, s, all_scores["tracin"],
+                                                                          n_boot=BOOTSTRAPS)
     out["results"] = results
     exact = next((r for r in results if r.get("variant") == "diffin-exact"), None)
     if exact is not None:
         out["linearisation_ceiling"] = {k_: exact[k_] for k_ in ("pearson", "spearman", "kendall")}
+    return out
+
+
+BOOTSTRAPS = 2000  # resamples of the LDS intervals and paired differences
+
+
+def _lds_columns(masks: np.ndarray | None, truths: dict[str, np.ndarray], s: np.ndarray) -> dict[str, Any]:
+    """``lds_<mode>`` and ``lds_<mode>_ci`` [low, high] (95% bootstrap over subsets) of scores
+    ``s`` (N,) against each truth (S,)."""
+    out: dict[str, Any] = {}
+    if masks is None:
+        return out
+    for mode, act in truths.items():
+        iv = metrics.lds_interval(masks, act, s, n_boot=BOOTSTRAPS)
+        out[f"lds_{mode}"] = iv["lds"]
+        out[f"lds_{mode}_ci"] = [iv["low"], iv["high"]]
     return out
 
 
@@ -236,8 +309,11 @@ def _peer_rows(run_dir: Path, setup: Any, data: Any, removed: np.ndarray, actual
                masks: np.ndarray | None, actual_lds: np.ndarray | None, log: Any,
                actual_lds_ex: np.ndarray | None = None, n_examples: int = 0,
                methods: list[str] | None = None,
-               options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per peer method (``diffin.peers``), with the metrics of diffin's rows.
+               options: dict[str, dict[str, Any]] | None = None,
+               truths: dict[str, np.ndarray] | None = None,
+               scores_out: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """One row per peer method (``diffin.peers``), with the metrics of diffin's rows
+    (``lds_<mode>`` against each of ``truths``; their scores are added to ``scores_out``).
 
     A peer that is not installed, is skipped by its options, or raises, gets a row whose
     ``error`` holds the exact text (its ``variant`` shows the first words in the table).
@@ -288,7 +364,10 @@ def _peer_rows(run_dir: Path, setup: Any, data: Any, removed: np.ndarray, actual
             continue
         s = pr.scores
         row.update(_compare(s[removed], actual, units[name] != "loss"))
-        row["lds"] = metrics.lds(masks, actual_lds, s) if masks is not None else float("nan")
+        row["lds"] = metrics.lds(masks, actual_lds, s) if masks is not None and actual_lds is not None else float("nan")
+        row.update(_lds_columns(masks, truths or {}, np.asarray(s, dtype=np.float64)))
+        if scores_out is not None:
+            scores_out[name] = np.asarray(s, dtype=np.float64)
         if actual_lds_ex is not None:
             want = bench_opts.get("lds_per_example")
             if want is None:
@@ -314,9 +393,19 @@ TABLE_COLUMNS = ("method", "variant", "pearson", "spearman", "kendall", "jaccard
                  "lds_per_example", "seconds", "peak_rss_rise_mb")
 
 
+def table_columns(result: dict[str, Any]) -> tuple[str, ...]:
+    """:data:`TABLE_COLUMNS` with ``lds`` replaced by one ``lds_<mode>`` column per truth when a
+    retraining truth was measured."""
+    modes = list(result.get("truth", {}))
+    if not modes or modes == ["replay"]:
+        return TABLE_COLUMNS
+    i = TABLE_COLUMNS.index("lds")
+    return (*TABLE_COLUMNS[:i], *(f"lds_{m}" for m in modes), *TABLE_COLUMNS[i + 1 :])
+
+
 def table_rows(result: dict[str, Any]) -> list[list[Any]]:
     return [[r.get(c, float("nan")) if c not in ("method", "variant") else r.get(c, "")
-             for c in TABLE_COLUMNS] for r in result["results"]]
+             for c in table_columns(result)] for r in result["results"]]
 
 
 def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir: str | None = None,
@@ -344,7 +433,11 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
                    if r.get("clip_grad_norm") is not None else "")
         print(f"N={r['n_train']}, {r['n_steps']} steps, trained in {r['train_seconds']:.2f}s{clipped}; ground truth: "
               f"{r['ground_truth']['n_removed']} replayed removals in {r['ground_truth']['seconds']:.1f}s\n")
-        print(text_table(TABLE_COLUMNS, table_rows(r)))
+        for mode, tr in r.get("truth", {}).items():
+            if mode != "replay":
+                print(f"truth {mode}: {tr['n_subsets']} subsets × {tr['n_seeds']} seeds in {tr['seconds']:.1f}s, "
+                      f"noise ceiling {tr['noise_ceiling']:.3f}")
+        print(text_table(table_columns(r), table_rows(r)))
         if out_json:  # keep what is done so far (atomic write each time)
             write_json(out_json, results[0] if len(setups) == 1 else
                        {"machine": machine_info(), "setups": results})
