@@ -39,7 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     from ..bench import BENCH_SETUPS, BenchConfig
     from ..builtin.setups import SETUPS
 
-    s = sub.add_parser("bench", help="compare every estimator with replayed removal on named setups",
+    s = sub.add_parser("bench", help="compare every estimator with replayed removal (and, with --truth, with "
+                                     "retraining on fresh orders or seeds) on named setups",
                        parents=common[:1])
     s.add_argument("--setup", required=True, choices=[*BENCH_SETUPS, *sorted(set(SETUPS) - set(BENCH_SETUPS)), "all"],
                    help="named setup, or 'all' for every benchmark setup")
