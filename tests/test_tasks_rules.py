@@ -1,0 +1,77 @@
+"""Pruning's selection rules and scores, cleaning's combined detector, the memorising setup."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from diffin._errors import ConfigError
+from diffin.builtin import get_setup
+from diffin.builtin.data import load_mnist5k
+from diffin.builtin.trainer import train
+from diffin.tasks import PruneConfig, select
+from diffin.tasks._prune import scoring_method
+
+
+def test_keep_influential_keeps_the_largest_magnitudes():
+    v = np.array([0.5, -0.3, 0.2, -0.1, 0.9, 0.0, -0.7, 0.4])
+    # |v| = .5 .3 .2 .1 .9 0 .7 .4: the four largest are ids 4, 6, 0, 7
+    np.testing.assert_array_equal(select(v, 0.5, "keep-influential"), [0, 4, 6, 7])
+    np.testing.assert_array_equal(select(v, 0.25, "keep-influential"), [4, 6])
+
+
+def test_auto_switches_rule_at_the_kept_fraction():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=200)
+    for f in (0.1, 0.3, 0.45):
+        np.testing.assert_array_equal(select(v, f, "auto", seed=5), select(v, f, "drop-harmful", seed=5))
+    for f in (0.5, 0.7, 0.9):
+        np.testing.assert_array_equal(select(v, f, "auto", seed=5), select(v, f, "keep-influential"))
+    # another switch moves the boundary
+    np.testing.assert_array_equal(select(v, 0.5, "auto", seed=5, switch=0.8), select(v, 0.5, "drop-harmful", seed=5))
+    np.testing.assert_array_equal(select(v, 0.3, "auto", switch=0.2), select(v, 0.3, "keep-influential"))
+
+
+@pytest.mark.parametrize("rule", ["auto", "drop-harmful", "keep-helpful", "keep-influential"])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_every_rule_keeps_exactly_k_and_class_balanced_keeps_each_class_fraction(rule, fraction):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [50, 120, 30])
+    v = rng.normal(size=labels.size) + labels  # scores that favour class 2 unless balanced
+    kept = select(v, fraction, rule, seed=1)
+    assert kept.size == round(fraction * labels.size) and np.unique(kept).size == kept.size
+    kept = select(v, fraction, rule, labels, class_balanced=True, seed=1)
+    counts = np.bincount(labels[kept], minlength=3)
+    np.testing.assert_array_equal(counts, [round(fraction * n) for n in (50, 120, 30)])
+
+
+def test_retrain_scores_map_diffin_to_its_stand_in_only():
+    assert scoring_method("diffin", "replay") == "diffin"
+    assert scoring_method("diffin", "retrain") == "diffin-expected"
+    assert scoring_method("tracin", "retrain") == "tracin"
+
+
+@pytest.mark.parametrize("bad", [dict(switch=0.0), dict(switch=1.5), dict(scores="fresh"), dict(rule="best")])
+def test_prune_config_rejects_bad_options(bad):
+    with pytest.raises(ConfigError):
+        PruneConfig(**bad)
+
+
+def test_memorising_setup_drives_the_flipped_labels_loss_near_zero(tmp_path):
+    """The recipe of ``mnist5k-memorise`` on a 64-sample slice: every label, flipped ones
+    included, is fitted (training loss far below the ln 10 ≈ 2.3 of chance)."""
+    setup = get_setup("mnist5k-memorise")
+    small = setup.with_changes(load=lambda dt: load_mnist5k(64, 16, 16, seed=0, dtype=dt),
+                               train=replace(setup.train, checkpoint_every=0))
+    data = small.data()
+    assert data.flipped.sum() == round(0.1 * 64)
+    model = small.model(data)
+    train(model, data.x_train, data.y_train, small.train, tmp_path / "run")
+    with torch.no_grad():
+        losses = small.loss_fn(model(data.x_train), data.y_train)
+    flipped = torch.as_tensor(data.flipped)
+    assert losses.mean() < 0.05 and losses[flipped].max() < 0.2
+    assert (model(data.x_train).argmax(1) == data.y_train).all()
