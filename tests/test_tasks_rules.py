@@ -7,13 +7,23 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from scipy.stats import rankdata
 
+import diffin
 from diffin._errors import ConfigError
 from diffin.builtin import get_setup
 from diffin.builtin.data import load_mnist5k
 from diffin.builtin.trainer import train
-from diffin.tasks import PruneConfig, select
+from diffin.metrics import detection_auc
+from diffin.tasks import CleanConfig, PruneConfig, builtin_inputs, clean, select
+from diffin.tasks._clean import rank_mean
+from diffin.tasks._common import losses_at, theta_final
 from diffin.tasks._prune import scoring_method
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return builtin_inputs("tiny", 0.1, tmp_path_factory.mktemp("tiny"))
 
 
 def test_keep_influential_keeps_the_largest_magnitudes():
@@ -75,3 +85,34 @@ def test_memorising_setup_drives_the_flipped_labels_loss_near_zero(tmp_path):
     flipped = torch.as_tensor(data.flipped)
     assert losses.mean() < 0.05 and losses[flipped].max() < 0.2
     assert (model(data.x_train).argmax(1) == data.y_train).all()
+
+
+def test_rank_mean_is_the_mean_rank_percentile():
+    a = np.array([3.0, 1.0, 2.0, 10.0])
+    b = np.array([0.1, 0.4, 0.3, 0.2])
+    # ranks of a: 3 1 2 4; of b: 1 4 3 2 -> mean percentiles (3+1)/8, (1+4)/8, (2+3)/8, (4+2)/8
+    np.testing.assert_allclose(rank_mean([a, b]), [0.5, 0.625, 0.625, 0.75], rtol=0, atol=1e-15)
+    # ties share their average rank; one signal gives its own percentile
+    np.testing.assert_allclose(rank_mean([np.array([1.0, 1.0, 2.0])]), [0.5, 0.5, 1.0], rtol=0, atol=1e-15)
+
+
+def test_combined_detector_ranks_loss_and_self_influence(tiny, tmp_path):
+    inp = tiny
+    res = clean(inp, CleanConfig(method="combined", baselines="loss,tracin-self", count=12),
+                out=tmp_path / "c", progress=False)
+    assert set(res["detection"]) == {"combined", "loss", "tracin-self"}
+    fm, theta, _ = theta_final(inp)
+    loss = losses_at(fm, theta, inp.train)
+    self_infl = diffin.influence(inp.run, inp.model_factory(), inp.loss_fn, train=inp.train, target="self",
+                                 method="tracin", progress=False)
+    expected = (rankdata(loss) + rankdata(self_infl)) / (2 * inp.n_train)
+    assert set(res["flagged_ids"]) == set(np.argsort(-expected, kind="stable")[:12].tolist())
+    assert res["detection"]["combined"]["auc"] == pytest.approx(detection_auc(-expected, inp.flipped), abs=1e-12)
+    header = (tmp_path / "c" / "clean.csv").read_text().splitlines()[0]
+    assert "harm_combined" in header and "harm_tracin-self" in header
+
+
+@pytest.mark.parametrize("bad", ["", "combined", "loss,combined"])
+def test_combined_needs_other_signals(bad):
+    with pytest.raises(ConfigError, match="combine"):
+        CleanConfig(combine=bad)

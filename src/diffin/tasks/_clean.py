@@ -12,6 +12,9 @@ Harm, per method (higher = more suspicious):
 * ``cleanlab``: ``1 − cleanlab.rank.get_label_quality_scores`` on out-of-fold predicted
   probabilities (K-fold retraining with the task's retraining recipe); ``find_label_issues`` is
   reported too.
+* ``combined``: the mean over the signals of ``combine`` (default: the loss and TracIn's
+  self-influence) of each one's rank percentile (:func:`rank_mean`); a signal is ``loss``,
+  ``cleanlab``, an influence method (its harm as above) or ``METHOD-self`` (its self-influence).
 
 Retraining replays the recorded batch order and learning rates with the flagged samples left out
 of every batch (each batch renormalised over what remains), from the same θ_0: the change in test
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from .._data import DataSource
 from .._errors import ConfigError, MissingExtraError
@@ -53,6 +57,8 @@ from ._common import (
 )
 
 RECALL_AT = (0.05, 0.1, 0.2)
+COMBINED = "combined"
+SELF_SUFFIX = "-self"
 
 
 @dataclass
@@ -64,8 +70,10 @@ class CleanConfig:
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
     retrain: bool = config_field(False, "replay training without the flagged samples and evaluate")
-    baselines: str = config_field("tracin,if-cg,loss,cleanlab",
+    baselines: str = config_field("tracin,if-cg,loss,cleanlab,combined",
                                   "comma-separated methods to compare detection with")
+    combine: str = config_field("loss,tracin-self", "signals the 'combined' detector averages by rank "
+                                "percentile: loss, cleanlab, an influence method or METHOD-self")
     cleanlab_folds: int = config_field(5, "folds of out-of-fold probabilities for cleanlab")
     seed: int = config_field(0, "seed of the random-removal control and cleanlab's folds")
 
@@ -76,6 +84,12 @@ class CleanConfig:
             raise ConfigError(f"count must be >= 1, got {self.count}")
         if self.cleanlab_folds < 2:
             raise ConfigError("cleanlab_folds must be >= 2")
+        signals = self.combine_list()
+        if not signals or COMBINED in signals:
+            raise ConfigError(f"combine must list one or more signals other than {COMBINED!r}, got {self.combine!r}")
+
+    def combine_list(self) -> list[str]:
+        return list(dict.fromkeys(c.strip() for c in self.combine.split(",") if c.strip()))
 
     def method_list(self) -> list[str]:
         names = [self.method] + [b.strip() for b in self.baselines.split(",") if b.strip()]
@@ -92,6 +106,8 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
         return "training loss at θ_T (more harmful →)", "loss"
     if name == "cleanlab":
         return "1 − cleanlab label quality (more harmful →)", "1−quality"
+    if name == COMBINED:
+        return "mean rank percentile of the combined signals (more harmful →)", "mean rank"
     if self_ranked:
         return "self-influence: own loss rise if removed (more harmful →)", "self-infl."
     return "validation loss change if removed (← more harmful)", "Δval loss"
@@ -103,8 +119,19 @@ def _shown(name: str, harm: np.ndarray, self_ranked: bool) -> np.ndarray:
     return -harm if (name in Estimator.registry and not self_ranked) else harm
 
 
+def rank_mean(harms: list[np.ndarray]) -> np.ndarray:
+    """The ``combined`` detector: mean over the signals (each (N,), higher = more harmful) of
+    their rank percentiles ``rank / N`` (ranks 1..N, ties averaged); (N,) in (0, 1]."""
+    return np.mean([rankdata(h) / len(h) for h in harms], axis=0)
+
+
 def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe: Recipe | None,
           progress: bool, notes: dict[str, Any]) -> np.ndarray:
+    if name == COMBINED:
+        return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
+    base = name.removesuffix(SELF_SUFFIX)
+    if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
+        return cached_score(inp, state, base, "self", progress).astype(np.float64)
     if name == "loss":
         fm, theta, _ = theta_final(inp, state.run)
         return losses_at(fm, theta, inp.train)
@@ -197,7 +224,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
     cfg = config if config is not None else CleanConfig(**options)
     methods = cfg.method_list()
     recipe, recipe_error = None, None
-    if "cleanlab" in methods:
+    if "cleanlab" in methods or (COMBINED in methods and "cleanlab" in cfg.combine_list()):
         try:
             recipe = inp.recipe()
         except ConfigError as e:
