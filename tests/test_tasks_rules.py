@@ -18,7 +18,7 @@ from diffin.metrics import detection_auc
 from diffin.tasks import CleanConfig, PruneConfig, builtin_inputs, clean, select
 from diffin.tasks._clean import rank_mean
 from diffin.tasks._common import losses_at, theta_final
-from diffin.tasks._prune import scoring_method
+from diffin.tasks._prune import scoring
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_every_rule_keeps_exactly_k_and_class_balanced_keeps_each_class_fraction
 
 
 def test_retrain_scores_map_diffin_to_its_stand_in_only():
-    assert scoring_method("diffin", "replay") == "diffin"
-    assert scoring_method("diffin", "retrain") == "diffin-expected"
-    assert scoring_method("tracin", "retrain") == "tracin"
+    assert scoring("diffin", "replay") == ("diffin", {})
+    assert scoring("diffin", "retrain") == ("diffin-expected", {})
+    assert scoring("tracin", "retrain") == ("tracin", {})
 
 
 @pytest.mark.parametrize("bad", [dict(switch=0.0), dict(switch=1.5), dict(scores="fresh"), dict(rule="best")])

@@ -143,10 +143,11 @@ def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.n
     return out
 
 
-def scoring_method(name: str, scores: str) -> str:
-    """The estimator that scores influence method ``name`` for ``scores`` ("replay" or
-    "retrain"): the one place where pruning chooses what its scores predict."""
-    return RETRAIN_STANDIN.get(name, name) if scores == "retrain" else name
+def scoring(name: str, scores: str) -> tuple[str, dict[str, Any]]:
+    """The estimator and :class:`~diffin.config.ScoreConfig` options that score influence method
+    ``name`` for ``scores`` ("replay" or "retrain"): the one place where pruning chooses what its
+    scores predict."""
+    return (RETRAIN_STANDIN.get(name, name), {}) if scores == "retrain" else (name, {})
 
 
 def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
@@ -157,8 +158,8 @@ def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
         raise ConfigError(f"unknown selection method {name!r}; use an estimator or one of {HEURISTICS}")
     if inp.val is None:
         raise ConfigError("influence-based pruning scores against validation data; give val")
-    method = scoring_method(name, cfg.scores)
-    return cached_score(inp, state, method, inp.val, progress).astype(np.float64), True
+    method, options = scoring(name, cfg.scores)
+    return cached_score(inp, state, method, inp.val, progress, **options).astype(np.float64), True
 
 
 def _retrain(inp: TaskInputs, state: TaskState, recipe: Recipe, evalset: tuple[Any, Any], tag: str,
@@ -273,8 +274,11 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
            f"coreset selection ({result['rule']})")
     full = result["full_data"]
     rep = Report("diffin prune")
+    rule = result["rule"] + (f" (switch at {result['config']['switch']:g})" if result["rule"] == "auto" else "")
+    predicts = {"replay": "the replayed run", "retrain": "a fresh retraining"}[result["scores"]]
+    balanced = "yes" if result["class_balanced"] else "no"
     rep.text(f"{result['setup']}. Sizes: {format_sizes(result['sizes'])}. Rule for influence methods: "
-             f"`{result['rule']}`; class-balanced: {'yes' if result['class_balanced'] else 'no'}; "
+             f"`{rule}`, with scores that predict {predicts}; class-balanced: {balanced}; "
              f"seeds {format_list(result['seeds'])}.")
     rep.text(f"Retraining recipe: {result['recipe']['description']}.")
     rep.text(f"Each cell: mean {result['evaluated_on']} accuracy of models retrained from scratch on the kept "
