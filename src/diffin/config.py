@@ -23,6 +23,7 @@ def config_field(default: Any, help: str, **kw: Any) -> Any:
 
 
 CONVENTIONS = ("keep", "renormalize")
+PREDICTS = ("replay", "retrain")
 
 
 @dataclass
@@ -84,6 +85,17 @@ class ScoreConfig:
     )
     lissa_batch_size: int = config_field(128, "influence functions (LiSSA): samples per stochastic HVP")
     pairwise: bool = config_field(False, "return an N x Q matrix, one column per target example")
+    predicts: str = config_field(
+        "replay",
+        "the question the scores answer: 'replay' (this run replayed without the sample: same "
+        "initialisation, same batch order) or 'retrain' (a fresh retraining without it: new batch "
+        "order; average several recorded runs for a new initialisation). Selects the variant "
+        "'diffin' runs",
+        choices=PREDICTS,
+    )
+    credit_every: int | None = config_field(
+        None, "diffin-retrain: pay the expected credit every this many steps (default: once per checkpoint)"
+    )
     seed: int = config_field(0, "seed for proxy batches and any other randomness of the estimator")
 
     def __post_init__(self) -> None:
@@ -91,6 +103,8 @@ class ScoreConfig:
             raise ConfigError(f"hvp must be 'auto', 'central', 'forward' or 'exact', got {self.hvp!r}")
         if self.dots not in ("auto", "jvp", "fd"):
             raise ConfigError(f"dots must be 'auto', 'jvp' or 'fd', got {self.dots!r}")
+        if self.predicts not in PREDICTS:
+            raise ConfigError(f"predicts must be one of {PREDICTS}, got {self.predicts!r}")
         if self.convention not in CONVENTIONS:
             raise ConfigError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
         if self.fd_eps is not None and not self.fd_eps > 0:
@@ -98,7 +112,7 @@ class ScoreConfig:
         for name in ("batch_size", "cg_iters", "lissa_depth", "lissa_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("proxy_batch_size", "proxy_batches"):
+        for name in ("proxy_batch_size", "proxy_batches", "credit_every"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")

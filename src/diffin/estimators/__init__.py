@@ -18,6 +18,7 @@ AdamW; with parameter groups, clipping and accumulation).
 
 from . import (  # noqa: F401  (registration)
     diffin_closed_form,
+    diffin_retrain,
     diffin_sweep,
     gradient_similarity,
     influence_function,

@@ -210,6 +210,9 @@ class Estimator:
     needs_rule: ClassVar[bool] = False
     """The estimator follows the optimizer's steps (docs/method.md §4.3): the run's optimizer needs
     a rule in :mod:`diffin.trajectory.optim` (SGD, Adam, AdamW)."""
+    follows_recorded_order: ClassVar[bool] = False
+    """The estimator credits each sample at the steps the recorded batch order put it in, so it
+    answers ``predicts="replay"`` only (refused with ``predicts="retrain"``)."""
     supports_self: ClassVar[bool] = True
     linear_in_target: ClassVar[bool] = True
     """Scores are linear in the target's gradient ∇f, so the mean target's scores are the row mean
@@ -222,8 +225,15 @@ class Estimator:
             Estimator.registry[cls.name] = cls
 
     @classmethod
-    def check(cls, run: Run, target_kind: str = "mean") -> None:
-        """Raise :class:`UnsupportedMethodError` if the run (or target) is not supported."""
+    def check(cls, run: Run, target_kind: str = "mean", predicts: str = "replay") -> None:
+        """Raise :class:`UnsupportedMethodError` if the run, the target or the question
+        (``predicts``) is not supported."""
+        if predicts == "retrain" and cls.follows_recorded_order:
+            raise UnsupportedMethodError(
+                f"method {cls.name!r} follows the recorded batch order, so it predicts a replay of this "
+                "run, not a fresh retraining; with predicts='retrain' use 'diffin' (which then runs "
+                "'diffin-retrain'), 'diffin-expected', 'tracin' or an influence function"
+            )
         if target_kind == "self" and not cls.supports_self:
             raise UnsupportedMethodError(f"method {cls.name!r} has no self-influence mode")
         if cls.needs_batch_ids and not run.has_batch_ids:

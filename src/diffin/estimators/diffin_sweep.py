@@ -104,6 +104,7 @@ class DiffInExact(_Sweep):
     name = "diffin-exact"
     summary = "Diff-In backward sweep, θ_t replayed from checkpoints (needs batch ids)"
     needs_batch_ids = True
+    follows_recorded_order = True
     replay = True
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
@@ -198,14 +199,22 @@ class DiffInExpected(_Sweep):
 
 
 class DiffIn(_Estimator):
-    """Picks the best Diff-In variant the recording allows (exact, else expected)."""
+    """Picks the best Diff-In variant for the question asked and what the recording allows:
+    ``predicts="replay"``: exact, else expected; ``predicts="retrain"``: diffin-retrain."""
 
     name = "diffin"
-    summary = "Diff-In, best variant the run allows: diffin-exact, else diffin-expected"
+    summary = ("Diff-In, best variant for the question (predicts=replay: diffin-exact, else "
+               "diffin-expected; predicts=retrain: diffin-retrain)")
     needs_rule = True
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
-        chosen = DiffInExact if ctx.run.has_batch_ids else DiffInExpected
+        from .diffin_retrain import DiffInRetrain
+
+        chosen: type[_Sweep]
+        if ctx.config.predicts == "retrain":
+            chosen = DiffInRetrain
+        else:
+            chosen = DiffInExact if ctx.run.has_batch_ids else DiffInExpected
         log.info("diffin: using variant %s", chosen.name)
         out = chosen().score(ctx)  # group scores come with it when the variant supports them
         out.variant = chosen.name

@@ -67,6 +67,7 @@ class TracInEveryStep(Estimator):
     name = "tracin-every-step"
     summary = "TracIn, every step: first-order, θ_t replayed (needs batch ids)"
     needs_batch_ids = True
+    follows_recorded_order = True
     needs_rule = True
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:

@@ -1,0 +1,77 @@
+"""Diff-In for a fresh retraining, docs/method.md §4.7 (``predicts="retrain"``).
+
+The sweep variants of :mod:`.diffin_sweep` answer "what if this very run were replayed without
+z": they credit z at the steps where the recorded order put it, with the adjoint of the recorded
+batches. A person who deletes z retrains with a fresh batch order (and often a fresh
+initialisation); z then enters other batches at other times. This estimator predicts the
+expectation over fresh orders:
+
+* each sample is credited its expected share of every step: z is in B_t with probability
+  |B|/N, so its expected credit at step t is ⟨w_t, −G_z(θ_t)⟩/N (``keep``);
+* the adjoint is carried with Hessians of fresh proxy batches (a sampled order, not the recorded
+  one), seeded by ``config.seed``;
+* θ_t follows the recorded trajectory, replayed from the checkpoints when the run has its batch
+  ids (else the checkpoint θ, as ``diffin-expected``);
+* credits are summed over ``credit_every`` steps and paid with one pass of per-sample inner
+  products at the θ of the earliest of those steps (default: once per checkpoint segment).
+
+Scores from several independently recorded runs (``diffin.score(run=[...])``) average out the
+initialisation as well (:func:`diffin._api.score`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..targets import Target
+from .base import ScoringContext
+from .diffin_sweep import _frozen, _start, _Sweep
+
+
+class DiffInRetrain(_Sweep):
+    """Expected credit over fresh batch orders along the replayed trajectory."""
+
+    name = "diffin-retrain"
+    summary = "Diff-In for a fresh retraining: expected credit over batch orders, θ_t replayed"
+
+    def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
+        cfg, fm, traj = ctx.config, ctx.fm, ctx.trajectory
+        N = ctx.n_train
+        b = ctx.proxy_batch_size()
+        every = cfg.credit_every
+        A, scores = _start(ctx, target)
+        S: dict[str, Tensor] = {}
+        rng = np.random.default_rng(cfg.seed)
+        replay = ctx.run.has_batch_ids
+        with ctx.bar(ctx.run.n_steps, self.name) as bar:
+            for c0, c1 in reversed(ctx.run.segments):
+                states = traj.replay_reversed(c0, c1, with_grads=False) if replay else _frozen(traj, c0, c1)
+                W_sum = torch.zeros_like(A)
+                for t, state, _ in states:  # t = c1−1 … c0
+                    ids = rng.choice(N, size=b, replace=False)
+                    x, y = ctx.train.get(ids)
+                    g = traj.gradient(state.theta, x, y) if traj.needs_gradient else None
+                    W, A_direct, S = traj.adjoint(t, state, g, A, S)
+                    W_sum += W
+                    A = A_direct + fm.hvp(state.theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps)
+                    if t == c0 or (every is not None and (t - c0) % every == 0):
+                        _pay(ctx, scores, state.theta, W_sum)
+                        W_sum = torch.zeros_like(A)
+                    bar.update()
+        return scores
+
+
+def _pay(ctx: ScoringContext, scores: Tensor, theta: Tensor, W_sum: Tensor) -> None:
+    """scores (N, Q) −= the expected credit ⟨W_sum, G_z(θ)⟩/N of every sample (one streamed pass
+    of per-sample inner products); under ``renormalize`` the credit is centred (the removed
+    sample's weight goes to the others)."""
+    cfg, N = ctx.config, ctx.n_train
+    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
+    D = D.to(scores.dtype)  # (N, Q)
+    if cfg.convention == "keep":
+        scores -= D / N
+    else:
+        bb = ctx.run.batch_size_hint() or ctx.proxy_batch_size()
+        scores -= (bb / max(bb - 1, 1)) * (D - D.mean(dim=0, keepdim=True)) / N
