@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -137,7 +138,7 @@ def refuse_other_scores(out: Path, config: ScoreConfig, key: dict[str, str], run
 
 
 def score(
-    run: str | os.PathLike[str] | Run,
+    run: str | os.PathLike[str] | Run | list[Any],
     model: nn.Module,
     loss_fn: LossFn,
     *,
@@ -152,6 +153,9 @@ def score(
     **options: Any,
 ) -> ScoreResult:
     """Score every training sample of a recorded run; see :func:`influence` for the arguments.
+
+    ``run``: one run, or a list of independently recorded runs whose scores are averaged
+    (``ScoreResult.diagnostics["runs"]`` lists each run's variant and time).
 
     ``out``: save the result there (:meth:`ScoreResult.save`). A folder holding scores made from
     another run, other data or another config is refused before anything is computed, unless
@@ -168,6 +172,9 @@ def score(
         options["method"] = method
     cfg = config_from_kwargs(ScoreConfig, config, **options)
     est_cls = get_estimator(cfg.method)
+    if isinstance(run, (list, tuple)):
+        return _score_runs(list(run), model, loss_fn, train=train, target=target, config=cfg,
+                           progress=progress, out=out, overwrite=overwrite, groups=groups)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -178,7 +185,7 @@ def score(
     train_src = DataSource(train, fm.dtype, fm.device, name="train")
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
-    est_cls.check(run_obj, tgt.kind)
+    est_cls.check(run_obj, tgt.kind, cfg.predicts)
     key = result_key(run_obj, train, target)
     if out is not None and not overwrite:
         refuse_other_scores(Path(out), cfg, key, str(run_obj.path))
@@ -224,8 +231,51 @@ def score(
     return result
 
 
+def _score_runs(
+    runs: list[Any], model: nn.Module, loss_fn: LossFn, *, train: Any, target: Any, config: ScoreConfig,
+    progress: bool, out: str | os.PathLike[str] | None, overwrite: bool, groups: list[Any] | None,
+) -> ScoreResult:
+    """Score each of several independently recorded runs of the same training set and average
+    the scores (loss units): what a fresh initialisation asks for (docs/method.md §4.7)."""
+    if not runs:
+        raise ConfigError("run is an empty list; give one run folder or a list of them")
+    loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    for r in loaded:
+        r.check_model(model)
+    prints = [r.fingerprint for r in loaded]
+    if len(set(prints)) < len(prints):
+        raise ConfigError("the same run is listed twice; give independently recorded runs")
+    key = result_key(loaded[0], train, target)
+    key["run"] = "runs:" + hashlib.sha256("|".join(prints).encode()).hexdigest()[:32]
+    if out is not None and not overwrite:
+        refuse_other_scores(Path(out), config, key, str(loaded[0].path))
+    t0 = time.perf_counter()
+    parts = [score(r, model, loss_fn, train=train, target=target, config=config, progress=progress,
+                   groups=groups) for r in loaded]
+    shapes = {p.scores.shape for p in parts}
+    if len(shapes) != 1:
+        raise DataMismatchError(f"the runs gave scores of different shapes {sorted(shapes)}")
+    first = parts[0]
+    scores = np.mean([p.scores for p in parts], axis=0).astype(first.scores.dtype, copy=False)
+    group_scores = None
+    if all(p.group_scores is not None for p in parts):
+        group_scores = np.mean([p.group_scores for p in parts], axis=0).astype(first.scores.dtype, copy=False)
+    diagnostics = dict(first.diagnostics)
+    diagnostics["runs"] = [{"run": p.run, "variant": p.variant, "seconds": p.seconds} for p in parts]
+    spread = np.std([p.scores for p in parts], axis=0)
+    diagnostics["run_to_run_std_mean"] = float(np.mean(spread))
+    result = ScoreResult(
+        scores=scores, method=first.method, variant=first.variant, config=config,
+        run=",".join(p.run for p in parts), target_kind=first.target_kind,
+        seconds=time.perf_counter() - t0, diagnostics=diagnostics, group_scores=group_scores, key=key,
+    )
+    if out is not None:
+        result.save(out, overwrite=overwrite)
+    return result
+
+
 def influence(
-    run: str | os.PathLike[str] | Run,
+    run: str | os.PathLike[str] | Run | list[Any],
     model: nn.Module,
     loss_fn: LossFn,
     *,
@@ -240,7 +290,10 @@ def influence(
     """Influence of every training sample on a target, as a numpy array.
 
     Args:
-        run: a run folder written by :class:`diffin.Recorder` (or a loaded :class:`Run`).
+        run: a run folder written by :class:`diffin.Recorder` (or a loaded :class:`Run`), or a
+            list of independently recorded runs of the same training set (other seeds): each is
+            scored and the scores are averaged (with ``predicts="retrain"``, the estimate of a
+            retraining with a fresh initialisation as well as a fresh order).
         model: a module of the trained architecture. Parameter values are taken from the run,
             never from the module; its dtype decides the computation's dtype.
         loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (reduction "none"),

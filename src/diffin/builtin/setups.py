@@ -32,13 +32,16 @@ class Setup:
     noise: float = 0.0
     n_ground_truth: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
+    noise_seed: int | None = None
+    """Seed of the flipped labels; ``None``: the training seed (runs of other seeds on the same
+    noisy data, ``diffin train --seeds K``, keep the first run's seed here)."""
 
     loss_fn = staticmethod(cross_entropy)
 
     def data(self) -> DataSplit:
         split = self.load(self.dtype)
         if self.noise:
-            flip_labels(split, self.noise, seed=self.train.seed)
+            flip_labels(split, self.noise, seed=self.train.seed if self.noise_seed is None else self.noise_seed)
         return split
 
     def model(self, split: DataSplit) -> nn.Module:
@@ -174,7 +177,10 @@ def get_setup(name: str) -> Setup:
 
 def setup_meta(setup: Setup) -> dict[str, Any]:
     """What identifies a built-in setup's recorded run: name, label noise and training recipe."""
-    return {"setup": setup.name, "noise": setup.noise, "train": setup.train.to_json()}
+    meta = {"setup": setup.name, "noise": setup.noise, "train": setup.train.to_json()}
+    if setup.noise_seed is not None:
+        meta["noise_seed"] = setup.noise_seed
+    return meta
 
 
 def write_setup_meta(run_dir: str | Path, setup: Setup) -> None:
@@ -189,7 +195,8 @@ def read_setup_meta(run_dir: str | Path) -> Setup | None:
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        return get_setup(meta["setup"]).with_changes(noise=float(meta["noise"]),
-                                                     train=TrainConfig(**meta["train"]))
+        ns = meta.get("noise_seed")
+        return get_setup(meta["setup"]).with_changes(noise=float(meta["noise"]), train=TrainConfig(**meta["train"]),
+                                                     noise_seed=None if ns is None else int(ns))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CorruptManifestError(f"{path} is damaged ({e}); record the run again") from e

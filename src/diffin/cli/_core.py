@@ -26,6 +26,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ..builtin import evaluate, get_setup, train
     from ..builtin.setups import write_setup_meta
     from ..builtin.trainer import TrainConfig
@@ -34,19 +36,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.noise is not None:
         setup = setup.with_changes(noise=args.noise)
     setup = setup.with_changes(train=config_from_args(TrainConfig, args, base=setup.train))
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     data = setup.data()
-    model = setup.model(data)
-    res = train(model, data.x_train, data.y_train, setup.train, args.out, overwrite=args.overwrite,
-                progress=not args.quiet)
-    write_setup_meta(args.out, setup)
-    print(f"trained {setup.name}: {res.steps} steps in {res.seconds:.2f}s, run saved to {args.out}")
-    if len(data.y_test):
-        ev = evaluate(model, data.x_test, data.y_test)
-        print(f"test accuracy {ev['accuracy']:.4f}, test loss {ev['loss']:.4f}")
+    base_seed = setup.train.seed
+    for k in range(args.seeds):
+        run_setup = setup
+        out = Path(args.out)
+        if args.seeds > 1:  # the same (noisy) data, a fresh initialisation and batch order per run
+            run_setup = setup.with_changes(train=replace(setup.train, seed=base_seed + k), noise_seed=base_seed)
+            out = out / f"seed-{base_seed + k}"
+        model = run_setup.model(data)
+        res = train(model, data.x_train, data.y_train, run_setup.train, out, overwrite=args.overwrite,
+                    progress=not args.quiet)
+        write_setup_meta(out, run_setup)
+        print(f"trained {setup.name} (seed {run_setup.train.seed}): {res.steps} steps in {res.seconds:.2f}s, "
+              f"run saved to {out}")
+        if len(data.y_test):
+            ev = evaluate(model, data.x_test, data.y_test)
+            print(f"test accuracy {ev['accuracy']:.4f}, test loss {ev['loss']:.4f}")
+    if args.seeds > 1:
+        print(f"score all {args.seeds} runs together: diffin score {args.out}/seed-* --predicts retrain")
     return 0
 
 
-def _score_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndarray]:
+def _score_inputs(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any, Any, Any, np.ndarray]:
     """Model, loss, training pair, validation pair (or None) and the training labels of the run:
     the user's (``--model``, ``--data``) or those of the built-in setup the run was made from."""
     from ..builtin import get_setup
@@ -63,11 +77,11 @@ def _score_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndar
         dtype = next(model.parameters()).dtype
         train = _user.split(d, "train", dtype, args.loss)  # present: load_npz checked x_train, y_train
         return model, _user.LOSSES[args.loss], train, _user.split(d, "val", dtype, args.loss), d["y_train"].numpy()
-    setup = read_setup_meta(args.run)
+    setup = read_setup_meta(run_dir)
     if setup is None:
         if not args.setup:
             raise ConfigError(
-                f"{args.run} was not made by `diffin train`; give --setup NAME for a built-in setup, or "
+                f"{run_dir} was not made by `diffin train`; give --setup NAME for a built-in setup, or "
                 "--model module:function --data file.npz for your own model"
             )
         setup = get_setup(args.setup)
@@ -79,18 +93,24 @@ def _score_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndar
 def cmd_score(args: argparse.Namespace) -> int:
     from .._api import score
 
-    run_dir = Path(args.run)
+    run_dirs = [Path(r) for r in args.run]
+    run_dir = run_dirs[0]
     cfg = config_from_args(ScoreConfig, args)
-    model, loss_fn, train, val, labels = _score_inputs(args)
+    model, loss_fn, train, val, labels = _score_inputs(args, run_dir)
     if args.target == "self":
         target: Any = "self"
     elif val is None:
         raise ConfigError("--data has no validation arrays (x_val, y_val); add them or use --target self")
     else:
         target = val
-    out = Path(args.out) if args.out else run_dir / f"scores-{cfg.method}"
+    if args.out:
+        out = Path(args.out)
+    elif len(run_dirs) > 1:
+        raise ConfigError("scoring several runs needs --out DIR (where the averaged scores go)")
+    else:
+        out = run_dir / f"scores-{cfg.method}"
     t0 = time.perf_counter()
-    res = score(run_dir, model, loss_fn, train=train, target=target, config=cfg,
+    res = score(run_dirs if len(run_dirs) > 1 else run_dir, model, loss_fn, train=train, target=target, config=cfg,
                 progress=not args.quiet, out=out, overwrite=args.overwrite)
     if res.scores.ndim == 1:
         lines = [f"id,label,{C.SCORE_COLUMN}"]
@@ -126,11 +146,17 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     s.add_argument("--noise", type=float, default=None, metavar="FRACTION",
                    help="fraction of training labels to flip (default: the setup's)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    s.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="record K independent runs (seeds SEED..SEED+K-1: fresh initialisation and batch "
+                        "order, the same data) into OUT/seed-<seed>; score them together with "
+                        "`diffin score OUT/seed-* --predicts retrain`")
     add_config_args(s, TrainConfig, title="training recipe (default: the setup's)", show_defaults=False)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("score", help="score every training sample of a recorded run", parents=common)
-    s.add_argument("run", help="run folder (from `diffin train` or diffin.Recorder)")
+    s.add_argument("run", nargs="+",
+                   help="run folder (from `diffin train` or diffin.Recorder); several independently recorded "
+                        "runs of the same data: their scores are averaged")
     s.add_argument("--setup", choices=sorted(SETUPS), default=None,
                    help="built-in setup of the run (read from the run when made by `diffin train`)")
     s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
