@@ -236,7 +236,7 @@ def _score_runs(
     progress: bool, out: str | os.PathLike[str] | None, overwrite: bool, groups: list[Any] | None,
 ) -> ScoreResult:
     """Score each of several independently recorded runs of the same training set and average
-    the scores (loss units): what a fresh initialisation asks for (docs/method.md §4.7)."""
+    the scores (loss units): what a fresh initialisation asks for (docs/method.md §4.4)."""
     if not runs:
         raise ConfigError("run is an empty list; give one run folder or a list of them")
     loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]

@@ -1,4 +1,4 @@
-"""Diff-In for a fresh retraining, docs/method.md §4.7 (``predicts="retrain"``).
+"""Diff-In for a fresh retraining, docs/method.md §4.4 (``predicts="retrain"``).
 
 The sweep variants of :mod:`.diffin_sweep` answer "what if this very run were replayed without
 z": they credit z at the steps where the recorded order put it, with the adjoint of the recorded
