@@ -58,10 +58,10 @@ def test_every_rule_keeps_exactly_k_and_class_balanced_keeps_each_class_fraction
     np.testing.assert_array_equal(counts, [round(fraction * n) for n in (50, 120, 30)])
 
 
-def test_retrain_scores_map_diffin_to_its_stand_in_only():
+def test_retrain_scores_ask_the_estimator_for_a_retraining_prediction():
     assert scoring("diffin", "replay") == ("diffin", {})
-    assert scoring("diffin", "retrain") == ("diffin-expected", {})
-    assert scoring("tracin", "retrain") == ("tracin", {})
+    assert scoring("diffin", "retrain") == ("diffin", {"predicts": "retrain"})
+    assert scoring("tracin", "retrain") == ("tracin", {"predicts": "retrain"})
 
 
 @pytest.mark.parametrize("bad", [dict(switch=0.0), dict(switch=1.5), dict(scores="fresh"), dict(rule="best")])

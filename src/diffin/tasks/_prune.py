@@ -48,11 +48,6 @@ from ._heuristics import HEURISTICS, importance
 
 RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential")
 SCORES = ("replay", "retrain")
-RETRAIN_STANDIN = {"diffin": "diffin-expected"}
-"""``scores="retrain"``: the estimator that stands in for a retraining-predicting ``diffin`` (the
-expected variant, whose scores do not depend on one batch order)."""
-
-
 @dataclass
 class PruneConfig:
     """Options of ``diffin prune``."""
@@ -147,7 +142,7 @@ def scoring(name: str, scores: str) -> tuple[str, dict[str, Any]]:
     """The estimator and :class:`~diffin.config.ScoreConfig` options that score influence method
     ``name`` for ``scores`` ("replay" or "retrain"): the one place where pruning chooses what its
     scores predict."""
-    return (RETRAIN_STANDIN.get(name, name), {}) if scores == "retrain" else (name, {})
+    return (name, {"predicts": "retrain"}) if scores == "retrain" else (name, {})
 
 
 def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
