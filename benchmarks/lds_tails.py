@@ -54,7 +54,7 @@ def measure(setup_name: str, workdir: Path, cfg: BenchConfig | None = None) -> d
                      "lds_ranks": lds(masks, actual, ranks), "top3_abs": top[:3].tolist(),
                      "median_abs": float(np.median(np.abs(s)))})
     rho = float(spearmanr(scores["diffin-exact"], scores["diffin-expected"])[0])
-    return {"setup": setup_name, "n_subsets": cfg.lds_subsets, "fraction": cfg.lds_fraction,
+    return {"setup": setup_name, "n_subsets": cfg.n_lds_subsets(), "fraction": cfg.lds_fraction,
             "actual_change_mean": float(actual.mean()), "actual_change_std": float(actual.std()),
             "spearman_exact_vs_expected": rho, "rows": rows}
 

@@ -37,8 +37,8 @@ from .builtin import get_setup, train
 from .config import CONVENTIONS, config_field
 from .groundtruth import TRUTH_MODES, lds_ground_truth, lds_subsets, replay_removal, retrain_truth
 
-BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum", "mnist5k-cnn",
-                "mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups")
+BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-relu", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum",
+                "mnist5k-cnn", "mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups")
 DEFAULT_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin",
                    "tracin-every-step", "if-cg", "if-lissa", "grad-dot", "grad-cos")
 UNITLESS = {"grad-cos"}  # not in loss units: no MAE
@@ -66,6 +66,11 @@ class BenchConfig:
         "replay", "LDS ground truths, comma-separated: replay (recorded θ_0 and batch order), reshuffle "
                   "(recorded θ_0, fresh orders), reseed (fresh θ_0 and orders)")
     truth_seeds: int = config_field(10, "seeds K per subset of the retraining truths (reshuffle, reseed)")
+    runs: int = config_field(
+        1, "independently recorded runs M (seeds SEED..SEED+M-1, the same data): with M > 1, each method "
+           "of --ensemble gets a row scored on all M runs and averaged")
+    ensemble: str = config_field("diffin-retrain,diffin-expected,tracin",
+                                 "methods scored on all --runs runs (comma-separated)")
 
     def __post_init__(self) -> None:
         if self.n_removed is not None and self.n_removed < 2:
@@ -80,6 +85,8 @@ class BenchConfig:
             raise ConfigError(f"truth must be a comma-separated subset of {', '.join(TRUTH_MODES)}, got {self.truth!r}")
         if self.truth_seeds < 1:
             raise ConfigError("truth_seeds must be >= 1")
+        if self.runs < 1:
+            raise ConfigError("runs must be >= 1")
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -206,6 +213,9 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
             row["lds_per_example"] = metrics.lds(masks, actual_lds_ex, rp.scores.astype(np.float64))
         row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
         results.append(row)
+    if cfg.runs > 1:
+        results += _ensemble_rows(name, setup, data, run_dir, cfg, removed, actual, masks, truths, common, log,
+                                  all_scores)
     if peers:
         results += _peer_rows(run_dir, setup, data, removed, actual, masks, actual_lds, log,
                               actual_lds_ex=actual_lds_ex, n_examples=q, methods=peer_methods,
@@ -226,6 +236,47 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
 
 
 BOOTSTRAPS = 2000  # resamples of the LDS intervals and paired differences
+
+
+def _ensemble_rows(name: str, setup: Any, data: Any, run_dir: Path, cfg: BenchConfig, removed: np.ndarray,
+                   actual: np.ndarray, masks: np.ndarray | None, truths: dict[str, np.ndarray],
+                   common: dict[str, Any], log: Any, all_scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Rows ``METHOD ×M runs``: the method scored on the bench's run and M − 1 more runs of the same
+    data recorded with seeds SEED+1 … (fresh initialisation and batch order), scores averaged
+    (``diffin.score(run=[...])``). The single-removal columns compare with the first run's replay."""
+    from dataclasses import replace as _replace
+
+    dirs = [run_dir]
+    with Measure() as m_train:
+        for k in range(1, cfg.runs):
+            sk = setup.with_changes(train=_replace(setup.train, seed=setup.train.seed + k),
+                                    noise_seed=setup.train.seed)
+            d = run_dir.parent / f"{name}-seed{setup.train.seed + k}"
+            train(sk.model(data), data.x_train, data.y_train, sk.train, d, overwrite=True)
+            dirs.append(d)
+    log(f"[{name}] recorded {cfg.runs - 1} more runs in {m_train.seconds:.1f}s")
+    rows = []
+    for method in [m.strip() for m in cfg.ensemble.split(",") if m.strip()]:
+        label = f"{method} ×{cfg.runs} runs"
+        log(f"[{name}] {label} ...")
+        try:
+            with Measure() as m:
+                r = score(dirs, setup.model(data), setup.loss_fn, target=(data.x_val, data.y_val), method=method,
+                          convention=cfg.convention, **common)
+        except UnsupportedMethodError as e:
+            rows.append({"method": label, "variant": _short_error(str(e)), "error": str(e)})
+            continue
+        s = r.scores.astype(np.float64)
+        all_scores[label] = s
+        row: dict[str, Any] = {"method": label, "variant": r.variant, "runs": cfg.runs}
+        row.update(_compare(s[removed], actual, method in UNITLESS))
+        row["lds"] = float("nan")
+        if masks is not None and "replay" in truths:
+            row["lds"] = metrics.lds(masks, truths["replay"], s)
+        row.update(_lds_columns(masks, truths, s))
+        row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
+        rows.append(row)
+    return rows
 
 
 def _lds_columns(masks: np.ndarray | None, truths: dict[str, np.ndarray], s: np.ndarray) -> dict[str, Any]:

@@ -106,6 +106,11 @@ _register(Setup(
     noise=0.1, n_ground_truth=100,
 ))
 _register(SETUPS["mnist5k-mlp"].with_changes(
+    name="mnist5k-mlp-relu",
+    description="as mnist5k-mlp with a ReLU MLP 784-64-10 (kinks: exact HVPs)",
+    build=_mlp(64, "relu"),
+))
+_register(SETUPS["mnist5k-mlp"].with_changes(
     name="mnist5k-mlp-short",
     description="as mnist5k-mlp with lr 0.02 and 1 epoch",
     train=replace(SETUPS["mnist5k-mlp"].train, lr=0.02, epochs=1),
