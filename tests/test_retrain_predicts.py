@@ -21,7 +21,7 @@ import torch
 from torch.func import functional_call
 
 import diffin
-from _tiny import Tiny, assert_close, record, record_loop
+from _tiny import Tiny, assert_close, ce, make_model, record, record_loop
 from diffin._errors import ConfigError, OutputExistsError, ParameterMismatchError, UnsupportedMethodError
 from diffin.builtin.setups import read_setup_meta
 from diffin.cli import main
@@ -208,6 +208,43 @@ def test_adam_equals_reference(tmp_path: Path) -> None:
         want = adam_reference(tiny, per_step=per_step)
         assert np.abs(want).max() > 0
         assert_close(got, want, msg=f"per_step={per_step}")
+
+
+def _adam_without_ids(path: Path) -> Tiny:
+    """The tiny tanh MLP trained by Adam, recorded without batch ids (``rec.step(None)``)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(18, 4, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 3, (18,), generator=g)
+    Xv = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    Yv = torch.randint(0, 3, (8,), generator=g)
+    model = make_model("mlp", 4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with diffin.Recorder(path, model, optimizer=opt, checkpoint_every=4, n_train=18) as rec:
+        for _ in range(2):
+            perm = torch.randperm(18, generator=g)
+            for s in range(0, 18, 6):
+                b = perm[s : s + 6]
+                opt.zero_grad()
+                ce(model(X[b]), Y[b]).mean().backward()
+                opt.step()
+                rec.step(None)
+    return Tiny(path, lambda: make_model("mlp", 4, 3), ce, X, Y, Xv, Yv)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_without_batch_ids_equals_diffin_expected(tmp_path: Path, optimizer: str) -> None:
+    """No batch ids: θ frozen at the checkpoints (Adam's state following the proxy batches), so
+    with full-data proxies diffin-retrain is diffin-expected. Adam's frozen path needs no ids."""
+    if optimizer == "sgd":
+        tiny = record(tmp_path / "run", n=18, batch=6, every=4, ids=False)
+    else:
+        tiny = _adam_without_ids(tmp_path / "run")
+    assert not diffin.load_run(tiny.run).has_batch_ids
+    got = tiny.score("diffin", predicts="retrain", proxy_batch_size=18, **EXACT)
+    want = tiny.score("diffin-expected", proxy_batch_size=18, **EXACT)
+    assert got.variant == "diffin-retrain"
+    assert np.abs(want.scores).max() > 0
+    assert_close(got.scores, want.scores)
 
 
 def test_renormalize_centres_the_keep_credit(record_tiny: Callable[..., Tiny]) -> None:

@@ -11,7 +11,8 @@ expectation over fresh orders:
 * the adjoint is carried with Hessians of fresh proxy batches (a sampled order, not the recorded
   one), seeded by ``config.seed``;
 * θ_t follows the recorded trajectory, replayed from the checkpoints when the run has its batch
-  ids (else the checkpoint θ, as ``diffin-expected``);
+  ids (else the checkpoint θ, as ``diffin-expected``, with the optimizer state of rules whose step
+  depends on the gradient following the proxy batches);
 * credits are summed over ``credit_every`` steps and paid with one pass of per-sample inner
   products at the θ of the earliest of those steps (default: once per checkpoint segment).
 
@@ -47,11 +48,17 @@ class DiffInRetrain(_Sweep):
         replay = ctx.run.has_batch_ids
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             for c0, c1 in reversed(ctx.run.segments):
-                states = traj.replay_reversed(c0, c1, with_grads=False) if replay else _frozen(traj, c0, c1)
+                ids_of = {t: rng.choice(N, size=b, replace=False) for t in range(c1 - 1, c0 - 1, -1)}
+                if replay:
+                    states = traj.replay_reversed(c0, c1, with_grads=False)
+                elif traj.needs_gradient:  # no batch ids: the optimizer state follows the proxies (see _frozen)
+                    states = traj.replay_reversed(c0, c1, freeze_theta=True, with_grads=False,
+                                                  batch_of=lambda t, m=ids_of: ctx.train.get(m[t]))
+                else:
+                    states = _frozen(traj, c0, c1)
                 W_sum = torch.zeros_like(A)
                 for t, state, _ in states:  # t = c1−1 … c0
-                    ids = rng.choice(N, size=b, replace=False)
-                    x, y = ctx.train.get(ids)
+                    x, y = ctx.train.get(ids_of[t])
                     g = traj.gradient(state.theta, x, y) if traj.needs_gradient else None
                     W, A_direct, S = traj.adjoint(t, state, g, A, S)
                     W_sum += W
