@@ -379,6 +379,13 @@ def test_cli_train_seeds_and_score_several_runs(tmp_path: Path, capsys: pytest.C
     assert main(["score", *map(str, runs), "--predicts", "retrain", "--quiet"]) == 2
     assert "--out" in capsys.readouterr().err
 
+    other = tmp_path / "noisier"  # the same setup with other flipped labels: other data
+    assert main(["train", "--setup", "tiny", "--noise", "0.3", "--out", str(other), "--epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["score", str(runs[0]), str(other), "--out", str(tmp_path / "S2"), "--quiet"]) == 2
+    assert "other data" in capsys.readouterr().err
+    assert not (tmp_path / "S2").exists()
+
 
 def test_cli_train_seeds_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--setup", "tiny", "--out", str(tmp_path / "D"), "--seeds", "0", "--quiet"]) == 2

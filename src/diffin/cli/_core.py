@@ -63,9 +63,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _score_inputs(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any, Any, Any, np.ndarray]:
     """Model, loss, training pair, validation pair (or None) and the training labels of the run:
     the user's (``--model``, ``--data``) or those of the built-in setup the run was made from."""
-    from ..builtin import get_setup
-    from ..builtin.setups import read_setup_meta
-
     if args.model or args.data:
         if args.setup:
             raise ConfigError("give either --setup NAME (a built-in setup) or your own --model and --data, not both")
@@ -77,6 +74,17 @@ def _score_inputs(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any, An
         dtype = next(model.parameters()).dtype
         train = _user.split(d, "train", dtype, args.loss)  # present: load_npz checked x_train, y_train
         return model, _user.LOSSES[args.loss], train, _user.split(d, "val", dtype, args.loss), d["y_train"].numpy()
+    setup = _run_setup(args, run_dir)
+    data = setup.data()
+    return (setup.model(data), setup.loss_fn, (data.x_train, data.y_train), (data.x_val, data.y_val),
+            data.y_train.numpy())
+
+
+def _run_setup(args: argparse.Namespace, run_dir: Path) -> Any:
+    """The built-in setup a run was made from (its diffin_setup.json, else ``--setup``)."""
+    from ..builtin import get_setup
+    from ..builtin.setups import read_setup_meta
+
     setup = read_setup_meta(run_dir)
     if setup is None:
         if not args.setup:
@@ -85,9 +93,28 @@ def _score_inputs(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any, An
                 "--model module:function --data file.npz for your own model"
             )
         setup = get_setup(args.setup)
-    data = setup.data()
-    return (setup.model(data), setup.loss_fn, (data.x_train, data.y_train), (data.x_val, data.y_val),
-            data.y_train.numpy())
+    return setup
+
+
+def _check_same_data(args: argparse.Namespace, run_dirs: list[Path]) -> None:
+    """Several runs of built-in setups are scored on the first run's data: refuse runs whose
+    training data differ (another setup, label noise or seed of the flipped labels)."""
+    if args.model or args.data or len(run_dirs) < 2:
+        return
+
+    def data_of(run_dir: Path) -> tuple[Any, ...]:
+        s = _run_setup(args, run_dir)
+        seed = s.noise_seed if s.noise_seed is not None else s.train.seed
+        return (s.name, float(s.noise), seed if s.noise else None)
+
+    first = data_of(run_dirs[0])
+    for r in run_dirs[1:]:
+        if data_of(r) != first:
+            raise ConfigError(
+                f"{r} was trained on other data than {run_dirs[0]} (setup, label noise, noise seed: "
+                f"{data_of(r)} vs {first}); score together only runs of the same data, e.g. those "
+                "of one `diffin train --seeds K`"
+            )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -96,6 +123,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     run_dirs = [Path(r) for r in args.run]
     run_dir = run_dirs[0]
     cfg = config_from_args(ScoreConfig, args)
+    _check_same_data(args, run_dirs)
     model, loss_fn, train, val, labels = _score_inputs(args, run_dir)
     if args.target == "self":
         target: Any = "self"
