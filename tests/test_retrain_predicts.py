@@ -306,8 +306,8 @@ def test_predicts_is_validated_and_saved(tiny_run: Tiny, tmp_path: Path) -> None
 
 
 def _two_runs(tmp_path: Path) -> tuple[Tiny, Tiny]:
-    """Two recordings of the same data: another batch order (seed) and, by perturbing θ_0 via
-    another run length, another trajectory."""
+    """Two recordings of the same data with different trajectories (r2 trains a third epoch, so
+    its run, θ_T and scores differ from r1's)."""
     r1 = record(tmp_path / "r1", seed=0)
     r2 = record(tmp_path / "r2", seed=0, epochs=3)
     assert torch.equal(r1.X, r2.X) and torch.equal(r1.Y, r2.Y)
