@@ -391,3 +391,41 @@ def test_cli_train_seeds_must_be_positive(tmp_path: Path, capsys: pytest.Capture
     assert main(["train", "--setup", "tiny", "--out", str(tmp_path / "D"), "--seeds", "0", "--quiet"]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "D").exists()
+
+
+@pytest.mark.parametrize("method", ["diffin-exact", "diffin-expected", "diffin-retrain"])
+def test_adjoint_growth_is_reported(tmp_path: Path, method: str) -> None:
+    """Full-batch GD on linear regression past the stability limit (η·λ_max = 3): the adjoint
+    θ̄_c = (I − ηH)^{T−c} ∇f grows by |1 − ηλ_max|^{T−c}; the sweeps report the largest
+    ‖θ̄_c‖/‖θ̄_T‖ over the checkpoint steps c in ``diagnostics["adjoint_growth"]``."""
+    n = 10
+    probe = record(tmp_path / "probe", kind="linear", regression=True, n=n, batch=n, epochs=1, every=1)
+    model = probe.make()
+    names = [k for k, _ in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for k, s in zip(names, shapes):
+            out[k] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    def mean_loss(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return probe.loss(functional_call(model, unflat(v), (x,)), y).mean()
+
+    H = torch.autograd.functional.hessian(lambda v: mean_loss(v, probe.X, probe.Y), flat0)
+    lam = float(torch.linalg.eigvalsh(H).max())
+    lr = 3.0 / lam
+    tiny = record(tmp_path / "run", kind="linear", regression=True, n=n, batch=n, epochs=8, every=2,
+                  opt_kw={"lr": lr})
+    run = diffin.load_run(tiny.run)
+    out = tiny.score(method, proxy_batch_size=n, **EXACT)
+    theta_T = torch.cat([run.load_checkpoint(run.n_steps).params[k].reshape(-1) for k in names])
+    g = torch.autograd.grad(mean_loss(theta_T.requires_grad_(True), tiny.Xv, tiny.Yv), theta_T)[0]
+    step = torch.eye(H.shape[0], dtype=H.dtype) - lr * H
+    want = max(float((torch.linalg.matrix_power(step, run.n_steps - c0) @ g).norm() / g.norm())
+               for c0, _ in run.segments)
+    assert want > 100  # the regime the test is about
+    assert_close(np.array(out.diagnostics["adjoint_growth"]), np.array(want), msg=method)

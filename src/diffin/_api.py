@@ -205,7 +205,16 @@ def score(
         log.info("HVPs: %s (%s)", ctx.hvp_used["mode"], ctx.hvp_used["reason"])
     np_dtype = torch.empty(0, dtype=fm.dtype).numpy().dtype
     scores = output.scores.detach().to("cpu").numpy().astype(np_dtype, copy=False)
-    if not np.all(np.isfinite(scores)):
+    growth = float(output.diagnostics.get("adjoint_growth", 1.0))
+    if not np.all(np.isfinite(scores)) and not growth < 1e12:
+        log.warning(
+            "%s produced non-finite scores: the adjoint grew by %.1e over the backward sweep. The "
+            "linearised training dynamics are unstable (steps at the edge of stability, η·λ_max(H) > 2, "
+            "over many steps), so a first-order sensitivity of θ_T does not describe what removing a "
+            "sample does to this run. Train with a smaller learning rate, or use 'tracin' (first-order, no adjoint)",
+            output.variant, growth,
+        )
+    elif not np.all(np.isfinite(scores)):
         log.warning(
             "%s produced non-finite scores although the data is finite: the loss may overflow at some "
             "recorded parameters (check the loss of the training data at the checkpoints), or, with "

@@ -43,6 +43,7 @@ class DiffInRetrain(_Sweep):
         b = ctx.proxy_batch_size()
         every = cfg.credit_every
         A, scores = _start(ctx, target)
+        self.note_growth(A, start=True)
         S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
         replay = ctx.run.has_batch_ids
@@ -67,6 +68,7 @@ class DiffInRetrain(_Sweep):
                         _pay(ctx, scores, state.theta, W_sum)
                         W_sum = torch.zeros_like(A)
                     bar.update()
+                self.note_growth(A)
         return scores
 
 

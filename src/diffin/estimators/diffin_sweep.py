@@ -49,6 +49,19 @@ class _Sweep(_Estimator):
 
     needs_rule = True
     group_acc: GroupAccumulator | None = None
+    growth: float = 1.0  # largest ‖θ̄_t‖ / ‖θ̄_T‖ seen at segment ends (see note_growth)
+    _norm_T: float | None = None
+
+    def note_growth(self, A: Tensor, start: bool = False) -> None:
+        """Track how much the adjoint θ̄ grew from θ̄_T (called with ``start`` at T, then at every
+        segment's start). Linearised training dynamics at the edge of stability (η·λ_max(H) > 2 for
+        many steps) make it grow exponentially; the growth goes into the diagnostics and explains
+        non-finite scores."""
+        n = float(A.norm())
+        if start or self._norm_T is None:
+            self._norm_T = max(n, torch.finfo(A.dtype).tiny)
+            return
+        self.growth = max(self.growth, n / self._norm_T) if n == n else float("inf")
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         tgt = ctx.target
@@ -66,7 +79,8 @@ class _Sweep(_Estimator):
         if self.group_acc is not None:
             groups = self.group_acc.values
             groups = groups[:, 0] if tgt.kind == "mean" else groups
-        diag = {"replay_drift": ctx.trajectory.drift, "optimizer": ctx.run.optimizer.kind,
+        diag = {"replay_drift": ctx.trajectory.drift, "adjoint_growth": self.growth,
+                "optimizer": ctx.run.optimizer.kind,
                 "clip_grad_norm": ctx.trajectory.clip_norm}
         return EstimatorOutput(scores, self.name, diag, group_scores=groups)
 
@@ -110,6 +124,7 @@ class DiffInExact(_Sweep):
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
         cfg, fm, traj = ctx.config, ctx.fm, ctx.trajectory
         A, scores = _start(ctx, target)
+        self.note_growth(A, start=True)
         S: dict[str, Tensor] = {}  # s̄: the adjoint of the optimizer's state
         need_g = traj.needs_gradient
         if ctx.groups is not None and target.kind != "self":
@@ -130,6 +145,7 @@ class DiffInExact(_Sweep):
                         self.group_acc.add(ids, d)
                     A = A_direct + HW
                     bar.update()
+                self.note_growth(A)
         return scores
 
 
@@ -157,6 +173,7 @@ class DiffInExpected(_Sweep):
         N = ctx.n_train
         b = ctx.proxy_batch_size()
         A, scores = _start(ctx, target)
+        self.note_growth(A, start=True)
         S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
@@ -187,6 +204,7 @@ class DiffInExpected(_Sweep):
                     HW = fm.hvp(theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps)
                     A = A_direct + HW
                     bar.update()
+                self.note_growth(A)
                 D = torch.cat(
                     [fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)]
                 ).to(scores.dtype)  # (N, Q)
