@@ -11,7 +11,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+import diffin
 from diffin import peers
 from diffin._errors import ConfigError
 from diffin.bench import PEER_OPTIONS, BenchConfig, peer_options, run_bench
@@ -116,3 +118,62 @@ def test_peer_options_merge_by_layer():
     assert opts["dattri-if-cg"] == cg
     assert opts["kronfluence-ekfac"] == {"damping_factor": None}
     assert set(PEER_OPTIONS["*"]) <= set(peers.peer_units())
+
+
+
+def test_runs_give_a_trak_row_over_every_run(tmp_path, monkeypatch):
+    """``--runs 2 --peers``: a row ``trak ×2 runs`` whose TRAK call got option ``runs`` = the bench's
+    run and the second recorded run (other seed, same data), the rest of TRAK's options as in its
+    own row; its LDS columns and paired difference to TracIn come from its own scores."""
+    calls = []
+    fake = _fake_run_peer("")
+
+    def run_peer(name, **kw):
+        calls.append(kw)
+        res = fake(name, **kw)
+        if "runs" in kw:  # the negated scores of the single-run row: every rank statistic flips sign
+            res.scores = -res.scores
+        return res
+
+    monkeypatch.setattr(peers, "available_peers", lambda: {n: "ok" for n in peers.peer_units()})
+    monkeypatch.setattr(peers, "run_peer", run_peer)
+    work = tmp_path / "work"
+    out = tmp_path / "b.json"
+    assert main(["bench", "--setup", "tiny", "--json", str(out), "--workdir", str(work), "--methods", "tracin",
+                 "--n-removed", "8", "--lds-subsets", "6", "--truth", "replay,reseed", "--truth-seeds", "2",
+                 "--runs", "2", "--ensemble", "tracin", "--quiet", "--peers", "--peer-methods", "trak",
+                 "--peer-options", '{"trak": {"proj_dim": 16}}']) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["tracin", "tracin ×2 runs", "trak ×2 runs", "trak"]
+    dirs = [str(work / "tiny"), str(work / "tiny-seed1")]
+    ens, single = [c for c in calls if not c.get("pairwise")]
+    assert ens["runs"] == dirs and ens["proj_dim"] == 16 and ens["run"].path == work / "tiny"
+    assert "runs" not in single and single["proj_dim"] == 16 and single["run"].path == work / "tiny"
+    # the two folders are complete runs of the same data with different initialisations
+    runs = [diffin.load_run(d, n_train=120) for d in dirs]
+    assert all(r.complete for r in runs) and runs[0].n_steps == runs[1].n_steps
+    theta = [torch.cat([t.reshape(-1) for t in r.load_checkpoint(0).params.values()]) for r in runs]
+    assert not torch.equal(theta[0], theta[1])
+    row, one = rows["trak ×2 runs"], rows["trak"]
+    assert row["runs"] == 2 and row["peer"] is True and row["options"] == {"proj_dim": 16, "runs": dirs}
+    _check_metrics(row, "rank-only")
+    assert row["spearman"] == pytest.approx(-one["spearman"], abs=1e4 * U)
+    for mode in ("replay", "reseed"):
+        assert row[f"lds_{mode}"] == pytest.approx(-one[f"lds_{mode}"], abs=1e4 * U)
+        lo, hi = row[f"lds_{mode}_ci"]
+        assert lo <= row[f"lds_{mode}"] <= hi
+        vs = row[f"lds_{mode}_vs_tracin"]
+        assert vs["diff"] == pytest.approx(row[f"lds_{mode}"] - rows["tracin"][f"lds_{mode}"], abs=1e4 * U)
+
+
+def test_no_trak_runs_row_without_trak_or_peers(tmp_path, monkeypatch):
+    """The ``trak ×M runs`` row needs ``--peers`` with trak among the peer methods."""
+    monkeypatch.setattr(peers, "available_peers", lambda: {n: "ok" for n in peers.peer_units()})
+    monkeypatch.setattr(peers, "run_peer", _fake_run_peer(""))
+    args = ["bench", "--setup", "tiny", "--methods", "tracin", "--n-removed", "8", "--lds-subsets", "0",
+            "--runs", "2", "--ensemble", "tracin", "--quiet", "--workdir", str(tmp_path / "work")]
+    for extra, want in ((["--peers", "--peer-methods", "dattri-tracin"], ["tracin", "tracin ×2 runs", "dattri-tracin"]),
+                        ([], ["tracin", "tracin ×2 runs"])):
+        out = tmp_path / f"b{len(extra)}.json"
+        assert main([*args, "--json", str(out), *extra]) == 0
+        assert [r["method"] for r in json.loads(out.read_text())["results"]] == want

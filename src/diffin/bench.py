@@ -215,7 +215,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
         results.append(row)
     if cfg.runs > 1:
         results += _ensemble_rows(name, setup, data, run_dir, cfg, removed, actual, masks, truths, common, log,
-                                  all_scores)
+                                  all_scores, peers=peers, peer_methods=peer_methods, peer_options=peer_options)
     if peers:
         results += _peer_rows(run_dir, setup, data, removed, actual, masks, actual_lds, log,
                               actual_lds_ex=actual_lds_ex, n_examples=q, methods=peer_methods,
@@ -240,10 +240,16 @@ BOOTSTRAPS = 2000  # resamples of the LDS intervals and paired differences
 
 def _ensemble_rows(name: str, setup: Any, data: Any, run_dir: Path, cfg: BenchConfig, removed: np.ndarray,
                    actual: np.ndarray, masks: np.ndarray | None, truths: dict[str, np.ndarray],
-                   common: dict[str, Any], log: Any, all_scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+                   common: dict[str, Any], log: Any, all_scores: dict[str, np.ndarray], peers: bool = False,
+                   peer_methods: list[str] | None = None,
+                   peer_options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Rows ``METHOD ×M runs``: the method scored on the bench's run and M − 1 more runs of the same
     data recorded with seeds SEED+1 … (fresh initialisation and batch order), scores averaged
-    (``diffin.score(run=[...])``). The single-removal columns compare with the first run's replay."""
+    (``diffin.score(run=[...])``). The single-removal columns compare with the first run's replay.
+
+    With ``peers`` and ``trak`` among ``peer_methods`` (default: every peer), a row ``trak ×M runs``:
+    TRAK with the final models of the M runs as its ensemble (its option ``runs``), the rest of its
+    options as in its own row."""
     from dataclasses import replace as _replace
 
     dirs = [run_dir]
@@ -276,6 +282,26 @@ def _ensemble_rows(name: str, setup: Any, data: Any, run_dir: Path, cfg: BenchCo
         row.update(_lds_columns(masks, truths, s))
         row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
         rows.append(row)
+    if peers and (peer_methods is None or "trak" in peer_methods):
+        rows += _trak_runs_row(dirs, setup, data, removed, actual, masks, truths, log, all_scores, peer_options)
+    return rows
+
+
+def _trak_runs_row(dirs: list[Path], setup: Any, data: Any, removed: np.ndarray, actual: np.ndarray,
+                   masks: np.ndarray | None, truths: dict[str, np.ndarray], log: Any,
+                   all_scores: dict[str, np.ndarray],
+                   options: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The row ``trak ×M runs`` (:func:`_peer_rows` with TRAK's option ``runs`` = ``dirs``, the
+    first being the bench's run); its scores go to ``all_scores`` under the row's name."""
+    label = f"trak ×{len(dirs)} runs"
+    trak = {**(options or {}).get("trak", {}), "runs": [str(d) for d in dirs]}
+    scores: dict[str, np.ndarray] = {}
+    rows = _peer_rows(dirs[0], setup, data, removed, actual, masks, truths.get("replay"), log, methods=["trak"],
+                      options={**(options or {}), "trak": trak}, truths=truths, scores_out=scores)
+    for row in rows:
+        row.update(method=label, runs=len(dirs))
+    if "trak" in scores:
+        all_scores[label] = scores["trak"]
     return rows
 
 

@@ -1,4 +1,5 @@
-"""TRAK (``traker``), with checkpoints of the recorded run as its ensemble.
+"""TRAK (``traker``), with checkpoints of the recorded run, or the final models of several
+independently recorded runs, as its ensemble.
 
 TRAK attributes a model *output* — for classifiers the margin
 ``log p_y − log Σ_{k≠y} p_k`` of each target example (``task="image_classification"``, which
@@ -11,17 +12,29 @@ examples and applies no other scaling: **compare TRAK with rank metrics only**.
 
 On CPU traker uses its ``BasicProjector`` with a normal (Gaussian) projection: the fast
 Rademacher ``CudaProjector`` needs the CUDA-only ``fast_jl`` extension.
+
+The ensemble: by default the closing checkpoint of every segment of the run (``checkpoints``
+picks steps, ``n_checkpoints`` the last few). TRAK's own setting is an ensemble of
+independently trained models: ``runs`` (a list of run folders, e.g. ``diffin train --seeds``)
+makes it the final checkpoint of each listed run, one TRAK model id per run, in the order
+given; the adapter's own run then only supplies the architecture and is part of the ensemble
+only if it is listed. Every listed run must have the run's parameter names, shapes, trainable
+set and dtype, and a training set of the same size.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from torch import Tensor, nn
 
-from .._errors import ConfigError
+from .._errors import ConfigError, DataMismatchError, ParameterMismatchError
+from ..recording.run import Run, load_run
 from ._base import Peer, PeerInputs, take_options
 
 _DEFAULTS: dict[str, Any] = {
@@ -32,6 +45,7 @@ _DEFAULTS: dict[str, Any] = {
     "lambda_reg": 0.0,
     "batch_size": 256,
     "seed": 0,
+    "runs": None,
 }
 
 
@@ -39,16 +53,17 @@ class TRAK(Peer):
     name = "trak"
     package = "trak"
     modules = ("trak.traker",)
-    summary = "TRAK (traker): projected margin gradients, checkpoints of the run as the ensemble"
+    summary = "TRAK (traker): projected margin gradients, ensemble of the run's checkpoints or of runs' final models"
     units = "rank-only"
 
     def run(self, inp: PeerInputs, workdir: str, pairwise: bool = False,
             **options: Any) -> tuple[np.ndarray, str]:
+        opt = take_options(options, _DEFAULTS, self.name)
+        model = inp.model_factory()
+        members, described = ensemble(inp, opt, model)
+
         from trak import TRAKer
 
-        opt = take_options(options, _DEFAULTS, self.name)
-        steps = _ensemble_steps(inp, opt["checkpoints"], opt["n_checkpoints"])
-        model = inp.model_factory()
         for p in model.parameters():
             p.requires_grad_(False)
         grad_wrt = list(inp.run.trainable)
@@ -67,8 +82,8 @@ class TRAK(Peer):
         )
         bs = int(opt["batch_size"])
         x, y = inp.train
-        for mid, step in enumerate(steps):
-            traker.load_checkpoint(inp.state_dict(step), model_id=mid)
+        for mid, state_dict in enumerate(members):
+            traker.load_checkpoint(state_dict(), model_id=mid)
             for s in range(0, inp.n_train, bs):
                 traker.featurize(batch=(x[s : s + bs], y[s : s + bs]), num_samples=len(x[s : s + bs]))
         traker.finalize_features()
@@ -77,8 +92,8 @@ class TRAK(Peer):
         # the freed matrix. An id that matches no model makes it regenerate (seeded by id).
         traker.projector.model_id = -1
         xt, yt = inp.target
-        for mid, step in enumerate(steps):
-            traker.start_scoring_checkpoint(exp_name="target", checkpoint=inp.state_dict(step),
+        for mid, state_dict in enumerate(members):
+            traker.start_scoring_checkpoint(exp_name="target", checkpoint=state_dict(),
                                             model_id=mid, num_targets=inp.n_target)
             for s in range(0, inp.n_target, bs):
                 traker.score(batch=(xt[s : s + bs], yt[s : s + bs]), num_samples=len(xt[s : s + bs]))
@@ -86,10 +101,69 @@ class TRAK(Peer):
         scores = raw if pairwise else raw.mean(axis=1)
         notes = (
             f"traker TRAKer(task={opt['task']!r}, proj_dim={opt['proj_dim']}, BasicProjector normal, "
-            f"float32, lambda_reg={opt['lambda_reg']}), ensemble = checkpoints {steps}; "
+            f"float32, lambda_reg={opt['lambda_reg']}), ensemble = {described}; "
             "scores (N, Q) averaged over targets, no rescaling: NOT loss units, compare ranks only"
         )
         return scores, notes
+
+
+StateDictLoader = Callable[[], dict[str, Tensor]]
+
+
+def ensemble(inp: PeerInputs, opt: dict[str, Any], model: nn.Module) -> tuple[list[StateDictLoader], str]:
+    """TRAK's ensemble: for each model id, a loader of the state dict (``model``'s keys:
+    parameters and persistent buffers) it featurizes and scores with; and a description for the
+    notes.
+
+    With ``opt["runs"]``: the final checkpoint of each listed run, checked against ``inp``;
+    otherwise checkpoints of ``inp.run`` (``checkpoints`` / ``n_checkpoints``, default every
+    segment's closing checkpoint)."""
+    if opt["runs"] is None:
+        steps = _ensemble_steps(inp, opt["checkpoints"], opt["n_checkpoints"])
+        return [lambda s=s: inp.state_dict(s) for s in steps], f"checkpoints {steps}"
+    if opt["checkpoints"] is not None or opt["n_checkpoints"] is not None:
+        raise ConfigError("trak: runs takes the final checkpoint of each run; drop checkpoints / n_checkpoints")
+    keys = list(model.state_dict())
+    runs = _ensemble_runs(inp, opt["runs"], model)
+    loaders = [lambda r=r: _final_state_dict(r, keys) for r in runs]
+    return loaders, "final checkpoints of runs [" + ", ".join(f"{r.path} @ {r.n_steps}" for r in runs) + "]"
+
+
+def _ensemble_runs(inp: PeerInputs, given: Any, model: nn.Module) -> list[Run]:
+    if isinstance(given, (str, os.PathLike, Run)) or not isinstance(given, (list, tuple)) or not given:
+        raise ConfigError(f"trak: runs must be a non-empty list of run folders, got {given!r}")
+    runs = [r if isinstance(r, Run) else load_run(r) for r in given]
+    for r in runs:
+        r.check_model(model)
+        if list(r.trainable) != list(inp.run.trainable):
+            raise ParameterMismatchError(
+                f"trak: the run at {r.path} trained {r.trainable} but the run at {inp.run.path} trained "
+                f"{inp.run.trainable}; list runs of the same model with the same trainable parameters"
+            )
+        if r.dtype != inp.run.dtype:
+            raise ConfigError(
+                f"trak: the run at {r.path} was recorded in {r.dtype} but the run at {inp.run.path} in "
+                f"{inp.run.dtype}; list runs recorded in one dtype"
+            )
+        r.check_ids(inp.n_train)
+    prints = [r.fingerprint for r in runs]
+    if len(set(prints)) < len(prints):
+        raise ConfigError("trak: the same run is listed twice in runs; list independently recorded runs")
+    return runs
+
+
+def _final_state_dict(run: Run, keys: list[str]) -> dict[str, Tensor]:
+    """The final checkpoint of ``run`` as a state dict with ``keys`` (parameters and persistent
+    buffers)."""
+    ck = run.load_checkpoint(run.n_steps)
+    sd = {**ck.params, **ck.buffers}
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise DataMismatchError(
+            f"trak: the final checkpoint of {run.path} lacks {missing[:5]}; list runs of the model "
+            "that model_factory builds"
+        )
+    return {k: sd[k] for k in keys}
 
 
 def _ensemble_steps(inp: PeerInputs, steps: Any, n_last: Any) -> list[int]:
