@@ -89,6 +89,13 @@ def test_runs_are_the_final_checkpoints_in_the_order_given(runs):
             assert torch.equal(v, ck.params[k])
     # the two runs start from other initialisations: their final models differ
     assert not torch.equal(loaders[0]()["0.weight"], loaders[1]()["0.weight"])
+    # n_checkpoints=k: the last k segment ends of each run, run by run
+    loaders, described = ensemble(inp, _opt(runs=[runs["a"], runs["head"], runs["b"]], n_checkpoints=2), mlp())
+    want = [(runs["a"], 3), (runs["a"], 6), (runs["head"], 3), (runs["b"], 3), (runs["b"], 6)]
+    assert len(loaders) == len(want) and "the last 2 segment ends" in described
+    for loader, (run, step) in zip(loaders, want, strict=True):
+        ck = run.load_checkpoint(step)
+        assert all(torch.equal(v, ck.params[k]) for k, v in loader().items())
 
 
 def test_default_ensemble_is_unchanged(runs):
@@ -106,10 +113,10 @@ def test_default_ensemble_is_unchanged(runs):
 def test_bad_runs_are_refused_by_name(runs):
     inp = _inputs(runs["a"])
     a, b = str(runs["a"].path), str(runs["b"].path)
-    with pytest.raises(ConfigError, match="drop checkpoints"):
+    with pytest.raises(ConfigError, match="with runs, use n_checkpoints"):
         ensemble(inp, _opt(runs=[a, b], checkpoints=[3]), mlp())
-    with pytest.raises(ConfigError, match="drop checkpoints"):
-        ensemble(inp, _opt(runs=[a, b], n_checkpoints=1), mlp())
+    with pytest.raises(ConfigError, match="n_checkpoints must be >= 1"):
+        ensemble(inp, _opt(runs=[a, b], n_checkpoints=0), mlp())
     for given in (a, [], runs["a"]):
         with pytest.raises(ConfigError, match="non-empty list of run folders"):
             ensemble(inp, _opt(runs=given), mlp())

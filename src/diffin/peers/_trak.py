@@ -17,8 +17,9 @@ The ensemble: by default the closing checkpoint of every segment of the run (``c
 picks steps, ``n_checkpoints`` the last few). TRAK's own setting is an ensemble of
 independently trained models: ``runs`` (a list of run folders, e.g. ``diffin train --seeds``)
 makes it the final checkpoint of each listed run, one TRAK model id per run, in the order
-given; the adapter's own run then only supplies the architecture and is part of the ensemble
-only if it is listed. Every listed run must have the run's parameter names, shapes, trainable
+given (with ``n_checkpoints`` = k: the last k segment ends of each run, k model ids per run);
+the adapter's own run then only supplies the architecture and is part of the ensemble only if
+it is listed. Every listed run must have the run's parameter names, shapes, trainable
 set and dtype, and a training set of the same size.
 """
 
@@ -121,12 +122,19 @@ def ensemble(inp: PeerInputs, opt: dict[str, Any], model: nn.Module) -> tuple[li
     if opt["runs"] is None:
         steps = _ensemble_steps(inp, opt["checkpoints"], opt["n_checkpoints"])
         return [lambda s=s: inp.state_dict(s) for s in steps], f"checkpoints {steps}"
-    if opt["checkpoints"] is not None or opt["n_checkpoints"] is not None:
-        raise ConfigError("trak: runs takes the final checkpoint of each run; drop checkpoints / n_checkpoints")
+    if opt["checkpoints"] is not None:
+        raise ConfigError("trak: checkpoints (steps) pick checkpoints of one run; with runs, use n_checkpoints "
+                          "(the last k segment ends of each run; default 1, the final model)")
+    k = 1 if opt["n_checkpoints"] is None else int(opt["n_checkpoints"])
+    if k < 1:
+        raise ConfigError(f"trak: n_checkpoints must be >= 1, got {opt['n_checkpoints']!r}")
     keys = list(model.state_dict())
     runs = _ensemble_runs(inp, opt["runs"], model)
-    loaders = [lambda r=r: _final_state_dict(r, keys) for r in runs]
-    return loaders, "final checkpoints of runs [" + ", ".join(f"{r.path} @ {r.n_steps}" for r in runs) + "]"
+    steps = [([c1 for _, c1 in r.segments] or [r.n_steps])[-k:] for r in runs]
+    loaders = [lambda r=r, c=c: _run_state_dict(r, c, keys) for r, cs in zip(runs, steps, strict=True) for c in cs]
+    which = "final checkpoints" if k == 1 else f"the last {k} segment ends"
+    listed = ", ".join(f"{r.path} @ {cs}" for r, cs in zip(runs, steps, strict=True))
+    return loaders, f"{which} of runs [{listed}]"
 
 
 def _ensemble_runs(inp: PeerInputs, given: Any, model: nn.Module) -> list[Run]:
@@ -152,15 +160,15 @@ def _ensemble_runs(inp: PeerInputs, given: Any, model: nn.Module) -> list[Run]:
     return runs
 
 
-def _final_state_dict(run: Run, keys: list[str]) -> dict[str, Tensor]:
-    """The final checkpoint of ``run`` as a state dict with ``keys`` (parameters and persistent
+def _run_state_dict(run: Run, step: int, keys: list[str]) -> dict[str, Tensor]:
+    """Checkpoint ``step`` of ``run`` as a state dict with ``keys`` (parameters and persistent
     buffers)."""
-    ck = run.load_checkpoint(run.n_steps)
+    ck = run.load_checkpoint(step)
     sd = {**ck.params, **ck.buffers}
     missing = [k for k in keys if k not in sd]
     if missing:
         raise DataMismatchError(
-            f"trak: the final checkpoint of {run.path} lacks {missing[:5]}; list runs of the model "
+            f"trak: checkpoint {step} of {run.path} lacks {missing[:5]}; list runs of the model "
             "that model_factory builds"
         )
     return {k: sd[k] for k in keys}
