@@ -147,7 +147,8 @@ def test_runs_give_a_trak_row_over_every_run(tmp_path, monkeypatch):
     assert list(rows) == ["tracin", "tracin ×2 runs", "trak ×2 runs", "trak"]
     dirs = [str(work / "tiny"), str(work / "tiny-seed1")]
     ens, single = [c for c in calls if not c.get("pairwise")]
-    assert ens["runs"] == dirs and ens["proj_dim"] == 16 and ens["run"].path == work / "tiny"
+    assert ens["runs"] == dirs and ens["proj_dim"] == 16 and ens["n_checkpoints"] > 1
+    assert ens["run"].path == work / "tiny"
     assert "runs" not in single and single["proj_dim"] == 16 and single["run"].path == work / "tiny"
     # the two folders are complete runs of the same data with different initialisations
     runs = [diffin.load_run(d, n_train=120) for d in dirs]
@@ -155,7 +156,9 @@ def test_runs_give_a_trak_row_over_every_run(tmp_path, monkeypatch):
     theta = [torch.cat([t.reshape(-1) for t in r.load_checkpoint(0).params.values()]) for r in runs]
     assert not torch.equal(theta[0], theta[1])
     row, one = rows["trak ×2 runs"], rows["trak"]
-    assert row["runs"] == 2 and row["peer"] is True and row["options"] == {"proj_dim": 16, "runs": dirs}
+    n_seg = len(diffin.load_run(work / "tiny").segments)  # every run's segment ends, as for one run
+    assert row["runs"] == 2 and row["peer"] is True
+    assert row["options"] == {"proj_dim": 16, "runs": dirs, "n_checkpoints": n_seg}
     _check_metrics(row, "rank-only")
     assert row["spearman"] == pytest.approx(-one["spearman"], abs=1e4 * U)
     for mode in ("replay", "reseed"):
