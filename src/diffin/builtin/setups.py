@@ -82,7 +82,7 @@ _register(Setup(
     dtype=torch.float32,
 ))
 # memorises its flipped labels: 100 epochs drive the training loss of the flipped samples near zero
-# (measured in docs/tasks-results.md), so the loss at θ_T stops telling them apart
+# (measured in BENCHMARKS.md ("Tasks against their baselines")), so the loss at θ_T stops telling them apart
 _register(Setup(
     "mnist5k-memorise", "MNIST-5k for cleaning where the model memorises its labels: 500 train / 500 val / "
     "500 test, 10% labels flipped (--noise to change), MLP 784-512-10 tanh, float32, SGD lr 0.3, batch 32, "

@@ -6,7 +6,7 @@ Selection rules for influence scores (positive = helpful):
 * ``auto`` (default): ``drop-harmful`` when keeping less than ``switch`` of the data (default
   0.5), ``keep-influential`` from there on. The best rule flips with the kept fraction (Sorscher
   et al. 2022: keep easy, typical samples when data are scarce, hard ones when they abound);
-  measured on ``mnist5k`` with and without label noise in docs/tasks-results.md.
+  measured on ``mnist5k`` with and without label noise in BENCHMARKS.md ("Tasks against their baselines").
 * ``drop-harmful``: drop the most harmful samples first (negative scores, lowest first); if more
   must go than there are harmful samples, drop the rest at random, so what is kept is not
   narrowed to the "most helpful" look-alikes.
