@@ -135,3 +135,9 @@ class MissingOptimizerStateError(UnsupportedMethodError):
 class ReinitError(ConfigError):
     """A fresh initialisation of the model cannot be drawn (a trained parameter that no module's
     ``reset_parameters`` resets, or an ``init=`` callable that returns another architecture)."""
+
+
+class DistributedError(DiffinError):
+    """A collective operation of a multi-process run failed: another rank stopped (crashed,
+    was killed or ran out of memory) or the process group broke. Nothing is written as if
+    complete; rerun all ranks (with ``--resume`` where the sweep saved its state)."""
