@@ -68,6 +68,11 @@ class ScoreConfig:
     first_order: bool = config_field(
         False, "closed form only: add the first-order (TracIn-CP) term to the paper's formula"
     )
+    closed_form_checkpoints: int | None = config_field(
+        None,
+        "closed form only: use m evenly spaced recorded checkpoints (the last always among them) "
+        "instead of every checkpoint after step 0 (default); more than the run has uses them all",
+    )
     replay_memory_mb: float = config_field(
         1024.0, "memory for replayed parameter states per segment (diffin-exact); beyond it, replay twice"
     )
@@ -97,6 +102,15 @@ class ScoreConfig:
         None, "diffin-retrain: pay the expected credit every this many steps (default: once per checkpoint)"
     )
     seed: int = config_field(0, "seed for proxy batches and any other randomness of the estimator")
+    resume_every_steps: int = config_field(
+        500,
+        "with an output folder: save the sweep's state (into OUT/.resume) at the first segment boundary "
+        "after this many steps since the last save, so a killed scoring continues with resume=True "
+        "(--resume); 0: never by steps",
+    )
+    resume_every_minutes: float = config_field(
+        10.0, "as resume_every_steps, after this many minutes since the last save; 0: never by time"
+    )
 
     def __post_init__(self) -> None:
         if self.hvp not in ("auto", "central", "forward", "exact"):
@@ -112,7 +126,7 @@ class ScoreConfig:
         for name in ("batch_size", "cg_iters", "lissa_depth", "lissa_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("proxy_batch_size", "proxy_batches", "credit_every"):
+        for name in ("proxy_batch_size", "proxy_batches", "credit_every", "closed_form_checkpoints"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
@@ -120,6 +134,11 @@ class ScoreConfig:
             raise ConfigError("replay_memory_mb must be > 0")
         if self.damping < 0:
             raise ConfigError("damping must be >= 0")
+        if int(self.resume_every_steps) < 0 or not self.resume_every_minutes >= 0:
+            raise ConfigError(
+                "resume_every_steps and resume_every_minutes must be >= 0 (0 turns that criterion off), got "
+                f"{self.resume_every_steps} and {self.resume_every_minutes}"
+            )
 
     def replace(self, **changes: Any) -> ScoreConfig:
         return dataclasses.replace(self, **changes)

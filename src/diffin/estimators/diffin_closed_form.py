@@ -2,7 +2,9 @@
 
     I(z) = Σ_{t∈T_m} −(t·η_t²)/(N·m) · ⟨∇f(θ_t), H_{B_t} G_z + H_z G_{B_t}⟩
 
-T_m are the recorded checkpoints after step 0 (m of them), t the checkpoint's step, η_t the
+T_m are the recorded checkpoints after step 0 (m of them), or with ``closed_form_checkpoints=m``
+m of them evenly spaced, the last included (:func:`evenly_spaced`; the diagnostics report m and
+the steps used), t the checkpoint's step, η_t the
 learning rate of step t (of step T−1 for θ_T), B_t a proxy batch drawn at the checkpoint
 (``proxy_batches`` batches of ``proxy_batch_size`` averaged). The formula measures up-weighting;
 diffin reports its negative so that the sign and units follow docs/method.md §2:
@@ -52,7 +54,8 @@ class DiffInClosedForm(Estimator):
         N = ctx.n_train
         tgt = ctx.target
         Q = 1 if tgt.kind == "self" else tgt.size
-        steps = [c for c in run.checkpoint_steps if c > 0]
+        recorded = [c for c in run.checkpoint_steps if c > 0]
+        steps = evenly_spaced(recorded, cfg.closed_form_checkpoints)
         m = len(steps)
         scores = torch.zeros(N, Q, dtype=torch.float64)
         rng = np.random.default_rng(cfg.seed)
@@ -82,7 +85,12 @@ class DiffInClosedForm(Estimator):
                         scores[ids] += s.T.double()
                 bar.update()
         out = scores if tgt.kind == "pairwise" else scores[:, 0]
-        return EstimatorOutput(out, self.name, {"coefficients": coefs, "m": m})
+        diag: dict[str, object] = {"coefficients": coefs, "m": m, "steps": steps, "recorded_checkpoints": len(recorded)}
+        asked = cfg.closed_form_checkpoints
+        if asked is not None and asked > len(recorded):
+            diag["note"] = (f"closed_form_checkpoints={asked} but the run has {len(recorded)} checkpoints after "
+                            f"step 0: all {len(recorded)} used")
+        return EstimatorOutput(out, self.name, diag)
 
     @staticmethod
     def _pair_terms(ctx, theta, xp, yp, GB, g):  # noqa: ANN001, ANN205
@@ -136,3 +144,13 @@ class DiffInClosedForm(Estimator):
             t2 = vmap(own_mixed, in_dims=(None, 0, 0, 0))(theta, x, y, G)
             s = coef * (t1 + t2) + first * (G * G).sum(dim=1)
             scores[ids, 0] += s.double()
+
+
+def evenly_spaced(steps: list[int], m: int | None) -> list[int]:
+    """``m`` of the recorded checkpoint ``steps`` (ascending, M of them), evenly spaced and ending
+    with the last: the ``ceil(j·M/m)``-th for j = 1..m, the subset the paper's checkpoints at
+    T·j/m become on a run checkpointed every T/M steps. ``None`` or ``m >= M``: all of them."""
+    M = len(steps)
+    if m is None or m >= M:
+        return list(steps)
+    return [steps[(j * M + m - 1) // m - 1] for j in range(1, m + 1)]
