@@ -24,6 +24,7 @@ from ._data import DataSource, check_id_groups, fingerprint, probe_model_and_los
 from ._errors import ConfigError, DataMismatchError, OutputExistsError, UntrainedRowsWarning
 from ._functional import FlatModel, LossFn
 from ._io import write_json, write_npy
+from ._resume import NO_RESUME, RESUME_DIR, SweepResume, refuse_stale_state, resume_config, world_size
 from ._version import __version__
 from .config import ScoreConfig, config_from_kwargs
 from .estimators import ScoringContext, get_estimator
@@ -119,7 +120,7 @@ def refuse_other_scores(out: Path, config: ScoreConfig, key: dict[str, str], run
     if not isinstance(old, dict):
         old = {}
     differs = []
-    old_cfg, new_cfg = old.get("config") or {}, config.to_json()
+    old_cfg, new_cfg = resume_config(old.get("config") or {}), resume_config(config.to_json())
     if old_cfg != new_cfg:
         fields = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
         differs.append("config (" + ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}"
@@ -150,6 +151,7 @@ def score(
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     groups: list[Any] | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> ScoreResult:
     """Score every training sample of a recorded run; see :func:`influence` for the arguments.
@@ -159,7 +161,14 @@ def score(
 
     ``out``: save the result there (:meth:`ScoreResult.save`). A folder holding scores made from
     another run, other data or another config is refused before anything is computed, unless
-    ``overwrite``.
+    ``overwrite``. With ``out``, the sweep variants save their state into ``out/.resume`` at
+    segment boundaries (every ``resume_every_steps`` steps or ``resume_every_minutes`` minutes);
+    ``resume=True`` continues a killed or failed scoring from there to scores bit-identical to an
+    uninterrupted one (docs/method.md §4.1, "Resumable sweeps"), or starts when there is no state.
+    A state of another config, run, data, method or world size is refused
+    (:class:`diffin.ResumeMismatchError`); without ``resume`` an existing state is refused
+    (:class:`OutputExistsError`) unless ``overwrite``, which discards it. The state is removed once
+    the scores are written. Several runs cannot be resumed (``resume=True`` is refused with them).
 
     ``groups`` (lists of ids): the sweep variants also predict the effect of removing each whole
     group at once (``ScoreResult.group_scores``; under the ``keep`` convention it is the sum of
@@ -172,7 +181,18 @@ def score(
         options["method"] = method
     cfg = config_from_kwargs(ScoreConfig, config, **options)
     est_cls = get_estimator(cfg.method)
+    if resume and out is None:
+        raise ConfigError("resume=True needs out= (the folder whose .resume state to continue from)")
+    if resume and overwrite:
+        raise ConfigError("resume=True continues the saved state, overwrite=True discards it: choose one")
     if isinstance(run, (list, tuple)):
+        if resume:
+            raise ConfigError(
+                "resume=True is not supported when scoring several runs; score each run into its own "
+                "folder with resume=True, or rerun the list without it"
+            )
+        if out is not None and not overwrite and (Path(out) / RESUME_DIR).exists():
+            refuse_stale_state(Path(out) / RESUME_DIR)
         return _score_runs(list(run), model, loss_fn, train=train, target=target, config=cfg,
                            progress=progress, out=out, overwrite=overwrite, groups=groups)
     if not isinstance(model, nn.Module):
@@ -195,7 +215,8 @@ def score(
     group_arrays = None
     if groups is not None:
         group_arrays = check_id_groups(groups, len(train_src), allow_empty=True)
-    ctx = ScoringContext(run_obj, fm, train_src, tgt, cfg, progress=progress, groups=group_arrays)
+    hook = _resume_hook(out, cfg, key, tgt.kind, _groups_key(group_arrays), resume, overwrite)
+    ctx = ScoringContext(run_obj, fm, train_src, tgt, cfg, progress=progress, groups=group_arrays, resume=hook)
     t0 = time.perf_counter()
     with _eval_mode(model), torch.no_grad():
         output = est_cls().score(ctx)
@@ -237,7 +258,50 @@ def score(
     )
     if out is not None:
         result.save(out, overwrite=overwrite)
+        if hook.saves or hook.resumed:
+            log.info("scores written; removing the resume state %s", hook.folder)
+        hook.discard()
     return result
+
+
+def _groups_key(groups: list[np.ndarray] | None) -> str | None:
+    """A content hash of the removal groups (None without groups), for the resume key."""
+    if groups is None:
+        return None
+    h = hashlib.sha256()
+    for g in groups:
+        h.update(np.asarray(g, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:32]
+
+
+def _resume_hook(
+    out: str | os.PathLike[str] | None, cfg: ScoreConfig, key: dict[str, str], target_kind: str,
+    groups: str | None, resume: bool, overwrite: bool,
+) -> SweepResume:
+    """The sweep's save/restore hook for ``out/.resume`` (a no-op without ``out``), after the
+    checks: ``overwrite`` discards a saved state, no ``resume`` refuses one, ``resume`` refuses one
+    of another key (:class:`diffin.ResumeMismatchError`) and logs when there is none."""
+    if out is None:
+        return NO_RESUME
+    folder = Path(out) / RESUME_DIR
+    resume_key = {"config": resume_config(cfg.to_json()), **key, "method": cfg.method,
+                  "target_kind": target_kind, "groups": groups, "world_size": world_size(),
+                  "diffin_version": __version__}
+    hook = SweepResume(folder, resume_key, every_steps=int(cfg.resume_every_steps),
+                       every_minutes=float(cfg.resume_every_minutes), load_saved=resume)
+    if hook.exists():
+        if overwrite:
+            hook.discard()
+        elif not resume:
+            refuse_stale_state(folder)
+        else:
+            hook.check()
+    if resume and not hook.exists():
+        log.info("no resume state in %s: scoring from the start", folder)
+    elif resume:
+        log.info("resuming the scoring saved in %s", folder)
+    return hook
 
 
 def _score_runs(

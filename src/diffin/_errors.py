@@ -101,6 +101,11 @@ class OutputExistsError(DiffinError, FileExistsError):
     """An output folder holds results made with a different configuration."""
 
 
+class ResumeMismatchError(DiffinError):
+    """``score(..., resume=True)`` found a saved sweep state (``OUT/.resume``) written for another
+    config, run, data, method or world size, or a damaged one; nothing was overwritten."""
+
+
 # --- input checks before scoring (diffin._data) -----------------------------------------------
 class NonFiniteDataError(DataMismatchError):
     """Training or target inputs hold NaN or Inf; the message names the rows' ids."""

@@ -139,7 +139,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         out = run_dir / f"scores-{cfg.method}"
     t0 = time.perf_counter()
     res = score(run_dirs if len(run_dirs) > 1 else run_dir, model, loss_fn, train=train, target=target, config=cfg,
-                progress=not args.quiet, out=out, overwrite=args.overwrite)
+                progress=not args.quiet, out=out, overwrite=args.overwrite, resume=args.resume)
     if res.scores.ndim == 1:
         lines = [f"id,label,{C.SCORE_COLUMN}"]
         lines += [f"{i},{int(lab) if np.ndim(lab) == 0 else ''},{s:.9g}"
@@ -196,7 +196,11 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     s.add_argument("--target", default="val", choices=("val", "self"),
                    help="'val' (default): mean loss on the validation set; 'self': each sample's own loss")
     s.add_argument("--out", default=None, help="output folder (default: RUN/scores-METHOD)")
-    s.add_argument("--overwrite", action="store_true", help="replace scores made with another config")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace scores made with another config (and discard an interrupted scoring's state)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue a killed or failed scoring from the state its sweep saved in OUT/.resume "
+                        "(same run, data, method and config; see --resume-every-steps); without a state, start")
     add_config_args(s, ScoreConfig)
     s.set_defaults(func=cmd_score)
 

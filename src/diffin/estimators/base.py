@@ -24,6 +24,7 @@ from .._data import DataSource
 from .._errors import UnknownMethodError, UnsupportedMethodError, UnsupportedOptimizerError
 from .._functional import FlatModel
 from .._progress import progress_bar
+from .._resume import NO_RESUME, SweepResume
 from ..config import ScoreConfig
 from ..recording.run import Run
 from ..targets import Target
@@ -56,7 +57,9 @@ class EstimatorOutput:
 class ScoringContext:
     """What an estimator may touch: the run's trajectory (:class:`diffin.trajectory.Trajectory`:
     checkpoints, batches, steps, replay), the model as a function of θ, data, target, config,
-    the HVP choice, progress bars and the removal groups."""
+    the HVP choice, progress bars, the removal groups, and ``resume``: the hook a sweep saves its
+    state through at segment boundaries and restores it from (:class:`diffin._resume.SweepResume`:
+    ``load()``, ``maybe_save(steps, state_fn)``; a no-op without an output folder)."""
 
     def __init__(
         self,
@@ -67,8 +70,10 @@ class ScoringContext:
         config: ScoreConfig,
         progress: bool = True,
         groups: list[np.ndarray] | None = None,
+        resume: SweepResume = NO_RESUME,
     ) -> None:
         self.run = run
+        self.resume = resume
         self.groups = groups
         self.fm = fm
         self.train = train

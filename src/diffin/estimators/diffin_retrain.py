@@ -47,8 +47,12 @@ class DiffInRetrain(_Sweep):
         S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
         replay = ctx.run.has_batch_ids
+        segments = list(reversed(ctx.run.segments))
+        first, A, scores, S = self.restore(ctx, A, scores, S, rng)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
-            for c0, c1 in reversed(ctx.run.segments):
+            bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
+            for i in range(first, len(segments)):
+                c0, c1 = segments[i]
                 ids_of = {t: rng.choice(N, size=b, replace=False) for t in range(c1 - 1, c0 - 1, -1)}
                 if replay:
                     states = traj.replay_reversed(c0, c1, with_grads=False)
@@ -69,6 +73,7 @@ class DiffInRetrain(_Sweep):
                         W_sum = torch.zeros_like(A)
                     bar.update()
                 self.note_growth(A)
+                self.save_point(ctx, c1 - c0, i + 1, A, scores, S, rng)
         return scores
 
 

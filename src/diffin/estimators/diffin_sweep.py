@@ -26,16 +26,23 @@ Variants differ in the state used at step t:
   checkpoint (no replay); g is the batch gradient at that θ.
 * ``diffin-expected`` — no batch ids: frozen as above, H_{B_t} and g from proxy batches,
   each sample credited its expected share |B|/N of every step.
+
+Every segment starts from its checkpoint, so the sweep's state between two segments is (θ̄, s̄,
+the scores so far, group values, the proxy RNG, the growth diagnostics): saved there through
+``ctx.resume`` and restored, a killed sweep finishes bit-identically (docs/method.md §4.1,
+"Resumable sweeps").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._errors import ResumeMismatchError
+from .._resume import SweepState
 from ..targets import Target
 from ..trajectory import TrainState, Trajectory
 from .base import Estimator as _Estimator
@@ -51,6 +58,8 @@ class _Sweep(_Estimator):
     group_acc: GroupAccumulator | None = None
     growth: float = 1.0  # largest ‖θ̄_t‖ / ‖θ̄_T‖ seen at segment ends (see note_growth)
     _norm_T: float | None = None
+    _saved: SweepState | None = None  # the state to resume from (ctx.resume.load()), used once
+    _outer: Callable[[], SweepState] | None = None  # the self-influence chunk loop's part of a save
 
     def note_growth(self, A: Tensor, start: bool = False) -> None:
         """Track how much the adjoint θ̄ grew from θ̄_T (called with ``start`` at T, then at every
@@ -65,13 +74,19 @@ class _Sweep(_Estimator):
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
         tgt = ctx.target
+        self._saved = ctx.resume.load()
         if tgt.kind == "self":
             scores = torch.zeros(ctx.n_train, dtype=torch.float64)
-            chunks = range(0, ctx.n_train, SELF_CHUNK)
-            for start in chunks:
+            first = 0
+            if self._saved is not None:
+                first = int(self._saved.meta["chunk"])
+                scores = self._saved.tensors["self_scores"].to(scores.dtype)
+            for start in range(first, ctx.n_train, SELF_CHUNK):
+                self._outer = lambda s=start: SweepState({"self_scores": scores}, {"chunk": s})
                 ids = np.arange(start, min(start + SELF_CHUNK, ctx.n_train))
                 m = self.sweep(ctx, tgt.subset(ids))
                 scores[ids] = m[torch.as_tensor(ids), torch.arange(len(ids))]
+            self._outer = None
         else:
             m = self.sweep(ctx, tgt)
             scores = m[:, 0] if tgt.kind == "mean" else m
@@ -87,9 +102,67 @@ class _Sweep(_Estimator):
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def restore(
+        self, ctx: ScoringContext, A: Tensor, scores: Tensor, S: dict[str, Tensor],
+        rng: np.random.Generator | None = None,
+    ) -> tuple[int, Tensor, Tensor, dict[str, Tensor]]:
+        """Continue from the saved state, if any (once): returns the index of the first segment
+        still to do in ``reversed(ctx.run.segments)`` and the adjoint θ̄ (Q, P), the scores (N, Q)
+        and s̄ at that boundary; sets the group values, the proxy RNG ``rng``, the growth and the
+        replay drift. Without a saved state: ``(0, A, scores, S)`` unchanged."""
+        st, self._saved = self._saved, None
+        if st is None:
+            return 0, A, scores, S
+        if st.meta.get("variant") != self.name:
+            raise ResumeMismatchError(
+                f"the saved sweep state is of {st.meta.get('variant')!r}, this scoring runs {self.name!r}; "
+                "pass overwrite=True (--overwrite) to discard it and start again"
+            )
+        T = st.tensors
+        A = T["A"].to(device=A.device, dtype=A.dtype)
+        scores = T["scores"].to(device=scores.device, dtype=scores.dtype)
+        S = {k.removeprefix("S."): v.to(A.device) for k, v in T.items() if k.startswith("S.")}
+        if self.group_acc is not None:
+            self.group_acc.values = T["groups"].to(self.group_acc.values.dtype)
+        if rng is not None:
+            rng.bit_generator.state = st.meta["rng"]
+        self.growth, self._norm_T = float(st.meta["growth"]), float(st.meta["norm_T"])
+        ctx.trajectory.drift = float(st.meta["drift"])
+        return int(st.meta["next_segment"]), A, scores, S
+
+    def save_point(
+        self, ctx: ScoringContext, steps: int, next_segment: int, A: Tensor, scores: Tensor,
+        S: dict[str, Tensor], rng: np.random.Generator | None = None,
+    ) -> None:
+        """After a segment of ``steps`` steps: offer the state at this boundary (``next_segment``:
+        the index of the next segment in ``reversed(ctx.run.segments)``) to ``ctx.resume``, which
+        saves it when due. Nothing after the sweep's last segment."""
+        n_segments = len(ctx.run.segments)
+        if next_segment >= n_segments:
+            return
+
+        def state() -> SweepState:
+            tensors = {"A": A, "scores": scores, **{f"S.{k}": v for k, v in S.items()}}
+            if self.group_acc is not None:
+                tensors["groups"] = self.group_acc.values
+            meta = {"variant": self.name, "next_segment": next_segment, "growth": self.growth,
+                    "norm_T": self._norm_T, "drift": ctx.trajectory.drift,
+                    "rng": None if rng is None else rng.bit_generator.state,
+                    "where": f"{self.name}, {next_segment} of {n_segments} segments done"}
+            if self._outer is not None:
+                outer = self._outer()
+                tensors.update(outer.tensors)
+                meta.update(outer.meta)
+                meta["where"] += f", self-influence chunk from sample {outer.meta['chunk']}"
+            return SweepState(tensors, meta)
+
+        ctx.resume.maybe_save(steps, state)
+
 
 def _start(ctx: ScoringContext, target: Target) -> tuple[Tensor, Tensor]:
-    """θ̄_T = ∇f(θ_T) (Q, P) and zero scores (N, Q)."""
+    """θ̄_T = ∇f(θ_T) (Q, P) and zero scores (N, Q). The HVP mode is resolved first, so its probe
+    (which installs θ_T's buffers) runs at the same point whether or not the sweep resumes."""
+    _ = ctx.hvp_mode
     theta_T = ctx.trajectory.theta(ctx.run.n_steps)
     A = target.grads(ctx.fm, theta_T)  # (Q, P)
     scores = torch.zeros(ctx.n_train, A.shape[0], dtype=torch.float64, device=A.device)
@@ -129,8 +202,12 @@ class DiffInExact(_Sweep):
         need_g = traj.needs_gradient
         if ctx.groups is not None and target.kind != "self":
             self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, A.shape[0], cfg.convention)
+        segments = list(reversed(ctx.run.segments))
+        first, A, scores, S = self.restore(ctx, A, scores, S)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
-            for c0, c1 in reversed(ctx.run.segments):
+            bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
+            for i in range(first, len(segments)):
+                c0, c1 = segments[i]
                 states = traj.replay_reversed(c0, c1) if self.replay else _frozen(traj, c0, c1)
                 for t, state, g in states:
                     ids, x, y = traj.batch(t)
@@ -146,6 +223,7 @@ class DiffInExact(_Sweep):
                     A = A_direct + HW
                     bar.update()
                 self.note_growth(A)
+                self.save_point(ctx, c1 - c0, i + 1, A, scores, S)
         return scores
 
 
@@ -176,8 +254,12 @@ class DiffInExpected(_Sweep):
         self.note_growth(A, start=True)
         S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
+        segments = list(reversed(ctx.run.segments))
+        first, A, scores, S = self.restore(ctx, A, scores, S, rng)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
-            for c0, c1 in reversed(ctx.run.segments):
+            bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
+            for i in range(first, len(segments)):
+                c0, c1 = segments[i]
                 at = traj.state(c0)
                 theta = at.theta
                 proxies = None
@@ -213,6 +295,7 @@ class DiffInExpected(_Sweep):
                 else:
                     bb = ctx.run.batch_size_hint() or b
                     scores -= (bb / max(bb - 1, 1)) * (D - D.mean(dim=0, keepdim=True)) / N
+                self.save_point(ctx, c1 - c0, i + 1, A, scores, S, rng)
         return scores
 
 
