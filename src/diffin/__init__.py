@@ -10,7 +10,7 @@ changes, each a Hessian–vector product from finite differences of gradients.
 """
 
 from ._api import ScoreResult, influence, score
-from ._data import with_ids
+from ._data import memmap_arrays, with_ids
 from ._errors import (
     ConfigError,
     DataMismatchError,
@@ -64,6 +64,7 @@ __all__ = [
     "__version__",
     "influence",
     "load_run",
+    "memmap_arrays",
     "methods",
     "restore_checkpoint",
     "score",

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import operator
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("diffin")
 
 MAX_NAMED_IDS = 10  # ids named in an error message
+MMAP_RESIDENT_BYTES = 1 << 23  # pages of a memory-mapped array read before they are handed back to the OS
+FAULT_AROUND_BYTES = 1 << 16  # what Linux maps around a page fault of a file mapping (fault_around_bytes)
 
 
 class WithIds(Dataset):
@@ -88,6 +93,12 @@ class DataSource:
 
     ``target_dtype`` (set by :func:`probe_model_and_loss` when the loss needs it, e.g. int32
     class labels for cross-entropy) casts the targets of every batch.
+
+    Numpy arrays stay numpy arrays (``self.x`` / ``self.y``): only the rows fetched are copied
+    into tensors, so a memory-mapped array (``np.load(path, mmap_mode="r")``, see
+    :func:`memmap_arrays`) is read by batch ids and never loaded whole; the pages it reads are
+    handed back to the OS every ``MMAP_RESIDENT_BYTES`` (they stay in the page cache), so the
+    resident memory it adds is bounded, independent of N.
     """
 
     def __init__(self, data: Any, dtype: torch.dtype, device: torch.device, name: str = "train"):
@@ -106,7 +117,8 @@ class DataSource:
                 raise DataMismatchError(f"{name} Dataset must define __len__") from e
             self.x = self.y = None
         elif isinstance(data, (tuple, list)) and len(data) == 2:
-            self.x, self.y = (_as_tensor(a, f"{name} {w}") for a, w in zip(data, ("inputs", "targets")))
+            self.x, self.y = (_as_rows(a, f"{name} {w}") for a, w in zip(data, ("inputs", "targets")))
+            self._pages = _PageBudget((self.x, self.y))
             if self.x.shape[0] != self.y.shape[0]:
                 raise DataMismatchError(
                     f"{name} inputs have {self.x.shape[0]} rows but targets have {self.y.shape[0]}"
@@ -139,7 +151,7 @@ class DataSource:
                     "triples (diffin.with_ids(dataset) makes the latter)"
                 )
         else:
-            x, y = self.x[idx], self.y[idx]  # type: ignore[index]
+            x, y = self._rows(self.x, idx), self._rows(self.y, idx)
         return self._place(x), self._place_targets(y)
 
     def all(self) -> tuple[Tensor, Tensor]:
@@ -151,7 +163,8 @@ class DataSource:
             stop = min(start + size, self._n)
             ids = np.arange(start, stop)
             if self._ds is None and self.x is not None and self.y is not None:
-                yield ids, self._place(self.x[start:stop]), self._place_targets(self.y[start:stop])
+                x, y = self._rows(self.x, slice(start, stop)), self._rows(self.y, slice(start, stop))
+                yield ids, self._place(x), self._place_targets(y)
             else:
                 x, y = self.get(ids)
                 yield ids, x, y
@@ -198,6 +211,22 @@ class DataSource:
                 "Dataset must give item i the id i, the row number the run recorded. Wrap the plain "
                 "(input, target) Dataset with diffin.with_ids(dataset) instead"
             )
+
+    def _rows(self, a: Tensor | np.ndarray, idx: Tensor | slice) -> Tensor:
+        """Rows ``idx`` of one array as a tensor: a view for a tensor or a writable in-memory array,
+        a copy of those rows only for a read-only or memory-mapped one."""
+        if isinstance(a, Tensor):
+            return a[idx]
+        if isinstance(idx, slice):
+            rows = a[idx]
+            if isinstance(a, np.memmap) or not rows.flags.writeable:
+                rows = np.array(rows)
+            else:
+                rows = np.ascontiguousarray(rows)
+        else:
+            rows = np.asarray(a[idx.numpy()])  # fancy indexing: a fresh array of those rows
+        self._pages.read(a, rows, scattered=not isinstance(idx, slice))
+        return torch.from_numpy(rows)
 
     def _place(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
@@ -280,12 +309,115 @@ def _integer_labels_fixable(fm: FlatModel, out: Any, y: Any) -> bool:
     return True
 
 
-def _as_tensor(a: Any, what: str) -> Tensor:
+def _as_rows(a: Any, what: str) -> Tensor | np.ndarray:
+    """A tensor (detached) or a numpy array (as given: a memmap stays one), checked to convert
+    to torch row by row."""
     if isinstance(a, Tensor):
         return a.detach()
     if isinstance(a, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(a))
+        if a.ndim == 0:
+            raise DataMismatchError(f"{what} must have one row per sample, got a 0-d array")
+        try:
+            torch.from_numpy(np.array(a[:0]))
+        except TypeError as e:
+            raise DataMismatchError(
+                f"{what}: numpy dtype {a.dtype} has no torch equivalent ({e}); save the array as a numeric "
+                "dtype in native byte order (e.g. a.astype(np.float32))"
+            ) from e
+        return a
     raise DataMismatchError(f"{what} must be a tensor or numpy array, got {type(a).__name__}")
+
+
+def _mapping(a: Any) -> mmap.mmap | None:
+    """The read-only file mapping behind a memory-mapped array (``np.load(..., mmap_mode="r")`` or
+    ``np.memmap(..., mode="r")``), else ``None``. Only read-only mappings qualify: dropping their
+    pages loses nothing (a copy-on-write mapping's written pages would be lost)."""
+    if isinstance(a, np.memmap) and a.mode in ("r", "readonly") and isinstance(a.base, mmap.mmap):
+        return a.base
+    return None
+
+
+def _release(mapping: mmap.mmap) -> None:
+    """Hand the pages of a read-only file mapping back to the OS: they leave this process's
+    resident set and stay in the page cache (a later read maps them in again, same bytes)."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is not None:  # Linux, macOS; elsewhere the OS manages the pages alone
+        mapping.madvise(advice)
+
+
+class _PageBudget:
+    """Counts the bytes read through the read-only file mappings of some arrays and releases a
+    mapping's pages (:func:`_release`) once ``MMAP_RESIDENT_BYTES`` were read through it."""
+
+    def __init__(self, arrays: Sequence[Any]) -> None:
+        self._read: dict[int, int] = {}
+        self._maps = {id(a): m for a in arrays if (m := _mapping(a)) is not None}
+
+    def read(self, a: Any, rows: np.ndarray, scattered: bool) -> None:
+        """Account for ``rows`` just read from ``a``: their bytes and a page when read as one
+        slice; ``scattered`` (rows by id) up to ``FAULT_AROUND_BYTES`` per row, the pages the OS
+        maps around each page fault."""
+        m = self._maps.get(id(a))
+        if m is None:
+            return
+        n = len(rows) if rows.ndim else 1
+        touched = n * max(FAULT_AROUND_BYTES, rows.nbytes // max(n, 1)) if scattered else rows.nbytes + mmap.PAGESIZE
+        self._read[id(a)] = self._read.get(id(a), 0) + touched
+        if self._read[id(a)] >= MMAP_RESIDENT_BYTES:
+            _release(m)
+            self._read[id(a)] = 0
+
+
+def memmap_arrays(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], part: str = "train"
+) -> tuple[np.memmap, np.memmap]:
+    """Inputs and targets saved as ``.npy`` files, memory-mapped read-only: ``train=`` / ``target=``
+    for data larger than memory, read by batch ids (never loaded whole).
+
+    Args:
+        source: a folder holding ``x_<part>.npy`` and ``y_<part>.npy``, or the two paths
+            ``(inputs.npy, targets.npy)``.
+        part: ``"train"``, ``"val"``, ... (with a folder).
+
+    Returns ``(x, y)``, each an ``np.memmap`` of shape (N, ...). Raises
+    :class:`DataMismatchError` for a missing or unreadable file (pickled object arrays are
+    refused, never loaded) or inputs and targets of different lengths::
+
+        train = diffin.memmap_arrays("data/")          # data/x_train.npy, data/y_train.npy
+        np.save("data/x_train.npy", X)                  # how to write them (or np.lib.format.open_memmap)
+    """
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise DataMismatchError(f"{folder} is not a folder; pass a folder holding x_{part}.npy and "
+                                    f"y_{part}.npy, or the two .npy paths")
+        paths = [folder / f"x_{part}.npy", folder / f"y_{part}.npy"]
+    else:
+        paths = [Path(p) for p in source]
+        if len(paths) != 2:
+            raise DataMismatchError(f"memmap_arrays takes a folder or two .npy paths (inputs, targets), got "
+                                    f"{len(paths)} paths")
+    x, y = (open_memmap(p) for p in paths)
+    if x.shape[0] != y.shape[0]:
+        raise DataMismatchError(f"{paths[0]} has {x.shape[0]} rows but {paths[1]} has {y.shape[0]}; "
+                                "inputs and targets need one row per sample each")
+    return x, y
+
+
+def open_memmap(path: str | os.PathLike[str]) -> np.memmap:
+    """One ``.npy`` file memory-mapped read-only (shape (N, ...)); :class:`DataMismatchError` if it
+    is missing, not a .npy, holds objects (never unpickled) or no rows."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataMismatchError(f"{p} does not exist; save the array with numpy.save")
+    try:
+        a = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataMismatchError(f"{p}: cannot memory-map as a .npy array ({e}); save it with numpy.save "
+                                "as a numeric array") from e
+    if not isinstance(a, np.memmap) or a.ndim == 0:
+        raise DataMismatchError(f"{p} holds no array of rows; save one row per sample with numpy.save")
+    return a
 
 
 def fingerprint(data: Any) -> str:
@@ -311,8 +443,11 @@ def fingerprint(data: Any) -> str:
                 h.update(memoryview(part.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
         elif isinstance(a, np.ndarray):
             h.update(f"{a.dtype.str}{a.shape}".encode())
-            for part in _row_blocks(a):
+            mapping = _mapping(a)
+            for part in _row_blocks(a, max_bytes=MMAP_RESIDENT_BYTES if mapping is not None else 1 << 26):
                 h.update(memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8)))
+                if mapping is not None:  # a memory-mapped array streams: resident memory stays bounded
+                    _release(mapping)
         elif isinstance(a, (tuple, list)):
             h.update(f"seq{len(a)}".encode())
             for item in a:

@@ -7,11 +7,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._data import open_memmap
 from .._errors import ConfigError, DataMismatchError
 from .._functional import LossFn
 
@@ -49,10 +51,13 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
     return build
 
 
-def load_npz(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The arrays of an .npz (never unpickled); needs ``x_train`` and ``y_train``."""
+def load_npz(path: str | os.PathLike[str]) -> dict[str, Tensor | np.ndarray]:
+    """The arrays of an .npz (never unpickled), or of a folder of .npy files (:func:`load_folder`);
+    needs ``x_train`` and ``y_train``."""
+    if Path(path).is_dir():
+        return load_folder(path)
     if not Path(path).is_file():
-        raise DataMismatchError(f"--data {path} does not exist")
+        raise DataMismatchError(f"--data {path} does not exist; pass an .npz file or a folder of .npy files")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: torch.from_numpy(np.ascontiguousarray(f[k])) for k in f.files}
@@ -61,6 +66,36 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     missing = [k for k in ("x_train", "y_train") if k not in data]
     if missing:
         raise DataMismatchError(f"--data {path} lacks arrays {missing}; expected x_train, y_train, x_val, y_val")
+    return data
+
+
+def load_folder(path: str | os.PathLike[str]) -> dict[str, Tensor | np.ndarray]:
+    """The ``.npy`` files of a folder, memory-mapped (data larger than memory): ``x_<part>.npy``
+    stay read-only numpy memmaps, read by batch ids while scoring; every other array
+    (``y_<part>``, ``flipped``) is a tensor over its copy-on-write mapping (no copy either).
+    Needs ``x_train.npy`` and ``y_train.npy``; each ``x_<part>`` needs its ``y_<part>`` of as many rows."""
+    folder = Path(path)
+    names = sorted(p.stem for p in folder.glob("*.npy"))
+    missing = [k for k in ("x_train", "y_train") if k not in names]
+    if missing:
+        raise DataMismatchError(f"--data {path} lacks {[k + '.npy' for k in missing]}; a data folder holds "
+                                "x_train.npy, y_train.npy and optionally x_val.npy, y_val.npy (numpy.save)")
+    data: dict[str, Tensor | np.ndarray] = {}
+    for k in names:
+        a = open_memmap(folder / f"{k}.npy")
+        if k.startswith("x_"):
+            data[k] = a
+        else:
+            try:
+                data[k] = torch.from_numpy(np.load(folder / f"{k}.npy", mmap_mode="c", allow_pickle=False))
+            except TypeError as e:
+                raise DataMismatchError(f"--data {path}: {k}.npy has dtype {a.dtype}, which torch cannot "
+                                        "hold; save it as a numeric array") from e
+    for k in [n for n in names if n.startswith("x_")]:
+        y = data.get("y_" + k[2:])
+        if y is not None and len(y) != len(data[k]):
+            raise DataMismatchError(f"--data {path}: {k}.npy has {len(data[k])} rows but y_{k[2:]}.npy has "
+                                    f"{len(y)}; save one target per input row")
     return data
 
 
@@ -80,10 +115,15 @@ def targets_for_loss(y: Tensor, loss: str, name: str) -> Tensor:
     return y
 
 
-def split(data: dict[str, Tensor], part: str, dtype: torch.dtype, loss: str) -> tuple[Tensor, Tensor] | None:
+def split(
+    data: dict[str, Tensor | np.ndarray], part: str, dtype: torch.dtype, loss: str
+) -> tuple[Tensor | np.ndarray, Tensor] | None:
     """``(x_<part>, y_<part>)`` with floating inputs in the model's ``dtype`` and targets in what
-    ``loss`` needs; ``None`` when the .npz lacks either array."""
+    ``loss`` needs; ``None`` when the data lacks either array. Memory-mapped inputs (a data
+    folder) stay as they are: diffin casts the rows it reads, never the whole array."""
     x, y = data.get(f"x_{part}"), data.get(f"y_{part}")
     if x is None or y is None:
         return None
-    return (x.to(dtype) if x.is_floating_point() else x, targets_for_loss(y, loss, f"y_{part}"))
+    if isinstance(x, Tensor) and x.is_floating_point():
+        x = x.to(dtype)
+    return x, targets_for_loss(cast(Tensor, y), loss, f"y_{part}")  # every y_<part> is a tensor
