@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _constants as C
 from ._data import DataSource, check_id_groups, fingerprint, probe_model_and_loss
+from ._distributed import ShardedFlatModel, barrier, world
 from ._errors import ConfigError, DataMismatchError, OutputExistsError, UntrainedRowsWarning
 from ._functional import FlatModel, LossFn
 from ._io import write_json, write_npy
@@ -202,6 +203,9 @@ def score(
     run_obj = run if isinstance(run, Run) else load_run(run)
     run_obj.check_model(model)
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
+    rank, n_proc = world()
+    if n_proc > 1:  # inside a torch.distributed group: split every batch across the ranks (§4.5)
+        fm = ShardedFlatModel(fm)
     train_src = DataSource(train, fm.dtype, fm.device, name="train")
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
@@ -256,11 +260,14 @@ def score(
         else output.group_scores.detach().cpu().numpy().astype(np_dtype, copy=False),
         key=key,
     )
-    if out is not None:
+    result.diagnostics["world_size"] = n_proc
+    if out is not None and rank == 0:  # several processes hold the same scores: rank 0 writes
         result.save(out, overwrite=overwrite)
         if hook.saves or hook.resumed:
             log.info("scores written; removing the resume state %s", hook.folder)
         hook.discard()
+    if n_proc > 1:
+        barrier()  # the other ranks return once the scores are on disk
     return result
 
 

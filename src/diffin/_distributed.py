@@ -36,6 +36,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    """Wait for every rank (a named error if one has stopped)."""
+    _collective(dist.barrier)
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1):
     gloo on CPU, NCCL on CUDA. Returns whether a group of more than one process is active."""

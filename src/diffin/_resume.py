@@ -162,6 +162,9 @@ class SweepResume:
         due_time = self.every_minutes > 0 and self._clock() - self._since_time >= 60.0 * self.every_minutes
         if not (due_steps or due_time):
             return False
+        if world_rank() != 0:  # several processes hold the same state: rank 0 writes it
+            self._since_steps, self._since_time = 0, self._clock()
+            return False
         self.save(state_fn())
         return True
 
@@ -200,6 +203,12 @@ def refuse_stale_state(folder: Path) -> None:
 def resume_config(config: dict[str, Any]) -> dict[str, Any]:
     """A config's JSON without the fields that only say when to save (:data:`RESUME_FIELDS`)."""
     return {k: v for k, v in config.items() if k not in RESUME_FIELDS}
+
+
+def world_rank() -> int:
+    """This process's rank in the initialised ``torch.distributed`` group (0 without one)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:

@@ -137,9 +137,15 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError("scoring several runs needs --out DIR (where the averaged scores go)")
     else:
         out = run_dir / f"scores-{cfg.method}"
+    from .._distributed import init_from_env, world
+
+    init_from_env()  # under torchrun (WORLD_SIZE > 1): gloo on CPU; every batch split across the ranks
+    rank, _ = world()
     t0 = time.perf_counter()
     res = score(run_dirs if len(run_dirs) > 1 else run_dir, model, loss_fn, train=train, target=target, config=cfg,
-                progress=not args.quiet, out=out, overwrite=args.overwrite, resume=args.resume)
+                progress=not args.quiet and rank == 0, out=out, overwrite=args.overwrite, resume=args.resume)
+    if rank != 0:  # rank 0 writes and reports
+        return 0
     if res.scores.ndim == 1:
         lines = [f"id,label,{C.SCORE_COLUMN}"]
         lines += [f"{i},{int(lab) if np.ndim(lab) == 0 else ''},{s:.9g}"
@@ -188,8 +194,9 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     s.add_argument("--setup", choices=sorted(SETUPS), default=None,
                    help="built-in setup of the run (read from the run when made by `diffin train`)")
     s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
-    s.add_argument("--data", default=None, metavar="FILE.npz",
-                   help="your data: .npz with x_train, y_train, x_val, y_val (ids = row numbers)")
+    s.add_argument("--data", default=None, metavar="FILE.npz|DIR",
+                   help="your data: .npz with x_train, y_train, x_val, y_val (ids = row numbers), or a folder of "
+                        "x_train.npy, y_train.npy[, x_val.npy, y_val.npy] (numpy.save), read memory-mapped")
     s.add_argument("--loss", default="cross_entropy", choices=sorted(_user.LOSSES),
                    help="per-sample loss of your model, with --model (default: cross_entropy; integer "
                         "labels of any width are read as class indices)")
