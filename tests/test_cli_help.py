@@ -147,7 +147,8 @@ def test_library_hints_in_cli_terms():
     assert say("pass pairwise=True, or method=tracin") == "pass --pairwise, or --method tracin"
     # not options of the command: left as they are
     assert say("use reduction='none' in your loss") == "use reduction='none' in your loss"
-    assert say("resume=True continues the run") == "resume=True continues the run"
+    assert say("resume=True continues the run") == "--resume continues the run"
+    assert say("strict=True stops early") == "strict=True stops early"
     table = flag_table(_options_parser())
     assert in_cli_terms("set color=False or no_cache=False", table) == "set --no-color or --cache"
 

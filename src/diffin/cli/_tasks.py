@@ -87,9 +87,9 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
                        help="with --setup: fraction of training labels to flip (default: the setup's)")
         s.add_argument("--run", default=None, help="your recorded run (with --model and --data)")
         s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
-        s.add_argument("--data", default=None, metavar="FILE.npz",
+        s.add_argument("--data", default=None, metavar="FILE.npz|DIR",
                        help="your data: .npz with x_train, y_train, x_val, y_val, optional x_test, y_test "
-                            "and a boolean 'flipped'")
+                            "and a boolean 'flipped', or a folder of those as .npy files, read memory-mapped")
         s.add_argument("--loss", default="cross_entropy", choices=sorted(_user.LOSSES),
                        help="loss of your model (default: cross_entropy)")
         s.add_argument("--out", required=True, help="output folder")
