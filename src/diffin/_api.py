@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -202,6 +203,7 @@ def score(
         raise ConfigError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses")
     run_obj = run if isinstance(run, Run) else load_run(run)
     run_obj.check_model(model)
+    model = scoring_model(model, cfg.device)
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
     rank, n_proc = world()
     if n_proc > 1:  # inside a torch.distributed group: split every batch across the ranks (§4.5)
@@ -269,6 +271,56 @@ def score(
     if n_proc > 1:
         barrier()  # the other ranks return once the scores are on disk
     return result
+
+
+def scoring_model(model: nn.Module, device: str | None) -> nn.Module:
+    """The module to score with: ``model`` itself when ``device`` is None or already holds all of
+    it, else a copy moved there (``copy.deepcopy(model).to(device)``; the caller's module is never
+    moved). The functional model takes its device from this module, and every batch, checkpoint
+    and target follows it. ``"cuda"`` without an index means the current CUDA device (under
+    torchrun, the process's ``LOCAL_RANK``). A device this machine lacks raises
+    :class:`ConfigError`."""
+    if device is None:
+        return model
+    dev = _available_device(torch.device(device))
+    tensors = [*model.parameters(), *model.buffers()]
+    if tensors and all(t.device == dev for t in tensors):
+        return model
+    try:
+        moved = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - any failure of a user's module to copy
+        raise ConfigError(
+            f"device={device!r} needs a copy of the model, and copying it failed ({type(e).__name__}: {e}); "
+            f"move the model to {device!r} yourself and leave device unset"
+        ) from e
+    try:
+        return moved.to(dev)
+    except (RuntimeError, AssertionError) as e:  # a device type this torch build cannot reach
+        raise ConfigError(f"cannot move the model to device={device!r} ({e}); use device='cpu'") from e
+
+
+def _available_device(dev: torch.device) -> torch.device:
+    """``dev`` with its index filled in for CUDA, or :class:`ConfigError` if this machine lacks it."""
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={str(dev)!r} was asked for, but this machine has no CUDA device (torch "
+                f"{torch.__version__}, torch.cuda.is_available() is False); score on the CPU (device='cpu' or "
+                "unset), or install a CUDA build of torch on a machine with a GPU"
+            )
+        count = torch.cuda.device_count()
+        index = dev.index
+        if index is None:
+            local = os.environ.get("LOCAL_RANK")
+            index = int(local) % count if local is not None and world()[1] > 1 else torch.cuda.current_device()
+        if index >= count:
+            raise ConfigError(
+                f"device={str(dev)!r}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}"
+            )
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={str(dev)!r} was asked for, but MPS is not available here; use device='cpu'")
+    return dev
 
 
 def _groups_key(groups: list[np.ndarray] | None) -> str | None:

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 from ._errors import ConfigError
 
 T = TypeVar("T")
@@ -111,6 +113,11 @@ class ScoreConfig:
     resume_every_minutes: float = config_field(
         10.0, "as resume_every_steps, after this many minutes since the last save; 0: never by time"
     )
+    device: str | None = config_field(
+        None,
+        "where to score: 'cpu', 'cuda', 'cuda:1', ...; diffin moves a copy of the model and every batch "
+        "there (the module passed in stays where it is); default: the model's own device",
+    )
 
     def __post_init__(self) -> None:
         if self.hvp not in ("auto", "central", "forward", "exact"):
@@ -139,6 +146,16 @@ class ScoreConfig:
                 "resume_every_steps and resume_every_minutes must be >= 0 (0 turns that criterion off), got "
                 f"{self.resume_every_steps} and {self.resume_every_minutes}"
             )
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                raise ConfigError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}")
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigError(
+                    f"device must be a torch device string such as 'cpu', 'cuda' or 'cuda:1', got "
+                    f"{self.device!r} ({e})"
+                ) from None
 
     def replace(self, **changes: Any) -> ScoreConfig:
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,89 @@
+"""``ScoreConfig.device``: scoring on another device than the model's (a copy of the model is moved,
+never the caller's module), the error on a machine without that device, and the agreement of
+CPU and CUDA scores where CUDA exists (docs/method.md §4.6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffin
+from _tiny import assert_close, tolerance
+from diffin._api import scoring_model
+from diffin.cli import main
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_device_cpu_equals_the_default(tiny_run):
+    """On a CPU model, device='cpu' is the model's own device: the same scores, bit for bit."""
+    for method in ("diffin-exact", "tracin"):
+        default = tiny_run.score(method).scores
+        on_cpu = tiny_run.score(method, device="cpu")
+        assert isinstance(on_cpu.scores, np.ndarray) and on_cpu.scores.dtype == np.float64
+        np.testing.assert_array_equal(on_cpu.scores, default)
+        assert on_cpu.config.device == "cpu"
+
+
+def test_scoring_model_leaves_the_module_alone_when_it_is_already_there():
+    model = torch.nn.Linear(3, 2).double()
+    assert scoring_model(model, None) is model
+    assert scoring_model(model, "cpu") is model
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", 3])
+def test_malformed_device_is_a_config_error(bad):
+    with pytest.raises(diffin.ConfigError, match="device must be"):
+        diffin.ScoreConfig(device=bad)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_a_config_error(tiny_run, device):
+    with pytest.raises(diffin.ConfigError, match="no CUDA device"):
+        tiny_run.score("tracin", device=device)
+
+
+def test_cli_has_device(capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    assert "--device" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize(("method", "hvp", "computation"), [
+    ("diffin-exact", "exact", "exact"),
+    ("diffin-exact", "auto", "fd"),
+    ("tracin", "auto", "exact"),
+])
+def test_cuda_agrees_with_cpu_in_float64(tiny_run, method, hvp, computation):
+    """float64 scores on CUDA equal the CPU ones up to rounding (another summation order): within
+    1e-8 relative with exact HVPs, within the finite-difference tolerance with central ones."""
+    cpu = tiny_run.score(method, hvp=hvp).scores
+    model = tiny_run.make()
+    was_training = model.training
+    res = diffin.score(tiny_run.run, model, tiny_run.loss, train=(tiny_run.X, tiny_run.Y),
+                       target=(tiny_run.Xv, tiny_run.Yv), method=method, hvp=hvp, device="cuda", progress=False)
+    assert isinstance(res.scores, np.ndarray) and res.scores.dtype == np.float64
+    rtol, floor = tolerance(torch.float64, computation)
+    assert_close(res.scores, cpu, rtol=max(rtol, 1e-8) if computation == "exact" else rtol, floor=floor)
+    assert all(p.device.type == "cpu" for p in model.parameters()), "the caller's module was moved"
+    assert model.training == was_training
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_self_influence_and_groups(tiny_run):
+    """The self-influence target and removal groups also run on CUDA and agree with the CPU."""
+    groups = [[0, 1, 2], [5, 7]]
+    cpu = tiny_run.score("diffin-exact", hvp="exact", target="self")
+    gpu = tiny_run.score("diffin-exact", hvp="exact", target="self", device="cuda")
+    assert_close(gpu.scores, cpu.scores, rtol=1e-8)
+    cpu_g = tiny_run.score("diffin-exact", hvp="exact", groups=groups)
+    gpu_g = tiny_run.score("diffin-exact", hvp="exact", groups=groups, device="cuda")
+    assert_close(gpu_g.group_scores, cpu_g.group_scores, rtol=1e-8)
