@@ -1,0 +1,153 @@
+"""GPU check: scores on a device against scores on the CPU, and their times (issue 13, point 4).
+
+Trains a small built-in setup (default ``synthetic``: 1,000 samples, MLP 20-32-4 tanh, SGD, no
+download) on the CPU and records it, then scores it with ``diffin-exact``, ``diffin-retrain`` and
+``tracin`` in float64 and in float32, once on the CPU and once with ``device=--device``, and prints
+the largest difference relative to the largest CPU score, the Pearson correlation and both times.
+Each device row is timed after one untimed warm-up scoring (CUDA start-up and kernel caches).
+Float64 rows must agree within 1e-8 relative (``diffin-exact`` and ``tracin``; ``diffin-retrain``
+is reported only): the script exits with status 1 otherwise. With ``--scale N`` it also times the
+scale benchmark at N samples on the device when ``diffin.bench.run_scale`` exists.
+
+Run it on the CPU first (device = CPU: every difference is 0), then once on a GPU:
+
+    python benchmarks/gpu_check.py --device cpu --json bench-out/gpu_check_cpu.json
+    python benchmarks/gpu_check.py --device cuda --json bench-out/gpu_check.json [--scale 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffin
+from diffin._io import write_json
+from diffin.builtin import get_setup, train
+
+METHODS = ("diffin-exact", "diffin-retrain", "tracin")
+CHECKED = ("diffin-exact", "tracin")  # float64 rows held to FLOAT64_RTOL
+FLOAT64_RTOL = 1e-8
+
+
+def device_name(device: str) -> str:
+    """A readable name of the device (the GPU's model for CUDA)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    return f"{dev.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def compare(cpu: np.ndarray, dev: np.ndarray) -> dict[str, float]:
+    """Largest |dev − cpu| over the largest |cpu| (one number for the whole score vector), and
+    the Pearson correlation of the two."""
+    scale = float(np.abs(cpu).max()) or 1.0
+    diff = float(np.abs(dev.astype(np.float64) - cpu.astype(np.float64)).max())
+    same = np.array_equal(cpu, dev)
+    pearson = 1.0 if same else float(np.corrcoef(cpu.ravel(), dev.ravel())[0, 1])
+    return {"max_rel_diff": diff / scale, "pearson": pearson}
+
+
+def score(run: str, setup: Any, split: Any, dtype: torch.dtype, method: str, device: str) -> tuple[np.ndarray, float]:
+    """Scores (N,) against the validation loss and the wall time (s) of ``diffin.score``."""
+    model = setup.model(split).to(dtype)
+    t0 = time.perf_counter()
+    res = diffin.score(run, model, setup.loss_fn, train=(split.x_train.to(dtype), split.y_train),
+                       target=(split.x_val.to(dtype), split.y_val), method=method, device=device, progress=False)
+    seconds = time.perf_counter() - t0
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise RuntimeError("diffin moved the caller's module off the CPU")
+    return res.scores, seconds
+
+
+SCALE_METHODS = "diffin,diffin-frozen,tracin"
+
+
+def scale_row(n: int, device: str, workdir: Path) -> dict[str, Any]:
+    """Time the scale benchmark (``diffin.bench.run_scale``: training with recording, then
+    :data:`SCALE_METHODS`, one process) at ``n`` samples, on ``device`` when ``run_scale`` takes a
+    ``device`` keyword (else on the CPU, said in the row); skipped when ``run_scale`` is absent."""
+    from diffin import bench
+
+    fn = getattr(bench, "run_scale", None)
+    if fn is None:
+        return {"skipped": "diffin.bench has no run_scale"}
+    params = inspect.signature(fn).parameters
+    kw: dict[str, Any] = {"n_train": n}
+    if "processes" in params:
+        kw["processes"] = 0
+    on = "cpu"
+    if "device" in params:
+        kw["device"] = on = device
+    t0 = time.perf_counter()
+    out = fn(bench.BenchConfig(methods=SCALE_METHODS), workdir, **kw)
+    note = "" if on == device else f"run_scale has no device keyword: scored on the CPU, not {device}"
+    return {"n": n, "device": on, "note": note, "seconds": time.perf_counter() - t0, "result": out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", help="the device to check against the CPU (default: cuda)")
+    ap.add_argument("--setup", default="synthetic", help="a built-in setup (default: synthetic, no download)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated estimators")
+    ap.add_argument("--scale", type=int, default=None, metavar="N",
+                    help="also time the scale benchmark at N samples on the device (if diffin.bench.run_scale exists)")
+    ap.add_argument("--workdir", default=None, help="where to record the run (default: a temp folder)")
+    ap.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON here")
+    args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="diffin-gpu-check-"))
+
+    setup = get_setup(args.setup)
+    split = setup.data()
+    t0 = time.perf_counter()
+    trained = train(setup.model(split), split.x_train, split.y_train, setup.train, workdir / "run", overwrite=True)
+    train_s = time.perf_counter() - t0
+    run = trained.run_dir
+    print(f"setup {setup.name}: {len(split.y_train)} samples, trained and recorded on the CPU in {train_s:.1f} s")
+    print(f"device: {device_name(args.device)}")
+
+    score(run, setup, split, torch.float32, "tracin", args.device)  # warm-up (CUDA start-up), not timed
+    rows: list[dict[str, Any]] = []
+    header = f"{'dtype':8} {'method':16} {'max rel diff':>13} {'pearson':>10} {'cpu s':>8} {'device s':>9}"
+    print(header)
+    print("-" * len(header))
+    failed = []
+    for dtype in (torch.float64, torch.float32):
+        for method in methods:
+            cpu, cpu_s = score(run, setup, split, dtype, method, "cpu")
+            dev, dev_s = score(run, setup, split, dtype, method, args.device)
+            c = compare(cpu, dev)
+            dt = str(dtype).removeprefix("torch.")
+            ok = not (dtype == torch.float64 and method in CHECKED and not c["max_rel_diff"] <= FLOAT64_RTOL)
+            if not ok:
+                failed.append(f"{dt} {method}")
+            rows.append({"dtype": dt, "method": method, **c, "cpu_seconds": cpu_s, "device_seconds": dev_s,
+                         "checked": dtype == torch.float64 and method in CHECKED, "ok": ok})
+            print(f"{dt:8} {method:16} {c['max_rel_diff']:13.2e} {c['pearson']:10.6f} {cpu_s:8.2f} {dev_s:9.2f}"
+                  + ("" if ok else "  FAIL"))
+
+    result: dict[str, Any] = {
+        "setup": setup.name, "n_train": len(split.y_train), "device": args.device,
+        "device_name": device_name(args.device), "torch": torch.__version__, "diffin": diffin.__version__,
+        "train_seconds": train_s, "float64_rtol": FLOAT64_RTOL, "rows": rows, "failed": failed,
+    }
+    if args.scale:
+        result["scale"] = scale_row(args.scale, args.device, workdir / "scale")
+        print("scale:", {k: v for k, v in result["scale"].items() if k != "result"})
+    if args.json:
+        write_json(Path(args.json), result)
+    print("OK: float64 scores agree within 1e-8 relative" if not failed else f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
