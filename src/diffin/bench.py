@@ -29,6 +29,7 @@ import torch
 
 from . import metrics
 from ._api import score
+from ._data import memmap_arrays
 from ._errors import ConfigError, UnsupportedMethodError
 from ._io import write_json
 from ._measure import Measure
@@ -72,6 +73,11 @@ class BenchConfig:
            "of --ensemble gets a row scored on all M runs and averaged")
     ensemble: str = config_field("diffin-retrain,diffin-expected,tracin",
                                  "methods scored on all --runs runs (comma-separated)")
+    sizes: str = config_field(
+        "", "scale-1m only: comma-separated training-set sizes (e.g. 1e4,1e5,1e6) for a table and a plot (PNG "
+            "beside --json) of diffin's time and peak memory against N")
+    n_train: int | None = config_field(None, "scale-1m only: training samples (default 1,000,000)")
+    closed_form_m: int = config_field(4, "scale-1m only: evenly spaced checkpoints the closed form uses")
 
     def __post_init__(self) -> None:
         if self.n_removed is not None and self.n_removed < 2:
@@ -88,6 +94,26 @@ class BenchConfig:
             raise ConfigError("truth_seeds must be >= 1")
         if self.runs < 1:
             raise ConfigError("runs must be >= 1")
+        self.size_list()
+        if self.n_train is not None and self.n_train < 2:
+            raise ConfigError("n_train must be >= 2")
+        if self.closed_form_m < 1:
+            raise ConfigError("closed_form_m must be >= 1")
+
+    def size_list(self) -> list[int]:
+        """``sizes`` as sorted distinct integers (``1e4`` and ``10000`` both read); a named error for
+        anything else."""
+        out = set()
+        for part in (p.strip() for p in self.sizes.split(",") if p.strip()):
+            try:
+                v = float(part)
+            except ValueError:
+                v = float("nan")
+            if not (v >= 2 and v == int(v)):
+                raise ConfigError(f"sizes must be comma-separated whole numbers >= 2 (e.g. 1e4,1e5,1e6), "
+                                  f"got {part!r}")
+            out.add(int(v))
+        return sorted(out)
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -477,6 +503,8 @@ TABLE_COLUMNS = ("method", "variant", "pearson", "spearman", "kendall", "jaccard
 def table_columns(result: dict[str, Any]) -> tuple[str, ...]:
     """:data:`TABLE_COLUMNS` with ``lds`` replaced by one ``lds_<mode>`` column per truth when a
     retraining truth was measured."""
+    if result.get("setup") == SCALE_SETUP:
+        return SCALE_COLUMNS
     modes = list(result.get("truth", {}))
     if not modes or modes == ["replay"]:
         return TABLE_COLUMNS
@@ -504,8 +532,12 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
     results = []
     t0 = time.perf_counter()
     for name in setups:
-        r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log,
-                      peer_methods=peer_methods, peer_options=peer_options)
+        if name == SCALE_SETUP:
+            plot = Path(out_json).with_suffix(".png") if out_json else work / f"{SCALE_SETUP}-sizes.png"
+            r = run_scale(cfg, work, sizes=cfg.size_list(), progress=progress, log=log, plot_path=plot)
+        else:
+            r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log,
+                          peer_methods=peer_methods, peer_options=peer_options)
         r["machine"] = machine_info()
         r["config"] = dataclasses.asdict(cfg)
         results.append(r)
@@ -519,6 +551,13 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
                 print(f"truth {mode}: {tr['n_subsets']} subsets × {tr['n_seeds']} seeds in {tr['seconds']:.1f}s, "
                       f"noise ceiling {tr['noise_ceiling']:.3f}")
         print(text_table(table_columns(r), table_rows(r)))
+        if r.get("spot_check"):
+            sc = r["spot_check"]
+            print(f"\nspot check ({sc['dtype']}, N={sc['n_train']}, {sc['n_removed']} replayed removals): diffin "
+                  f"Pearson {sc['pearson']:.4f} (target >= {sc['target_pearson']}), Spearman {sc['spearman']:.4f}")
+        if r.get("sizes"):
+            print("\ndiffin against N:")
+            print(text_table(SIZES_COLUMNS, [[row.get(c, float("nan")) for c in SIZES_COLUMNS] for row in r["sizes"]]))
         if out_json:  # keep what is done so far (atomic write each time)
             write_json(out_json, results[0] if len(setups) == 1 else
                        {"machine": machine_info(), "setups": results})
@@ -534,3 +573,256 @@ def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The per-setup results of a bench JSON (single- or multi-setup)."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     return doc.get("setups", [doc])
+
+
+# ---------------------------------------------------------------------------------------------
+# scale-1m: time and memory of every method on a million samples on disk (issue 13)
+
+SCALE_SETUP = "scale-1m"
+SCALE_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin")
+SCALE_N_TRAIN = 1_000_000
+SCALE_SPOT_N = 100_000  # rows of the float64 fidelity spot check
+SCALE_SPOT_REMOVED = 20
+SCALE_SPOT_TARGET = 0.95  # Pearson the spot check should reach (issue 13)
+SCALE_COLUMNS = ("method", "variant", "processes", "seconds", "x_epoch", "samples_per_second", "peak_rss_mb",
+                 "peak_rss_rise_mb")
+SIZES_COLUMNS = ("n_train", "train_seconds", "seconds", "x_epoch", "samples_per_second", "peak_rss_mb",
+                 "peak_rss_rise_mb")
+
+
+def _scale_data(workdir: Path, n: int, seed: int) -> Path:
+    """The scale data folder of ``n`` training rows under ``workdir`` (generated once, reused)."""
+    from .builtin.synthetic_scale import generate
+
+    folder = workdir / "scale-data" / f"n{n}"
+    generate(folder, n_train=n, seed=seed)
+    return folder
+
+
+def _val(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation pair of a scale data folder, in memory: (2000, 64) float32, (2000,) int64."""
+    return (torch.from_numpy(np.load(folder / "x_val.npy")), torch.from_numpy(np.load(folder / "y_val.npy")))
+
+
+def _proc_tree_rss_mb(root: int) -> tuple[float, float]:
+    """(sum, max) resident memory in MiB of process ``root`` and all its descendants, from
+    ``/proc`` (Linux; (0, 0) where it cannot be read)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in tree} - tree
+        grew = bool(new)
+        tree |= new
+    sizes = []
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/statm") as fh:
+                sizes.append(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+        except (OSError, ValueError, IndexError):
+            continue
+    return (sum(sizes), max(sizes)) if sizes else (0.0, 0.0)
+
+
+def _torchrun_row(run_dir: Path, data_dir: Path, out_dir: Path, nproc: int, epoch_s: float, n: int,
+                  log: Any) -> dict[str, Any]:
+    """``diffin`` (exact) with ``nproc`` gloo processes: ``torchrun --nproc_per_node NPROC -m diffin
+    score`` as a subprocess, timed; its memory is the process tree's (launcher and workers),
+    polled every 0.2 s: ``peak_rss_mb`` their sum, ``peak_rss_mb_per_process`` the largest one."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "diffin", "score", str(run_dir), "--model", "diffin.builtin.synthetic_scale:scale_model",
+           "--data", str(data_dir), "--method", "diffin", "--out", str(out_dir), "--overwrite", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    log(f"[{SCALE_SETUP}] diffin ×{nproc} processes: {' '.join(cmd[2:])}")
+    peak_sum = peak_one = 0.0
+    t0 = time.perf_counter()
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        while proc.poll() is None:
+            s, m = _proc_tree_rss_mb(proc.pid)
+            peak_sum, peak_one = max(peak_sum, s), max(peak_one, m)
+            time.sleep(0.2)
+        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    seconds = time.perf_counter() - t0
+    row: dict[str, Any] = {"method": f"diffin ×{nproc} processes", "processes": nproc, "command": " ".join(cmd[2:])}
+    if proc.returncode != 0:
+        err = f"torchrun exited with {proc.returncode}: {output.strip()[-2000:]}"
+        log(f"[{SCALE_SETUP}] {err}")
+        return {**row, "variant": _short_error(err), "error": err}
+    meta = json.loads((out_dir / "scores.json").read_text(encoding="utf-8"))
+    row.update(variant=meta.get("variant", "diffin"), seconds=seconds, x_epoch=seconds / epoch_s,
+               samples_per_second=n / seconds, peak_rss_mb=peak_sum, peak_rss_mb_per_process=peak_one)
+    return row
+
+
+def _scale_row(method: str, r: Any, m: Measure, epoch_s: float, n: int) -> dict[str, Any]:
+    return {"method": method, "variant": r.variant, "processes": 1, "seconds": m.seconds,
+            "x_epoch": m.seconds / epoch_s, "samples_per_second": n / m.seconds, "peak_rss_mb": m.peak_mb,
+            "peak_rss_rise_mb": m.rise_mb}
+
+
+def _spot_check(data_dir: Path, n: int, cfg: BenchConfig, workdir: Path, progress: bool,
+                log: Any) -> dict[str, Any]:
+    """``diffin`` against replayed removal of :data:`SCALE_SPOT_REMOVED` random samples on the
+    first ``n`` rows, in float64 (inputs copied to memory: n × 64 × 8 bytes)."""
+    from .builtin.synthetic_scale import scale_model
+
+    setup = get_setup(SCALE_SETUP)
+    x_mm, y_mm = memmap_arrays(data_dir)
+    x = torch.from_numpy(np.asarray(x_mm[:n], dtype=np.float64))
+    y = torch.from_numpy(np.array(y_mm[:n]))
+    xv, yv = _val(data_dir)
+    val = (xv.double(), yv)
+    run_dir = workdir / f"{SCALE_SETUP}-spot-n{n}"
+    t = train(scale_model().double(), x, y, setup.train, run_dir, overwrite=True, progress=progress)
+    k = min(SCALE_SPOT_REMOVED, n)
+    removed = np.sort(np.random.default_rng(cfg.seed).choice(n, size=k, replace=False))
+    log(f"[{SCALE_SETUP}] spot check (float64, N={n}): trained in {t.seconds:.1f}s; replaying {k} removals ...")
+    with Measure() as m_gt:
+        actual = replay_removal(run_dir, scale_model().double(), setup.loss_fn, train=(x, y), target=val,
+                                remove=[int(i) for i in removed], convention=cfg.convention, progress=progress)
+    with Measure() as m:
+        r = score(run_dir, scale_model().double(), setup.loss_fn, train=(x, y), target=val, method="diffin",
+                  convention=cfg.convention, progress=progress)
+    s = r.scores.astype(np.float64)[removed]
+    out = {"n_train": n, "dtype": "float64", "variant": r.variant, "n_removed": k, "removed_ids": removed.tolist(),
+           "train_seconds": t.seconds, "replay_seconds": m_gt.seconds, "score_seconds": m.seconds,
+           "target_pearson": SCALE_SPOT_TARGET}
+    out.update(_compare(s, np.asarray(actual, dtype=np.float64), False))
+    log(f"[{SCALE_SETUP}] spot check: Pearson {out['pearson']:.4f} (target ≥ {SCALE_SPOT_TARGET})")
+    return out
+
+
+def _sizes_rows(sizes: list[int], cfg: BenchConfig, workdir: Path, progress: bool, log: Any,
+                reuse: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per N of ``sizes``: the epoch (train with recording) and ``diffin`` (exact) on the
+    first N rows, timed, peak memory polled; ``reuse`` (N → row) rows already measured."""
+    from .builtin.synthetic_scale import scale_model
+
+    setup = get_setup(SCALE_SETUP)
+    rows = []
+    for n in sizes:
+        if n in reuse:
+            rows.append(reuse[n])
+            continue
+        data_dir = _scale_data(workdir, n, cfg.seed)
+        x, y = memmap_arrays(data_dir)
+        run_dir = workdir / f"{SCALE_SETUP}-n{n}"
+        t = train(scale_model(), x, y, setup.train, run_dir, overwrite=True, progress=progress)
+        log(f"[{SCALE_SETUP}] N={n}: epoch {t.seconds:.1f}s; diffin ...")
+        with Measure() as m:
+            r = score(run_dir, scale_model(), setup.loss_fn, train=(x, y), target=_val(data_dir), method="diffin",
+                      convention=cfg.convention, progress=progress)
+        rows.append({"n_train": n, "variant": r.variant, "train_seconds": t.seconds, "seconds": m.seconds,
+                     "x_epoch": m.seconds / t.seconds, "samples_per_second": n / m.seconds,
+                     "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
+    return rows
+
+
+def plot_sizes(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Time (s) and peak memory (MiB) of ``diffin`` against N, two panels, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._io import atomic_write
+
+    n = [r["n_train"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a.loglog(n, [r["seconds"] for r in rows], "o-", label="diffin (exact)")
+    a.loglog(n, [r["train_seconds"] for r in rows], "s--", label="training epoch")
+    a.set(xlabel="training samples N", ylabel="seconds", title="time")
+    a.legend()
+    b.semilogx(n, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS")
+    b.semilogx(n, [r["peak_rss_rise_mb"] for r in rows], "s--", label="rise during scoring")
+    b.set(xlabel="training samples N", ylabel="MiB", title="memory", ylim=(0, None))
+    b.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n_train: int | None = None,
+              progress: bool = False, log: Any = print, plot_path: str | os.PathLike[str] | None = None,
+              processes: int = 2) -> dict[str, Any]:
+    """The ``scale-1m`` benchmark: data generated once under ``workdir/scale-data`` and read
+    memory-mapped; training with recording (timed: the epoch), then each method of
+    :data:`SCALE_METHODS` (or ``cfg.methods`` when changed from the default) timed against the
+    epoch, with ``samples_per_second``, ``processes`` and ``peak_rss_mb`` (MiB), the closed form
+    on ``cfg.closed_form_m`` evenly spaced checkpoints, and ``diffin`` with ``processes`` gloo
+    processes under torchrun (0 = no such row); a float64 spot check against replayed removal on
+    min(N, 100,000) rows; with ``sizes``, one row per N and a plot at ``plot_path``.
+
+    ``n_train``: training rows (default ``cfg.n_train``, else 1,000,000)."""
+    from .builtin.synthetic_scale import scale_model
+
+    setup = get_setup(SCALE_SETUP)
+    n = int(n_train or cfg.n_train or SCALE_N_TRAIN)
+    t0 = time.perf_counter()
+    data_dir = _scale_data(workdir, n, cfg.seed)
+    log(f"[{SCALE_SETUP}] data: {data_dir} ({time.perf_counter() - t0:.1f}s)")
+    x, y = memmap_arrays(data_dir)
+    val = _val(data_dir)
+    run_dir = workdir / SCALE_SETUP
+    t = train(scale_model(), x, y, setup.train, run_dir, overwrite=True, progress=progress)
+    epoch = t.seconds
+    log(f"[{SCALE_SETUP}] N={n}: trained {t.steps} steps (one epoch, recorded) in {epoch:.1f}s")
+    methods = SCALE_METHODS if cfg.methods == ",".join(DEFAULT_METHODS) else tuple(cfg.method_list())
+    results = []
+    for method in methods:
+        log(f"[{SCALE_SETUP}] {method} ...")
+        opts = {"closed_form_checkpoints": cfg.closed_form_m} if method == "diffin-closed-form" else {}
+        try:
+            with Measure() as m:
+                r = score(run_dir, scale_model(), setup.loss_fn, train=(x, y), target=val, method=method,
+                          convention=cfg.convention, progress=progress, **opts)
+        except UnsupportedMethodError as e:
+            results.append({"method": method, "variant": _short_error(str(e)), "error": str(e), "processes": 1})
+            continue
+        row = _scale_row(method, r, m, epoch, n)
+        if opts:
+            row["checkpoints_used"] = cfg.closed_form_m
+            row["x_epoch_per_checkpoint"] = row["x_epoch"] / cfg.closed_form_m
+        results.append(row)
+        log(f"[{SCALE_SETUP}] {method}: {m.seconds:.1f}s = {row['x_epoch']:.2f}× the epoch, "
+            f"peak RSS {m.peak_mb:.0f} MiB")
+    if processes > 1:
+        results.append(_torchrun_row(run_dir, data_dir, workdir / f"{SCALE_SETUP}-scores-{processes}p", processes,
+                                     epoch, n, log))
+    out: dict[str, Any] = {
+        "setup": SCALE_SETUP,
+        "description": setup.description.replace("1,000,000", f"{n:,}"),
+        "n_train": n,
+        "n_val": int(val[0].shape[0]),
+        "n_steps": t.steps,
+        "train_seconds": epoch,
+        "optimizer": setup.train.optimizer,
+        "clip_grad_norm": None,
+        "clipped_fraction": None,
+        "data_dir": str(data_dir),
+        "closed_form_checkpoints": cfg.closed_form_m,
+        "results": results,
+    }
+    spot = _spot_check(data_dir, min(n, SCALE_SPOT_N), cfg, workdir, progress, log)
+    out["spot_check"] = spot
+    out["ground_truth"] = {"kind": "replayed-removal", "convention": cfg.convention, "n_removed": spot["n_removed"],
+                           "n_train": spot["n_train"], "dtype": "float64", "seconds": spot["replay_seconds"],
+                           "removed_ids": spot["removed_ids"]}
+    if sizes:
+        exact = next((r for r in results if r["method"] == "diffin" and "error" not in r), None)
+        reuse = {} if exact is None else {n: {"n_train": n, "variant": exact["variant"], "train_seconds": epoch,
+                                              **{k: exact[k] for k in SIZES_COLUMNS[2:]}}}
+        out["sizes"] = _sizes_rows(sorted(set(sizes)), cfg, workdir, progress, log, reuse)
+        if plot_path is not None:
+            plot_sizes(out["sizes"], plot_path)
+            out["sizes_plot"] = str(plot_path)
+    return out

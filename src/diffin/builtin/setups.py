@@ -16,6 +16,7 @@ from .._errors import ConfigError, CorruptManifestError
 from .._io import write_json
 from .data import DataSplit, flip_labels, load_digits, load_mnist5k, make_synthetic
 from .models import cross_entropy, logistic_regression, mlp, small_cnn
+from .synthetic_scale import default_folder, load_split
 from .trainer import TrainConfig
 
 
@@ -170,6 +171,18 @@ _register(Setup(
     lambda dt: make_synthetic(120, 60, 60, 6, 3, seed=0, dtype=dt), _mlp(8),
     TrainConfig(epochs=3, batch_size=16, lr=0.1, checkpoint_every=8, seed=0),
     noise=0.1, n_ground_truth=20,
+))
+
+# data on disk: generated once into $DIFFIN_SCALE_DATA (default ~/.cache/diffin/scale-1m), read memory-mapped;
+# the benchmark (diffin bench --setup scale-1m) writes its own copy under its work folder
+_register(Setup(
+    "scale-1m", "synthetic scale set on disk (memory-mapped): 1,000,000 train / 2,000 val, 64 features, 10 "
+    "Gaussian classes, 5% labels flipped, MLP 64-256-256-10 tanh, float32, SGD lr 0.1, batch 256, 1 epoch, "
+    "checkpoint every 500 steps",
+    lambda dt: load_split(default_folder(), dt),
+    lambda s: mlp(s.input_shape[0], s.n_classes, (256, 256), "tanh"),
+    TrainConfig(epochs=1, batch_size=256, lr=0.1, checkpoint_every=500, seed=0),
+    dtype=torch.float32, n_ground_truth=20,
 ))
 
 

@@ -185,6 +185,9 @@ def train(
     ``optimizer.step()``, ``Recorder.step(ids)`` (which reads every group's learning rate from the
     optimizer), then the scheduler's step.
 
+    ``x`` and ``y`` may be numpy arrays or memmaps (``diffin.memmap_arrays``): each step reads only
+    its batch's rows.
+
     Args:
         keep: train only on these ids (the recorded ids stay indices into x, y).
         loss: ``"cross_entropy"``, ``"mse"``, or a per-sample loss ``loss(outputs, targets) -> (B,)``
@@ -219,7 +222,7 @@ def train(
                 for g in opt.param_groups:
                     g["lr"] = float(rates[t])
             ids = torch.as_tensor(ids_all[pos])
-            batch_loss = crit(model(x[ids]), y[ids])
+            batch_loss = crit(model(_rows(x, ids)), _rows(y, ids))
             opt.zero_grad()
             batch_loss.backward()
             if clip is not None:
@@ -232,6 +235,11 @@ def train(
             bar.update(1)
     frac = clipped_fraction(torch.stack(norms).double(), clip) if clip is not None else None
     return TrainResult(str(run_dir), time.perf_counter() - t0, total, last, frac)
+
+
+def _rows(a: Tensor | np.ndarray, ids: Tensor) -> Tensor:
+    """Rows ``ids`` of a tensor, or of a numpy array or memmap (only those rows are read)."""
+    return torch.from_numpy(np.asarray(a[ids.numpy()])) if isinstance(a, np.ndarray) else a[ids]
 
 
 def _batch_loss(loss: str | LossFn) -> Callable[[Tensor, Tensor], Tensor]:
