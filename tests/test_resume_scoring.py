@@ -344,3 +344,40 @@ def test_save_cadence_by_steps_and_minutes(tmp_path: Path) -> None:
     assert SweepResume(tmp_path / RESUME_DIR, {"k": 1}, load_saved=False).load() is None
     with pytest.raises(ResumeMismatchError, match="k"):
         SweepResume(tmp_path / RESUME_DIR, {"k": 2}, load_saved=True).load()
+
+
+def test_resumed_closed_form_is_bit_identical(tiny3: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closed form saves after each checkpoint it visits (its per-sample passes) and resumes
+    after the last one done, with the proxy RNG where it was."""
+    ref = tiny3.score("diffin-closed-form")
+    original = SweepResume.save
+    saved: list[int] = []
+
+    def save(self: SweepResume, state: SweepState) -> None:
+        original(self, state)
+        saved.append(int(state.meta["next_checkpoint"]))
+        if len(saved) == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(SweepResume, "save", save)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        tiny3.score("diffin-closed-form", out=out, resume_every_steps=1)
+    monkeypatch.undo()
+    assert saved == [1, 2] and not (out / "scores.npy").exists()
+    visited: list[int] = []
+    theta = Trajectory.theta
+
+    def spy(self: Trajectory, step: int) -> object:
+        visited.append(step)
+        return theta(self, step)
+
+    monkeypatch.setattr(Trajectory, "theta", spy)
+    res = tiny3.score("diffin-closed-form", out=out, resume=True, resume_every_steps=1)
+    monkeypatch.undo()
+    steps = ref.diagnostics["steps"]
+    assert len(steps) == 4
+    assert steps[2] in visited and not set(steps[:2]) & set(visited), "only the checkpoints left are visited"
+    assert np.array_equal(res.scores, ref.scores)
+    assert res.diagnostics["coefficients"] == ref.diagnostics["coefficients"]
+    assert not (out / RESUME_DIR).exists()

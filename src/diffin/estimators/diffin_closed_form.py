@@ -24,13 +24,16 @@ parameter groups of different learning rates, η_t is group 0's (``Run.lrs``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
-from torch import vmap
+from torch import Tensor, vmap
 from torch.func import jvp
 
-from .._errors import UnsupportedMethodError
+from .._errors import ResumeMismatchError, UnsupportedMethodError
 from .._functional import fd_epsilon
+from .._resume import SweepState
 from ..recording.run import Run
 from .base import Estimator, EstimatorOutput, ScoringContext
 
@@ -63,8 +66,24 @@ class DiffInClosedForm(Estimator):
         k = cfg.proxy_batches or 1
         prev = 0
         coefs: list[float] = []
+        start = 0
+        saved = ctx.resume.load()
+        if saved is not None:  # continue after the checkpoints already done (docs/method.md §4.1)
+            if saved.meta.get("variant") != self.name:
+                raise ResumeMismatchError(
+                    f"the saved state is of {saved.meta.get('variant')!r}, this scoring runs {self.name!r}; "
+                    "pass overwrite=True (--overwrite) to discard it and start again"
+                )
+            start = int(saved.meta["next_checkpoint"])
+            scores = saved.tensors["scores"].to(scores.dtype)
+            rng.bit_generator.state = saved.meta["rng"]
+            coefs = [float(v) for v in saved.meta["coefficients"]]
+            prev = steps[start - 1] if start else 0
         with ctx.bar(m, self.name) as bar:
-            for c in steps:
+            bar.update(start)
+            for j, c in enumerate(steps):
+                if j < start:
+                    continue
                 theta = ctx.trajectory.theta(c)
                 eta = float(run.lrs[min(c, run.n_steps - 1)])
                 coef = c * eta**2 / (N * m)
@@ -84,6 +103,9 @@ class DiffInClosedForm(Estimator):
                             s = s + first * fm.dots(theta, *ctx.train.get(ids), g)
                         scores[ids] += s.T.double()
                 bar.update()
+                if j + 1 < m:
+                    ctx.resume.maybe_save(c - (steps[j - 1] if j else 0), self._state(j + 1, m, scores, rng, coefs))
+
         out = scores if tgt.kind == "pairwise" else scores[:, 0]
         diag: dict[str, object] = {"coefficients": coefs, "m": m, "steps": steps, "recorded_checkpoints": len(recorded)}
         asked = cfg.closed_form_checkpoints
@@ -91,6 +113,16 @@ class DiffInClosedForm(Estimator):
             diag["note"] = (f"closed_form_checkpoints={asked} but the run has {len(recorded)} checkpoints after "
                             f"step 0: all {len(recorded)} used")
         return EstimatorOutput(out, self.name, diag)
+
+    def _state(self, nxt: int, m: int, scores: Tensor, rng: np.random.Generator,
+               coefs: list[float]) -> Callable[[], SweepState]:
+        """The resume state after ``nxt`` of the m checkpoints: the scores so far, the proxy RNG
+        and the coefficients used (a per-checkpoint done-mark: checkpoints are visited in order)."""
+        def state() -> SweepState:
+            return SweepState({"scores": scores}, {
+                "variant": self.name, "next_checkpoint": nxt, "rng": rng.bit_generator.state,
+                "coefficients": list(coefs), "where": f"{self.name}, {nxt} of {m} checkpoints done"})
+        return state
 
     @staticmethod
     def _pair_terms(ctx, theta, xp, yp, GB, g):  # noqa: ANN001, ANN205
