@@ -4,6 +4,11 @@ CPU and CUDA scores where CUDA exists (docs/method.md §4.6)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +92,19 @@ def test_cuda_self_influence_and_groups(tiny_run):
     cpu_g = tiny_run.score("diffin-exact", hvp="exact", groups=groups)
     gpu_g = tiny_run.score("diffin-exact", hvp="exact", groups=groups, device="cuda")
     assert_close(gpu_g.group_scores, cpu_g.group_scores, rtol=1e-8)
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py end to end with --device cpu (CPU against itself: differences 0)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "check.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--setup", "tiny", "--methods",
+                                      "diffin-exact,tracin", "--workdir", str(tmp_path), "--json", str(out)])
+    assert mod.main() == 0
+    res = json.loads(out.read_text())
+    assert [(r["dtype"], r["method"]) for r in res["rows"]] == [
+        (d, m) for d in ("float64", "float32") for m in ("diffin-exact", "tracin")]
+    assert all(r["max_rel_diff"] == 0.0 and r["ok"] for r in res["rows"]) and res["failed"] == []
