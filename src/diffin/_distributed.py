@@ -51,6 +51,8 @@ def init_from_env(device: str = "cpu") -> bool:
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process
         dist.init_process_group(backend=backend)
     return dist.get_world_size() > 1
 

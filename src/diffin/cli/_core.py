@@ -139,7 +139,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         out = run_dir / f"scores-{cfg.method}"
     from .._distributed import init_from_env, world
 
-    init_from_env()  # under torchrun (WORLD_SIZE > 1): gloo on CPU; every batch split across the ranks
+    init_from_env(cfg.device or "cpu")  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
     rank, _ = world()
     t0 = time.perf_counter()
     res = score(run_dirs if len(run_dirs) > 1 else run_dir, model, loss_fn, train=train, target=target, config=cfg,

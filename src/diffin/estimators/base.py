@@ -118,7 +118,7 @@ class ScoringContext:
         ids = np.arange(min(self.n_train, 256))
         x, y = self.train.get(ids)
         g = torch.Generator().manual_seed(cfg.seed)
-        v = torch.randn(theta.numel(), generator=g, dtype=torch.float64).to(theta.dtype)
+        v = torch.randn(theta.numel(), generator=g, dtype=torch.float64).to(device=theta.device, dtype=theta.dtype)
         try:
             exact = self.fm.hvp(theta, x, y, v, mode="exact")
         except (RuntimeError, NotImplementedError) as e:  # an op without forward-mode AD
@@ -193,7 +193,7 @@ class GroupAccumulator:
             return
         hit = np.unique(rows.indices)
         R = torch.as_tensor(rows[:, hit].toarray(), dtype=torch.float64)  # (B, H)
-        dd = d.to(torch.float64)
+        dd = d.to("cpu", torch.float64)
         summed = dd @ R  # (Q, H): Σ over members in the batch
         B = len(ids)
         if self.convention == "keep":

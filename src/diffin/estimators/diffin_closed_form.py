@@ -60,7 +60,7 @@ class DiffInClosedForm(Estimator):
         recorded = [c for c in run.checkpoint_steps if c > 0]
         steps = evenly_spaced(recorded, cfg.closed_form_checkpoints)
         m = len(steps)
-        scores = torch.zeros(N, Q, dtype=torch.float64)
+        scores = torch.zeros(N, Q, dtype=torch.float64, device=fm.device)
         rng = np.random.default_rng(cfg.seed)
         b = ctx.proxy_batch_size()
         k = cfg.proxy_batches or 1

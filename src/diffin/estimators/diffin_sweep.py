@@ -85,7 +85,7 @@ class _Sweep(_Estimator):
                 self._outer = lambda s=start: SweepState({"self_scores": scores}, {"chunk": s})
                 ids = np.arange(start, min(start + SELF_CHUNK, ctx.n_train))
                 m = self.sweep(ctx, tgt.subset(ids))
-                scores[ids] = m[torch.as_tensor(ids), torch.arange(len(ids))]
+                scores[ids] = m[torch.as_tensor(ids), torch.arange(len(ids))].cpu()
             self._outer = None
         else:
             m = self.sweep(ctx, tgt)

@@ -79,8 +79,8 @@ def conjugate_gradient(apply: Apply, b: Tensor, iters: int, tol: float) -> tuple
     p = r.clone()
     rs = (r * r).sum(1)
     bnorm = b.norm(dim=1).clamp(min=torch.finfo(b.dtype).tiny)
-    active = torch.ones(len(b), dtype=torch.bool)
-    negative = torch.zeros(len(b), dtype=torch.bool)
+    active = torch.ones(len(b), dtype=torch.bool, device=b.device)
+    negative = torch.zeros(len(b), dtype=torch.bool, device=b.device)
     it = 0
     for it in range(1, iters + 1):  # noqa: B007 - reported below
         Ap = apply(p)
@@ -162,7 +162,7 @@ class _InfluenceFunction(Estimator):
         tgt = ctx.target
         curv = self.curvature(ctx, theta)
         if tgt.kind == "self":
-            scores = torch.zeros(N, dtype=torch.float64)
+            scores = torch.zeros(N, dtype=torch.float64, device=ctx.fm.device)
             solves = []
             for ids, x, y in ctx.train.chunks(64):
                 G = fm.per_sample_grads(theta, x, y)

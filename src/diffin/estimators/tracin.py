@@ -46,7 +46,7 @@ class TracInCP(Estimator):
         N = ctx.n_train
         tgt = ctx.target
         Q = 1 if tgt.kind == "self" else tgt.size
-        scores = torch.zeros(N, Q, dtype=torch.float64)
+        scores = torch.zeros(N, Q, dtype=torch.float64, device=ctx.fm.device)
         with ctx.bar(len(run.segments), self.name) as bar:
             for c0, c1 in run.segments:
                 coef = float(np.sum(run.lrs[c0:c1])) / N
@@ -74,7 +74,7 @@ class TracInEveryStep(Estimator):
         run, fm, cfg, traj = ctx.run, ctx.fm, ctx.config, ctx.trajectory
         tgt = ctx.target
         Q = 1 if tgt.kind == "self" else tgt.size
-        scores = torch.zeros(ctx.n_train, Q, dtype=torch.float64)
+        scores = torch.zeros(ctx.n_train, Q, dtype=torch.float64, device=ctx.fm.device)
         need_g = traj.needs_gradient
         with ctx.bar(run.n_steps, self.name) as bar:
             for c0, c1 in run.segments:
