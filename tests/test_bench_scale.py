@@ -112,8 +112,8 @@ def test_scale_path_rows_spot_check_and_sizes(tmp_path: Path) -> None:
     cfg = BenchConfig(methods="diffin,diffin-closed-form,tracin", closed_form_m=2)
     logs: list[str] = []
     r = run_scale(cfg, tmp_path, sizes=[300, 600], n_train=600, plot_path=tmp_path / "sizes.png",
-                  processes=0, log=lambda *a: logs.append(" ".join(map(str, a))))
-    assert r["setup"] == "scale-1m" and r["n_train"] == 600 and r["n_steps"] == 3
+                  processes=0, device="cpu", log=lambda *a: logs.append(" ".join(map(str, a))))
+    assert r["setup"] == "scale-1m" and r["n_train"] == 600 and r["n_steps"] == 3 and r["device"] == "cpu"
     assert [row["method"] for row in r["results"]] == ["diffin", "diffin-closed-form", "tracin"]
     for row in r["results"]:
         assert row["processes"] == 1

@@ -702,9 +702,9 @@ def _spot_check(data_dir: Path, n: int, cfg: BenchConfig, workdir: Path, progres
 
 
 def _sizes_rows(sizes: list[int], cfg: BenchConfig, workdir: Path, progress: bool, log: Any,
-                reuse: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per N of ``sizes``: the epoch (train with recording) and ``diffin`` (exact) on the
-    first N rows, timed, peak memory polled; ``reuse`` (N → row) rows already measured."""
+                reuse: dict[int, dict[str, Any]], device: str | None = None) -> list[dict[str, Any]]:
+    """One row per N of ``sizes``: the epoch (train with recording, CPU) and ``diffin`` (exact,
+    on ``device``) on N rows, timed, peak memory polled; ``reuse`` (N → row) rows already measured."""
     from .builtin.synthetic_scale import scale_model
 
     setup = get_setup(SCALE_SETUP)
@@ -720,7 +720,7 @@ def _sizes_rows(sizes: list[int], cfg: BenchConfig, workdir: Path, progress: boo
         log(f"[{SCALE_SETUP}] N={n}: epoch {t.seconds:.1f}s; diffin ...")
         with Measure() as m:
             r = score(run_dir, scale_model(), setup.loss_fn, train=(x, y), target=_val(data_dir), method="diffin",
-                      convention=cfg.convention, progress=progress)
+                      convention=cfg.convention, progress=progress, **({"device": device} if device else {}))
         rows.append({"n_train": n, "variant": r.variant, "train_seconds": t.seconds, "seconds": m.seconds,
                      "x_epoch": m.seconds / t.seconds, "samples_per_second": n / m.seconds,
                      "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
@@ -753,7 +753,7 @@ def plot_sizes(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None
 
 def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n_train: int | None = None,
               progress: bool = False, log: Any = print, plot_path: str | os.PathLike[str] | None = None,
-              processes: int = 2) -> dict[str, Any]:
+              processes: int = 2, device: str | None = None) -> dict[str, Any]:
     """The ``scale-1m`` benchmark: data generated once under ``workdir/scale-data`` and read
     memory-mapped; training with recording (timed: the epoch), then each method of
     :data:`SCALE_METHODS` (or ``cfg.methods`` when changed from the default) timed against the
@@ -762,7 +762,9 @@ def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n
     processes under torchrun (0 = no such row); a float64 spot check against replayed removal on
     min(N, 100,000) rows; with ``sizes``, one row per N and a plot at ``plot_path``.
 
-    ``n_train``: training rows (default ``cfg.n_train``, else 1,000,000)."""
+    ``n_train``: training rows (default ``cfg.n_train``, else 1,000,000). ``device``: score the
+    method and ``sizes`` rows there (e.g. ``"cuda"``); training, the spot check and the torchrun row
+    stay on the CPU, so ``x_epoch`` is then the device's scoring time over the CPU's epoch."""
     from .builtin.synthetic_scale import scale_model
 
     setup = get_setup(SCALE_SETUP)
@@ -780,7 +782,9 @@ def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n
     results = []
     for method in methods:
         log(f"[{SCALE_SETUP}] {method} ...")
-        opts = {"closed_form_checkpoints": cfg.closed_form_m} if method == "diffin-closed-form" else {}
+        opts: dict[str, Any] = {"device": device} if device else {}
+        if method == "diffin-closed-form":
+            opts["closed_form_checkpoints"] = cfg.closed_form_m
         try:
             with Measure() as m:
                 r = score(run_dir, scale_model(), setup.loss_fn, train=(x, y), target=val, method=method,
@@ -789,7 +793,7 @@ def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n
             results.append({"method": method, "variant": _short_error(str(e)), "error": str(e), "processes": 1})
             continue
         row = _scale_row(method, r, m, epoch, n)
-        if opts:
+        if method == "diffin-closed-form":
             row["checkpoints_used"] = cfg.closed_form_m
             row["x_epoch_per_checkpoint"] = row["x_epoch"] / cfg.closed_form_m
         results.append(row)
@@ -809,6 +813,8 @@ def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n
         "clip_grad_norm": None,
         "clipped_fraction": None,
         "data_dir": str(data_dir),
+        "device": device or "cpu",
+        "train_device": "cpu",
         "closed_form_checkpoints": cfg.closed_form_m,
         "results": results,
     }
@@ -821,7 +827,7 @@ def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n
         exact = next((r for r in results if r["method"] == "diffin" and "error" not in r), None)
         reuse = {} if exact is None else {n: {"n_train": n, "variant": exact["variant"], "train_seconds": epoch,
                                               **{k: exact[k] for k in SIZES_COLUMNS[2:]}}}
-        out["sizes"] = _sizes_rows(sorted(set(sizes)), cfg, workdir, progress, log, reuse)
+        out["sizes"] = _sizes_rows(sorted(set(sizes)), cfg, workdir, progress, log, reuse, device)
         if plot_path is not None:
             plot_sizes(out["sizes"], plot_path)
             out["sizes_plot"] = str(plot_path)
