@@ -120,3 +120,31 @@ def test_runs_recorded_without_their_differing_groups_are_refused(tmp_path, monk
     with pytest.raises(diffin.UnsupportedMethodError, match="record it again"):
         diffin.influence(run, tiny.make(), tiny.loss, train=(tiny.X, tiny.Y), target=(tiny.Xv, tiny.Yv),
                          progress=False)
+
+
+def test_batches_are_read_once_within_the_cache_budget(tmp_path, monkeypatch):
+    """A replay reads a segment's batches forward and the sweep backward: the second read comes
+    from the cache; beyond its byte budget the oldest batches go first."""
+    tiny = record(tmp_path / "run", n=24, batch=6, epochs=2, every=4)
+    run = diffin.load_run(tiny.run)
+    fm = FlatModel(tiny.make(), tiny.loss)
+    src = DataSource((tiny.X, tiny.Y), fm.dtype, fm.device)
+    reads = []
+    get = src.get
+    monkeypatch.setattr(src, "get", lambda ids: reads.append(len(ids)) or get(ids))
+    traj = Trajectory(run, fm, src)
+    first = [traj.batch(t) for t in range(run.n_steps)]
+    again = [traj.batch(t) for t in reversed(range(run.n_steps))]
+    assert len(reads) == run.n_steps
+    assert all(a[1] is b[1] for a, b in zip(first, reversed(again)))
+    one = first[0][1].numel() * first[0][1].element_size() + first[0][2].numel() * first[0][2].element_size()
+    monkeypatch.setattr("diffin.trajectory._trajectory.BATCH_CACHE_BYTES", 3 * one)
+    traj = Trajectory(run, fm, src)
+    reads.clear()
+    for t in range(run.n_steps):
+        traj.batch(t)
+    traj.batch(run.n_steps - 1)  # cached
+    traj.batch(0)  # evicted long ago: read again
+    assert len(reads) == run.n_steps + 1
+    ids, x, y = traj.batch(0)
+    assert torch.equal(x, tiny.X[torch.as_tensor(ids)]) and torch.equal(y, tiny.Y[torch.as_tensor(ids)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,10 @@ from .optim.sgd import SGDRule
 _BOOL_KEYS = ("nesterov", "maximize", "amsgrad", "decoupled", "foreach", "fused", "capturable",
               "differentiable")
 _IGNORED = ("params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable")
+
+
+BATCH_CACHE_BYTES = 64 * 2**20
+"""Memory for the batches :meth:`Trajectory.batch` keeps (most recent first out last)."""
 
 
 class ReplayDriftWarning(UserWarning):
@@ -123,6 +128,11 @@ class Trajectory:
         self._rule: OptimizerRule | None = None
         self._group_index: Tensor | None = None  # (P,) group of each coordinate
         self._gfun: Callable[..., Tensor] | None = None
+        # the batches of the most recent steps (a replay reads a segment forward, the sweep then
+        # backward: the second read of each batch comes from here, not from the data again)
+        self._batches: OrderedDict[int, tuple[np.ndarray, Tensor, Tensor]] = OrderedDict()
+        self._batch_bytes: dict[int, int] = {}
+        self._cached = 0
         self._gfun_per_run: Callable[..., Tensor] | None = None
 
     # ------------------------------------------------------------------ the optimizer
@@ -256,8 +266,18 @@ class Trajectory:
         union of its micro-batches)."""
         if self.train is None:
             raise ConfigError("this trajectory was built without training data; pass train=")
+        hit = self._batches.get(t)
+        if hit is not None:
+            self._batches.move_to_end(t)
+            return hit
         ids = self.run.batch(t)
         x, y = self.train.get(ids)
+        self._batches[t] = (ids, x, y)
+        self._batch_bytes[t] = x.numel() * x.element_size() + y.numel() * y.element_size()
+        self._cached += self._batch_bytes[t]
+        while len(self._batches) > 1 and self._cached > BATCH_CACHE_BYTES:
+            old, _ = self._batches.popitem(last=False)
+            self._cached -= self._batch_bytes.pop(old)
         return ids, x, y
 
     # ------------------------------------------------------------------ one step
