@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("diffin")
 
 MAX_NAMED_IDS = 10  # ids named in an error message
-MMAP_RESIDENT_BYTES = 1 << 23  # pages of a memory-mapped array read before they are handed back to the OS
+MMAP_RESIDENT_BYTES = 1 << 23  # pages of a memory-mapped array read before they are handed back to the OS ...
+MMAP_RESIDENT_MAX = 1 << 26  # ... or up to a quarter of the array, at most this (fewer releases, fewer re-faults)
 FAULT_AROUND_BYTES = 1 << 16  # what Linux maps around a page fault of a file mapping (fault_around_bytes)
 
 
@@ -352,6 +353,9 @@ class _PageBudget:
     def __init__(self, arrays: Sequence[Any]) -> None:
         self._read: dict[int, int] = {}
         self._maps = {id(a): m for a in arrays if (m := _mapping(a)) is not None}
+        # resident budget per array: a quarter of it, between MMAP_RESIDENT_BYTES and MMAP_RESIDENT_MAX
+        self._budget = {id(a): min(max(MMAP_RESIDENT_BYTES, int(getattr(a, "nbytes", 0)) // 4), MMAP_RESIDENT_MAX)
+                        for a in arrays if id(a) in self._maps}
 
     def read(self, a: Any, rows: np.ndarray, scattered: bool) -> None:
         """Account for ``rows`` just read from ``a``: their bytes and a page when read as one
@@ -363,7 +367,7 @@ class _PageBudget:
         n = len(rows) if rows.ndim else 1
         touched = n * max(FAULT_AROUND_BYTES, rows.nbytes // max(n, 1)) if scattered else rows.nbytes + mmap.PAGESIZE
         self._read[id(a)] = self._read.get(id(a), 0) + touched
-        if self._read[id(a)] >= MMAP_RESIDENT_BYTES:
+        if self._read[id(a)] >= self._budget[id(a)]:
             _release(m)
             self._read[id(a)] = 0
 
