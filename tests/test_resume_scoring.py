@@ -381,3 +381,15 @@ def test_resumed_closed_form_is_bit_identical(tiny3: Tiny, tmp_path: Path, monke
     assert np.array_equal(res.scores, ref.scores)
     assert res.diagnostics["coefficients"] == ref.diagnostics["coefficients"]
     assert not (out / RESUME_DIR).exists()
+
+
+def test_resume_under_another_world_size_is_refused(
+    tiny3: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state saved by one process is refused by a job of two (the key carries the world size)."""
+    out = tmp_path / "out"
+    before = saved_state(tiny3, out, monkeypatch)
+    monkeypatch.setattr("diffin._api.world_size", lambda: 2)
+    with pytest.raises(ResumeMismatchError, match="world size"):
+        tiny3.score("diffin-exact", out=out, resume=True)
+    assert files_of(out / RESUME_DIR) == before
