@@ -10,7 +10,7 @@ changes, each a Hessian–vector product from finite differences of gradients.
 """
 
 from ._api import ScoreResult, influence, score
-from ._data import memmap_arrays, with_ids
+from ._data import loader, memmap_arrays, with_ids
 from ._errors import (
     ConfigError,
     DataMismatchError,
@@ -68,6 +68,7 @@ __all__ = [
     "__version__",
     "influence",
     "load_run",
+    "loader",
     "memmap_arrays",
     "methods",
     "restore_checkpoint",

@@ -8,14 +8,14 @@ import logging
 import mmap
 import operator
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ._errors import DataMismatchError, DatasetIdError, InvalidIdsError, ModelCallError, NonFiniteDataError
 
@@ -28,6 +28,56 @@ MAX_NAMED_IDS = 10  # ids named in an error message
 MMAP_RESIDENT_BYTES = 1 << 23  # pages of a memory-mapped array read before they are handed back to the OS ...
 MMAP_RESIDENT_MAX = 1 << 26  # ... or up to a quarter of the array, at most this (fewer releases, fewer re-faults)
 FAULT_AROUND_BYTES = 1 << 16  # what Linux maps around a page fault of a file mapping (fault_around_bytes)
+
+
+class LoaderData:
+    """A map-style Dataset read through a DataLoader for the streamed passes over every row (the
+    per-sample passes, the input checks): worker processes decode items in parallel and batches
+    can be pinned for the GPU; single batches by id (a step's batch) are read directly. See
+    :func:`loader`."""
+
+    def __init__(self, dataset: Dataset, make_loader: Callable[[Dataset, int], Iterable[Any]]) -> None:
+        if not isinstance(dataset, Dataset) or isinstance(dataset, (tuple, list)):
+            raise DataMismatchError(f"diffin.loader needs a map-style Dataset, got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.make_loader = make_loader
+
+
+def loader(
+    dataset: Dataset, make_loader: Callable[[Dataset, int], Iterable[Any]] | None = None, *,
+    num_workers: int = 0, pin_memory: bool = False,
+) -> LoaderData:
+    """``train=`` / ``target=`` for a Dataset whose items are costly to load (files, decoding).
+
+    The passes over every row go through ``make_loader(indexed_dataset, batch_size)``, which must
+    return an iterable of batches in order (no shuffling, no sampler); the dataset it gets yields
+    ``(id, input, target)`` so diffin checks the order. Default: ``DataLoader(indexed_dataset,
+    batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+    persistent_workers=num_workers > 0)``, built once per batch size and reused.
+    """
+    if make_loader is None:
+        def make_loader(ds: Dataset, batch_size: int) -> Iterable[Any]:
+            return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                              pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return LoaderData(dataset, make_loader)
+
+
+class _Indexed(Dataset):
+    """Item i of a dataset as ``(i, input, target)`` (items that carry an id keep theirs)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        item = self.dataset[i]
+        if isinstance(item, (tuple, list)) and len(item) == 3:
+            return tuple(item)
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            return (i, item[0], item[1])
+        raise DataMismatchError("Dataset items must be (input, target) pairs or (id, input, target) triples")
 
 
 class WithIds(Dataset):
@@ -108,6 +158,10 @@ class DataSource:
         self.device = device
         self.target_dtype: torch.dtype | None = None
         self._ds: Dataset | None = None
+        self._loader: LoaderData | None = None
+        self._loaders: dict[int, Iterable[Any]] = {}
+        if isinstance(data, LoaderData):
+            self._loader, data = data, data.dataset
         if isinstance(data, WithIds):
             data = data.dataset  # ids are positions by construction: read the (input, target) items
         if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
@@ -160,6 +214,9 @@ class DataSource:
 
     def chunks(self, size: int) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
         """Consecutive chunks ``(ids, x, y)`` covering every row once (tensor data: views)."""
+        if self._loader is not None:
+            yield from self._loader_chunks(size)
+            return
         for start in range(0, self._n, size):
             stop = min(start + size, self._n)
             ids = np.arange(start, stop)
@@ -169,6 +226,28 @@ class DataSource:
             else:
                 x, y = self.get(ids)
                 yield ids, x, y
+
+    def _loader_chunks(self, size: int) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
+        """The chunks through the user's DataLoader (see :func:`loader`), checked to come in order."""
+        assert self._loader is not None and self._ds is not None
+        if size not in self._loaders:
+            self._loaders[size] = self._loader.make_loader(_Indexed(self._ds), size)
+        start = 0
+        for batch in self._loaders[size]:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
+                raise DataMismatchError(f"{self.name}: the DataLoader must yield the (id, input, target) batches "
+                                        "of the dataset it is given (default collate)")
+            got = np.asarray(torch.as_tensor(batch[0]).cpu(), dtype=np.int64)
+            want = np.arange(start, start + len(got))
+            if not np.array_equal(got, want):
+                raise DataMismatchError(
+                    f"{self.name}: the DataLoader gave rows {got[:5].tolist()}... where rows {want[:5].tolist()}... "
+                    "were next; diffin.loader's make_loader must keep the dataset's order (shuffle=False, no sampler)"
+                )
+            start += len(got)
+            yield got, self._place(batch[1]), self._place_targets(batch[2])
+        if start != self._n:
+            raise DataMismatchError(f"{self.name}: the DataLoader gave {start} rows of {self._n} (drop_last?)")
 
     def check_finite(self, chunk: int) -> None:
         """Raise :class:`NonFiniteDataError` if any floating input or target is NaN or ±Inf.
@@ -466,6 +545,8 @@ def fingerprint(data: Any) -> str:
         else:
             raise DataMismatchError(f"cannot fingerprint data of type {type(a).__name__}")
 
+    if isinstance(data, LoaderData):
+        data = data.dataset
     if isinstance(data, WithIds):
         data = data.dataset
     if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
