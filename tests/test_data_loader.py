@@ -50,7 +50,8 @@ def test_passes_over_every_row_go_through_the_loader_in_order(tmp_path: Path) ->
     src = DataSource(diffin.loader(items, make), torch.float64, torch.device("cpu"))
     for _ in range(2):
         chunks = list(src.chunks(5))
-        assert [c[0].tolist() for c in chunks] == [list(range(s, min(s + 5, len(items)))) for s in range(0, len(items), 5)]
+        want = [list(range(s, min(s + 5, len(items)))) for s in range(0, len(items), 5)]
+        assert [c[0].tolist() for c in chunks] == want
         assert torch.equal(torch.cat([c[1] for c in chunks]), tiny.X)
     assert made == [5]  # one loader per batch size, reused
     assert items.reads == 0  # the workers read the items, not this process
