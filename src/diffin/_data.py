@@ -152,6 +152,8 @@ class DataSource:
     resident memory it adds is bounded, independent of N.
     """
 
+    _loader: LoaderData | None = None  # class defaults: views built without __init__ (subsets) have none
+
     def __init__(self, data: Any, dtype: torch.dtype, device: torch.device, name: str = "train"):
         self.name = name
         self.dtype = dtype
