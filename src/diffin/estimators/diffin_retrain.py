@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..targets import Target
 from .base import ScoringContext
-from .diffin_sweep import _frozen, _start, _Sweep
+from .diffin_sweep import _frozen, _start, _Sweep, pay_expected_credit
 
 
 class DiffInRetrain(_Sweep):
@@ -69,23 +69,10 @@ class DiffInRetrain(_Sweep):
                     W_sum += W
                     A = A_direct + fm.hvp(state.theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps)
                     if t == c0 or (every is not None and (t - c0) % every == 0):
-                        _pay(ctx, scores, state.theta, W_sum)
+                        pay_expected_credit(ctx, scores, state.theta, W_sum)
                         W_sum = torch.zeros_like(A)
                     bar.update()
                 self.note_growth(A)
                 self.save_point(ctx, c1 - c0, i + 1, A, scores, S, rng)
         return scores
 
-
-def _pay(ctx: ScoringContext, scores: Tensor, theta: Tensor, W_sum: Tensor) -> None:
-    """scores (N, Q) −= the expected credit ⟨W_sum, G_z(θ)⟩/N of every sample (one streamed pass
-    of per-sample inner products); under ``renormalize`` the credit is centred (the removed
-    sample's weight goes to the others)."""
-    cfg, N = ctx.config, ctx.n_train
-    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
-    D = D.to(scores.dtype)  # (N, Q)
-    if cfg.convention == "keep":
-        scores -= D / N
-    else:
-        bb = ctx.run.batch_size_hint() or ctx.proxy_batch_size()
-        scores -= (bb / max(bb - 1, 1)) * (D - D.mean(dim=0, keepdim=True)) / N

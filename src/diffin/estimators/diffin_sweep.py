@@ -287,16 +287,24 @@ class DiffInExpected(_Sweep):
                     A = A_direct + HW
                     bar.update()
                 self.note_growth(A)
-                D = torch.cat(
-                    [fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)]
-                ).to(scores.dtype)  # (N, Q)
-                if cfg.convention == "keep":
-                    scores -= D / N
-                else:
-                    bb = ctx.run.batch_size_hint() or b
-                    scores -= (bb / max(bb - 1, 1)) * (D - D.mean(dim=0, keepdim=True)) / N
+                pay_expected_credit(ctx, scores, theta, W_sum)
                 self.save_point(ctx, c1 - c0, i + 1, A, scores, S, rng)
         return scores
+
+
+def pay_expected_credit(ctx: ScoringContext, scores: Tensor, theta: Tensor, W_sum: Tensor) -> None:
+    """scores (N, Q) −= the expected credit ⟨W_sum, G_z(θ)⟩/N of every sample (one streamed pass
+    of per-sample inner products; W_sum (Q, P) is the summed coefficient of the steps paid for);
+    under ``renormalize`` the credit is centred (the removed sample's weight goes to the others
+    of its batch, of the recorded size or else the proxy size)."""
+    cfg, N = ctx.config, ctx.n_train
+    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
+    D = D.to(scores.dtype)  # (N, Q)
+    if cfg.convention == "keep":
+        scores -= D / N
+    else:
+        bb = ctx.run.batch_size_hint() or ctx.proxy_batch_size()
+        scores -= (bb / max(bb - 1, 1)) * (D - D.mean(dim=0, keepdim=True)) / N
 
 
 class DiffIn(_Estimator):
