@@ -219,26 +219,12 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     results = []
     all_scores: dict[str, np.ndarray] = {}  # method -> (N,) scores, for the paired bootstraps
     for method in cfg.method_list():
-        log(f"[{name}] {method} ...")
-        try:
-            with Measure() as m:
-                r = score(run_dir, setup.model(data), setup.loss_fn, target=val, method=method,
-                          convention=cfg.convention, **common)
-        except UnsupportedMethodError as e:  # refused by name for this run (e.g. an SGD formula on Adam)
-            log(f"[{name}] {method}: {e}")
-            results.append({"method": method, "variant": _short_error(str(e)), "error": str(e)})
-            continue
-        s = r.scores.astype(np.float64)
-        all_scores[method] = s
-        row: dict[str, Any] = {"method": method, "variant": r.variant}
-        row.update(_compare(s[removed], actual, method in UNITLESS))
-        row["lds"] = metrics.lds(masks, actual_lds, s) if actual_lds is not None else float("nan")
-        row.update(_lds_columns(masks, truths, s))
-        if actual_lds_ex is not None:
+        row = _scored_row(method, method, run_dir, setup, data, cfg, common, removed, actual, masks, truths, log,
+                          all_scores)
+        if actual_lds_ex is not None and not row.get("error"):
             rp = score(run_dir, setup.model(data), setup.loss_fn, target=(data.x_val[:q], data.y_val[:q]),
                        method=method, convention=cfg.convention, pairwise=True, **common)
             row["lds_per_example"] = metrics.lds(masks, actual_lds_ex, rp.scores.astype(np.float64))
-        row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
         results.append(row)
     if cfg.runs > 1:
         results += _ensemble_rows(name, setup, data, run_dir, cfg, removed, actual, masks, truths, common, log,
@@ -263,6 +249,31 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
 
 
 BOOTSTRAPS = 2000  # resamples of the LDS intervals and paired differences
+
+
+def _scored_row(label: str, method: str, run: Path | list[Path], setup: Any, data: Any, cfg: BenchConfig,
+                common: dict[str, Any], removed: np.ndarray, actual: np.ndarray, masks: np.ndarray | None,
+                truths: dict[str, np.ndarray], log: Any, all_scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Score ``method`` on ``run`` (one run folder, or several whose scores are averaged), timed and
+    measured, against the validation loss; the row ``label`` of its metrics: the single removals,
+    ``lds`` (the replayed truth, NaN without it), ``lds_<mode>`` per truth. Its scores go to
+    ``all_scores[label]``. A method refused for this run gives a row with its ``error``."""
+    log(f"[{setup.name}] {label} ...")
+    try:
+        with Measure() as m:
+            r = score(run, setup.model(data), setup.loss_fn, target=(data.x_val, data.y_val), method=method,
+                      convention=cfg.convention, **common)
+    except UnsupportedMethodError as e:  # refused by name for this run (e.g. an SGD formula on Adam)
+        log(f"[{setup.name}] {label}: {e}")
+        return {"method": label, "variant": _short_error(str(e)), "error": str(e)}
+    s = r.scores.astype(np.float64)
+    all_scores[label] = s
+    row: dict[str, Any] = {"method": label, "variant": r.variant}
+    row.update(_compare(s[removed], actual, method in UNITLESS))
+    row["lds"] = metrics.lds(masks, truths["replay"], s) if masks is not None and "replay" in truths else float("nan")
+    row.update(_lds_columns(masks, truths, s))
+    row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
+    return row
 
 
 def _ensemble_rows(name: str, setup: Any, data: Any, run_dir: Path, cfg: BenchConfig, removed: np.ndarray,
@@ -290,24 +301,10 @@ def _ensemble_rows(name: str, setup: Any, data: Any, run_dir: Path, cfg: BenchCo
     log(f"[{name}] recorded {cfg.runs - 1} more runs in {m_train.seconds:.1f}s")
     rows = []
     for method in [m.strip() for m in cfg.ensemble.split(",") if m.strip()]:
-        label = f"{method} ×{cfg.runs} runs"
-        log(f"[{name}] {label} ...")
-        try:
-            with Measure() as m:
-                r = score(dirs, setup.model(data), setup.loss_fn, target=(data.x_val, data.y_val), method=method,
-                          convention=cfg.convention, **common)
-        except UnsupportedMethodError as e:
-            rows.append({"method": label, "variant": _short_error(str(e)), "error": str(e)})
-            continue
-        s = r.scores.astype(np.float64)
-        all_scores[label] = s
-        row: dict[str, Any] = {"method": label, "variant": r.variant, "runs": cfg.runs}
-        row.update(_compare(s[removed], actual, method in UNITLESS))
-        row["lds"] = float("nan")
-        if masks is not None and "replay" in truths:
-            row["lds"] = metrics.lds(masks, truths["replay"], s)
-        row.update(_lds_columns(masks, truths, s))
-        row.update({"seconds": m.seconds, "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
+        row = _scored_row(f"{method} ×{cfg.runs} runs", method, dirs, setup, data, cfg, common, removed, actual,
+                          masks, truths, log, all_scores)
+        if not row.get("error"):
+            row["runs"] = cfg.runs
         rows.append(row)
     if peers and (peer_methods is None or "trak" in peer_methods):
         rows += _trak_runs_row(dirs, setup, data, removed, actual, masks, truths, log, all_scores, peer_options)
