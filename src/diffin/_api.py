@@ -182,7 +182,7 @@ def score(
     if method is not None:
         options["method"] = method
     cfg = config_from_kwargs(ScoreConfig, config, **options)
-    est_cls = get_estimator(cfg.method)
+    get_estimator(cfg.method)  # an unknown method is refused before anything is loaded
     if resume and out is None:
         raise ConfigError("resume=True needs out= (the folder whose .resume state to continue from)")
     if resume and overwrite:
@@ -197,6 +197,19 @@ def score(
             refuse_stale_state(Path(out) / RESUME_DIR)
         return _score_runs(list(run), model, loss_fn, train=train, target=target, config=cfg,
                            progress=progress, out=out, overwrite=overwrite, groups=groups)
+    return _score_one(run, model, loss_fn, train=train, target=target, cfg=cfg, progress=progress, out=out,
+                      overwrite=overwrite, groups=groups, resume=resume)
+
+
+def _score_one(
+    run: str | os.PathLike[str] | Run, model: nn.Module, loss_fn: LossFn, *, train: Any, target: Any,
+    cfg: ScoreConfig, progress: bool, out: str | os.PathLike[str] | None, overwrite: bool,
+    groups: list[Any] | None, resume: bool, data_key: dict[str, str] | None = None, check_finite: bool = True,
+) -> ScoreResult:
+    """:func:`score` of one run. ``data_key``: the content hashes of ``train`` and ``target``
+    (``{"train", "target"}``) when the caller has them (several runs of the same data hash it once);
+    ``check_finite=False`` when the caller already checked this data for NaN/Inf."""
+    est_cls = get_estimator(cfg.method)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -212,11 +225,11 @@ def score(
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
     est_cls.check(run_obj, tgt.kind, cfg.predicts)
-    key = result_key(run_obj, train, target)
+    key = result_key(run_obj, train, target) if data_key is None else {"run": run_obj.fingerprint, **data_key}
     if out is not None and not overwrite:
         refuse_other_scores(Path(out), cfg, key, str(run_obj.path))
     with _eval_mode(model):
-        check_inputs(train_src, tgt, fm, cfg.batch_size)
+        check_inputs(train_src, tgt, fm, cfg.batch_size, finite=check_finite)
     warn_untrained_rows(run_obj, len(train_src))
     group_arrays = None
     if groups is not None:
@@ -382,8 +395,10 @@ def _score_runs(
     if out is not None and not overwrite:
         refuse_other_scores(Path(out), config, key, str(loaded[0].path))
     t0 = time.perf_counter()
-    parts = [score(r, model, loss_fn, train=train, target=target, config=config, progress=progress,
-                   groups=groups) for r in loaded]
+    data_key = {"train": key["train"], "target": key["target"]}  # hashed once for every run
+    parts = [_score_one(r, model, loss_fn, train=train, target=target, cfg=config, progress=progress, out=None,
+                        overwrite=False, groups=groups, resume=False, data_key=data_key, check_finite=k == 0)
+             for k, r in enumerate(loaded)]
     shapes = {p.scores.shape for p in parts}
     if len(shapes) != 1:
         raise DataMismatchError(f"the runs gave scores of different shapes {sorted(shapes)}")
@@ -464,17 +479,18 @@ def influence(
     ).scores
 
 
-def check_inputs(train: DataSource, target: Target, fm: FlatModel, chunk: int) -> None:
+def check_inputs(train: DataSource, target: Target, fm: FlatModel, chunk: int, finite: bool = True) -> None:
     """The checks run before scoring: the model and loss callable on a few rows of the training
-    and target data (:func:`diffin._data.probe_model_and_loss`), and every value finite
-    (streamed in chunks of ``chunk`` rows). Call with the model in eval mode."""
+    and target data (:func:`diffin._data.probe_model_and_loss`, which also sets the targets' cast),
+    and, with ``finite``, every value finite (streamed in chunks of ``chunk`` rows). Call with the
+    model in eval mode."""
     sources = [train]
     tsrc = getattr(target, "source", None)
     if isinstance(tsrc, DataSource) and not isinstance(target, SelfLoss) and tsrc is not train:
         sources.append(tsrc)
     for src in sources:
         probe_model_and_loss(src, fm)
-    for src in sources:
+    for src in sources if finite else ():
         src.check_finite(chunk)
 
 
