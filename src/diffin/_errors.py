@@ -146,3 +146,9 @@ class DistributedError(DiffinError):
     """A collective operation of a multi-process run failed: another rank stopped (crashed,
     was killed or ran out of memory) or the process group broke. Nothing is written as if
     complete; rerun all ranks (with ``--resume`` where the sweep saved its state)."""
+
+
+class TrainModeError(RecordingError):
+    """A model's training-mode layers (BatchNorm using batch statistics, dropout) cannot be recorded
+    or replayed as they trained: several training forwards in one step, modes changed during
+    training, a module kind diffin cannot replay, or dropout masks asked for without the RNG state."""
