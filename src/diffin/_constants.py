@@ -59,3 +59,12 @@ SCORES_JSON = "scores.json"
 SCORE_COLUMN = "loss_change_if_removed"
 SETUP_JSON = "diffin_setup.json"
 """Written by `diffin train` beside the recording: which built-in setup made the run."""
+
+# training-mode layers (BatchNorm, dropout): per-step RNG states
+RNG_LOG = "rng_states.u8"
+"""Append-only: at every step whose training forward had dropout in training mode, the RNG state at
+the start of that forward: ``torch.get_rng_state()`` (CPU generator) followed, when the model is on
+CUDA, by ``torch.cuda.get_rng_state(device)``; fixed bytes per step (the manifest's ``rng_states``
+entry gives ``cpu_bytes`` and ``cuda_bytes``). The manifest's ``train_modes`` maps every BatchNorm /
+dropout module to the mode it trained in; runs without these entries were recorded before them."""
+RNG_DTYPE = "|u1"

@@ -47,16 +47,18 @@ from .._errors import (
     RecordingError,
     ResumeError,
     RunExistsError,
+    TrainModeError,
     UnsupportedOptimizerError,
     UnsupportedOptimizerWarning,
 )
 from .._io import write_json, write_safetensors
+from .._train_mode import DROPOUT_TYPES, train_mode_modules
 from .._version import __version__
 from .manifest import OptimizerSpec, group_hypers
 from .run import Checkpoint, Run, sha256_prefix
 
 _OURS = (C.MANIFEST, C.CHECKPOINT_DIR, C.GROUP_LRS_LOG, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG,
-         C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX)
+         C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX, C.RNG_LOG)
 """Every name a run folder (format 1, 2 or 3) may hold; an ``overwrite=True`` removes them."""
 
 _SWEEP_KINDS = "SGD, Adam or AdamW"
@@ -209,6 +211,18 @@ class Recorder:
         self._offsets_log: _Log | None = None
         self._snap: dict[str, Any] = {}
         self._closed = False
+        # training-mode layers (BatchNorm, dropout): their modes and, with dropout, per-step RNG states
+        self._tm_modules = train_mode_modules(model)
+        self._dropouts = [n for n, m in self._tm_modules.items() if isinstance(m, DROPOUT_TYPES)]
+        self._record_modes = True  # False: resuming a run recorded before modes were
+        self._modes: dict[str, bool] | None = None  # the run's modes, fixed by its first step
+        self._fwd_modes: dict[str, bool] | None = None  # the current step's training forward
+        self._fwd_rng: tuple[np.ndarray, tuple[int, int]] | None = None
+        self._eval_modes: dict[str, bool] | None = None  # the current step's last eval-mode forward
+        self._n_train_fwd = 0
+        self._rng_log: _Log | None = None
+        self._rng_bytes: tuple[int, int] = (0, 0)  # (cpu, cuda) bytes per step
+        self._fwd_hook: Any = None
         resumed = self._prepare_folder(overwrite, resume)
         if resumed:
             self._resume()
@@ -220,6 +234,8 @@ class Recorder:
             if not resumed:  # warned when the recording started
                 _warn_without_rule(self.opt_spec)
             self._hook = optimizer.register_step_pre_hook(_weak_hook(self))
+        if self._tm_modules and self._record_modes:
+            self._fwd_hook = model.register_forward_pre_hook(_weak_forward_hook(self))
 
     # ------------------------------------------------------------------ public
     @property
@@ -260,9 +276,19 @@ class Recorder:
                 raise InvalidIdsError(
                     f"step {self._t}: id {int(arr.max())} is out of range for n_train={self.n_train}"
                 )
+        try:
+            modes, rng = self._step_modes()
+        finally:
+            self._fwd_modes = self._eval_modes = self._fwd_rng = None
+            self._n_train_fwd = 0
         self._stepped.clear()
         self._n_stepped = 0
         # every check passed: append to the logs (ids first, the learning rate last)
+        self._modes = modes
+        if rng is not None:
+            if self._rng_log is None:
+                self._rng_log = _Log(self.path / C.RNG_LOG, C.RNG_DTYPE)
+            self._rng_log.append(rng)
         self._ids_recorded = has_ids
         if arr is not None:
             if self._ids_log is None or self._offsets_log is None:
@@ -279,6 +305,74 @@ class Recorder:
         self._t += 1
         if self._t % self.checkpoint_every == 0:
             self._checkpoint()
+
+    def _pre_forward(self) -> None:
+        """Forward pre-hook on the model: the modes (and, with dropout in training mode, the RNG
+        state) at the step's first training-mode forward; eval-mode forwards only count when the
+        step has no training forward."""
+        modes = {n: bool(m.training) for n, m in self._tm_modules.items()}
+        if not self.model.training:
+            if self._n_train_fwd == 0:
+                self._eval_modes = modes
+            return
+        self._n_train_fwd += 1
+        if self._n_train_fwd == 1:
+            self._fwd_modes = modes
+            if any(modes[n] for n in self._dropouts):
+                self._fwd_rng = self._rng_state()
+
+    def _rng_state(self) -> tuple[np.ndarray, tuple[int, int]]:
+        """torch's CPU RNG state, then the CUDA one of the model's device (uint8 bytes), and the
+        two parts' sizes."""
+        parts = [torch.get_rng_state().numpy()]
+        if self.device.type == "cuda":
+            parts.append(torch.cuda.get_rng_state(self.device).numpy())
+        sizes = (int(parts[0].size), int(parts[1].size) if len(parts) > 1 else 0)
+        return np.concatenate(parts).astype(np.uint8, copy=False), sizes
+
+    def _step_modes(self) -> tuple[dict[str, bool] | None, np.ndarray | None]:
+        """The step's modes and RNG state (None: nothing to record), checked: one training forward
+        per step when a module trains differently, the same modes at every step, the RNG state
+        captured when dropout was in training mode."""
+        if not self._tm_modules or not self._record_modes:
+            return None, None
+        modes = self._fwd_modes or self._eval_modes or {n: bool(m.training) for n, m in self._tm_modules.items()}
+        active = [n for n, v in modes.items() if v]
+        if self._n_train_fwd > 1 and active:
+            raise TrainModeError(
+                f"step {self._t}: the model ran {self._n_train_fwd} forwards in training mode since the "
+                f"last Recorder.step(), with {', '.join(active[:3])} in training mode: diffin replays a "
+                "step as one forward over its batch, so the batch statistics and dropout masks of several "
+                "forwards (gradient accumulation, an extra forward in training mode) cannot be replayed. "
+                "Do one training forward per step, run other forwards after model.eval(), or put those "
+                "modules in eval mode for the whole training"
+            )
+        if self._modes is not None and modes != self._modes:
+            diff = [f"{n}: {'train' if self._modes.get(n) else 'eval'} -> {'train' if v else 'eval'}"
+                    for n, v in modes.items() if self._modes.get(n) != v]
+            raise TrainModeError(
+                f"step {self._t}: the training modes of BatchNorm/dropout modules changed during training "
+                f"({', '.join(diff[:3])}); diffin records one mode per module for a run. Keep them fixed "
+                "(e.g. call model.train() / freeze the same modules before every step) or start a new recording"
+            )
+        rng = None
+        if any(modes[n] for n in self._dropouts):
+            if self._fwd_rng is None:
+                raise TrainModeError(
+                    f"step {self._t}: dropout is in training mode but no training-mode forward of the "
+                    "recorded model was seen since the last Recorder.step(), so its masks cannot be "
+                    "replayed; call the model given to the Recorder (model(x)) in the step, not its "
+                    "forward() directly"
+                )
+            rng, sizes = self._fwd_rng
+            if self._rng_log is not None and sizes != self._rng_bytes:
+                raise TrainModeError(
+                    f"step {self._t}: the RNG state has {sizes} (CPU, CUDA) bytes but the recording's "
+                    f"earlier steps have {self._rng_bytes}: the model moved between the CPU and a GPU "
+                    "(e.g. on resume); record on the device the recording started on"
+                )
+            self._rng_bytes = sizes
+        return modes, rng
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step pre-hook: the learning rates, hyper-parameters and gradient norm the step uses."""
@@ -377,6 +471,9 @@ class Recorder:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._fwd_hook is not None:
+            self._fwd_hook.remove()
+            self._fwd_hook = None
 
     def __enter__(self) -> Recorder:
         return self
@@ -491,6 +588,16 @@ class Recorder:
             self._ids_recorded = False if s > 0 else None
             for name in (C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG):
                 (self.path / name).unlink(missing_ok=True)
+        if s > 0 and "train_modes" not in m:
+            self._record_modes = False  # recorded before modes were: stays so
+        elif s > 0 and m.get("train_modes") is not None:
+            self._modes = {str(k): bool(v) for k, v in m["train_modes"].items()}
+        rng = m.get("rng_states", {"recorded": False})
+        if rng.get("recorded") and s > 0:
+            self._rng_bytes = (int(rng["cpu_bytes"]), int(rng["cuda_bytes"]))
+            self._rng_log = _Log(self.path / C.RNG_LOG, C.RNG_DTYPE, keep=int(rng["log"]["count"]))
+        else:
+            (self.path / C.RNG_LOG).unlink(missing_ok=True)
         self._snapshot()
         self._write_manifest(C.STATUS_RECORDING)
 
@@ -568,7 +675,15 @@ class Recorder:
                 "max_id": self._max_id,
                 "batch_sizes": sorted(self._batch_sizes),
             }
-        self._snap = {"n_steps": self._t, "lrs": self._lrs_log.entry(), "batch_ids": ids_entry}
+        rng_entry: dict[str, Any] = {"recorded": False}
+        if self._rng_log is not None:
+            rng_entry = {"recorded": True, "log": self._rng_log.entry(), "cpu_bytes": self._rng_bytes[0],
+                         "cuda_bytes": self._rng_bytes[1]}
+        modes = self._modes
+        if modes is None and self._record_modes:  # before the first step: the modes now
+            modes = {n: bool(m.training) for n, m in self._tm_modules.items()}
+        self._snap = {"n_steps": self._t, "lrs": self._lrs_log.entry(), "batch_ids": ids_entry,
+                      "train_modes": modes, "rng_states": rng_entry}
 
     def _write_manifest(self, status: str, interrupted: dict[str, Any] | None = None) -> None:
         manifest: dict[str, Any] = {
@@ -594,6 +709,9 @@ class Recorder:
             "lrs": self._snap["lrs"],
             "batch_ids": self._snap["batch_ids"],
         })
+        if self._record_modes:
+            manifest["train_modes"] = self._snap["train_modes"]
+            manifest["rng_states"] = self._snap["rng_states"]
         write_json(self.path / C.MANIFEST, manifest)
 
     def _close_interrupted(self, exc_type: type[BaseException], exc: BaseException | None) -> None:
@@ -609,6 +727,10 @@ class Recorder:
         else:
             for name in (C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG):
                 (self.path / name).unlink(missing_ok=True)
+        if snap["rng_states"]["recorded"] and self._rng_log is not None:
+            self._rng_log.cut(snap["rng_states"]["log"]["count"])
+        else:
+            (self.path / C.RNG_LOG).unlink(missing_ok=True)
         name = exc_type.__qualname__
         if exc_type.__module__ not in ("builtins", None):
             name = f"{exc_type.__module__}.{name}"
@@ -618,7 +740,7 @@ class Recorder:
         )
 
     def _close_logs(self) -> None:
-        for log in (self._lrs_log, self._ids_log, self._offsets_log):
+        for log in (self._lrs_log, self._ids_log, self._offsets_log, self._rng_log):
             if log is not None:
                 log.close()
 
@@ -822,6 +944,18 @@ def _weak_hook(rec: Recorder) -> Any:
         r = ref()
         if r is not None and not r._closed:
             r._pre_step(optimizer, args, kwargs)
+
+    return hook
+
+
+def _weak_forward_hook(rec: Recorder) -> Any:
+    """The recorder's forward pre-hook on the model, holding it weakly."""
+    ref = weakref.ref(rec)
+
+    def hook(module: nn.Module, args: Any) -> None:
+        r = ref()
+        if r is not None and not r._closed:
+            r._pre_forward()
 
     return hook
 

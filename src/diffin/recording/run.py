@@ -36,6 +36,7 @@ from .._errors import (
     PartialRunWarning,
     RunNotFoundError,
     TruncatedFileError,
+    UnsupportedMethodError,
 )
 from .manifest import REQUIRED_KEYS, OptimizerSpec
 
@@ -77,7 +78,11 @@ class Run:
     Attributes set from the manifest: ``optimizer`` (:class:`OptimizerSpec`, with ``groups``),
     ``group_lrs`` ((T, G) float64), ``lrs`` ((T,) float64), ``clip_grad_norm`` (the ``max_norm`` the
     loop clipped the whole gradient to with ``torch.nn.utils.clip_grad_norm_``, or ``None``),
-    ``trainable``, ``param_shapes``, ``dtype``, ``checkpoint_steps``, ``n_steps``.
+    ``trainable``, ``param_shapes``, ``dtype``, ``checkpoint_steps``, ``n_steps``, ``train_modes``
+    ({qualified name: trained in training mode} of every BatchNorm / dropout module, ``{}`` for a
+    model without them, ``None`` for a run recorded before modes were), ``has_rng`` (the RNG state of
+    every step's training forward was recorded: :meth:`rng_state`, :meth:`cuda_rng_state`).
+    Checkpoints hold the model's buffers (running statistics, ``num_batches_tracked``).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -166,6 +171,22 @@ class Run:
             self.max_id = int(bi.get("max_id", -1))
             self.batch_sizes = [int(b) for b in bi.get("batch_sizes", [])]
         self.n_train_recorded: int | None = m.get("n_train")
+        self.train_modes: dict[str, bool] | None = _train_modes_entry(m.get("train_modes"), self.path)
+        self._rng: np.ndarray | None = None
+        self._rng_bytes = (0, 0)
+        rng = m.get("rng_states", {"recorded": False})
+        if isinstance(rng, dict) and rng.get("recorded"):
+            try:
+                cpu, cuda, log = int(rng["cpu_bytes"]), int(rng["cuda_bytes"]), rng["log"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise CorruptManifestError(f"{self.path / C.MANIFEST}: malformed rng_states entry ({e!r})") from e
+            self._rng = read(log, C.RNG_DTYPE, mmap=True)
+            if cpu <= 0 or cuda < 0 or self._rng.shape != (self.n_steps * (cpu + cuda),):
+                raise TruncatedFileError(
+                    f"{self.path / C.RNG_LOG}: expected {self.n_steps} RNG states of {cpu} + {cuda} bytes, "
+                    f"found {self._rng.size} bytes; the recording is damaged"
+                )
+            self._rng_bytes = (cpu, cuda)
 
     # ------------------------------------------------------------------ reading logs
     def _read_log_v1(self, entry: dict[str, Any], dtype: str, mmap: bool = False) -> np.ndarray:
@@ -206,6 +227,34 @@ class Run:
         return np.fromfile(p, dtype=dtype, count=count)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def has_rng(self) -> bool:
+        """True when the run recorded the RNG state of every step (dropout in training mode)."""
+        return self._rng is not None
+
+    def rng_state(self, t: int) -> torch.Tensor:
+        """torch's CPU RNG state at the start of step t's training forward: a uint8 CPU tensor for
+        ``torch.set_rng_state`` (the step's dropout masks follow from it; see :class:`Recorder`)."""
+        return self._rng_part(t, 0)
+
+    def cuda_rng_state(self, t: int) -> torch.Tensor | None:
+        """The CUDA generator's state (of the model's device) at the start of step t's training
+        forward, a uint8 CPU tensor for ``torch.cuda.set_rng_state``; ``None`` when the model was
+        trained on the CPU."""
+        return self._rng_part(t, 1) if self._rng_bytes[1] else None
+
+    def _rng_part(self, t: int, part: int) -> torch.Tensor:
+        if self._rng is None:
+            raise UnsupportedMethodError(
+                f"the run at {self.path} recorded no RNG states (no dropout in training mode, or recorded "
+                "before diffin recorded them): its dropout masks cannot be replayed"
+            )
+        if not 0 <= t < self.n_steps:
+            raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
+        cpu, cuda = self._rng_bytes
+        start = t * (cpu + cuda) + (cpu if part else 0)
+        return torch.from_numpy(np.array(self._rng[start : start + (cuda if part else cpu)], dtype=np.uint8))
+
     @property
     def complete(self) -> bool:
         """True when the recorder closed the run; False for a killed or interrupted recording
@@ -422,6 +471,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
     return m
+
+
+def _train_modes_entry(value: Any, path: Path) -> dict[str, bool] | None:
+    """The manifest's ``train_modes`` ({module name: trained in training mode}), None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, bool) for k, v in value.items()):
+        raise CorruptManifestError(
+            f"{path / C.MANIFEST}: train_modes must map module names to true/false, got {value!r:.200}; "
+            "the manifest is damaged"
+        )
+    return dict(value)
 
 
 def _clip_entry(value: Any, path: Path) -> float | None:
