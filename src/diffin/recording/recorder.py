@@ -9,6 +9,8 @@
 
 With gradient clipping, pass the threshold to the recorder too; with gradient accumulation, pass
 the ids of every micro-batch of the step (see :class:`Recorder`).
+Models with BatchNorm or dropout need nothing more: the recorder notes their training modes and,
+with dropout, the RNG state of each step's training forward (see :class:`Recorder`).
 
 The folder is a valid run up to its last checkpoint at all times: per-step learning rates, batch
 ids and batch offsets go to append-only logs as they come, and at every checkpoint the manifest is
@@ -134,6 +136,35 @@ class Recorder:
     hit): the exception may come between ``optimizer.step()`` and :meth:`step`, where the model's
     θ belongs to no recorded step, so θ is not saved then and the steps after the last checkpoint
     (at most ``checkpoint_every − 1``) are dropped. The exception propagates.
+
+    BatchNorm and dropout (modules that train differently than they predict: BatchNorm1d/2d/3d,
+    Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout). The recorder hooks the model's
+    forward (a forward pre-hook) and notes, at each step's **training forward** — the first call of
+    ``model(...)`` with ``model.training`` True since the previous :meth:`step` — the mode of every such
+    module (``Run.train_modes``; when a step has no training forward, the modes of its last forward,
+    else the modes at :meth:`step`); evaluation forwards in eval mode between steps are ignored.
+    Checkpoints (θ_0, every checkpoint, θ_T) hold every buffer, running statistics and
+    ``num_batches_tracked`` included. When some dropout module is in training mode, the RNG state
+    at the start of each step's training forward is logged (``torch.get_rng_state()``, and the CUDA
+    generator's state of the model's device when the model is on a GPU; ``Run.rng_state(t)``,
+    ``Run.cuda_rng_state(t)``), so that the step's masks can be drawn again. A loop with dropout
+    needs nothing beyond ``model.train()`` and one ``model(x)`` per step::
+
+        for ids, x, y in loader:
+            model.train()                     # BatchNorm uses batch statistics, dropout draws masks
+            loss = criterion(model(x), y)     # the step's one training forward
+            opt.zero_grad(); loss.backward(); opt.step()
+            rec.step(ids)
+            model.eval()                      # evaluation forwards (if any) in eval mode: ignored
+
+    What breaks the replay of a step: several training forwards per step while a BatchNorm or
+    dropout module is in training mode (gradient accumulation, an extra train-mode forward), since a
+    step is replayed as one forward over its batch; changing a module's mode during training; both
+    raise :class:`~diffin._errors.TrainModeError` at :meth:`step`. Not detectable, and also breaking
+    the replay of dropout masks: random numbers drawn inside the forward other than by those modules
+    (``torch.nn.functional.dropout`` called directly, noise injection, random augmentation inside
+    ``forward``), a dropout module called twice in one forward, or the forward run on another
+    device than the model's parameters.
     """
 
     def __init__(
