@@ -219,3 +219,20 @@ def test_a_change_of_modes_is_refused(tmp_path: Path) -> None:
             opt.step()
             opt.zero_grad()
             rec.step(ids_at(t))
+
+
+def test_resume_with_other_modes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r"
+    model, opt = make()
+    with pytest.raises(KeyboardInterrupt), diffin.Recorder(path, model, opt, checkpoint_every=2) as rec:
+        train(rec, model, opt, range(5), {}, fail_at=3)
+    model, opt = make()
+    start = restore_checkpoint(path, model, opt)
+    X, Y = data()
+    with pytest.raises(TrainModeError, match="bn: train -> eval"), \
+            diffin.Recorder(path, model, opt, checkpoint_every=2, resume=True) as rec:
+        model.train()
+        model.bn.eval()  # frozen statistics after the restart: not the recorded run
+        nn.functional.cross_entropy(model(X[ids_at(start)]), Y[ids_at(start)]).backward()
+        opt.step()
+        rec.step(ids_at(start))
