@@ -12,6 +12,8 @@ changes, each a Hessian–vector product from finite differences of gradients.
 from ._api import ScoreResult, influence, score
 from ._data import loader, memmap_arrays, with_ids
 from ._errors import (
+    BatchLossUnsupportedError,
+    BatchLossWeightsWarning,
     ConfigError,
     DataMismatchError,
     DatasetIdError,
@@ -29,6 +31,7 @@ from ._errors import (
     UnsupportedOptimizerWarning,
     UntrainedRowsWarning,
 )
+from ._functional import BatchLoss, batch_loss
 from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
@@ -42,6 +45,9 @@ def methods() -> dict[str, str]:
 
 
 __all__ = [
+    "BatchLoss",
+    "BatchLossUnsupportedError",
+    "BatchLossWeightsWarning",
     "ConfigError",
     "DataMismatchError",
     "DatasetIdError",
@@ -66,6 +72,7 @@ __all__ = [
     "UnsupportedOptimizerWarning",
     "UntrainedRowsWarning",
     "__version__",
+    "batch_loss",
     "influence",
     "load_run",
     "loader",

@@ -23,8 +23,14 @@ from torch import nn
 from . import _constants as C
 from ._data import DataSource, check_id_groups, fingerprint, probe_model_and_loss
 from ._distributed import ShardedFlatModel, barrier, world
-from ._errors import ConfigError, DataMismatchError, OutputExistsError, UntrainedRowsWarning
-from ._functional import FlatModel, LossFn
+from ._errors import (
+    BatchLossUnsupportedError,
+    ConfigError,
+    DataMismatchError,
+    OutputExistsError,
+    UntrainedRowsWarning,
+)
+from ._functional import FlatModel, LossFn, check_convention
 from ._io import write_json, write_npy
 from ._resume import NO_RESUME, RESUME_DIR, SweepResume, refuse_stale_state, resume_config, world_size
 from ._version import __version__
@@ -218,13 +224,19 @@ def _score_one(
     run_obj.check_model(model)
     model = scoring_model(model, cfg.device)
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
+    check_convention(cfg.convention, fm.coupled)
     rank, n_proc = world()
+    if n_proc > 1 and fm.coupled:
+        raise BatchLossUnsupportedError(
+            "scoring a batch-coupled loss on several processes is not supported: a rank's part of a batch is "
+            "not a batch of the loss (in-batch negatives span the ranks); score it in one process"
+        )
     if n_proc > 1:  # inside a torch.distributed group: split every batch across the ranks (§4.5)
         fm = ShardedFlatModel(fm)
     train_src = DataSource(train, fm.dtype, fm.device, name="train")
     run_obj.check_ids(len(train_src))
     tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
-    est_cls.check(run_obj, tgt.kind, cfg.predicts)
+    est_cls.check(run_obj, tgt.kind, cfg.predicts, coupled=fm.coupled)
     key = result_key(run_obj, train, target) if data_key is None else {"run": run_obj.fingerprint, **data_key}
     if out is not None and not overwrite:
         refuse_other_scores(Path(out), cfg, key, str(run_obj.path))

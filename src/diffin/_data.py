@@ -8,6 +8,7 @@ import logging
 import mmap
 import operator
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ._errors import DataMismatchError, DatasetIdError, InvalidIdsError, ModelCallError, NonFiniteDataError
+from ._errors import (
+    BatchLossWeightsWarning,
+    DataMismatchError,
+    DatasetIdError,
+    InvalidIdsError,
+    LossShapeError,
+    ModelCallError,
+    NonFiniteDataError,
+)
+from ._tree import batch_len, call_model, is_leaf, leaves, place, tree_map
 
 if TYPE_CHECKING:
     from ._functional import FlatModel
@@ -174,13 +184,13 @@ class DataSource:
                 raise DataMismatchError(f"{name} Dataset must define __len__") from e
             self.x = self.y = None
         elif isinstance(data, (tuple, list)) and len(data) == 2:
-            self.x, self.y = (_as_rows(a, f"{name} {w}") for a, w in zip(data, ("inputs", "targets")))
-            self._pages = _PageBudget((self.x, self.y))
-            if self.x.shape[0] != self.y.shape[0]:
-                raise DataMismatchError(
-                    f"{name} inputs have {self.x.shape[0]} rows but targets have {self.y.shape[0]}"
-                )
-            self._n = int(self.x.shape[0])
+            self.x, self.y = (tree_map(lambda a, w=w: _as_rows(a, f"{name} {w}"), part)
+                              for part, w in zip(data, ("inputs", "targets")))
+            self._pages = _PageBudget(leaves(self.x) + leaves(self.y))
+            n_x, n_y = batch_len(self.x), batch_len(self.y)
+            if n_x != n_y:
+                raise DataMismatchError(f"{name} inputs have {n_x} rows but targets have {n_y}")
+            self._n = n_x
         else:
             raise DataMismatchError(
                 f"{name} data must be an (inputs, targets) pair of tensors/arrays or a "
@@ -196,7 +206,16 @@ class DataSource:
         """Inputs and targets of the rows ``ids`` (shape (B, ...) each)."""
         idx = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         if self._ds is not None:
-            batch = default_collate([self._ds[int(i)] for i in idx])
+            items = [self._ds[int(i)] for i in idx]
+            try:
+                batch = default_collate(items)
+            except (RuntimeError, TypeError) as e:
+                raise DataMismatchError(
+                    f"the {self.name} Dataset's items {idx[:5].tolist()}... cannot be collated into one batch "
+                    f"({type(e).__name__}: {e}). Every item's inputs must have the same structure and shapes "
+                    "(a tensor, or a tuple/list/dict of tensors): pad variable-length parts (e.g. token ids) to a "
+                    "fixed length"
+                ) from e
             if isinstance(batch, (tuple, list)) and len(batch) == 3:
                 self._check_item_ids(batch[0], idx)
                 x, y = batch[1], batch[2]
@@ -294,9 +313,12 @@ class DataSource:
                 "(input, target) Dataset with diffin.with_ids(dataset) instead"
             )
 
-    def _rows(self, a: Tensor | np.ndarray, idx: Tensor | slice) -> Tensor:
-        """Rows ``idx`` of one array as a tensor: a view for a tensor or a writable in-memory array,
-        a copy of those rows only for a read-only or memory-mapped one."""
+    def _rows(self, a: Any, idx: Tensor | slice) -> Any:
+        """Rows ``idx`` of one array as a tensor (of every array, for inputs made of several): a view
+        for a tensor or a writable in-memory array, a copy of those rows only for a read-only or
+        memory-mapped one."""
+        if not is_leaf(a):
+            return tree_map(lambda leaf: self._rows(leaf, idx), a)
         if isinstance(a, Tensor):
             return a[idx]
         if isinstance(idx, slice):
@@ -310,12 +332,14 @@ class DataSource:
         self._pages.read(a, rows, scattered=not isinstance(idx, slice))
         return torch.from_numpy(rows)
 
-    def _place(self, x: Tensor) -> Tensor:
-        if x.is_floating_point():
-            return x.to(device=self.device, dtype=self.dtype)
-        return x.to(self.device)
+    def _place(self, x: Any) -> Any:
+        """Inputs (a tensor, or a tuple/list/dict of them) on the model's device, floating parts in
+        its dtype (docs/method.md §4.7, "Inputs")."""
+        return place(x, self.dtype, self.device)
 
-    def _place_targets(self, y: Tensor) -> Tensor:
+    def _place_targets(self, y: Any) -> Any:
+        if not is_leaf(y):
+            return tree_map(self._place_targets, y)
         if self.target_dtype is not None:
             return y.to(device=self.device, dtype=self.target_dtype)
         return y.to(self.device)
@@ -357,13 +381,16 @@ def probe_model_and_loss(src: DataSource, fm: FlatModel) -> None:
     who = "training" if src.name == "train" else src.name
     with torch.no_grad():
         try:
-            out = fm.model(x)
+            out = call_model(fm.model, None, x)
         except Exception as e:
             raise ModelCallError(
-                f"calling model(x) on {len(ids)} {who} inputs of {_describe(x)} failed: "
+                f"calling {_call_form(x)} on {len(ids)} {who} inputs of {_describe(x)} failed: "
                 f"{type(e).__name__}: {e}. Pass data shaped as in training, and a model built like the "
                 f"trained one (its parameters are {str(fm.dtype).removeprefix('torch.')})"
             ) from e
+        if fm.coupled:
+            _probe_batch_loss(fm, out, x, y, who)
+            return
         try:
             fm.loss_fn(out, y)
         except Exception as e:
@@ -377,6 +404,40 @@ def probe_model_and_loss(src: DataSource, fm: FlatModel) -> None:
             log.info("%s targets of dtype %s cast to int64 for the loss", src.name, y.dtype)
             y = y.to(torch.int64)
     fm.losses(fm.theta_from_model(), x, y)  # LossShapeError unless one loss per sample
+
+
+def _call_form(x: Any) -> str:
+    """How diffin calls the model on inputs ``x`` (docs/method.md §4.7, "Inputs")."""
+    return "model(**x)" if isinstance(x, dict) else "model(*x)" if isinstance(x, (tuple, list)) else "model(x)"
+
+
+def _probe_batch_loss(fm: FlatModel, out: Any, x: Any, y: Any, who: str) -> None:
+    """A batch loss on a small batch: it must run, return a scalar and depend on its weights."""
+    B = batch_len(x)
+    ones = torch.ones(B, dtype=fm.dtype, device=fm.device)
+    try:
+        L = fm.loss_fn(out, y, ones)
+    except Exception as e:
+        raise ModelCallError(
+            f"calling the batch loss {fm.loss_fn!r} on model outputs of {_describe(out)}, {B} {who} targets of "
+            f"{_describe(y)} and weights of shape ({B},) failed: {type(e).__name__}: {e}. A batch loss takes "
+            "(model outputs, targets, weights) and returns the batch's training loss as a scalar"
+        ) from e
+    if not isinstance(L, Tensor) or L.numel() != 1:
+        shape = tuple(L.shape) if isinstance(L, Tensor) else type(L).__name__
+        raise LossShapeError(
+            f"the batch loss {fm.loss_fn!r} returned {shape} for a batch of {B}; it must return one scalar, "
+            "the batch's training loss (e.g. the mean over the batch)"
+        )
+    with torch.enable_grad():
+        shares = fm.losses(fm.theta_from_model(), x, y)
+    if B > 1 and not bool((shares != 0).any()):
+        warnings.warn(
+            f"the batch loss {fm.loss_fn!r} does not depend on its weights: removing a member changes nothing, "
+            "so every score is 0. Multiply each member's terms by its weight (weight 0 = the member removed, "
+            "also from in-batch negatives), e.g. (weights * per_member).sum() / len(weights)",
+            BatchLossWeightsWarning, stacklevel=3,
+        )
 
 
 def _integer_labels_fixable(fm: FlatModel, out: Any, y: Any) -> bool:

@@ -152,3 +152,13 @@ class TrainModeError(RecordingError):
     """A model's training-mode layers (BatchNorm using batch statistics, dropout) cannot be recorded
     or replayed as they trained: several training forwards in one step, modes changed during
     training, a module kind diffin cannot replay, or dropout masks asked for without the RNG state."""
+
+
+class BatchLossWeightsWarning(UserWarning):
+    """A batch loss (``diffin.batch_loss``) does not depend on its weights: removing a member
+    changes nothing, so every score would be 0."""
+
+
+class BatchLossUnsupportedError(UnsupportedMethodError):
+    """The estimator (or option) cannot score a batch-coupled loss (``diffin.batch_loss``) or a
+    model whose batch statistics couple its batch; the message names the ones that can."""

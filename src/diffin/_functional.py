@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 
 from ._errors import ConfigError, LossShapeError
+from ._tree import Inputs, batch_len, call_model, tree_map
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 HvpMode = Literal["central", "forward", "exact"]
@@ -54,6 +55,57 @@ def fd_epsilon(theta: Tensor, mode: HvpMode, override: float | None = None) -> f
     return base * max(1.0, float(theta.norm()))
 
 
+class BatchLoss:
+    """A batch-coupled training loss (docs/method.md §4.7): ``fn(outputs, targets, weights) -> scalar``.
+
+    ``weights`` (B,) holds one weight per batch member in the model's dtype: ones give the loss the
+    training loop minimised; weight 0 removes that member, however ``fn`` defines it (for a
+    contrastive loss: from the positives and from every softmax denominator). Made by
+    :func:`diffin.batch_loss`; pass it wherever a per-sample loss goes.
+    """
+
+    def __init__(self, fn: Callable[[Any, Any, Tensor], Tensor]) -> None:
+        if isinstance(fn, BatchLoss):
+            fn = fn.fn
+        if not callable(fn):
+            raise ConfigError("diffin.batch_loss(fn) needs a callable fn(outputs, targets, weights) -> scalar")
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
+        self.__module__ = getattr(fn, "__module__", __name__)
+
+    def __call__(self, outputs: Any, targets: Any, weights: Tensor) -> Tensor:
+        return self.fn(outputs, targets, weights)
+
+    def __repr__(self) -> str:
+        return f"diffin.batch_loss({self.__qualname__})"
+
+
+def batch_loss(fn: Callable[[Any, Any, Tensor], Tensor]) -> BatchLoss:
+    """Wrap ``fn(outputs, targets, weights) -> scalar``, a batch's training loss with one weight per
+    batch member (ones: the loss the loop minimised; 0: the member removed), for every diffin
+    function that takes a loss (docs/method.md §4.7)::
+
+        def clip_loss(out, _, w):              # symmetric InfoNCE with member weights
+            ...
+        diffin.influence(run, model, diffin.batch_loss(clip_loss), train=..., target=(Xv, Yv))
+
+    The target of an ``(inputs, targets)`` pair is ``fn`` over the whole target set as one batch
+    with weights of ones. A per-sample loss ``l`` wrapped as ``sum(w * l) / len(w)`` scores exactly
+    as ``l`` itself.
+    """
+    return BatchLoss(fn)
+
+
+def check_convention(convention: str, coupled: bool) -> None:
+    """A batch loss defines removal itself (weight 0, as its ``fn`` says): only ``keep`` applies."""
+    if coupled and convention != "keep":
+        raise ConfigError(
+            f"convention={convention!r} with a batch-coupled loss: the loss defines what weight 0 means, so use "
+            "convention='keep' and divide by weights.sum() inside fn if removal should renormalise"
+        )
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """Names, shapes and offsets of the trainable parameters inside θ."""
@@ -71,20 +123,30 @@ class ParamSpec:
 
 
 class FlatModel:
-    """A module and a per-sample loss as pure functions of a flat parameter vector.
+    """A module and a loss as pure functions of a flat parameter vector.
 
     Args:
         model: gives the architecture only; parameter values always come from the θ passed in
             (and buffers / frozen parameters from :meth:`set_constants`). It is used in eval
             mode: dropout and batch-norm statistics are treated as fixed.
-        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (reduction "none").
+        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (reduction "none"), or a
+            :class:`BatchLoss` (``fn(outputs, targets, weights) -> scalar``, batch-coupled).
         trainable: names of the parameters that make up θ, in order. Default: all parameters
             with ``requires_grad``.
+
+    Every batch is seen through one function, the batch's training loss with one weight per
+    member, L_B(θ; ω) (:meth:`batch_loss`; ω = 1 is the loss the loop minimised). For a
+    per-sample loss it is Σ_i ω_i·l_i(θ)/|B|. Each member's **share** ℓ_i = |B|·∂L_B/∂ω_i at ω = 1
+    (:meth:`losses`) is then l_i itself for a per-sample loss, and for a batch-coupled loss the
+    quantity whose gradient is the member's contribution to the batch gradient: removing z under
+    ``keep`` changes the batch gradient by Δg_z = −∇ℓ_z/|B| to first order (docs/method.md §4.7).
+    Inputs may be a tensor, a tuple/list or a dict of tensors (:func:`diffin._tree.call_model`).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, trainable: Sequence[str] | None = None):
+    def __init__(self, model: nn.Module, loss_fn: LossFn | BatchLoss, trainable: Sequence[str] | None = None):
         self.model = model
         self.loss_fn = loss_fn
+        self.coupled = isinstance(loss_fn, BatchLoss)
         named = dict(model.named_parameters())
         if trainable is None:
             trainable = [n for n, p in named.items() if p.requires_grad]
@@ -129,26 +191,66 @@ class FlatModel:
         return self.flatten({n: named[n].detach() for n in self.spec.names})
 
     # ------------------------------------------------------------------ losses
-    def losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Per-sample losses l_i(θ), shape (B,)."""
-        out = self.loss_fn(functional_call(self.model, self.unflatten(theta), (x,)), y)
-        if out.ndim != 1 or out.shape[0] != _batch_len(x):
-            raise LossShapeError(
-                f"loss_fn returned shape {tuple(out.shape)} for a batch of {_batch_len(x)} "
-                "samples; it must return one loss per sample (use reduction='none', and average "
-                "any extra dimensions yourself, e.g. ((out - y) ** 2).mean(dim=1))."
-            )
-        return out
+    def forward(self, theta: Tensor, x: Inputs, weights: Tensor | None = None) -> Any:
+        """The model's outputs at θ on a batch (``weights`` (B,): the members' weights, for layers
+        whose batch statistics depend on them)."""
+        return call_model(self.model, self.unflatten(theta), x)
 
-    def loss_grad(self, theta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Batch gradient ∇L_B(θ) (P,) of the mean loss, and the per-sample losses (B,)."""
+    def batch_loss(self, theta: Tensor, x: Inputs, y: Any, weights: Tensor | None = None) -> Tensor:
+        """L_B(θ; ω), a scalar in loss units: Σ_i ω_i·l_i/|B| for a per-sample loss, ``fn(outputs,
+        y, ω)`` for a :class:`BatchLoss`; ``weights`` ω (B,), default ones."""
+        B = batch_len(x)
+        if weights is None:
+            weights = torch.ones(B, dtype=self.dtype, device=self.device)
+        out = self.forward(theta, x, weights)
+        if self.coupled:
+            L = self.loss_fn(out, y, weights)
+            if not isinstance(L, Tensor) or L.numel() != 1:
+                raise LossShapeError(
+                    f"the batch loss {self.loss_fn!r} returned {_shape_of(L)} for a batch of {B}; it must "
+                    "return one scalar, the batch's training loss (e.g. the mean over the batch)"
+                )
+            return L.reshape(())
+        return (self._per_sample(out, y, B) * weights).sum() / B
+
+    def _per_sample(self, out: Any, y: Any, B: int) -> Tensor:
+        losses = self.loss_fn(out, y)
+        if not isinstance(losses, Tensor) or losses.ndim != 1 or losses.shape[0] != B:
+            raise LossShapeError(
+                f"loss_fn returned shape {_shape_of(losses)} for a batch of {B} "
+                "samples; it must return one loss per sample (use reduction='none', and average "
+                "any extra dimensions yourself, e.g. ((out - y) ** 2).mean(dim=1)); for a loss that "
+                "couples the batch (contrastive), wrap fn(outputs, targets, weights) -> scalar with "
+                "diffin.batch_loss"
+            )
+        return losses
+
+    def losses(self, theta: Tensor, x: Inputs, y: Any) -> Tensor:
+        """The members' shares ℓ_i = |B|·∂L_B/∂ω_i at ω = 1, shape (B,): per-sample losses l_i(θ)
+        for a per-sample loss; for a batch loss one gradient in ω (composes with ``torch.func``)."""
+        B = batch_len(x)
+        if not self.coupled:
+            return self._per_sample(self.forward(theta, x), y, B)
+        ones = torch.ones(B, dtype=self.dtype, device=self.device)
+        return B * torch.func.grad(lambda w: self.batch_loss(theta, x, y, w))(ones)
+
+    def loss_grad(self, theta: Tensor, x: Inputs, y: Any) -> tuple[Tensor, Tensor]:
+        """Batch gradient ∇L_B(θ) (P,) of the batch's training loss, and the shares (B,) (for a
+        batch loss from the same backward pass, through ω)."""
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            losses = self.losses(th, x, y)
-            (g,) = torch.autograd.grad(losses.mean(), th)
-        return g, losses.detach()
+            if not self.coupled:
+                losses = self.losses(th, x, y)
+                (g,) = torch.autograd.grad(losses.mean(), th)
+                return g, losses.detach()
+            B = batch_len(x)
+            w = torch.ones(B, dtype=self.dtype, device=self.device, requires_grad=True)
+            g, dw = torch.autograd.grad(self.batch_loss(th, x, y, w), (th, w), allow_unused=True)
+            g = torch.zeros_like(theta) if g is None else g
+            dw = torch.zeros_like(w) if dw is None else dw
+        return g, B * dw.detach()
 
-    def loss_grad_many(self, thetas: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_grad_many(self, thetas: Tensor, x: Inputs, y: Any) -> tuple[Tensor, Tensor]:
         """Batch gradients at Q parameter vectors (Q, P) → grads (Q, P), losses (Q, B).
 
         A loop of autograd calls: on CPU this beats ``vmap`` over parameter copies, which turns
@@ -180,10 +282,13 @@ class FlatModel:
         return vmap(one)(thetas, V)
 
     def per_sample_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Per-sample gradients (B, P). Memory B·P: callers pass small chunks."""
+        """Per-sample gradients (B, P): ∇l_i, or for a batch loss the gradients of the shares
+        ∇ℓ_i within the batch given. Memory B·P: callers pass small chunks."""
+        if self.coupled:
+            return torch.func.jacrev(lambda th: self.losses(th, x, y))(theta)
 
-        def single(th: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
-            return self.losses(th, xi.unsqueeze(0), yi.unsqueeze(0))[0]
+        def single(th: Tensor, xi: Inputs, yi: Any) -> Tensor:
+            return self.losses(th, tree_map(_unsqueeze, xi), tree_map(_unsqueeze, yi))[0]
 
         return vmap(torch.func.grad(single), in_dims=(None, 0, 0))(theta, x, y)
 
@@ -265,11 +370,12 @@ class FlatModel:
     ) -> tuple[Tensor, Tensor | None]:
         """H_B(θ) v and the per-sample ⟨v, ∇l_i(θ)⟩ by double backward: V (Q, P) → (Q, P), (Q, B).
 
-        One forward pass and one backward pass that keeps its graph, with the per-sample weights
-        of the mean as an input u (u_i = 1/B): g(θ, u) = Σ_i u_i ∇l_i(θ) = ∇L_B(θ). Then one more
-        backward pass per vector v differentiates ⟨g, v⟩ with respect to both inputs:
-        ∂/∂θ = Σ_i u_i ∇²l_i(θ) v = H_B(θ) v, and ∂/∂u_i = ⟨v, ∇l_i(θ)⟩ — the inner products
-        come out of the same pass as the HVP, at the cost of a (B,) vector.
+        One forward pass and one backward pass that keeps its graph, with the members' weights ω
+        as an input (ω = 1): g(θ, ω) = ∇_θ L_B(θ; ω) = ∇L_B(θ). Then one more backward pass per
+        vector v differentiates ⟨g, v⟩ with respect to both inputs: ∂/∂θ = H_B(θ) v, and
+        |B|·∂/∂ω_i = ⟨v, ∇ℓ_i(θ)⟩ (= ⟨v, ∇l_i(θ)⟩ for a per-sample loss) — the inner products come
+        out of the same pass as the HVP, at the cost of a (B,) vector. For a batch-coupled loss this
+        is the step's VJP in (θ, ω) of docs/method.md §4.7.
 
         Measured on a batch of 128 of the speed setup with ReLU (MLP 784-128-10, float32, one
         thread, CPU time per vector): 1.9 ms, against 3.7 ms for the double-backward HVP
@@ -279,11 +385,11 @@ class FlatModel:
         differences with their free inner products, and 0.9 ms for one batch gradient. (Plain
         autograd rather than ``torch.func``: no one-time transform set-up either.)
         """
+        B = batch_len(x)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            losses = self.losses(th, x, y)
-            u = torch.full_like(losses.detach(), 1.0 / losses.shape[0]).requires_grad_(want_dots)
-            (g,) = torch.autograd.grad(losses, th, grad_outputs=u, create_graph=True)
+            u = torch.ones(B, dtype=self.dtype, device=self.device, requires_grad=want_dots)
+            (g,) = torch.autograd.grad(self.batch_loss(th, x, y, u), th, create_graph=True)
             inputs = (th, u) if want_dots else (th,)
             hv, dots = [], []
             for i, v in enumerate(V):
@@ -294,7 +400,7 @@ class FlatModel:
                     parts = (None,) * len(inputs)
                 hv.append(torch.zeros_like(theta) if parts[0] is None else parts[0])
                 if want_dots:
-                    dots.append(torch.zeros_like(u) if parts[1] is None else parts[1])
+                    dots.append(torch.zeros_like(u) if parts[1] is None else B * parts[1])
         return torch.stack(hv).detach(), (torch.stack(dots).detach() if want_dots else None)
 
     def mixed_second(
@@ -347,20 +453,21 @@ class FlatModel:
     ) -> Tensor:
         """Per-sample aᵀ ∇²l_i(θ) b (+ ⟨w, ∇l_i(θ)⟩) for the rows a of A (Q, P) → (Q, B).
 
-        With per-sample weights u as an input, g(θ, u) = Σ_i u_i ∇l_i(θ) (one backward pass with
-        graph), h(θ, u) = ∂/∂θ ⟨g, b⟩ = Σ_i u_i ∇²l_i(θ) b (a second one), and per row a the
-        derivative of ⟨h, a⟩ + ⟨g, w⟩ with respect to u_i is aᵀ ∇²l_i b + ⟨w, ∇l_i⟩: the first
+        With the members' weights ω as an input, g(θ, ω) = ∇_θ L_B(θ; ω) (one backward pass with
+        graph), h(θ, ω) = ∂/∂θ ⟨g, b⟩ (a second one), and per row a, |B| times the derivative of
+        ⟨h, a⟩ + ⟨g, w⟩ with respect to ω_i is aᵀ ∇²l_i b + ⟨w, ∇l_i⟩ (shares ℓ_i for a batch
+        loss): the first
         three passes are shared by all Q rows. Measured on 4,096 MNIST samples through the MLP
         784-128-10 (ReLU, float32, one thread, CPU time): 60 ms, against 83 ms for nested
         forward-mode JVPs (``torch.func.jvp`` of a JVP) and 35 ms for one forward-mode pass of
         inner products — so the closed form's ⟨H_B ∇f, G_z⟩ + ∇fᵀ H_z G_B costs 60 ms with
         ``plus_dots`` against 95 ms as two calls.
         """
+        B = batch_len(x)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            losses = self.losses(th, x, y)
-            u = torch.ones_like(losses.detach()).requires_grad_(True)
-            (g,) = torch.autograd.grad(losses, th, grad_outputs=u, create_graph=True)
+            u = torch.ones(B, dtype=self.dtype, device=self.device, requires_grad=True)
+            (g,) = torch.autograd.grad(self.batch_loss(th, x, y, u), th, create_graph=True)
             (h,) = torch.autograd.grad(g, th, grad_outputs=b, create_graph=True, allow_unused=True)
             outs = [h] if W is None else [h, g]
             keep = [o is not None and o.requires_grad for o in outs]
@@ -373,11 +480,13 @@ class FlatModel:
                     continue
                 (du,) = torch.autograd.grad([o for o, _ in pairs], u, grad_outputs=[v for _, v in pairs],
                                             retain_graph=q < len(A) - 1, allow_unused=True)
-                rows.append(torch.zeros_like(u) if du is None else du)
+                rows.append(torch.zeros_like(u) if du is None else B * du)
         return torch.stack(rows).detach()
 
 
-def _batch_len(x: Tensor | Sequence[Tensor]) -> int:
-    if isinstance(x, Tensor):
-        return x.shape[0]
-    return len(x[0])
+def _unsqueeze(a: Tensor) -> Tensor:
+    return a.unsqueeze(0)
+
+
+def _shape_of(v: Any) -> str:
+    return str(tuple(v.shape)) if isinstance(v, Tensor) else f"a {type(v).__name__}"

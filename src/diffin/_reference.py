@@ -156,8 +156,9 @@ def forward_recursion(
 def metagradient(run: Run, fm: FlatModel, train: DataSource, target: Callable[[Tensor], Tensor]) -> Tensor:
     """−∂f(θ_T)/∂c_z for every training sample (N,): reverse-mode autograd through the whole
     recorded run unrolled as one differentiable program, each step
-    ``θ', s' = rule.step(θ, s, clip(∇_θ Σ_{i∈B_t} c_i·l_i(θ)/|B_t|), η_t, k)`` from checkpoint 0,
-    with per-sample weights c = 1 (removing z under ``keep`` sets c_z = 0, so this is the
+    ``θ', s' = rule.step(θ, s, clip(∇_θ L_{B_t}(θ; c_{B_t})), η_t, k)`` from checkpoint 0, with
+    L_B(θ; c) = Σ_{i∈B} c_i·l_i(θ)/|B| for a per-sample loss or the batch loss ``fn(outputs, y, c)``,
+    and per-sample weights c = 1 (removing z under ``keep`` sets c_z = 0, so this is the
     first-order removal effect the sweep computes). ``target(θ_T) -> f`` (a scalar). Memory and
     time grow with the whole run: for tiny models only.
     """
@@ -169,7 +170,7 @@ def metagradient(run: Run, fm: FlatModel, train: DataSource, target: Callable[[T
         state = TrainState(theta, dict(st.opt), st.k)
         for t in range(run.n_steps):
             ids, x, y = traj.batch(t)
-            loss = (weights[torch.as_tensor(ids)] * fm.losses(state.theta, x, y)).sum() / len(ids)
+            loss = fm.batch_loss(state.theta, x, y, weights[torch.as_tensor(ids)])
             (g,) = torch.autograd.grad(loss, state.theta, create_graph=True)
             state = traj.advance(state, t, g)
         (dw,) = torch.autograd.grad(target(state.theta), weights)

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from ._api import _eval_mode
 from ._data import DataSource, check_id_groups
 from ._errors import ConfigError, DataMismatchError, ReinitError
-from ._functional import FlatModel, LossFn
+from ._functional import FlatModel, LossFn, check_convention
 from ._progress import progress_bar
+from ._tree import nbytes, tree_map
 from .config import CONVENTIONS
 from .recording.run import Run, load_run
 from .targets import make_target
@@ -90,6 +91,7 @@ def replay_removal(
         raise DataMismatchError("replayed removal needs the batch ids of every step; record them")
     check_rule(run_obj)  # a named error for optimizers without a rule
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
+    check_convention(convention, fm.coupled)
     src = DataSource(train, fm.dtype, fm.device)
     run_obj.check_ids(len(src))
     groups = _as_groups(remove, len(src))
@@ -147,6 +149,12 @@ def replay_many(
         first = False
     bar.close()
     return full, (torch.cat(finals) if finals else theta0[None, :0])
+
+
+def _per_run_rows(v: Any, n_orders: int, where: Tensor) -> Any:
+    """(U·B, ...) rows of U orders' batches (every leaf of the inputs) → (R, B, ...), run r's from
+    order ``where[r]``."""
+    return tree_map(lambda a: a.reshape(n_orders, -1, *a.shape[1:])[where], v)
 
 
 def _weights(keep: Tensor, convention: str) -> Tensor:
@@ -421,6 +429,7 @@ def retrain_truth(
     run_obj.check_model(model)
     check_rule(run_obj)
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
+    check_convention(convention, fm.coupled)
     src = DataSource(train, fm.dtype, fm.device)
     N = len(src)
     if run_obj.has_batch_ids:
@@ -483,7 +492,7 @@ def _retrain_many(
     removed = np.concatenate([np.zeros((1, N), dtype=bool), ~masks])  # row 0: the full-data run
     # width: parameters, new parameters, gradient and optimizer state per run, plus its gathered batch
     x1, y1 = src.get(population[:1])
-    row_bytes = x1.numel() * x1.element_size() + y1.numel() * y1.element_size()
+    row_bytes = nbytes(x1) + nbytes(y1)
     P = fm.num_params
     per_run = P * start.theta.element_size() * (3 + len(traj.rule.state_keys)) + 2 * max(sizes, default=0) * row_bytes
     width = max(1, int(memory_mb * 2**20 // max(per_run, 1)))
@@ -503,11 +512,10 @@ def _retrain_many(
         for t in range(run.n_steps):
             ids = np.stack([orders[k][t] for k in uniq])  # (U, B)
             xs, ys = src.get(ids.reshape(-1))
-            xs = xs.reshape(len(uniq), -1, *xs.shape[1:])
-            ys = ys.reshape(len(uniq), -1, *ys.shape[1:])
+            xs, ys = (_per_run_rows(v, len(uniq), where_t) for v in (xs, ys))
             keep = torch.as_tensor(~np.take_along_axis(rem, ids[where], axis=1), dtype=state.theta.dtype,
                                    device=fm.device)  # (R, B)
-            g = traj.gradient(state.theta, xs[where_t], ys[where_t], _weights(keep, convention), per_run=True)
+            g = traj.gradient(state.theta, xs, ys, _weights(keep, convention), per_run=True)
             state = traj.advance(state, t, g)
             bar.update()
         F[ks, rows] = _target_values(tgt, fm, state.theta)

@@ -34,7 +34,11 @@ class Target:
 
 
 class MeanLoss(Target):
-    """f(θ) = mean_{v∈V} l(v; θ). Gradient streamed over V in chunks (memory O(P))."""
+    """f(θ) = mean_{v∈V} l(v; θ). Gradient streamed over V in chunks (memory O(P)).
+
+    For a batch-coupled loss (docs/method.md §4.7) f is the loss of V as one batch with weights of
+    ones: :func:`make_target` then sets ``batch_size = |V|``; a smaller ``batch_size`` (for memory)
+    makes f the mean of the loss over consecutive chunks of V instead, a different target."""
 
     kind = "mean"
     size = 1
@@ -54,7 +58,7 @@ class MeanLoss(Target):
     def values(self, fm: FlatModel, theta: Tensor) -> Tensor:
         n = len(self.source)
         with torch.no_grad():
-            s = sum(fm.losses(theta, x, y).sum() for _, x, y in self.source.chunks(self.batch_size))
+            s = sum(fm.batch_loss(theta, x, y) * len(ids) for ids, x, y in self.source.chunks(self.batch_size))
         return (s / n).reshape(1)
 
 
@@ -140,4 +144,6 @@ def make_target(
             "pass target=(inputs, targets) (e.g. a validation set) or target='self'"
         )
     src = DataSource(target, fm.dtype, fm.device, name="target")
+    if fm.coupled and not pairwise:
+        return MeanLoss(src, len(src))  # the target set as one batch of the loss
     return PerExample(src) if pairwise else MeanLoss(src, batch_size)

@@ -21,7 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from .._data import DataSource
-from .._errors import UnknownMethodError, UnsupportedMethodError, UnsupportedOptimizerError
+from .._errors import (
+    BatchLossUnsupportedError,
+    UnknownMethodError,
+    UnsupportedMethodError,
+    UnsupportedOptimizerError,
+)
 from .._functional import FlatModel
 from .._progress import progress_bar
 from .._resume import NO_RESUME, SweepResume
@@ -84,6 +89,14 @@ class ScoringContext:
         self.trajectory = Trajectory(run, fm, train, memory_mb=config.replay_memory_mb)
         self._hvp_mode: str | None = None
         self.hvp_reason = ""
+
+    def member_chunk(self) -> int:
+        """Rows per chunk for passes over every training sample. For a batch-coupled loss a
+        member's share depends on its batch mates: chunks are then consecutive ids in batches of
+        the recorded training batch size (docs/method.md §4.7); otherwise ``config.batch_size``."""
+        if self.fm.coupled:
+            return int(self.run.batch_size_hint() or self.config.batch_size)
+        return self.config.batch_size
 
     # ------------------------------------------------------------------ second order
     @property
@@ -219,6 +232,9 @@ class Estimator:
     """The estimator credits each sample at the steps the recorded batch order put it in, so it
     answers ``predicts="replay"`` only (refused with ``predicts="retrain"``)."""
     supports_self: ClassVar[bool] = True
+    supports_batch_loss: ClassVar[bool] = False
+    """The estimator scores batch-coupled losses (``diffin.batch_loss``, docs/method.md §4.7) with
+    their exact per-member term; the others refuse them by name."""
     linear_in_target: ClassVar[bool] = True
     """Scores are linear in the target's gradient ∇f, so the mean target's scores are the row mean
     of the pairwise matrix over the same examples (the tests check it for every estimator)."""
@@ -230,9 +246,12 @@ class Estimator:
             Estimator.registry[cls.name] = cls
 
     @classmethod
-    def check(cls, run: Run, target_kind: str = "mean", predicts: str = "replay") -> None:
+    def check(cls, run: Run, target_kind: str = "mean", predicts: str = "replay", coupled: bool = False) -> None:
         """Raise :class:`UnsupportedMethodError` if the run, the target or the question
-        (``predicts``) is not supported."""
+        (``predicts``) is not supported; ``coupled``: the loss (or the model's batch statistics)
+        couples each batch (:class:`BatchLossUnsupportedError` unless the estimator supports it)."""
+        if coupled:
+            check_coupled(cls.name, cls.supports_batch_loss, target_kind, predicts)
         if predicts == "retrain" and cls.follows_recorded_order:
             raise UnsupportedMethodError(
                 f"method {cls.name!r} follows the recorded batch order, so it predicts a replay of this "
@@ -257,6 +276,26 @@ class Estimator:
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def check_coupled(name: str, supported: bool, target_kind: str = "mean", predicts: str = "replay") -> None:
+    """Refuse, by name, what a batch-coupled loss cannot be scored with (docs/method.md §4.7)."""
+    if not supported:
+        ok = sorted(n for n, c in Estimator.registry.items() if c.supports_batch_loss)
+        raise BatchLossUnsupportedError(
+            f"method {name!r} cannot score a loss that couples its batch (diffin.batch_loss, or train-mode "
+            f"batch statistics): its per-sample terms assume each sample's loss is its own. Use one of {ok}"
+        )
+    if target_kind != "mean":
+        raise BatchLossUnsupportedError(
+            f"a batch-coupled loss has no loss of one example on its own, so target={target_kind!r} is not "
+            "defined for it; pass target=(inputs, targets): the loss of the whole target set as one batch"
+        )
+    if predicts != "replay":
+        raise BatchLossUnsupportedError(
+            "predicts='retrain' draws fresh proxy batches, which for a batch-coupled loss changes every "
+            "member's loss; score a batch-coupled run with predicts='replay' (the recorded batches)"
+        )
 
 
 def get_estimator(name: str) -> type[Estimator]:

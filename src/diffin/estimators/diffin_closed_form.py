@@ -43,8 +43,8 @@ class DiffInClosedForm(Estimator):
     summary = "Diff-In closed form over checkpoints (paper's Eq. 9; truncated, no batch order)"
 
     @classmethod
-    def check(cls, run: Run, target_kind: str = "mean", predicts: str = "replay") -> None:
-        super().check(run, target_kind, predicts)
+    def check(cls, run: Run, target_kind: str = "mean", predicts: str = "replay", coupled: bool = False) -> None:
+        super().check(run, target_kind, predicts, coupled)
         if run.optimizer.kind != "SGD":
             raise UnsupportedMethodError(
                 f"method {cls.name!r} is the paper's closed form for SGD; this run used "

@@ -46,7 +46,7 @@ from .._resume import SweepState
 from ..targets import Target
 from ..trajectory import TrainState, Trajectory
 from .base import Estimator as _Estimator
-from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, log
+from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, check_coupled, log
 
 SELF_CHUNK = 64
 
@@ -189,6 +189,7 @@ class DiffInExact(_Sweep):
     """Backward sweep with the state replayed from the nearest earlier checkpoint (best, default)."""
 
     name = "diffin-exact"
+    supports_batch_loss = True
     summary = "Diff-In backward sweep, θ_t replayed from checkpoints (needs batch ids)"
     needs_batch_ids = True
     follows_recorded_order = True
@@ -312,6 +313,7 @@ class DiffIn(_Estimator):
     ``predicts="replay"``: exact, else expected; ``predicts="retrain"``: diffin-retrain."""
 
     name = "diffin"
+    supports_batch_loss = True
     summary = ("Diff-In, best variant for the question (predicts=replay: diffin-exact, else "
                "diffin-expected; predicts=retrain: diffin-retrain)")
     needs_rule = True
@@ -324,6 +326,8 @@ class DiffIn(_Estimator):
             chosen = DiffInRetrain
         else:
             chosen = DiffInExact if ctx.run.has_batch_ids else DiffInExpected
+        if ctx.fm.coupled:
+            check_coupled(chosen.name, chosen.supports_batch_loss, ctx.target.kind, ctx.config.predicts)
         log.info("diffin: using variant %s", chosen.name)
         out = chosen().score(ctx)  # group scores come with it when the variant supports them
         out.variant = chosen.name

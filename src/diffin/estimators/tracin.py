@@ -39,6 +39,7 @@ def _self_sq_norms(ctx: ScoringContext, theta: Tensor, x: Tensor, y: Tensor) -> 
 
 class TracInCP(Estimator):
     name = "tracin"
+    supports_batch_loss = True
     summary = "TracIn-CP: first-order, gradients at the checkpoints"
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
@@ -56,7 +57,7 @@ class TracInCP(Estimator):
                         scores[ids, 0] += coef * _self_sq_norms(ctx, theta, x, y).double()
                 else:
                     g = tgt.grads(fm, theta)  # (Q, P)
-                    for ids, x, y in ctx.train.chunks(cfg.batch_size):
+                    for ids, x, y in ctx.train.chunks(ctx.member_chunk()):
                         scores[ids] += coef * fm.dots(theta, x, y, g).T.double()
                 bar.update()
         out = scores if tgt.kind == "pairwise" else scores[:, 0]
@@ -65,6 +66,7 @@ class TracInCP(Estimator):
 
 class TracInEveryStep(Estimator):
     name = "tracin-every-step"
+    supports_batch_loss = True
     summary = "TracIn, every step: first-order, θ_t replayed (needs batch ids)"
     needs_batch_ids = True
     follows_recorded_order = True

@@ -27,6 +27,7 @@ from torch.func import grad, vmap
 from .._data import DataSource
 from .._errors import ConfigError, MissingOptimizerStateError, UnsupportedOptimizerError
 from .._functional import FlatModel
+from .._tree import batch_len, nbytes
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
 from .optim import OptimizerRule, get_rule
@@ -273,7 +274,7 @@ class Trajectory:
         ids = self.run.batch(t)
         x, y = self.train.get(ids)
         self._batches[t] = (ids, x, y)
-        self._batch_bytes[t] = x.numel() * x.element_size() + y.numel() * y.element_size()
+        self._batch_bytes[t] = nbytes(x) + nbytes(y)
         self._cached += self._batch_bytes[t]
         while len(self._batches) > 1 and self._cached > BATCH_CACHE_BYTES:
             old, _ = self._batches.popitem(last=False)
@@ -302,9 +303,11 @@ class Trajectory:
             self._gfun = vmap(grad(self._weighted), in_dims=(0, 0, None, None))
         return self._gfun(theta, weights, x, y)
 
-    def _weighted(self, th: Tensor, w: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
-        """Σ_i w_i·l_i(θ) over a batch (the function whose gradient :meth:`gradient` vmaps)."""
-        return (self.fm.losses(th, xx, yy) * w).sum()
+    def _weighted(self, th: Tensor, w: Tensor, xx: Any, yy: Any) -> Tensor:
+        """The batch's training loss with loss weights w (B,) (the function whose gradient
+        :meth:`gradient` vmaps): Σ_i w_i·l_i(θ) for a per-sample loss; for a batch loss, ``fn``
+        with member weights |B|·w (``keep``: w = kept/|B|, so ω = 1 kept, 0 removed)."""
+        return self.fm.batch_loss(th, xx, yy, w * batch_len(xx))
 
     def advance(self, state: TrainState, t: int, g: Tensor) -> TrainState:
         """Step t from ``state`` given the raw batch gradient g (P,) or (K, P): clipped (row by
