@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
+from . import _tree, metrics
 from ._api import score
 from ._data import memmap_arrays
 from ._errors import ConfigError, UnsupportedMethodError
+from ._functional import BatchLoss
 from ._io import write_json
 from ._measure import Measure
 from ._version import __version__
@@ -46,6 +47,10 @@ DEFAULT_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-
 UNITLESS = {"grad-cos"}  # not in loss units: no MAE
 LDS_SUBSETS_REPLAY = 50  # default number of LDS subsets with the replayed truth only
 LDS_SUBSETS_RETRAIN = 200  # ... when a retraining truth (reshuffle, reseed) is asked
+# setups trained with a batch-coupled loss (docs/method.md §4.4, e.g. mnist-captions): their default rows are
+# the methods that support it, and their linearisation ceiling is measured by a float64 metagradient
+# through the unrolled run (:func:`metagradient_ceiling`)
+BATCH_LOSS_METHODS = ("diffin", "diffin-frozen", "tracin", "tracin-every-step")
 
 
 @dataclass
@@ -115,7 +120,11 @@ class BenchConfig:
             out.add(int(v))
         return sorted(out)
 
-    def method_list(self) -> list[str]:
+    def method_list(self, batch_loss: bool = False) -> list[str]:
+        """The methods to score; left at the default, a setup with a batch-coupled loss gets
+        :data:`BATCH_LOSS_METHODS`."""
+        if batch_loss and self.methods == ",".join(DEFAULT_METHODS):
+            return list(BATCH_LOSS_METHODS)
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
     def truth_modes(self) -> list[str]:
@@ -162,7 +171,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     data = setup.data()
     model = setup.model(data)
     run_dir = workdir / name
-    t = train(model, data.x_train, data.y_train, setup.train, run_dir, overwrite=True)
+    t = train(model, data.x_train, data.y_train, setup.train, run_dir, loss=setup.loss_fn, overwrite=True)
     N = data.n_train
     rng = np.random.default_rng(cfg.seed)
     k = min(cfg.n_removed or setup.n_ground_truth, N)
@@ -177,7 +186,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
         "setup": name,
         "description": setup.description,
         "n_train": N,
-        "n_val": int(data.x_val.shape[0]),
+        "n_val": _tree.batch_len(data.x_val),
         "n_steps": t.steps,
         "train_seconds": t.seconds,
         "optimizer": setup.train.optimizer,
@@ -188,7 +197,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     }
     masks = actual_lds = actual_lds_ex = None
     truths: dict[str, np.ndarray] = {}  # LDS truth mode -> (S,) mean change
-    q = min(cfg.lds_examples, int(data.x_val.shape[0]))
+    q = min(cfg.lds_examples, _tree.batch_len(data.x_val))
     n_sub = cfg.n_lds_subsets()
     modes = cfg.truth_modes()
     if n_sub:
@@ -218,7 +227,8 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
                                   "noise_ceiling": tr.noise_ceiling(), "seconds": m_tr.seconds}
     results = []
     all_scores: dict[str, np.ndarray] = {}  # method -> (N,) scores, for the paired bootstraps
-    for method in cfg.method_list():
+    coupled = isinstance(setup.loss_fn, BatchLoss)
+    for method in cfg.method_list(coupled):
         row = _scored_row(method, method, run_dir, setup, data, cfg, common, removed, actual, masks, truths, log,
                           all_scores)
         if actual_lds_ex is not None and not row.get("error"):
@@ -245,6 +255,38 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     exact = next((r for r in results if r.get("variant") == "diffin-exact"), None)
     if exact is not None:
         out["linearisation_ceiling"] = {k_: exact[k_] for k_ in ("pearson", "spearman", "kendall")}
+    if coupled:
+        log(f"[{name}] float64 metagradient through the unrolled run ...")
+        mg = metagradient_ceiling(run_dir, setup, data, removed, actual, all_scores.get("diffin"))
+        out.setdefault("linearisation_ceiling", {})["metagradient"] = mg
+    return out
+
+
+def metagradient_ceiling(run_dir: Path, setup: Any, data: Any, removed: np.ndarray, actual: np.ndarray,
+                         diffin_scores: np.ndarray | None = None) -> dict[str, Any]:
+    """The ceiling of the exact linearisation, measured independently of the sweep: −∂f/∂ω_z for every
+    training sample by reverse-mode autograd through the whole recorded run unrolled as one float64
+    program (:func:`diffin._reference.metagradient`), f the validation loss (the whole validation set
+    as one batch, weights of ones). Compared with the replayed removals ``actual`` of ``removed``
+    (Pearson, Spearman, Kendall) and, given ``diffin_scores`` (N,), with diffin's own scores (largest
+    absolute difference relative to the largest score). Seconds of the autograd pass included."""
+    from ._data import DataSource
+    from ._functional import FlatModel
+    from ._reference import metagradient
+
+    run = load_run(run_dir)
+    fm = FlatModel(setup.model(data).double(), setup.loss_fn, run.trainable)
+    src = DataSource((data.x_train, data.y_train), torch.float64, torch.device("cpu"))
+    xv = _tree.place(data.x_val, torch.float64, torch.device("cpu"))
+    t0 = time.perf_counter()
+    mg = metagradient(run, fm, src, lambda th: fm.batch_loss(th, xv, data.y_val)).double().numpy()
+    out: dict[str, Any] = {"kind": "float64 metagradient through the unrolled run", "n_steps": run.n_steps,
+                           "seconds": time.perf_counter() - t0,
+                           **{k: v for k, v in _compare(mg[removed], actual, False).items() if k != "jaccard_top10"}}
+    if diffin_scores is not None:
+        d = np.asarray(diffin_scores, dtype=np.float64)
+        out["max_rel_diff_vs_diffin"] = float(np.abs(d - mg).max() / max(np.abs(mg).max(), 1e-300))
+        out["pearson_vs_diffin"] = metrics.pearson(d, mg)
     return out
 
 
@@ -548,6 +590,12 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
                 print(f"truth {mode}: {tr['n_subsets']} subsets × {tr['n_seeds']} seeds in {tr['seconds']:.1f}s, "
                       f"noise ceiling {tr['noise_ceiling']:.3f}")
         print(text_table(table_columns(r), table_rows(r)))
+        mg = r.get("linearisation_ceiling", {}).get("metagradient")
+        if mg:
+            rel = (f"; differs from diffin's scores by {mg['max_rel_diff_vs_diffin']:.1e} of their largest"
+                   if "max_rel_diff_vs_diffin" in mg else "")
+            print(f"\nlinearisation ceiling ({mg['kind']}, {mg['n_steps']} steps, {mg['seconds']:.1f}s): Pearson "
+                  f"{mg['pearson']:.4f}, Spearman {mg['spearman']:.4f} against the replayed removals{rel}")
         if r.get("spot_check"):
             sc = r["spot_check"]
             print(f"\nspot check ({sc['dtype']}, N={sc['n_train']}, {sc['n_removed']} replayed removals): diffin "

@@ -14,10 +14,11 @@ from torch import nn
 from .. import _constants as C
 from .._errors import ConfigError, CorruptManifestError
 from .._io import write_json
+from .captions import CLIP_LOSS, TwoTower, clip_scores, evaluate_captions, load_mnist_captions, mismatch_captions
 from .data import DataSplit, flip_labels, load_digits, load_mnist5k, make_synthetic
 from .models import cross_entropy, logistic_regression, mlp, small_cnn
 from .synthetic_scale import default_folder, load_split
-from .trainer import TrainConfig
+from .trainer import TrainConfig, evaluate
 
 
 @dataclass
@@ -36,13 +37,24 @@ class Setup:
     noise_seed: int | None = None
     """Seed of the flipped labels; ``None``: the training seed (runs of other seeds on the same
     noisy data, ``diffin train --seeds K``, keep the first run's seed here)."""
-
-    loss_fn = staticmethod(cross_entropy)
+    loss_fn: Any = cross_entropy
+    """The training loss: a per-sample ``loss(outputs, targets) -> (B,)`` or a :func:`diffin.batch_loss`."""
+    corrupt: Callable[[DataSplit, float, int], DataSplit] = flip_labels
+    """How ``noise`` corrupts the training data, in place, recording the corrupted ids in ``flipped``:
+    ``corrupt(split, noise, seed)`` (default: flip labels)."""
+    noise_kind: str = "training labels flipped"
+    """What a corrupted sample is, for descriptions (e.g. "10% of training labels flipped")."""
+    evaluate: Callable[..., dict[str, float]] = evaluate
+    """``evaluate(model, x, y, loss_fn=, params=) -> {"loss", "accuracy"}``: the quality measure of
+    retrained models (default :func:`diffin.builtin.trainer.evaluate`, test accuracy)."""
+    pair_scores: Callable[..., Any] | None = None
+    """For image–text setups: ``pair_scores(model, inputs, params=None) -> (N,)`` the CLIP score
+    (cosine of each pair; the usual data filter); ``None`` for other setups."""
 
     def data(self) -> DataSplit:
         split = self.load(self.dtype)
         if self.noise:
-            flip_labels(split, self.noise, seed=self.train.seed if self.noise_seed is None else self.noise_seed)
+            self.corrupt(split, self.noise, self.train.seed if self.noise_seed is None else self.noise_seed)
         return split
 
     def model(self, split: DataSplit) -> nn.Module:
@@ -183,6 +195,19 @@ _register(Setup(
     lambda s: mlp(s.input_shape[0], s.n_classes, (256, 256), "tanh"),
     TrainConfig(epochs=1, batch_size=256, lr=0.1, checkpoint_every=500, seed=0),
     dtype=torch.float32, n_ground_truth=20,
+))
+
+# image–text pairs with a contrastive loss (docs/method.md §4.4): 190 SGD steps, float64, about a
+# second of training; its diffin Pearson against replayed removal and its ceiling are in BENCHMARKS.md
+_register(Setup(
+    "mnist-captions", "MNIST-5k images with template captions: 1,000 train pairs (10% mismatched: the caption of "
+    "another digit) / 500 val pairs / 500 test images (zero-shot accuracy from class prompts); two towers (linear "
+    "image tower, bag-of-tokens text tower, 32-d, learned temperature), symmetric InfoNCE, float64, SGD lr 0.02, "
+    "batch 32, 6 epochs",
+    lambda dt: load_mnist_captions(1000, 500, 500, seed=0, dtype=dt), lambda s: TwoTower(32),
+    TrainConfig(epochs=6, batch_size=32, lr=0.02, checkpoint_every=32, seed=0),
+    noise=0.1, n_ground_truth=100, loss_fn=CLIP_LOSS, corrupt=mismatch_captions,
+    noise_kind="training pairs mismatched", evaluate=evaluate_captions, pair_scores=clip_scores,
 ))
 
 

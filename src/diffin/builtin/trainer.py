@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _tree
 from .._errors import ConfigError
+from .._functional import BatchLoss
 from .._progress import progress_bar
 from ..config import config_field
 from ..recording import Recorder
@@ -168,13 +170,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 def train(
     model: nn.Module,
-    x: Tensor,
+    x: Any,
     y: Tensor,
     config: TrainConfig,
     run_dir: str | os.PathLike[str],
     *,
     keep: np.ndarray | None = None,
-    loss: str | LossFn = "cross_entropy",
+    loss: str | LossFn | BatchLoss = "cross_entropy",
     lrs: Sequence[float] | np.ndarray | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -186,16 +188,20 @@ def train(
     optimizer), then the scheduler's step.
 
     ``x`` and ``y`` may be numpy arrays or memmaps (``diffin.memmap_arrays``): each step reads only
-    its batch's rows.
+    its batch's rows. ``x`` may also be a tuple/list or a dict of tensors or arrays with one row per
+    sample each (docs/method.md §4.7): the model is called as ``model(*batch)`` or
+    ``model(**batch)``.
 
     Args:
         keep: train only on these ids (the recorded ids stay indices into x, y).
-        loss: ``"cross_entropy"``, ``"mse"``, or a per-sample loss ``loss(outputs, targets) -> (B,)``
-            (averaged over each batch).
+        loss: ``"cross_entropy"``, ``"mse"``, a per-sample loss ``loss(outputs, targets) -> (B,)``
+            (averaged over each batch), or a batch-coupled loss :func:`diffin.batch_loss`
+            (``fn(outputs, targets, ones(B))``, the batch's loss as it defines it; docs/method.md §4.4).
         lrs: follow these per-step learning rates (see :func:`step_lrs`; every group gets the
             step's rate) instead of ``config.lr`` / ``config.schedule``.
     """
-    ids_all = np.arange(x.shape[0]) if keep is None else np.asarray(keep, dtype=np.int64)
+    n_rows = _tree.batch_len(x)
+    ids_all = np.arange(n_rows) if keep is None else np.asarray(keep, dtype=np.int64)
     if ids_all.size == 0:
         raise ConfigError("cannot train on an empty set of samples")
     order = batch_order(len(ids_all), config.batch_size, config.epochs, config.seed)
@@ -215,14 +221,14 @@ def train(
     t0 = time.perf_counter()
     last = float("nan")
     with Recorder(run_dir, model, optimizer=opt, checkpoint_every=every, seed=config.seed,
-                  n_train=int(x.shape[0]), overwrite=overwrite, clip_grad_norm=clip) as rec, \
+                  n_train=n_rows, overwrite=overwrite, clip_grad_norm=clip) as rec, \
             progress_bar(total, "train", progress) as bar:
         for t, pos in enumerate(order):
             if rates is not None:
                 for g in opt.param_groups:
                     g["lr"] = float(rates[t])
             ids = torch.as_tensor(ids_all[pos])
-            batch_loss = crit(model(_rows(x, ids)), _rows(y, ids))
+            batch_loss = crit(_tree.call_model(model, None, _batch_rows(x, ids)), _rows(y, ids))
             opt.zero_grad()
             batch_loss.backward()
             if clip is not None:
@@ -242,22 +248,36 @@ def _rows(a: Tensor | np.ndarray, ids: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(a[ids.numpy()])) if isinstance(a, np.ndarray) else a[ids]
 
 
-def _batch_loss(loss: str | LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+def _batch_rows(x: Any, ids: Tensor) -> Any:
+    """Rows ``ids`` of every part of the inputs (a tensor/array, or a tuple/list/dict of them)."""
+    return _tree.tree_map(lambda a: _rows(a, ids), x)
+
+
+def _batch_loss(loss: str | LossFn | BatchLoss) -> Callable[[Any, Tensor], Tensor]:
+    if isinstance(loss, BatchLoss):
+        return lambda out, y: loss(out, y, torch.ones(y.shape[0], dtype=_out_dtype(out), device=y.device))
     if callable(loss):
         return lambda out, y: loss(out, y).mean()
     if loss == "cross_entropy":
         return nn.CrossEntropyLoss()
     if loss == "mse":
         return nn.MSELoss()
-    raise ConfigError(f"loss must be 'cross_entropy', 'mse' or a per-sample loss function, got {loss!r}")
+    raise ConfigError(f"loss must be 'cross_entropy', 'mse', a per-sample loss function or diffin.batch_loss(fn), "
+                      f"got {loss!r}")
+
+
+def _out_dtype(out: Any) -> torch.dtype:
+    """The dtype of a model's (first floating) output: the batch-loss weights' dtype."""
+    floats = [a for a in _tree.leaves(out) if isinstance(a, Tensor) and a.is_floating_point()]
+    return floats[0].dtype if floats else torch.get_default_dtype()
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    x: Tensor,
+    x: Any,
     y: Tensor,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn | BatchLoss | None = None,
     params: Mapping[str, Tensor] | None = None,
     batch_size: int = 2048,
 ) -> dict[str, float]:
@@ -265,28 +285,37 @@ def evaluate(
 
     Args:
         model: the module; evaluated in eval mode (its mode is restored afterwards).
-        x, y: inputs (N, ...) and targets (N, ...); floating inputs are cast to the model's dtype.
-        loss_fn: per-sample loss ``(outputs, targets) -> (B,)``; default cross-entropy.
+        x, y: inputs (N, ...) (or a tuple/list/dict of such parts, docs/method.md §4.7) and targets
+            (N, ...); floating inputs are cast to the model's dtype.
+        loss_fn: per-sample loss ``(outputs, targets) -> (B,)``, or a :func:`diffin.batch_loss`
+            (then the loss of each chunk of ``batch_size`` rows as one batch, averaged over chunks
+            by rows); default cross-entropy.
         params: evaluate at these parameter (and buffer) values by name instead of the module's
             own (``torch.func.functional_call``), e.g. a θ replayed from a recorded run.
 
     Returns:
         ``{"loss": mean loss (loss units), "accuracy": fraction correct (classifiers only)}``.
     """
-    from torch.func import functional_call
-
     loss_fn = loss_fn or (lambda o, t: F.cross_entropy(o, t, reduction="none"))
-    dtype = next(model.parameters()).dtype
+    p0 = next(model.parameters())
+    n = _tree.batch_len(x)
     was = model.training
     model.eval()
     try:
-        outs = []
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size]
-            xb = xb.to(dtype) if xb.is_floating_point() else xb
-            outs.append(model(xb) if params is None else functional_call(model, dict(params), (xb,)))
+        outs, chunk_losses = [], []
+        for s in range(0, n, batch_size):
+            xb = _tree.place(_tree.index(x, slice(s, s + batch_size)), p0.dtype, p0.device)
+            out = _tree.call_model(model, params, xb)
+            if isinstance(loss_fn, BatchLoss):
+                yb = y[s : s + batch_size]
+                w = torch.ones(yb.shape[0], dtype=_out_dtype(out), device=yb.device)
+                chunk_losses.append(float(loss_fn(out, yb, w)) * yb.shape[0])
+            else:
+                outs.append(out)
     finally:
         model.train(was)
+    if isinstance(loss_fn, BatchLoss):
+        return {"loss": sum(chunk_losses) / n}
     out = torch.cat(outs)
     res = {"loss": float(loss_fn(out, y).double().mean())}
     if out.ndim == 2 and not y.is_floating_point():

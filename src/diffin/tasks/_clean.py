@@ -8,7 +8,10 @@ Harm, per method (higher = more suspicious):
   loss if removed; a harmful sample's removal lowers it);
 * influence methods without one (``no_validation``): the self-influence (how much the sample's own
   loss would rise if removed: memorised, mislabelled samples rise most);
-* ``loss``: the training loss at θ_T;
+* ``loss``: the training loss at θ_T (for a batch-coupled loss, each pair's share of the loss of the
+  training set as one batch, :func:`~._common.losses_at`);
+* ``clip-score``: for image–text pairs, minus the cosine of the pair under θ_T (low cosine =
+  suspicious, the DataComp filter);
 * ``cleanlab``: ``1 − cleanlab.rank.get_label_quality_scores`` on out-of-fold predicted
   probabilities (K-fold retraining with the task's retraining recipe); ``find_label_issues`` is
   reported too.
@@ -34,11 +37,11 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from .. import _tree
 from .._data import DataSource
-from .._errors import ConfigError, MissingExtraError
+from .._errors import ConfigError, MissingExtraError, UnsupportedMethodError
 from .._io import write_json
 from .._optional import require
-from ..builtin.trainer import evaluate
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..groundtruth import replay_many
@@ -51,6 +54,7 @@ from ._common import (
     cached_score,
     fraction_count,
     losses_at,
+    pair_scores_at,
     prepare_task,
     theta_final,
     write_csv,
@@ -59,6 +63,11 @@ from ._common import (
 RECALL_AT = (0.05, 0.1, 0.2)
 COMBINED = "combined"
 SELF_SUFFIX = "-self"
+CLIP_SCORE = "clip-score"
+DEFAULT_BASELINES = "tracin,if-cg,loss,cleanlab,combined"
+PAIR_BASELINES = "tracin,clip-score,loss"
+"""The baselines of image–text pairs when ``baselines`` is left at its default (cleanlab, if-cg and
+the combined detector are classification or per-sample-loss methods)."""
 
 
 @dataclass
@@ -70,8 +79,8 @@ class CleanConfig:
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
     retrain: bool = config_field(False, "replay training without the flagged samples and evaluate")
-    baselines: str = config_field("tracin,if-cg,loss,cleanlab,combined",
-                                  "comma-separated methods to compare detection with")
+    baselines: str = config_field(DEFAULT_BASELINES, "comma-separated methods to compare detection with (default "
+                                  f"for image-text setups: {PAIR_BASELINES})")
     combine: str = config_field("loss,tracin-self", "signals the 'combined' detector averages by rank "
                                 "percentile: loss, cleanlab, an influence method or METHOD-self")
     cleanlab_folds: int = config_field(5, "folds of out-of-fold probabilities for cleanlab")
@@ -91,8 +100,11 @@ class CleanConfig:
     def combine_list(self) -> list[str]:
         return list(dict.fromkeys(c.strip() for c in self.combine.split(",") if c.strip()))
 
-    def method_list(self) -> list[str]:
-        names = [self.method] + [b.strip() for b in self.baselines.split(",") if b.strip()]
+    def method_list(self, pairs: bool = False) -> list[str]:
+        """The primary method, then the baselines (``pairs``: image–text data, whose default
+        baselines are :data:`PAIR_BASELINES`)."""
+        base = PAIR_BASELINES if pairs and self.baselines == DEFAULT_BASELINES else self.baselines
+        names = [self.method] + [b.strip() for b in base.split(",") if b.strip()]
         return list(dict.fromkeys(names))
 
 
@@ -104,6 +116,8 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
     """(axis label of the value a method ranks by, short name for captions)."""
     if name == "loss":
         return "training loss at θ_T (more harmful →)", "loss"
+    if name == CLIP_SCORE:
+        return "CLIP score: cosine of the pair at θ_T (← more suspicious)", "cos"
     if name == "cleanlab":
         return "1 − cleanlab label quality (more harmful →)", "1−quality"
     if name == COMBINED:
@@ -116,7 +130,7 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
 def _shown(name: str, harm: np.ndarray, self_ranked: bool) -> np.ndarray:
     """The natural value of a method from its harm: influence scores against a validation set
     are −harm; every other harm is shown as is."""
-    return -harm if (name in Estimator.registry and not self_ranked) else harm
+    return -harm if ((name in Estimator.registry and not self_ranked) or name == CLIP_SCORE) else harm
 
 
 def rank_mean(harms: list[np.ndarray]) -> np.ndarray:
@@ -135,6 +149,8 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if name == "loss":
         fm, theta, _ = theta_final(inp, state.run)
         return losses_at(fm, theta, inp.train)
+    if name == CLIP_SCORE:
+        return -pair_scores_at(inp, state.run)
     if name == "cleanlab":
         if recipe is None:
             raise ConfigError("cleanlab's out-of-fold models need a retraining recipe; see the recipe error")
@@ -200,7 +216,7 @@ def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanC
         full, thetas = replay_many(traj, list(groups.values()), "renormalize")
 
     def ev(th: torch.Tensor) -> dict[str, float]:
-        res = evaluate(fm.model, *evalset, loss_fn=fm.loss_fn, params=fm.unflatten(th))
+        res = inp.evaluate(fm.model, *evalset, loss_fn=fm.loss_fn, params=fm.unflatten(th))
         return {f"{which}_{k}": v for k, v in res.items()}
 
     out: dict[str, Any] = {"evaluated_on": which, "before": ev(full), "n_removed": int(len(flagged))}
@@ -222,7 +238,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
     from ..metrics import detection_auc, recall_at
 
     cfg = config if config is not None else CleanConfig(**options)
-    methods = cfg.method_list()
+    methods = cfg.method_list(inp.pairs)
     recipe, recipe_error = None, None
     if "cleanlab" in methods or (COMBINED in methods and "cleanlab" in cfg.combine_list()):
         try:
@@ -244,7 +260,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
         t = time.perf_counter()
         try:
             harms[name] = _harm(name, inp, state, cfg, recipe, progress, notes)
-        except (ConfigError, MissingExtraError) as e:
+        except (ConfigError, MissingExtraError, UnsupportedMethodError) as e:
             if name == cfg.method:
                 raise
             errors[name] = str(e)
@@ -268,6 +284,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
         result["recipe"] = {"description": recipe.describe(), **recipe.to_json()}
     if inp.flipped is not None:
         result["n_flipped"] = int(inp.flipped.sum())
+        result["corrupted"] = "mismatched pairs" if inp.pairs else "flipped labels"
         result["flagged_precision"] = float(inp.flipped[flagged].mean())
         result["detection"] = {
             name: {"auc": detection_auc(-h, inp.flipped),
@@ -300,7 +317,8 @@ def summary_text(result: dict[str, Any]) -> str:
     """Terminal tables: detection per method and the retrain effect."""
     parts = [f"flagged {result['n_flagged']:,} samples by {result['method']} ({result['ranking']})"]
     if "detection" in result:
-        parts += [f"\nfinding the {result['n_flipped']:,} flipped labels:\n", text_table(*_detection_table(result))]
+        parts += [f"\nfinding the {result['n_flipped']:,} {result.get('corrupted', 'flipped labels')}:\n",
+                  text_table(*_detection_table(result))]
     if "retrain" in result:
         parts += ["\nretrained without the flagged samples (same θ_0 and batch order):\n",
                   text_table(*_retrain_table(result))]
@@ -317,10 +335,12 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
     is_flagged[flagged] = True
     true = inp.clean_labels.numpy() if inp.clean_labels is not None else None
     known = inp.flipped is not None and true is not None
-    header = ["id", "label"] + (["true_label", "flipped"] if known else []) + [f"harm_{m}" for m in harms] + ["flagged"]
+    corrupt = "mismatched" if inp.pairs else "flipped"
+    header = (["id", "label"] + (["caption"] if inp.texts is not None else [])
+              + (["true_label", corrupt] if known else []) + [f"harm_{m}" for m in harms] + ["flagged"])
     rows = []
     for i in range(inp.n_train):
-        row = [str(i), str(labels[i])]
+        row = [str(i), str(labels[i])] + ([inp.texts[i]] if inp.texts is not None else [])
         if known:
             row += [str(true[i]), str(int(inp.flipped[i]))]  # type: ignore[index]
         rows.append(row + [f"{harms[m][i]:.9g}" for m in harms] + [str(int(is_flagged[i]))])
@@ -333,12 +353,13 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
     if "recipe" in result:
         rep.text(f"Retraining recipe of cleanlab's out-of-fold models: {result['recipe']['description']}.")
     if "detection" in result:
-        rep.heading(f"Finding the {result['n_flipped']:,} flipped labels")
+        rep.heading(f"Finding the {result['n_flipped']:,} {result.get('corrupted', 'flipped labels')}")
         rep.table(*_detection_table(result))
         shown = {m: _shown(m, h, self_ranked) for m, h in harms.items()}
         score_histograms(out / "harm_histograms.png", shown, inp.flipped,  # type: ignore[arg-type]
                          {m: _what(m, self_ranked)[0] for m in harms})
-        rep.figure("harm_histograms.png", "what each method ranks by, clean and flipped samples")
+        rep.figure("harm_histograms.png", "what each method ranks by, clean and "
+                   + ("mismatched pairs" if inp.pairs else "flipped samples"))
     if "retrain" in result:
         rep.heading("Retraining without the flagged samples")
         rep.text("Same θ_0, batch order and learning rates; flagged samples left out of every batch.")
@@ -347,16 +368,21 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
         rep.heading("Methods that did not run")
         for name, err in result["errors"].items():
             rep.text(f"**{name}**: {err}")
-    side = int(round(inp.train[0][0].numel() ** 0.5))
-    if side * side == inp.train[0][0].numel() and side >= 8:
+    images = _tree.leaves(inp.train[0])[0]  # the images: the inputs, or their first part (image-text pairs)
+    side = int(round(images[0].numel() ** 0.5))
+    if side * side == images[0].numel() and side >= 8:
         m = result["method"]
         label, short = _what(m, self_ranked)
         values = _shown(m, harms[m], self_ranked)
         worst = np.argsort(-harms[m], kind="stable")[:25]
-        caps = [f"#{i} label {labels[i]}"
-                + (f" (true {true[i]})" if true is not None and true[i] != labels[i] else "")
-                + f"\n{short} {values[i]:.3g}" for i in worst]
-        image_grid(out / "most_harmful.png", inp.train[0][worst].detach().cpu().numpy(), caps, side,
+        if inp.texts is not None:
+            caps = [f"#{i} digit {labels[i]}" + (" MISMATCHED" if known and inp.flipped[i] else "")  # type: ignore[index]
+                    + f"\n'{inp.texts[i]}'\n{short} {values[i]:.3g}" for i in worst]
+        else:
+            caps = [f"#{i} label {labels[i]}"
+                    + (f" (true {true[i]})" if true is not None and true[i] != labels[i] else "")
+                    + f"\n{short} {values[i]:.3g}" for i in worst]
+        image_grid(out / "most_harmful.png", images[worst].reshape(len(worst), -1).detach().cpu().numpy(), caps, side,
                    f"{len(worst)} most harmful by {m}: {label.split(' (')[0]}")
         rep.figure("most_harmful.png", f"the {len(worst)} most harmful training samples by {m}, with their values")
     rep.write(out)

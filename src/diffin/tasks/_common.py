@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import _tree
 from .._api import score
 from .._data import fingerprint
 from .._errors import ConfigError, DiffinError, OutputExistsError, RecipeError
 from .._functional import FlatModel, LossFn
 from .._io import write_json, write_npy, write_text
 from ..builtin.trainer import TrainConfig
+from ..builtin.trainer import evaluate as evaluate_builtin
 from ..builtin.trainer import train as train_builtin
 from ..config import ScoreConfig
 from ..recording.run import Run, load_run
@@ -53,8 +55,16 @@ class TaskInputs:
     """Everything a task needs about one recorded training run.
 
     ``model_factory`` builds a fresh module of the architecture (values come from the run);
-    ``train``/``val``/``test`` are ``(inputs, targets)`` tensors (``val``/``test`` optional);
-    ``flipped`` marks training ids whose labels are known to be wrong (for detection metrics).
+    ``train``/``val``/``test`` are ``(inputs, targets)`` pairs (``val``/``test`` optional), inputs a
+    tensor or a tuple/list/dict of tensors (docs/method.md §4.7);
+    ``flipped`` marks training ids known to be corrupted (wrong labels, mismatched image–text
+    pairs: ``noise_kind`` says which) for detection metrics.
+
+    ``evaluate(model, x, y, loss_fn=, params=) -> {"loss", "accuracy"}`` measures retrained models
+    (default: :func:`diffin.builtin.trainer.evaluate`, classification accuracy; an image–text setup
+    gives zero-shot accuracy). ``pair_scores(model, inputs, params=None) -> (N,)``: for image–text
+    pairs, the CLIP score (cosine of each pair under the model), the baseline ``clip-score``;
+    ``texts``: the training captions, shown in reports.
 
     Retraining (pruning, cleanlab's out-of-fold models) uses :meth:`recipe`: ``train_config`` when
     given (a built-in setup's recipe), else the recipe recorded in the run; ``train_overrides``
@@ -77,6 +87,10 @@ class TaskInputs:
     sizes: dict[str, int] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
     setup: Setup | None = None
+    evaluate: Callable[..., dict[str, float]] = evaluate_builtin
+    pair_scores: Callable[..., Any] | None = None
+    texts: list[str] | None = None
+    noise_kind: str = "training labels flipped"
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
@@ -87,7 +101,12 @@ class TaskInputs:
 
     @property
     def n_train(self) -> int:
-        return int(self.train[0].shape[0])
+        return _tree.batch_len(self.train[0])
+
+    @property
+    def pairs(self) -> bool:
+        """Image–text pairs (a CLIP score is defined)."""
+        return self.pair_scores is not None
 
     @property
     def labels(self) -> np.ndarray:
@@ -144,7 +163,7 @@ class TaskInputs:
             data = setup.data()
             write_json(self.run / BUILDING, self.setup_meta())
             train_builtin(setup.model(data), data.x_train, data.y_train, setup.train, self.run,
-                          overwrite=True, progress=progress)
+                          loss=setup.loss_fn, overwrite=True, progress=progress)
             write_setup_meta(self.run, setup)
             (self.run / BUILDING).unlink()
         return load_run(self.run)
@@ -293,6 +312,7 @@ def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[
     if noise is not None:
         setup = setup.with_changes(noise=noise)
     data = setup.data()
+    captions = getattr(data, "captions", None)
     return TaskInputs(
         run=Path(out) / "run",
         model_factory=lambda: setup.model(data),
@@ -303,11 +323,14 @@ def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[
         flipped=data.flipped if setup.noise else None,
         clean_labels=data.y_train_clean,
         train_config=setup.train,
-        description=setup.description + (f"; {setup.noise:.0%} of training labels flipped"
-                                         if setup.noise else ""),
+        description=setup.description + (f"; {setup.noise:.0%} of {setup.noise_kind}" if setup.noise else ""),
         sizes=data.sizes(),
         train_overrides=dict(train_overrides or {}),
         setup=setup,
+        evaluate=setup.evaluate,
+        pair_scores=setup.pair_scores,
+        texts=captions() if callable(captions) else None,
+        noise_kind=setup.noise_kind,
     )
 
 
@@ -453,11 +476,24 @@ def theta_final(inp: TaskInputs, run: Run | None = None) -> tuple[FlatModel, Ten
 
 
 @torch.no_grad()
-def losses_at(fm: FlatModel, theta: Tensor, data: tuple[Tensor, Tensor], chunk: int = 2048) -> np.ndarray:
-    """Per-sample losses (N,) at θ, float64."""
+def losses_at(fm: FlatModel, theta: Tensor, data: tuple[Any, Tensor], chunk: int = 2048) -> np.ndarray:
+    """Per-sample losses (N,) at θ, float64, in chunks of ``chunk`` rows. For a batch-coupled loss
+    (docs/method.md §4.4) each sample's share ℓ_i = B·∂L/∂ω_i at ω = 1 within its chunk as one
+    batch (its own loss terms and its part in its chunk mates' denominators)."""
     x, y = data
-    return torch.cat([fm.losses(theta, x[s : s + chunk], y[s : s + chunk])
-                      for s in range(0, x.shape[0], chunk)]).double().numpy()
+    n = _tree.batch_len(x)
+    return torch.cat([fm.losses(theta, _tree.index(x, slice(s, s + chunk)), y[s : s + chunk])
+                      for s in range(0, n, chunk)]).double().numpy()
+
+
+def pair_scores_at(inp: TaskInputs, run: Run | None = None) -> np.ndarray:
+    """CLIP score (N,) float64 of every training pair under θ_T of the run (cosine of image and
+    caption; low = suspicious); a named error for a setup that is not image–text pairs."""
+    if inp.pair_scores is None:
+        raise ConfigError("clip-score needs image-text pairs (a setup such as mnist-captions, or TaskInputs "
+                          "pair_scores=); choose another method")
+    fm, theta, _ = theta_final(inp, run)
+    return np.asarray(inp.pair_scores(fm.model, inp.train[0], fm.unflatten(theta)), dtype=np.float64)
 
 
 def fraction_count(n: int, fraction: float | None, count: int | None, what: str) -> int:

@@ -8,6 +8,8 @@ same recorded run. Higher = more important to keep, as each is used in its paper
   again during training, replayed from the recording; never-learned samples rank highest
   (Toneva et al. 2019).
 * ``random``: a seeded random order.
+* ``clip-score``: for image–text pairs, the cosine of each pair under θ_T (the DataComp filter:
+  keep the pairs the trained model finds best matched).
 
 ``early`` is the first checkpoint after 10% of the steps (the papers score early in training).
 EL2N and forgetting assume a classifier (logits and integer labels).
@@ -24,9 +26,9 @@ from .._errors import ConfigError
 from .._functional import FlatModel
 from ..recording.run import Run
 from ..trajectory import Trajectory
-from ._common import TaskInputs, losses_at, theta_final
+from ._common import TaskInputs, losses_at, pair_scores_at, theta_final
 
-HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting")
+HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting", "clip-score")
 
 
 def _early_step(steps: list[int], n_steps: int) -> int:
@@ -42,6 +44,8 @@ def importance(name: str, inp: TaskInputs, seed: int = 0, run: Run | None = None
     N = inp.n_train
     if name == "random":
         return np.random.default_rng(seed).random(N)
+    if name == "clip-score":
+        return pair_scores_at(inp, run)
     fm, theta_T, run = theta_final(inp, run)
     x, y = inp.train
     if name == "loss":

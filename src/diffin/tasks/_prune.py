@@ -39,7 +39,6 @@ import numpy as np
 from .._data import fingerprint
 from .._errors import ConfigError
 from .._io import write_json
-from ..builtin.trainer import evaluate
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..report import Report, curves, format_list, format_sizes
@@ -47,14 +46,18 @@ from ._common import Recipe, TaskInputs, TaskState, cached_score, canonical, loa
 from ._heuristics import HEURISTICS, importance
 
 RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential")
+DEFAULT_METHODS = "diffin,tracin,random,loss,el2n,grand,forgetting"
+PAIR_METHODS = "diffin,tracin,clip-score,loss,random"
+"""The methods of image–text pairs when ``methods`` is left at its default (EL2N, GraNd and
+forgetting assume a classifier)."""
 SCORES = ("replay", "retrain")
 @dataclass
 class PruneConfig:
     """Options of ``diffin prune``."""
 
     keep: str = config_field("0.1,0.3,0.5,0.7,0.9", "comma-separated fractions of the training set to keep")
-    methods: str = config_field("diffin,tracin,random,loss,el2n,grand,forgetting",
-                                "comma-separated selection methods")
+    methods: str = config_field(DEFAULT_METHODS, "comma-separated selection methods (default for image-text "
+                                f"setups: {PAIR_METHODS})")
     rule: str = config_field("auto", "selection rule of influence methods: auto (drop-harmful below --switch, "
                              "keep-influential from it on), drop-harmful, keep-helpful or keep-influential",
                              choices=RULES)
@@ -86,8 +89,10 @@ class PruneConfig:
             raise ConfigError(f"keep fractions must lie in (0, 1]; got {bad or self.keep!r}")
         return fr
 
-    def method_list(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
+    def method_list(self, pairs: bool = False) -> list[str]:
+        """The selection methods (``pairs``: image–text data, whose default is :data:`PAIR_METHODS`)."""
+        text = PAIR_METHODS if pairs and self.methods == DEFAULT_METHODS else self.methods
+        return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.ndarray | None = None,
@@ -173,7 +178,7 @@ def _retrain(inp: TaskInputs, state: TaskState, recipe: Recipe, evalset: tuple[A
     model = inp.model_factory()
     with tempfile.TemporaryDirectory() as tmp:
         recipe.train(model, *inp.train, Path(tmp) / "run", keep_ids, seed, inp.loss_fn)
-    ev = evaluate(model, *evalset, loss_fn=inp.loss_fn)
+    ev = inp.evaluate(model, *evalset, loss_fn=inp.loss_fn)
     if "accuracy" not in ev:
         raise ConfigError("pruning compares accuracies: it needs a classifier (2-D outputs, integer labels)")
     res = {"accuracy": ev["accuracy"], "loss": ev["loss"], "n_kept": int(keep_ids.size)}
@@ -201,7 +206,7 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
     fractions = cfg.fractions()
     seeds = [cfg.seed + s for s in range(cfg.seeds)]
     t0 = time.perf_counter()
-    values = {m: _values(m, inp, state, cfg, progress) for m in cfg.method_list()}
+    values = {m: _values(m, inp, state, cfg, progress) for m in cfg.method_list(inp.pairs)}
     t_scores = time.perf_counter() - t0
     full = [_retrain(inp, state, recipe, evalset, "full", np.arange(inp.n_train), s) for s in seeds]
     curves_: dict[str, list[dict[str, Any]]] = {}
@@ -236,6 +241,8 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
         "seconds": {"scores": t_scores, "total": time.perf_counter() - t0},
         "config": asdict(cfg),
     }
+    if inp.flipped is not None:
+        result["detection"] = detection(values, inp.flipped)
     if "random" in curves_:
         rnd = {p["keep"]: p["test_accuracy_mean"] for p in curves_["random"]}
         result["vs_random"] = {m: {str(p["keep"]): p["test_accuracy_mean"] - rnd[p["keep"]] for p in pts}
@@ -243,6 +250,20 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
     if state.out is not None:
         _write(state.out, inp, result, values)
     return result
+
+
+def detection(values: dict[str, tuple[np.ndarray, bool]], corrupted: np.ndarray) -> dict[str, dict[str, float]]:
+    """ROC-AUC per method of finding the known corrupted samples (flipped labels, mismatched pairs)
+    from its selection values: harm = −score for influence scores (negative = harmful) and for
+    ``clip-score`` (low cosine = suspicious), the value itself for the other heuristics (high loss =
+    suspicious); ``random`` (drawn per seed) is scored by its first seed's draw."""
+    from ..metrics import detection_auc
+
+    out = {}
+    for m, (v, signed) in values.items():
+        harm = -v if (signed or m == "clip-score") else v
+        out[m] = {"auc": detection_auc(-harm, corrupted)}
+    return out
 
 
 def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -279,5 +300,9 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
     rep.text(f"Each cell: mean {result['evaluated_on']} accuracy of models retrained from scratch on the kept "
              f"subset. Full data: {full['test_accuracy_mean']:.4f} ± {full['test_accuracy_std']:.4f}.")
     rep.table(*summary_rows(result))
+    if "detection" in result:
+        rep.text("Each method's selection values as a detector of the known corrupted training samples "
+                 "(ROC-AUC; influence scores and CLIP score rank low values as suspicious, loss high ones):")
+        rep.table(["method", "ROC-AUC"], [[m, d["auc"]] for m, d in result["detection"].items()])
     rep.figure("prune_curves.png", f"{result['evaluated_on']} accuracy against the fraction kept, per method")
     rep.write(out)
