@@ -162,3 +162,8 @@ class BatchLossWeightsWarning(UserWarning):
 class BatchLossUnsupportedError(UnsupportedMethodError):
     """The estimator (or option) cannot score a batch-coupled loss (``diffin.batch_loss``) or a
     model whose batch statistics couple its batch; the message names the ones that can."""
+
+
+class TrainModeWarning(UserWarning):
+    """A model with BatchNorm or dropout layers was recorded without their training modes (an
+    older diffin): its run is replayed in eval mode, and the scores describe that run."""

@@ -18,10 +18,11 @@ gradients in loss units per parameter unit; an HVP in loss units per parameter u
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,9 @@ from torch.func import jvp, vmap
 
 from ._errors import ConfigError, LossShapeError
 from ._tree import Inputs, batch_len, call_model, tree_map
+
+if TYPE_CHECKING:
+    from ._train_mode import TrainModeForward
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 HvpMode = Literal["central", "forward", "exact"]
@@ -160,6 +164,61 @@ class FlatModel:
             n: p.detach() for n, p in named.items() if n not in set(trainable)
         }
         self._constants.update({n: b for n, b in model.named_buffers()})
+        # training-mode layers (docs/method.md §4.8): set by enable_train_mode, active inside step()
+        self.train_forward: TrainModeForward | None = None
+        self.stat_names: tuple[str, ...] = ()
+        self._step: _Step | None = None
+
+    # ------------------------------------------------------------------ training-mode layers
+    def enable_train_mode(self, tmf: TrainModeForward) -> None:
+        """Replay training steps in the recorded modes (docs/method.md §4.8): inside :meth:`step`
+        the model runs as :class:`diffin._train_mode.TrainModeForward` (weighted batch statistics,
+        fixed dropout masks); outside it, in eval mode (targets). Train-mode batch statistics couple
+        each training batch (:attr:`coupled_steps`); targets in eval mode stay per sample."""
+        self.train_forward = tmf
+        self.stat_names = tuple(n for n in tmf.buffer_names if not n.endswith("num_batches_tracked"))
+
+    @property
+    def coupled_steps(self) -> bool:
+        """Whether a training step's members are coupled: a batch loss, or BatchNorm that trained
+        on batch statistics (members' shares then come from ∂L_B/∂ω, docs/method.md §4.7-§4.8)."""
+        return self.coupled or bool(self.train_forward is not None and self.train_forward.norm_names)
+
+    @property
+    def num_stats(self) -> int:
+        """R, the length of the flat running statistics (0 without train-mode BatchNorm)."""
+        return sum(self._constants[n].numel() for n in self.stat_names)
+
+    def flat_stats(self, buffers: Mapping[str, Tensor]) -> Tensor:
+        """The running statistics of :attr:`stat_names` as one vector (R,) in θ's dtype."""
+        if not self.stat_names:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return torch.cat([buffers[n].reshape(-1) for n in self.stat_names]).to(device=self.device, dtype=self.dtype)
+
+    def unflat_stats(self, r: Tensor) -> dict[str, Tensor]:
+        """(R,) → {running-stat name: tensor of the buffer's shape and dtype}."""
+        sizes = [self._constants[n].numel() for n in self.stat_names]
+        return {n: part.view(self._constants[n].shape).to(self._constants[n].dtype)
+                for n, part in zip(self.stat_names, torch.split(r, sizes))}
+
+    @contextlib.contextmanager
+    def step(self, masks: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None) -> Iterator[None]:
+        """Within: forwards run as training step t did (``masks``: its dropout masks; ``buffers``:
+        the running statistics before it, e.g. num_batches_tracked for momentum=None). A no-op
+        without :meth:`enable_train_mode`."""
+        if self.train_forward is None:
+            yield
+            return
+        saved, self._step = self._step, _Step(dict(masks or {}), dict(buffers or {}))
+        try:
+            yield
+        finally:
+            self._step = saved
+
+    @property
+    def stepping(self) -> bool:
+        """True inside :meth:`step` of a model with training-mode layers."""
+        return self._step is not None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -191,18 +250,50 @@ class FlatModel:
         return self.flatten({n: named[n].detach() for n in self.spec.names})
 
     # ------------------------------------------------------------------ losses
-    def forward(self, theta: Tensor, x: Inputs, weights: Tensor | None = None) -> Any:
-        """The model's outputs at θ on a batch (``weights`` (B,): the members' weights, for layers
-        whose batch statistics depend on them)."""
-        return call_model(self.model, self.unflatten(theta), x)
+    def forward(self, theta: Tensor, x: Inputs, weights: Tensor | None = None, stats: Tensor | None = None) -> Any:
+        """The model's outputs at θ on a batch: in eval mode, or inside :meth:`step` as the
+        training step ran (``weights`` (B,): the members' weights in the batch statistics).
+        ``stats`` (R,): running statistics to use instead of the installed ones (eval mode reads
+        them; :meth:`step_loss` returns their update)."""
+        return self._forward(theta, x, weights, stats)[0]
 
-    def batch_loss(self, theta: Tensor, x: Inputs, y: Any, weights: Tensor | None = None) -> Tensor:
+    def _forward(self, theta: Tensor, x: Inputs, weights: Tensor | None, stats: Tensor | None
+                 ) -> tuple[Any, dict[str, Tensor]]:
+        params = self.unflatten(theta)
+        if self._step is not None:
+            params.update(self._step.buffers)
+        if stats is not None:
+            params.update(self.unflat_stats(stats))
+        if self.train_forward is None:
+            return call_model(self.model, params, x), {}
+        if self._step is None:  # eval mode whatever mode the module object is in
+            tmf = self.train_forward
+            with _differentiable_eval_norms(self.model, tmf.norm_names if stats is not None else (),
+                                            (*tmf.norm_names, *tmf.dropout_names)):
+                return call_model(self.model, params, x), {}
+        return self.train_forward(params, x, weights, self._step.masks)
+
+    def step_loss(self, theta: Tensor, stats: Tensor | None, x: Inputs, y: Any, weights: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Inside :meth:`step`: L_B(θ; ω) and the running statistics after the step, (R,) and as
+        buffers (num_batches_tracked included) — pure, for autograd and ``torch.func``."""
+        B = batch_len(x)
+        if weights is None:
+            weights = torch.ones(B, dtype=self.dtype, device=self.device)
+        out, new = self._forward(theta, x, weights, stats)
+        r = self.flat_stats(new) if self.stat_names and new else torch.zeros(0, dtype=self.dtype, device=self.device)
+        return self._loss_of(out, y, weights, B), r, new
+
+    def batch_loss(self, theta: Tensor, x: Inputs, y: Any, weights: Tensor | None = None,
+                   stats: Tensor | None = None) -> Tensor:
         """L_B(θ; ω), a scalar in loss units: Σ_i ω_i·l_i/|B| for a per-sample loss, ``fn(outputs,
         y, ω)`` for a :class:`BatchLoss`; ``weights`` ω (B,), default ones."""
         B = batch_len(x)
         if weights is None:
             weights = torch.ones(B, dtype=self.dtype, device=self.device)
-        out = self.forward(theta, x, weights)
+        return self._loss_of(self.forward(theta, x, weights, stats), y, weights, B)
+
+    def _loss_of(self, out: Any, y: Any, weights: Tensor, B: int) -> Tensor:
         if self.coupled:
             L = self.loss_fn(out, y, weights)
             if not isinstance(L, Tensor) or L.numel() != 1:
@@ -229,7 +320,7 @@ class FlatModel:
         """The members' shares ℓ_i = |B|·∂L_B/∂ω_i at ω = 1, shape (B,): per-sample losses l_i(θ)
         for a per-sample loss; for a batch loss one gradient in ω (composes with ``torch.func``)."""
         B = batch_len(x)
-        if not self.coupled:
+        if not self.coupled and not (self.stepping and self.coupled_steps):
             return self._per_sample(self.forward(theta, x), y, B)
         ones = torch.ones(B, dtype=self.dtype, device=self.device)
         return B * torch.func.grad(lambda w: self.batch_loss(theta, x, y, w))(ones)
@@ -239,7 +330,7 @@ class FlatModel:
         batch loss from the same backward pass, through ω)."""
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            if not self.coupled:
+            if not self.coupled and not (self.stepping and self.coupled_steps):
                 losses = self.losses(th, x, y)
                 (g,) = torch.autograd.grad(losses.mean(), th)
                 return g, losses.detach()
@@ -284,7 +375,7 @@ class FlatModel:
     def per_sample_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample gradients (B, P): ∇l_i, or for a batch loss the gradients of the shares
         ∇ℓ_i within the batch given. Memory B·P: callers pass small chunks."""
-        if self.coupled:
+        if self.coupled or (self.stepping and self.coupled_steps):
             return torch.func.jacrev(lambda th: self.losses(th, x, y))(theta)
 
         def single(th: Tensor, xi: Inputs, yi: Any) -> Tensor:
@@ -403,6 +494,39 @@ class FlatModel:
                     dots.append(torch.zeros_like(u) if parts[1] is None else B * parts[1])
         return torch.stack(hv).detach(), (torch.stack(dots).detach() if want_dots else None)
 
+    def step_vjp(
+        self, theta: Tensor, stats: Tensor, x: Inputs, y: Any, W: Tensor, R_bar: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The VJP of a training step with running statistics (docs/method.md §4.8), exactly, by
+        double backward: with g(θ, ω) = ∇_θ L_B(θ; ω) and the step's new statistics
+        r' = ρ(θ, ω, r), for each row q of W (Q, P) (the coefficient of g) and R_bar (Q, R) (the
+        adjoint of r'):
+
+            φ_q(θ, ω, r) = ⟨W_q, g(θ, ω)⟩ + ⟨R_bar_q, ρ(θ, ω, r)⟩
+            returns ∂φ/∂θ (Q, P), |B|·∂φ/∂ω (Q, B) and ∂φ/∂r (Q, R), at ω = 1 and r = ``stats``.
+
+        Call inside :meth:`step`."""
+        B = batch_len(x)
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            u = torch.ones(B, dtype=self.dtype, device=self.device, requires_grad=True)
+            r = stats.detach().requires_grad_(True)
+            L, r_new, _ = self.step_loss(th, r, x, y, u)
+            (g,) = torch.autograd.grad(L, th, create_graph=True)
+            outs = [(o, i) for i, o in enumerate((g, r_new)) if o.requires_grad]
+            rows: list[tuple[Tensor, Tensor, Tensor]] = []
+            for q in range(W.shape[0]):
+                vecs = (W[q], R_bar[q])
+                if not outs:
+                    rows.append((torch.zeros_like(theta), torch.zeros_like(u), torch.zeros_like(stats)))
+                    continue
+                parts = torch.autograd.grad([o for o, _ in outs], (th, u, r), grad_outputs=[vecs[i] for _, i in outs],
+                                            retain_graph=q < W.shape[0] - 1, allow_unused=True)
+                rows.append(tuple(torch.zeros_like(ref) if p is None else p  # type: ignore[misc]
+                                  for p, ref in zip(parts, (theta, u, stats))))
+        hw, du, dr = (torch.stack([row[i] for row in rows]).detach() for i in range(3))
+        return hw, B * du, dr
+
     def mixed_second(
         self,
         theta: Tensor,
@@ -482,6 +606,58 @@ class FlatModel:
                                             retain_graph=q < len(A) - 1, allow_unused=True)
                 rows.append(torch.zeros_like(u) if du is None else B * du)
         return torch.stack(rows).detach()
+
+
+@contextlib.contextmanager
+def _differentiable_eval_norms(model: nn.Module, names: Sequence[str], eval_names: Sequence[str] = ()
+                               ) -> Iterator[None]:
+    """The modules ``eval_names`` in eval mode (restored after), and the BatchNorm layers ``names``
+    as (x − r_mean)/√(r_var + eps)·γ + β written out, so that the output is differentiable in the
+    running statistics (torch's fused kernel is not); for ∂f/∂r of an eval-mode target
+    (docs/method.md §4.8)."""
+    mods = dict(model.named_modules())
+    saved: list[tuple[nn.Module, Any]] = []
+    modes = {n: mods[n].training for n in eval_names}
+    for n in eval_names:
+        mods[n].training = False
+
+    def make(mod: nn.Module) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:
+            shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+            rm, rv = mod.running_mean, mod.running_var
+            y = (x - rm.reshape(shape)) * torch.rsqrt(rv.reshape(shape) + mod.eps)  # type: ignore[union-attr,operator]
+            if mod.weight is not None:
+                y = y * mod.weight.reshape(shape)  # type: ignore[union-attr]
+            if mod.bias is not None:
+                y = y + mod.bias.reshape(shape)  # type: ignore[union-attr]
+            return y
+
+        return forward
+
+    try:
+        for n in names:
+            mod = mods[n]
+            if getattr(mod, "running_mean", None) is None:
+                continue
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = make(mod)  # type: ignore[method-assign]
+        yield
+    finally:
+        for mod, old in saved:
+            if old is None:
+                del mod.forward
+            else:
+                mod.forward = old  # type: ignore[method-assign]
+        for n, training in modes.items():
+            mods[n].training = training
+
+
+@dataclass
+class _Step:
+    """The training step the model replays (:meth:`FlatModel.step`)."""
+
+    masks: dict[str, Tensor]
+    buffers: dict[str, Tensor]
 
 
 def _unsqueeze(a: Tensor) -> Tensor:

@@ -167,13 +167,19 @@ def metagradient(run: Run, fm: FlatModel, train: DataSource, target: Callable[[T
     weights = torch.ones(len(train), dtype=st.theta.dtype, requires_grad=True)
     with torch.enable_grad():
         theta = st.theta.detach().clone().requires_grad_(True)
-        state = TrainState(theta, dict(st.opt), st.k)
+        state = TrainState(theta, dict(st.opt), st.k, st.stats, st.buffers)
         for t in range(run.n_steps):
             ids, x, y = traj.batch(t)
-            loss = fm.batch_loss(state.theta, x, y, weights[torch.as_tensor(ids)])
+            w = weights[torch.as_tensor(ids)]
+            with traj.at_step(t, state, x):  # training-mode layers: masks, weighted batch statistics
+                if state.stats is not None:
+                    loss, stats, _ = fm.step_loss(state.theta, state.stats, x, y, w)
+                else:
+                    loss, stats = fm.batch_loss(state.theta, x, y, w), None
             (g,) = torch.autograd.grad(loss, state.theta, create_graph=True)
-            state = traj.advance(state, t, g)
-        (dw,) = torch.autograd.grad(target(state.theta), weights)
+            state = traj.advance(state, t, g, stats)
+        f = target(state.theta) if state.stats is None else target(state.theta, state.stats)
+        (dw,) = torch.autograd.grad(f, weights)
     return -dw.detach()
 
 

@@ -98,13 +98,14 @@ def replay_removal(
     tgt = make_target(target, src, fm, pairwise=pairwise)
     traj = Trajectory(run_obj, fm, src)
     with _eval_mode(model), torch.no_grad():
-        theta_full, thetas = replay_many(traj, groups, convention, memory_mb, progress=progress)
-        base = tgt.values(fm, theta_full)
+        full, finals = replay_states(traj, groups, convention, memory_mb, progress=progress)
+        theta_full, thetas = full.theta, finals.theta
+        base = _values(tgt, fm, theta_full, full.stats)
+        at = [_values(tgt, fm, th, None if finals.stats is None else finals.stats[k]) for k, th in enumerate(thetas)]
         if tgt.kind == "self":
-            vals = torch.stack([tgt.values(fm, th)[g].sum() - base[g].sum()
-                                for th, g in zip(thetas, groups)])
+            vals = torch.stack([v[g].sum() - base[g].sum() for v, g in zip(at, groups)])
         else:
-            vals = torch.stack([tgt.values(fm, th) - base for th in thetas])
+            vals = torch.stack([v - base for v in at]) if at else base[None, :0]
             if tgt.kind == "mean":
                 vals = vals[:, 0]
     out = vals.cpu().numpy()
@@ -113,11 +114,31 @@ def replay_removal(
     return out
 
 
+def _values(tgt: Any, fm: FlatModel, theta: Tensor, stats: Tensor | None) -> Tensor:
+    """f at θ, with the running statistics ``stats`` (R,) installed for the eval-mode target when
+    the model has train-mode BatchNorm (docs/method.md §4.8)."""
+    if stats is not None:
+        fm.set_constants(fm.unflat_stats(stats))
+    return tgt.values(fm, theta)
+
+
 def replay_many(
     traj: Trajectory, groups: list[np.ndarray], convention: str, memory_mb: float = 1024.0,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Train the full run and one run per removal group from θ_0; returns θ_T (P,), (K, P).
+    """Train the full run and one run per removal group from θ_0; returns θ_T (P,), (K, P)
+    (:func:`replay_states` has their running statistics too)."""
+    full, finals = replay_states(traj, groups, convention, memory_mb, progress)
+    return full.theta, finals.theta
+
+
+def replay_states(
+    traj: Trajectory, groups: list[np.ndarray], convention: str, memory_mb: float = 1024.0,
+    progress: bool = False,
+) -> tuple[TrainState, TrainState]:
+    """Train the full run and one run per removal group from θ_0; returns the final states: θ_T
+    (P,) and (K, P), with the running statistics (R,) and (K, R) of train-mode BatchNorm layers
+    (removal takes the sample out of its batches' statistics too, docs/method.md §4.8).
 
     Every run follows the recorded optimizer (its rule, per-group hyper-parameters and learning
     rates, clipping of each run's own gradient). The full run travels with the first group of
@@ -129,8 +150,8 @@ def replay_many(
     n_state = len(traj.rule.state_keys)
     per_run = P * theta0.element_size() * (2 + n_state)
     width = max(1, int(memory_mb * 2**20 // per_run))
-    finals: list[Tensor] = []
-    full = theta0
+    finals: list[TrainState] = []
+    full = start_state
     N = len(traj.train) if traj.train is not None else 0
     n_steps = traj.run.n_steps
     bar = progress_bar(n_steps * ((len(groups) + width) // width), "replay", progress, unit="step")
@@ -141,14 +162,16 @@ def replay_many(
         member = np.zeros((len(chunk) + (1 if first else 0), N), dtype=bool)
         for k, g in enumerate(chunk):
             member[k + (1 if first else 0), g] = True
-        th = _advance(traj, start_state, member, convention, bar)
+        st = _advance(traj, start_state, member, convention, bar)
         if first:
-            full, th = th[0], th[1:]
-        finals.append(th)
+            full = TrainState(st.theta[0], {}, st.k, None if st.stats is None else st.stats[0])
+            st = TrainState(st.theta[1:], {}, st.k, None if st.stats is None else st.stats[1:])
+        finals.append(st)
         start += len(chunk)
         first = False
     bar.close()
-    return full, (torch.cat(finals) if finals else theta0[None, :0])
+    stats = [f.stats for f in finals if f.stats is not None]
+    return full, TrainState(torch.cat([f.theta for f in finals]), {}, full.k, torch.cat(stats) if stats else None)
 
 
 def _per_run_rows(v: Any, n_orders: int, where: Tensor) -> Any:
@@ -165,18 +188,24 @@ def _weights(keep: Tensor, convention: str) -> Tensor:
     return keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm) -> Tensor:
+def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm) -> TrainState:
     """Advance K runs (rows of ``member``: the ids each removes) through every recorded step;
-    returns their θ_T (K, P)."""
+    returns their final state (θ_T (K, P), running statistics (K, R) or None)."""
     K = member.shape[0]
-    state = TrainState(state0.theta.expand(K, -1).clone(),
-                       {k: v.expand(K, -1).clone() for k, v in state0.opt.items()}, state0.k)
+    state = _expand(state0, K)
     for t in range(traj.run.n_steps):
         ids, x, y = traj.batch(t)
         keep = torch.as_tensor(~member[:, ids], dtype=state.theta.dtype)  # (K, B)
         state, _ = traj.step(state, t, x, y, weights=_weights(keep, convention))
         bar.update()
-    return state.theta
+    return state
+
+
+def _expand(state0: TrainState, K: int, theta: Tensor | None = None) -> TrainState:
+    """K copies of a single run's state (θ from ``theta`` (K, P) when given)."""
+    return TrainState(state0.theta.expand(K, -1).clone() if theta is None else theta,
+                      {k: v.expand(K, -1).clone() for k, v in state0.opt.items()}, state0.k,
+                      None if state0.stats is None else state0.stats.expand(K, -1).clone(), state0.buffers)
 
 
 def lds_subsets(n_train: int, n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -451,9 +480,9 @@ def retrain_truth(
                 raise DataMismatchError("replayed removal needs the batch ids of every step; record them, "
                                         "or use mode='reshuffle' / 'reseed'")
             groups = [np.flatnonzero(~row) for row in m]
-            theta_full, thetas = replay_many(traj, groups, convention, memory_mb, progress=progress)
-            full = _target_values(tgt, fm, theta_full[None])  # (1, Q)
-            sub = _target_values(tgt, fm, thetas)  # (S, Q)
+            st_full, st_sub = replay_states(traj, groups, convention, memory_mb, progress=progress)
+            full = _target_values(tgt, fm, st_full.theta[None], None if st_full.stats is None else st_full.stats[None])
+            sub = _target_values(tgt, fm, st_sub.theta, st_sub.stats)  # (S, Q)
             vals = (sub - full)[:, None, :]  # (S, 1, Q)
             seeds = np.array([-1], dtype=np.int64)
         else:
@@ -465,10 +494,11 @@ def retrain_truth(
     return RetrainTruth(mode=mode, masks=m, values=vals, full=full, seeds=seeds)
 
 
-def _target_values(tgt: Any, fm: FlatModel, thetas: Tensor) -> np.ndarray:
-    """f at each row of ``thetas`` (R, P) → (R, Q) float64."""
-    return np.stack([tgt.values(fm, th).double().cpu().numpy() for th in thetas]) if len(thetas) else \
-        np.zeros((0, tgt.size), dtype=np.float64)
+def _target_values(tgt: Any, fm: FlatModel, thetas: Tensor, stats: Tensor | None = None) -> np.ndarray:
+    """f at each row of ``thetas`` (R, P) (with the running statistics of row r, ``stats`` (R, ·))
+    → (R, Q) float64."""
+    return np.stack([_values(tgt, fm, th, None if stats is None else stats[r]).double().cpu().numpy()
+                     for r, th in enumerate(thetas)]) if len(thetas) else np.zeros((0, tgt.size), dtype=np.float64)
 
 
 def _retrain_many(
@@ -506,8 +536,7 @@ def _retrain_many(
         rows = np.array([r for _, r in chunk])
         uniq, where = np.unique(ks, return_inverse=True)
         where_t = torch.as_tensor(where, dtype=torch.long, device=fm.device)
-        state = TrainState(theta0[torch.as_tensor(ks, device=theta0.device)].clone(),
-                           {key: v.expand(len(chunk), -1).clone() for key, v in start.opt.items()}, start.k)
+        state = _expand(start, len(chunk), theta0[torch.as_tensor(ks, device=theta0.device)].clone())
         rem = removed[rows]  # (R, N)
         for t in range(run.n_steps):
             ids = np.stack([orders[k][t] for k in uniq])  # (U, B)
@@ -515,10 +544,9 @@ def _retrain_many(
             xs, ys = (_per_run_rows(v, len(uniq), where_t) for v in (xs, ys))
             keep = torch.as_tensor(~np.take_along_axis(rem, ids[where], axis=1), dtype=state.theta.dtype,
                                    device=fm.device)  # (R, B)
-            g = traj.gradient(state.theta, xs, ys, _weights(keep, convention), per_run=True)
-            state = traj.advance(state, t, g)
+            state, _ = traj.step(state, t, xs, ys, weights=_weights(keep, convention), per_run=True)
             bar.update()
-        F[ks, rows] = _target_values(tgt, fm, state.theta)
+        F[ks, rows] = _target_values(tgt, fm, state.theta, state.stats)
     bar.close()
     full = F[:, 0]  # (K, Q)
     vals = np.transpose(F[:, 1:] - full[:, None], (1, 0, 2))  # (S, K, Q)

@@ -18,6 +18,7 @@ from torch import Tensor
 from ._data import DataSource
 from ._errors import DataMismatchError
 from ._functional import FlatModel
+from ._tree import batch_len
 
 
 class Target:
@@ -31,6 +32,16 @@ class Target:
 
     def values(self, fm: FlatModel, theta: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def stat_grads(self, fm: FlatModel, theta: Tensor, stats: Tensor) -> Tensor:
+        """∂f/∂r (Q, R): the gradient in the running statistics r (R,) of train-mode BatchNorm
+        layers, which f reads in eval mode (docs/method.md §4.8)."""
+        rows = []
+        for _, x, y in self.source.chunks(self.batch_size):
+            B = batch_len(x)
+            rows.append(torch.func.jacrev(lambda r, x=x, y=y, B=B: fm._per_sample(fm.forward(theta, x, None, r), y, B))(
+                stats))
+        return torch.cat(rows)
 
 
 class MeanLoss(Target):
@@ -53,6 +64,17 @@ class MeanLoss(Target):
         for ids, x, y in self.source.chunks(self.batch_size):
             g, _ = fm.loss_grad(theta, x, y)
             total += g * (len(ids) / n)
+        return total.unsqueeze(0)
+
+    def stat_grads(self, fm: FlatModel, theta: Tensor, stats: Tensor) -> Tensor:
+        n = len(self.source)
+        total = torch.zeros_like(stats)
+        with torch.enable_grad():
+            for ids, x, y in self.source.chunks(self.batch_size):
+                r = stats.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(fm.batch_loss(theta, x, y, stats=r), r, allow_unused=True)
+                if g is not None:
+                    total += g * (len(ids) / n)
         return total.unsqueeze(0)
 
     def values(self, fm: FlatModel, theta: Tensor) -> Tensor:

@@ -169,6 +169,23 @@ def _start(ctx: ScoringContext, target: Target) -> tuple[Tensor, Tensor]:
     return A, scores
 
 
+STATS_KEY = "__running_stats__"
+"""Where a saved sweep state keeps r̄, the adjoint of the running statistics, beside s̄."""
+
+
+def _stats_start(ctx: ScoringContext, target: Target) -> Tensor | None:
+    """r̄_T = ∂f/∂r_T (Q, R) for a model whose train-mode BatchNorm layers keep running statistics
+    (the eval-mode target reads them, docs/method.md §4.8); None otherwise. Call after
+    :func:`_start` (θ_T's buffers installed)."""
+    fm = ctx.fm
+    if not fm.stat_names or not ctx.trajectory.train_mode:
+        return None
+    theta_T = ctx.trajectory.theta(ctx.run.n_steps)
+    stats_T = ctx.trajectory.state(ctx.run.n_steps).stats
+    assert stats_T is not None
+    return target.stat_grads(fm, theta_T, stats_T)
+
+
 def _frozen(traj: Trajectory, c0: int, c1: int) -> Iterator[tuple[int, TrainState, Tensor | None]]:
     """(t, state, g) for t = c1−1 … c0 with θ frozen at the checkpoint θ_{c0}.
 
@@ -196,7 +213,7 @@ class DiffInExact(_Sweep):
     replay = True
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
-        cfg, fm, traj = ctx.config, ctx.fm, ctx.trajectory
+        cfg, traj = ctx.config, ctx.trajectory
         A, scores = _start(ctx, target)
         self.note_growth(A, start=True)
         S: dict[str, Tensor] = {}  # s̄: the adjoint of the optimizer's state
@@ -204,7 +221,10 @@ class DiffInExact(_Sweep):
         if ctx.groups is not None and target.kind != "self":
             self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, A.shape[0], cfg.convention)
         segments = list(reversed(ctx.run.segments))
+        R = _stats_start(ctx, target)  # r̄_T = ∂f/∂r_T (Q, R): the eval-mode target reads the running statistics
         first, A, scores, S = self.restore(ctx, A, scores, S)
+        if R is not None and STATS_KEY in S:
+            R = S.pop(STATS_KEY)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
             for i in range(first, len(segments)):
@@ -213,18 +233,15 @@ class DiffInExact(_Sweep):
                 for t, state, g in states:
                     ids, x, y = traj.batch(t)
                     if g is None and need_g:
-                        g = traj.gradient(state.theta, x, y)
-                    W, A_direct, S = traj.adjoint(t, state, g, A, S)
-                    HW, d = fm.hvp_and_dots(
-                        state.theta, x, y, W, mode=ctx.hvp_mode, eps=cfg.fd_eps, dots=cfg.dots
-                    )
+                        with traj.at_step(t, state, x):
+                            g = traj.gradient(state.theta, x, y)
+                    A, S, R, d = traj.transpose(t, state, g, x, y, A, S, R, ctx.hvp_mode, cfg.fd_eps, cfg.dots)
                     add_removal_contrib(scores, ids, d, cfg.convention)
                     if self.group_acc is not None:
                         self.group_acc.add(ids, d)
-                    A = A_direct + HW
                     bar.update()
                 self.note_growth(A)
-                self.save_point(ctx, c1 - c0, i + 1, A, scores, S)
+                self.save_point(ctx, c1 - c0, i + 1, A, scores, S if R is None else {**S, STATS_KEY: R})
         return scores
 
 

@@ -82,14 +82,16 @@ class TracInEveryStep(Estimator):
             for c0, c1 in run.segments:
                 for t, state, g in traj.replay_reversed(c0, c1):
                     ids, x, y = traj.batch(t)
-                    if g is None and need_g:
-                        g = traj.gradient(state.theta, x, y)
-                    if tgt.kind == "self":
-                        d = _self_terms(ctx, state, t, g, x, y).unsqueeze(0)
-                        add_removal_contrib(scores, ids, d, "keep")
-                    else:
-                        W, _, _ = traj.adjoint(t, state, g, tgt.grads(fm, state.theta), {})
-                        add_removal_contrib(scores, ids, fm.dots(state.theta, x, y, W), cfg.convention)
+                    ft = tgt.grads(fm, state.theta) if tgt.kind != "self" else None  # eval mode
+                    with traj.at_step(t, state, x):  # the step as it trained (docs/method.md §4.8)
+                        if g is None and need_g:
+                            g = traj.gradient(state.theta, x, y)
+                        if ft is None:
+                            d = _self_terms(ctx, state, t, g, x, y).unsqueeze(0)
+                            add_removal_contrib(scores, ids, d, "keep")
+                        else:
+                            W, _, _ = traj.adjoint(t, state, g, ft, {})
+                            add_removal_contrib(scores, ids, fm.dots(state.theta, x, y, W), cfg.convention)
                     bar.update()
         out = scores if tgt.kind == "pairwise" else scores[:, 0]
         return EstimatorOutput(out, self.name, {"replay_drift": traj.drift})

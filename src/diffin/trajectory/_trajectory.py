@@ -12,6 +12,7 @@ does it over all trainable parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import OrderedDict
@@ -25,9 +26,15 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .._data import DataSource
-from .._errors import ConfigError, MissingOptimizerStateError, UnsupportedOptimizerError
+from .._errors import (
+    ConfigError,
+    MissingOptimizerStateError,
+    TrainModeError,
+    TrainModeWarning,
+    UnsupportedOptimizerError,
+)
 from .._functional import FlatModel
-from .._tree import batch_len, nbytes
+from .._tree import batch_len, nbytes, tree_map
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
 from .optim import OptimizerRule, get_rule
@@ -48,16 +55,29 @@ class ReplayDriftWarning(UserWarning):
     """Replaying training from a checkpoint did not land on the next checkpoint."""
 
 
+def x_on_cuda(x: Any) -> bool:
+    """Whether the first tensor of a batch's inputs is on a CUDA device."""
+    from .._tree import leaves
+
+    return any(isinstance(a, Tensor) and a.device.type == "cuda" for a in leaves(x)[:1])
+
+
 @dataclass
 class TrainState:
     """The training state before a step: θ (P,) or (K, P), the optimizer's state (name → tensor
     shaped like θ; a name is absent while the optimizer has not created it, e.g. SGD's momentum
-    buffer before its first step, Adam's moments = zeros), and k, the number of optimizer steps
-    taken before (Adam's bias correction uses k + 1)."""
+    buffer before its first step, Adam's moments = zeros), k, the number of optimizer steps
+    taken before (Adam's bias correction uses k + 1), and the running statistics of layers that
+    trained on batch statistics."""
 
     theta: Tensor
     opt: dict[str, Tensor]
     k: int
+    stats: Tensor | None = None
+    """The running statistics of train-mode BatchNorm layers, flat: (R,) or (K, R) (docs/method.md
+    §4.8); None for models without them."""
+    buffers: dict[str, Tensor] | None = None
+    """The other buffers those layers update (``num_batches_tracked``), shared by the K runs."""
 
 
 def optimizer_groups(run: Run) -> list[dict[str, Any]]:
@@ -135,6 +155,76 @@ class Trajectory:
         self._batch_bytes: dict[int, int] = {}
         self._cached = 0
         self._gfun_per_run: Callable[..., Tensor] | None = None
+        self._sfun: dict[bool, Callable[..., Any]] = {}
+        self._masks: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._setup_train_mode()
+
+    # ------------------------------------------------------------------ training-mode layers
+    def _setup_train_mode(self) -> None:
+        """Replay in the recorded modes (docs/method.md §4.8): BatchNorm on weighted batch statistics
+        with running statistics in the state, dropout with the recorded step's masks. A run recorded
+        without modes (an older diffin) of a model with such layers is scored in eval mode, with a
+        :class:`TrainModeWarning` saying what the scores then mean."""
+        from .._train_mode import TrainModeForward, train_mode_modules
+
+        fm = self.fm
+        mods = train_mode_modules(fm.model)
+        if not mods:
+            return
+        modes = getattr(self.run, "train_modes", None)
+        if modes is None:
+            warnings.warn(
+                f"the run at {self.run.path} was recorded without the modes of the model's BatchNorm/dropout "
+                f"layers ({', '.join(list(mods)[:3])}) and is replayed in eval mode: running statistics fixed "
+                "at each checkpoint's, no dropout. If those layers trained in training mode, the scores describe "
+                "that eval-mode run, not the one trained (expect replay drift). Record again with this diffin "
+                "(it notes the modes, the running statistics and the dropout RNG state) to replay it exactly",
+                TrainModeWarning, stacklevel=3,
+            )
+            return
+        if fm.train_forward is not None or not any(modes.values()):
+            return
+        tmf = TrainModeForward(fm.model, modes)
+        if tmf.dropout_names and not getattr(self.run, "has_rng", False):
+            raise TrainModeError(
+                f"the model trained with dropout ({', '.join(tmf.dropout_names[:3])}) but the run at {self.run.path} "
+                "holds no RNG states to draw its masks again; record it with this diffin's Recorder (it logs the RNG "
+                "state at each step's training forward), or put the dropout modules in eval mode while training"
+            )
+        fm.enable_train_mode(tmf)
+
+    @property
+    def train_mode(self) -> bool:
+        """Whether steps replay in training mode (the model has train-mode BatchNorm or dropout)."""
+        return self.fm.train_forward is not None
+
+    def masks(self, t: int, theta: Tensor, x: Any) -> dict[str, Tensor]:
+        """Step t's dropout masks (drawn again from the recorded RNG state; they depend on shapes
+        only, so once per step, cached like batches). θ (P,) or (K, P), x the step's batch (one run's)."""
+        tmf = self.fm.train_forward
+        if tmf is None or not tmf.dropout_names:
+            return {}
+        hit = self._masks.get(t)
+        if hit is not None:
+            self._masks.move_to_end(t)
+            return hit
+        th = theta if theta.ndim == 1 else theta[0]
+        params = self.fm.unflatten(th)
+        cuda = self.run.cuda_rng_state(t) if hasattr(self.run, "cuda_rng_state") else None
+        m = tmf.capture_masks(params, x, self.run.rng_state(t).cpu(),
+                              cuda if x_on_cuda(x) else None)
+        self._masks[t] = m
+        while len(self._masks) > 64:
+            self._masks.popitem(last=False)
+        return m
+
+    def at_step(self, t: int, state: TrainState, x: Any, per_run: bool = False) -> Any:
+        """Context in which the functional model runs as step t trained (masks, running-stat
+        counts); a no-op for models without training-mode layers. ``per_run``: x is (K, B, ...)."""
+        if not self.train_mode:
+            return contextlib.nullcontext()
+        x1 = tree_map(lambda a: a[0], x) if per_run else x
+        return self.fm.step(self.masks(t, state.theta, x1), state.buffers)
 
     # ------------------------------------------------------------------ the optimizer
     @property
@@ -241,7 +331,23 @@ class Trajectory:
                 "by a diffin that did not save optimizer state. Record it again with this diffin, or "
                 "score with 'tracin' or 'if-cg', which do not follow the optimizer"
             )
-        return TrainState(theta, opt, k)
+        stats, buffers = self._stats_of(ck)
+        return TrainState(theta, opt, k, stats, buffers)
+
+    def _stats_of(self, ck: Any) -> tuple[Tensor | None, dict[str, Tensor] | None]:
+        """A checkpoint's running statistics (flat) and the other buffers train-mode layers update."""
+        tmf = self.fm.train_forward
+        if tmf is None or not tmf.buffer_names:
+            return None, None
+        missing = [n for n in tmf.buffer_names if n not in ck.buffers]
+        if missing:
+            raise TrainModeError(
+                f"a checkpoint of {self.run.path} lacks the buffers {missing[:3]} of the model's train-mode "
+                "BatchNorm layers; record the run again with this diffin (checkpoints hold every buffer)"
+            )
+        stats = self.fm.flat_stats(ck.buffers) if self.fm.stat_names else None
+        other = {n: ck.buffers[n].to(self.fm.device) for n in tmf.buffer_names if n not in self.fm.stat_names}
+        return stats, other
 
     @staticmethod
     def _needed_state_keys(rule: OptimizerRule) -> tuple[str, ...]:
@@ -260,7 +366,7 @@ class Trajectory:
         for key in self._needed_state_keys(self.rule):
             if key not in opt:
                 opt[key] = torch.zeros_like(at.theta)
-        return TrainState(at.theta, opt, at.k)
+        return TrainState(at.theta, opt, at.k, at.stats, at.buffers)
 
     def batch(self, t: int) -> tuple[np.ndarray, Tensor, Tensor]:
         """Ids, inputs and targets of the recorded batch of step t (under accumulation, the
@@ -309,23 +415,74 @@ class Trajectory:
         with member weights |B|·w (``keep``: w = kept/|B|, so ω = 1 kept, 0 removed)."""
         return self.fm.batch_loss(th, xx, yy, w * batch_len(xx))
 
-    def advance(self, state: TrainState, t: int, g: Tensor) -> TrainState:
+    def advance(self, state: TrainState, t: int, g: Tensor, stats: Tensor | None = None) -> TrainState:
         """Step t from ``state`` given the raw batch gradient g (P,) or (K, P): clipped (row by
-        row) when the run clipped, then the rule's step with η_t."""
+        row) when the run clipped, then the rule's step with η_t. ``stats``: the running
+        statistics after the step (train-mode BatchNorm; default: unchanged)."""
         gc = clip(g, self.clip_norm) if self.clip_norm is not None else g
         theta, opt = self.rule.step(state.theta, state.opt, gc, self.lr(t), state.k)
-        return TrainState(theta, opt, state.k + 1)
+        buffers = state.buffers
+        if buffers:  # num_batches_tracked counts the step
+            buffers = {n: b + 1 if n.endswith("num_batches_tracked") else b for n, b in buffers.items()}
+        return TrainState(theta, opt, state.k + 1, state.stats if stats is None else stats, buffers)
 
     def step(
-        self, state: TrainState, t: int, x: Tensor | None = None, y: Tensor | None = None,
-        weights: Tensor | None = None,
+        self, state: TrainState, t: int, x: Any = None, y: Any = None,
+        weights: Tensor | None = None, per_run: bool = False,
     ) -> tuple[TrainState, Tensor]:
-        """One recorded training step: the gradient at θ on step t's batch (or on ``x, y``),
+        """One recorded training step: the gradient at θ on step t's batch (or on ``x, y``), in the
+        recorded modes (masks, weighted batch statistics, their running-statistics update),
         clipping, the rule's step. Returns the next state and the raw gradient g."""
         if x is None or y is None:
             _, x, y = self.batch(t)
-        g = self.gradient(state.theta, x, y, weights)
+        with self.at_step(t, state, x, per_run):
+            if state.stats is not None:
+                g, stats = self.gradient_and_stats(state.theta, state.stats, x, y, weights, per_run=per_run)
+                return self.advance(state, t, g, stats), g
+            g = self.gradient(state.theta, x, y, weights, per_run=per_run)
         return self.advance(state, t, g), g
+
+    def gradient_and_stats(
+        self, theta: Tensor, stats: Tensor, x: Any, y: Any, weights: Tensor | None = None, *, per_run: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`gradient` of a model with train-mode BatchNorm (inside :meth:`at_step`), and the
+        running statistics after the step: θ (P,), stats (R,) → (P,), (R,); θ (K, P), stats (K, R),
+        weights (K, B) → (K, P), (K, R) (x, y (K, B, ...) with ``per_run``)."""
+        fm = self.fm
+        if weights is None:
+            with torch.enable_grad():
+                th = theta.detach().requires_grad_(True)
+                L, r_new, _ = fm.step_loss(th, stats, x, y)
+                (g,) = torch.autograd.grad(L, th, allow_unused=True)
+            return (torch.zeros_like(theta) if g is None else g), r_new.detach()
+        if per_run not in self._sfun:
+            def f(th: Tensor, w: Tensor, r: Tensor, xx: Any, yy: Any) -> tuple[Tensor, Tensor]:
+                L, r_new, _ = fm.step_loss(th, r, xx, yy, w * batch_len(xx))
+                return L, r_new
+            dims = (0, 0, 0, 0, 0) if per_run else (0, 0, 0, None, None)
+            self._sfun[per_run] = vmap(grad(f, has_aux=True), in_dims=dims)
+        return self._sfun[per_run](theta, weights, stats, x, y)
+
+    def transpose(
+        self, t: int, state: TrainState, g: Tensor | None, x: Any, y: Any, theta_bar: Tensor,
+        opt_bar: dict[str, Tensor], stats_bar: Tensor | None, mode: str, eps: float | None, dots: str,
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor]:
+        """The transpose of step t (docs/method.md §4.6): from the adjoint after the step (θ̄, s̄ and,
+        for train-mode BatchNorm, r̄ of the running statistics; each (Q, ·)) to the adjoint before
+        it, and the members' terms d (Q, B) (removing z changes f by −d_z/|B| under ``keep``).
+
+        The optimizer rule's transpose gives w (:meth:`adjoint`); then one batch HVP and the
+        per-member inner products in the recorded modes (masks fixed, weighted batch statistics):
+        by finite differences or exactly (``mode``); with running statistics, one exact VJP through
+        the step's loss gradient and its statistics update (:meth:`FlatModel.step_vjp`)."""
+        W, A_direct, S = self.adjoint(t, state, g, theta_bar, opt_bar)
+        with self.at_step(t, state, x):
+            if state.stats is not None and stats_bar is not None:
+                HW, d, stats_bar = self.fm.step_vjp(state.theta, state.stats, x, y, W, stats_bar)
+            else:
+                HW, d = self.fm.hvp_and_dots(state.theta, x, y, W, mode=mode, eps=eps, dots=dots)  # type: ignore[arg-type]
+        assert d is not None
+        return A_direct + HW, S, stats_bar, d
 
     def adjoint(
         self, t: int, state: TrainState, g: Tensor | None, theta_bar: Tensor, opt_bar: dict[str, Tensor]
@@ -399,7 +556,7 @@ class Trajectory:
                     anchors.append((t, state))
                 state, _ = forward(state, t)
         if not freeze_theta:
-            self._note_drift(c0, c1, state.theta)
+            self._note_drift(c0, c1, state.theta, state.stats)
         if stride == 1:
             for i in range(length - 1, -1, -1):
                 yield c0 + i, stored[i][0], stored[i][1]
@@ -413,9 +570,14 @@ class Trajectory:
             for i in range(len(local) - 1, -1, -1):
                 yield t_a + i, local[i][0], local[i][1]
 
-    def _note_drift(self, c0: int, c1: int, replayed: Tensor) -> None:
+    def _note_drift(self, c0: int, c1: int, replayed: Tensor, stats: Tensor | None = None) -> None:
         recorded = self.theta(c1)
         start = self.theta(c0)
+        if stats is not None:  # the running statistics are part of the state (docs/method.md §4.8)
+            st1, st0 = self.state(c1).stats, self.state(c0).stats
+            assert st1 is not None and st0 is not None
+            pairs = ((recorded, st1), (start, st0), (replayed, stats))
+            recorded, start, replayed = (torch.cat([a, b]) for a, b in pairs)
         moved = float((recorded - start).norm())
         rel = float((replayed - recorded).norm()) / max(moved, torch.finfo(recorded.dtype).tiny)
         self.drift = max(self.drift, rel)
