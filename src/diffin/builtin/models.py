@@ -1,4 +1,5 @@
-"""Built-in models: logistic regression, an MLP, a small CNN; and the matching losses."""
+"""Built-in models: logistic regression, an MLP (also with BatchNorm), a small CNN, a small residual CNN with
+BatchNorm2d and dropout; and the matching losses."""
 
 from __future__ import annotations
 
@@ -45,6 +46,46 @@ def small_cnn(n_classes: int = 10, side: int = 28, channels: tuple[int, int] = (
         nn.Conv2d(1, c1, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(c2 * s * s, n_classes),
+    )
+
+
+def mlp_bn(n_features: int, n_classes: int, hidden: int = 32, activation: str = "tanh") -> nn.Module:
+    """``n_features → hidden → BatchNorm1d → activation → n_classes``: a model that trains on batch
+    statistics and predicts with running statistics (docs/method.md §4.8)."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return nn.Sequential(nn.Linear(n_features, hidden), nn.BatchNorm1d(hidden), ACTIVATIONS[activation](),
+                         nn.Linear(hidden, n_classes))
+
+
+class _Residual(nn.Module):
+    """x + conv-BN-act-conv-BN(x), then the activation (a basic ResNet block, same width)."""
+
+    def __init__(self, channels: int, activation: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+            ACTIVATIONS[activation](),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.body(x))
+
+
+def small_resnet(n_classes: int = 10, side: int = 28, channels: int = 8, dropout: float = 0.2,
+                 activation: str = "relu") -> nn.Module:
+    """A small residual CNN in the spirit of ResNet-18, sized for a CPU: a stride-2 3×3 stem conv +
+    BatchNorm2d + activation, one basic residual block (two 3×3 convs with BatchNorm2d and a skip),
+    global average pooling, dropout, a linear head; on flattened square images (B, side·side)."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        nn.Conv2d(1, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels), ACTIVATIONS[activation](),
+        _Residual(channels, activation),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, n_classes),
     )
 
 
