@@ -16,7 +16,7 @@ from .._errors import ConfigError, CorruptManifestError
 from .._io import write_json
 from .captions import CLIP_LOSS, TwoTower, clip_scores, evaluate_captions, load_mnist_captions, mismatch_captions
 from .data import DataSplit, flip_labels, load_digits, load_mnist5k, make_synthetic
-from .models import cross_entropy, logistic_regression, mlp, small_cnn
+from .models import cross_entropy, logistic_regression, mlp, mlp_bn, small_cnn, small_resnet
 from .synthetic_scale import default_folder, load_split
 from .trainer import TrainConfig, evaluate
 
@@ -168,6 +168,23 @@ _register(Setup(
     "mnist5k-cnn", "1,000 MNIST-5k train (10% flipped) / 500 val, small ReLU CNN, float64, SGD "
     "lr 0.05, batch 32, 3 epochs",
     _mnist(1000, 500, 0), lambda s: small_cnn(s.n_classes, 28, (4, 8)),
+    TrainConfig(epochs=3, batch_size=32, lr=0.05, checkpoint_every=32, seed=0),
+    noise=0.1, n_ground_truth=50,
+))
+# models that train differently than they predict (docs/method.md §4.8): BatchNorm (batch statistics in
+# training, running statistics at the target) and dropout (masks replayed from the recorded RNG states)
+_register(Setup(
+    "mnist5k-mlp-bn", "1,000 MNIST-5k train (10% flipped) / 500 val, MLP 784-32 → BatchNorm1d → tanh → 10, "
+    "float64, SGD lr 0.1, batch 30, 3 epochs, checkpoint every 34 steps",
+    _mnist(1000, 500, 0), lambda s: mlp_bn(s.input_shape[0], s.n_classes, 32),
+    TrainConfig(epochs=3, batch_size=30, lr=0.1, checkpoint_every=34, seed=0),
+    noise=0.1, n_ground_truth=100,
+))
+_register(Setup(
+    "mnist5k-resnet", "1,000 MNIST-5k train (10% flipped) / 500 val, small residual CNN (stride-2 stem, one "
+    "basic block, BatchNorm2d, 8 channels, ReLU, global pooling, dropout 0.2), float64, SGD lr 0.05, batch 32, "
+    "3 epochs, checkpoint every 32 steps",
+    _mnist(1000, 500, 0), lambda s: small_resnet(s.n_classes, 28, 8, 0.2),
     TrainConfig(epochs=3, batch_size=32, lr=0.05, checkpoint_every=32, seed=0),
     noise=0.1, n_ground_truth=50,
 ))
