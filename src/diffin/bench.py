@@ -34,6 +34,7 @@ from ._errors import ConfigError, UnsupportedMethodError
 from ._functional import BatchLoss
 from ._io import write_json
 from ._measure import Measure
+from ._train_mode import train_mode_modules
 from ._version import __version__
 from .builtin import get_setup, train
 from .config import CONVENTIONS, config_field
@@ -255,7 +256,7 @@ def run_setup(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False
     exact = next((r for r in results if r.get("variant") == "diffin-exact"), None)
     if exact is not None:
         out["linearisation_ceiling"] = {k_: exact[k_] for k_ in ("pearson", "spearman", "kendall")}
-    if coupled:
+    if coupled or train_mode_modules(setup.model(data)):
         log(f"[{name}] float64 metagradient through the unrolled run ...")
         mg = metagradient_ceiling(run_dir, setup, data, removed, actual, all_scores.get("diffin"))
         out.setdefault("linearisation_ceiling", {})["metagradient"] = mg
@@ -266,8 +267,9 @@ def metagradient_ceiling(run_dir: Path, setup: Any, data: Any, removed: np.ndarr
                          diffin_scores: np.ndarray | None = None) -> dict[str, Any]:
     """The ceiling of the exact linearisation, measured independently of the sweep: −∂f/∂ω_z for every
     training sample by reverse-mode autograd through the whole recorded run unrolled as one float64
-    program (:func:`diffin._reference.metagradient`), f the validation loss (the whole validation set
-    as one batch, weights of ones). Compared with the replayed removals ``actual`` of ``removed``
+    program (:func:`diffin._reference.metagradient`; models with BatchNorm / dropout run each step in
+    the recorded modes), f the validation loss (for a batch loss the whole validation set as one
+    batch, weights of ones). Compared with the replayed removals ``actual`` of ``removed``
     (Pearson, Spearman, Kendall) and, given ``diffin_scores`` (N,), with diffin's own scores (largest
     absolute difference relative to the largest score). Seconds of the autograd pass included."""
     from ._data import DataSource
@@ -279,7 +281,8 @@ def metagradient_ceiling(run_dir: Path, setup: Any, data: Any, removed: np.ndarr
     src = DataSource((data.x_train, data.y_train), torch.float64, torch.device("cpu"))
     xv = _tree.place(data.x_val, torch.float64, torch.device("cpu"))
     t0 = time.perf_counter()
-    mg = metagradient(run, fm, src, lambda th: fm.batch_loss(th, xv, data.y_val)).double().numpy()
+    # f reads the running statistics r_T of train-mode BatchNorm layers (docs/method.md §4.8)
+    mg = metagradient(run, fm, src, lambda th, r=None: fm.batch_loss(th, xv, data.y_val, stats=r)).double().numpy()
     out: dict[str, Any] = {"kind": "float64 metagradient through the unrolled run", "n_steps": run.n_steps,
                            "seconds": time.perf_counter() - t0,
                            **{k: v for k, v in _compare(mg[removed], actual, False).items() if k != "jaccard_top10"}}
