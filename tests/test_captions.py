@@ -150,6 +150,6 @@ def test_trained_tiny_model_zero_shot_and_clip_score(tmp_path) -> None:  # noqa:
 def test_setup_registered() -> None:
     s = get_setup("mnist-captions")
     d = s.data()
-    assert d.sizes() == {"train": 1000, "val": 500, "test": 500}
+    assert d.sizes() == {"train": 1000, "val": 500, "test": 2000}
     assert d.flipped.sum() == 100 and d.x_train[1].dtype == torch.int64 and d.x_train[0].dtype == torch.float64
     assert s.loss_fn is CLIP_LOSS and s.pair_scores is clip_scores

@@ -218,10 +218,10 @@ _register(Setup(
 # second of training; its diffin Pearson against replayed removal and its ceiling are in BENCHMARKS.md
 _register(Setup(
     "mnist-captions", "MNIST-5k images with template captions: 1,000 train pairs (10% mismatched: the caption of "
-    "another digit) / 500 val pairs / 500 test images (zero-shot accuracy from class prompts); two towers (linear "
+    "another digit) / 500 val pairs / 2,000 test images (zero-shot accuracy from class prompts); two towers (linear "
     "image tower, bag-of-tokens text tower, 32-d, learned temperature), symmetric InfoNCE, float64, SGD lr 0.02, "
     "batch 32, 6 epochs",
-    lambda dt: load_mnist_captions(1000, 500, 500, seed=0, dtype=dt), lambda s: TwoTower(32),
+    lambda dt: load_mnist_captions(1000, 500, 2000, seed=0, dtype=dt), lambda s: TwoTower(32),
     TrainConfig(epochs=6, batch_size=32, lr=0.02, checkpoint_every=32, seed=0),
     noise=0.1, n_ground_truth=100, loss_fn=CLIP_LOSS, corrupt=mismatch_captions,
     noise_kind="training pairs mismatched", evaluate=evaluate_captions, pair_scores=clip_scores,
