@@ -1,5 +1,5 @@
 """A model's training-mode forward as a pure function: BatchNorm with weighted batch statistics,
-dropout with fixed masks (docs/method.md §4.6: a step is a function of the state — θ, optimizer
+dropout with fixed masks (docs/method.md §4.8: a step is a function of the state — θ, optimizer
 moments and the running statistics of normalisation layers — and of one weight per batch member;
 the recorded dropout masks are fixed inputs of the step).
 
@@ -278,7 +278,7 @@ def _weighted_batch_norm(
     mod: nn.Module, name: str, x: Tensor, weights: Tensor | None, new: dict[str, Tensor]
 ) -> Tensor:
     """Batch normalisation of ``x`` (B, C, *spatial) with weighted batch statistics; the updated
-    running statistics go into ``new`` (docs/method.md §4.6)."""
+    running statistics go into ``new`` (docs/method.md §4.8)."""
     dims = [0, *range(2, x.dim())]
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     spatial = 1

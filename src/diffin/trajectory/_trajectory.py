@@ -467,7 +467,7 @@ class Trajectory:
         self, t: int, state: TrainState, g: Tensor | None, x: Any, y: Any, theta_bar: Tensor,
         opt_bar: dict[str, Tensor], stats_bar: Tensor | None, mode: str, eps: float | None, dots: str,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor]:
-        """The transpose of step t (docs/method.md §4.6): from the adjoint after the step (θ̄, s̄ and,
+        """The transpose of step t (docs/method.md §4.7): from the adjoint after the step (θ̄, s̄ and,
         for train-mode BatchNorm, r̄ of the running statistics; each (Q, ·)) to the adjoint before
         it, and the members' terms d (Q, B) (removing z changes f by −d_z/|B| under ``keep``).
 
