@@ -123,7 +123,7 @@ def test_batch_loss_wrapper_and_model_shapes() -> None:
     img, txt, scale = m(x.reshape(5, 1, 28, 28), t, embed=True)
     _close(out, scale * img @ txt.T)
     _close(img.norm(dim=1), torch.ones(5, dtype=torch.float64))
-    assert float(scale) == pytest.approx(1 / 0.07)
+    assert float(scale.detach()) == pytest.approx(1 / 0.07)
     _close(CLIP_LOSS(out, None, torch.ones(5, dtype=torch.float64)), clip_loss(out, None, torch.ones(5)))
     # padding does not count in the text tower's mean
     t2 = torch.cat([t, torch.zeros(5, 3, dtype=torch.int64)], 1)
@@ -153,3 +153,18 @@ def test_setup_registered() -> None:
     assert d.sizes() == {"train": 1000, "val": 500, "test": 2000}
     assert d.flipped.sum() == 100 and d.x_train[1].dtype == torch.int64 and d.x_train[0].dtype == torch.float64
     assert s.loss_fn is CLIP_LOSS and s.pair_scores is clip_scores
+
+
+def test_builtin_evaluate_takes_tuple_inputs_and_batch_loss() -> None:
+    from diffin.builtin.trainer import evaluate
+
+    torch.manual_seed(1)
+    m = TwoTower(8).double()
+    x = (torch.rand(12, 784, dtype=torch.float32), tokenize([caption(d % 10, d % len(TEMPLATES)) for d in range(12)]))
+    y = torch.arange(12) % 10
+    ones = torch.ones(12, dtype=torch.float64)
+    ref = float(clip_loss(m(x[0].double(), x[1]), None, ones))  # float inputs are cast to the model's dtype
+    assert evaluate(m, x, y, loss_fn=CLIP_LOSS)["loss"] == pytest.approx(ref, rel=1e-12)
+    # in chunks of 6 rows: the loss of each chunk as one batch, averaged by rows
+    halves = [float(clip_loss(m(x[0][s : s + 6].double(), x[1][s : s + 6]), None, ones[:6])) for s in (0, 6)]
+    assert evaluate(m, x, y, loss_fn=CLIP_LOSS, batch_size=6)["loss"] == pytest.approx(np.mean(halves), rel=1e-12)

