@@ -28,7 +28,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..builtin import evaluate, get_setup, train
+    from ..builtin import get_setup, train
     from ..builtin.setups import write_setup_meta
     from ..builtin.trainer import TrainConfig
 
@@ -48,12 +48,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = out / f"seed-{base_seed + k}"
         model = run_setup.model(data)
         res = train(model, data.x_train, data.y_train, run_setup.train, out, overwrite=args.overwrite,
-                    progress=not args.quiet)
+                    progress=not args.quiet, loss=run_setup.loss_fn)
         write_setup_meta(out, run_setup)
         print(f"trained {setup.name} (seed {run_setup.train.seed}): {res.steps} steps in {res.seconds:.2f}s, "
               f"run saved to {out}")
         if len(data.y_test):
-            ev = evaluate(model, data.x_test, data.y_test)
+            ev = run_setup.evaluate(model, data.x_test, data.y_test, loss_fn=run_setup.loss_fn)
             print(f"test accuracy {ev['accuracy']:.4f}, test loss {ev['loss']:.4f}")
     if args.seeds > 1:
         print(f"score all {args.seeds} runs together: diffin score {args.out}/seed-* --predicts retrain")

@@ -84,7 +84,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
         s = sub.add_parser(name, help=TASK_HELP[name], parents=common)
         s.add_argument("--setup", choices=sorted(SETUPS), default=None, help="built-in setup (e.g. mnist5k)")
         s.add_argument("--noise", type=float, default=None, metavar="FRACTION",
-                       help="with --setup: fraction of training labels to flip (default: the setup's)")
+                       help="with --setup: fraction of training labels to flip, or of image-text pairs to "
+                            "mismatch for mnist-captions (default: the setup's)")
         s.add_argument("--run", default=None, help="your recorded run (with --model and --data)")
         s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
         s.add_argument("--data", default=None, metavar="FILE.npz|DIR",
