@@ -108,3 +108,68 @@ def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
     assert [(r["dtype"], r["method"]) for r in res["rows"]] == [
         (d, m) for d in ("float64", "float32") for m in ("diffin-exact", "tracin")]
     assert all(r["max_rel_diff"] == 0.0 and r["ok"] for r in res["rows"]) and res["failed"] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_batch_loss_two_tower_agrees_with_cpu(tmp_path):
+    """A batch-coupled loss on tuple inputs (docs/method.md §4.7) scores the same on CUDA."""
+    from test_batch_loss import CLIP, record_clip
+
+    make, train, val = record_clip(tmp_path / "run")
+    kw = dict(train=train, target=val, method="diffin-exact", hvp="exact", progress=False)
+    cpu = diffin.score(tmp_path / "run", make(), CLIP, **kw).scores
+    gpu = diffin.score(tmp_path / "run", make(), CLIP, device="cuda", **kw).scores
+    assert_close(gpu, cpu, rtol=1e-8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["bn1d-dropout", "bn2d-dropout2d"])
+def test_cuda_scores_a_cpu_trained_batchnorm_dropout_run(tmp_path, kind):
+    """A run trained on the CPU with BatchNorm and dropout scores the same on CUDA: the masks are drawn
+    again from the CPU generator the loop used (docs/method.md §4.8)."""
+    from test_train_mode_sweep import record_bn
+
+    make, train, val = record_bn(tmp_path / "run", kind)
+    kw = dict(train=train, target=val, method="diffin-exact", hvp="exact", progress=False)
+    cpu = diffin.score(tmp_path / "run", make(), _ce, **kw)
+    gpu = diffin.score(tmp_path / "run", make(), _ce, device="cuda", **kw)
+    assert gpu.diagnostics["replay_drift"] < 1e-10
+    assert_close(gpu.scores, cpu.scores, rtol=1e-8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_a_cuda_trained_dropout_run_replays_on_cuda(tmp_path):
+    """A dropout run trained on CUDA replays there with its recorded CUDA generator states."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 3, (24,), generator=g)
+    Xv, Yv = X[:8], Y[:8]
+
+    def make() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+
+    model = make().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    Xc, Yc = X.cuda(), Y.cuda()
+    with diffin.Recorder(tmp_path / "run", model, optimizer=opt, checkpoint_every=2, n_train=24) as rec:
+        for t in range(8):
+            b = torch.arange(t % 4 * 6, t % 4 * 6 + 6)
+            loss = _ce(model(Xc[b]), Yc[b]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(b)
+    res = diffin.score(tmp_path / "run", make(), _ce, train=(X, Y), target=(Xv, Yv), method="diffin-exact",
+                       hvp="exact", device="cuda", progress=False)
+    assert res.diagnostics["replay_drift"] < 1e-10
+    assert np.all(np.isfinite(res.scores))
+
+
+def _ce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(o, y, reduction="none")
