@@ -13,7 +13,14 @@ import torch
 
 from diffin._errors import ConfigError
 from diffin.bench import BenchConfig
-from diffin.bench_pairs import PAIRS_COLUMNS, detection_auc, run_scale_pairs, table_rows
+from diffin.bench_pairs import (
+    PAIRS_COLUMNS,
+    auc_by_steps_before_end,
+    detection_auc,
+    run_scale_pairs,
+    step_of_samples,
+    table_rows,
+)
 from diffin.builtin import train
 from diffin.builtin.captions import CLIP_LOSS, clip_loss
 from diffin.builtin.synthetic_pairs import (
@@ -125,6 +132,16 @@ def test_detection_auc_ranks_low_scores_as_mismatched() -> None:
     assert detection_auc(mis, np.array([2.0, -1.0, -0.5, 1.0, -3.0])) == 0.0
 
 
+def test_auc_by_steps_before_end_bins_pairs_by_their_distance_to_the_end() -> None:
+    step = np.repeat(np.arange(600), 2)  # 600 steps of 2 pairs, one mismatched each
+    mis = np.tile([True, False], 600)
+    s = np.where(mis, -1.0, 1.0) * np.where(step >= 600 - 8, 1.0, -1.0)  # only the last 8 steps rank right
+    bins = auc_by_steps_before_end(mis, s, step, 600)
+    assert [(b["from"], b["to"], b["n"]) for b in bins] == [(0, 8, 16), (8, 32, 48), (32, 128, 192),
+                                                             (128, 512, 768), (512, None, 176)]
+    assert [b["auc"] for b in bins] == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
 @pytest.mark.slow
 def test_pairs_bench_rows_detection_and_spot_check(tmp_path: Path) -> None:
     logs: list[str] = []
@@ -138,6 +155,10 @@ def test_pairs_bench_rows_detection_and_spot_check(tmp_path: Path) -> None:
         assert row["samples_per_second"] == pytest.approx(1_024 / row["seconds"], rel=1e-12)
         assert row["x_epoch"] == pytest.approx(row["seconds"] / r["train_seconds"], rel=1e-12)
         assert row["peak_rss_mb"] > 0 and 0.0 <= row["auc_mismatched"] <= 1.0
+        bins = row["auc_mismatched_by_steps_before_end"]  # 4 steps: every pair within [0, 8) steps of the end
+        assert [(b["from"], b["to"], b["n"]) for b in bins] == [(0, 8, 1_024)]
+        assert bins[0]["auc"] == pytest.approx(row["auc_mismatched"], rel=1e-12)
+        assert len(row["auc_mismatched_by_quarter"]) == 4
     assert r["results"][0]["variant"] == "diffin-exact" and isinstance(r["results"][0]["within_limits"], bool)
     # the float64 spot check: 3 steps, where the exact sweep matches replayed removal closely
     sc = r["spot_check"]
@@ -145,4 +166,6 @@ def test_pairs_bench_rows_detection_and_spot_check(tmp_path: Path) -> None:
     assert sc["pearson"] > 0.99 and "pearson" in sc["tracin"]
     assert r["ground_truth"]["removed_ids"] == sc["removed_ids"]
     assert [len(row) for row in table_rows(r)] == [len(PAIRS_COLUMNS)] * 3
+    step = step_of_samples(Path(tmp_path) / "scale-1m-pairs", 1_024)
+    assert sorted(np.bincount(step).tolist()) == [256] * 4
     json.dumps(r)  # JSON-ready
