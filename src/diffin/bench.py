@@ -48,7 +48,7 @@ DEFAULT_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-
 UNITLESS = {"grad-cos"}  # not in loss units: no MAE
 LDS_SUBSETS_REPLAY = 50  # default number of LDS subsets with the replayed truth only
 LDS_SUBSETS_RETRAIN = 200  # ... when a retraining truth (reshuffle, reseed) is asked
-# setups trained with a batch-coupled loss (docs/method.md §4.4, e.g. mnist-captions): their default rows are
+# setups trained with a batch-coupled loss (docs/method.md §4.7, e.g. mnist-captions): their default rows are
 # the methods that support it, and their linearisation ceiling is measured by a float64 metagradient
 # through the unrolled run (:func:`metagradient_ceiling`)
 BATCH_LOSS_METHODS = ("diffin", "diffin-frozen", "tracin", "tracin-every-step")

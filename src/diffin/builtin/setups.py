@@ -214,7 +214,7 @@ _register(Setup(
     dtype=torch.float32, n_ground_truth=20,
 ))
 
-# image–text pairs with a contrastive loss (docs/method.md §4.4): 192 SGD steps, float64, under a second of
+# image–text pairs with a contrastive loss (docs/method.md §4.7): 192 SGD steps, float64, under a second of
 # training. Measured (diffin bench, 100 replayed single-pair removals): diffin Pearson 0.92, the float64
 # metagradient through the unrolled run the same 0.92 (the linearisation's ceiling); batch 64 at lr 0.1 gave 0.87,
 # batch 64 at lr 0.05 0.87 on 60 removals. With this short recipe the mismatched pairs barely hurt: replaying the

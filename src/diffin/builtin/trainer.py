@@ -196,7 +196,7 @@ def train(
         keep: train only on these ids (the recorded ids stay indices into x, y).
         loss: ``"cross_entropy"``, ``"mse"``, a per-sample loss ``loss(outputs, targets) -> (B,)``
             (averaged over each batch), or a batch-coupled loss :func:`diffin.batch_loss`
-            (``fn(outputs, targets, ones(B))``, the batch's loss as it defines it; docs/method.md §4.4).
+            (``fn(outputs, targets, ones(B))``, the batch's loss as it defines it; docs/method.md §4.7).
         lrs: follow these per-step learning rates (see :func:`step_lrs`; every group gets the
             step's rate) instead of ``config.lr`` / ``config.schedule``.
     """

@@ -478,7 +478,7 @@ def theta_final(inp: TaskInputs, run: Run | None = None) -> tuple[FlatModel, Ten
 @torch.no_grad()
 def losses_at(fm: FlatModel, theta: Tensor, data: tuple[Any, Tensor], chunk: int = 2048) -> np.ndarray:
     """Per-sample losses (N,) at θ, float64, in chunks of ``chunk`` rows. For a batch-coupled loss
-    (docs/method.md §4.4) each sample's share ℓ_i = B·∂L/∂ω_i at ω = 1 within its chunk as one
+    (docs/method.md §4.7) each sample's share ℓ_i = B·∂L/∂ω_i at ω = 1 within its chunk as one
     batch (its own loss terms and its part in its chunk mates' denominators)."""
     x, y = data
     n = _tree.batch_len(x)
