@@ -231,6 +231,12 @@ def _score_one(
             "scoring a batch-coupled loss on several processes is not supported: a rank's part of a batch is "
             "not a batch of the loss (in-batch negatives span the ranks); score it in one process"
         )
+    if n_proc > 1 and any((run_obj.train_modes or {}).values()):
+        raise BatchLossUnsupportedError(
+            "scoring a run whose BatchNorm/dropout layers trained in training mode on several processes is not "
+            "supported: a rank's part of a batch has other batch statistics and dropout masks than the step had; "
+            "score it in one process (docs/method.md §4.8)"
+        )
     if n_proc > 1:  # inside a torch.distributed group: split every batch across the ranks (§4.5)
         fm = ShardedFlatModel(fm)
     train_src = DataSource(train, fm.dtype, fm.device, name="train")
