@@ -100,6 +100,14 @@ def test_split_reads_the_files_without_a_copy(tmp_path: Path) -> None:
     assert PAIRS_TRAIN.batch_size == 256 and PAIRS_TRAIN.epochs == 1 and PAIRS_TRAIN.checkpoint_every == 500
 
 
+def test_setup_recipe_uses_the_one_clip_loss() -> None:
+    from diffin.builtin.synthetic_pairs import pairs_setup
+
+    s = pairs_setup()
+    assert s.name == "scale-1m-pairs" and s.loss_fn is CLIP_LOSS and s.train is PAIRS_TRAIN
+    assert s.dtype == torch.float32 and s.noise == 0.0 and "1,000,000" in s.description
+
+
 def test_towers_give_the_logits_clip_loss_takes() -> None:
     m = PairTowers().double()
     a, b = torch.randn(5, N_FEATURES, dtype=torch.float64), torch.randn(7, N_FEATURES, dtype=torch.float64)

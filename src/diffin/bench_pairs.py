@@ -1,5 +1,5 @@
 """``diffin bench --setup scale-1m-pairs``: contrastive (CLIP-style) training at the scale of a
-vision-language corpus, scored by the batch-coupled path (docs/method.md §4, batch-coupled losses).
+vision-language corpus, scored by the batch-coupled path (docs/method.md §4.7, batch-coupled losses).
 
 A million synthetic pairs (:mod:`diffin.builtin.synthetic_pairs`: two 64-d views of a latent point,
 10% of the pairs mismatched) are written once under the work folder and read memory-mapped; a

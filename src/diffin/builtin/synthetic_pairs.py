@@ -1,6 +1,6 @@
 """The fixed synthetic generator of the ``scale-1m-pairs`` setup: contrastive (CLIP-style) training
 at the scale of a vision-language corpus, 1,000,000 pairs written once to disk as ``.npy`` files
-and read memory-mapped, never held whole in memory (docs/method.md §4: the batch-coupled loss
+and read memory-mapped, never held whole in memory (docs/method.md §4.7: the batch-coupled loss
 path; the symmetric InfoNCE loss is :func:`diffin.builtin.captions.clip_loss`).
 
 **Data.** Each pair is two 64-dimensional *views* of one latent point: a latent class c (one of
