@@ -198,8 +198,8 @@ def test_batch_loss_errors(tmp_path):
             diffin.score(tmp_path / "run", make(), CLIP, method=method, **kw)
     with pytest.raises(diffin.BatchLossUnsupportedError, match="predicts"):
         diffin.score(tmp_path / "run", make(), CLIP, predicts="retrain", **kw)
-    with pytest.raises(diffin.BatchLossUnsupportedError, match="target"):
-        diffin.score(tmp_path / "run", make(), CLIP, train=train, target="self", progress=False)
+    with pytest.raises(diffin.BatchLossUnsupportedError, match="pairwise"):
+        diffin.score(tmp_path / "run", make(), CLIP, pairwise=True, **kw)
     with pytest.raises(diffin.ConfigError, match="keep"):
         diffin.score(tmp_path / "run", make(), CLIP, convention="renormalize", **kw)
     with pytest.raises(diffin.ConfigError, match="callable"):
@@ -227,3 +227,26 @@ def test_dict_inputs_reach_the_model_as_keywords(tmp_path):
     got = diffin.score(tmp_path / "run", make(), CLIP, train=as_dict,
                        target=({"image": val[0], "tokens": val[1]}, yv), progress=False).scores
     assert_close(got, ref)
+
+
+def test_coupled_self_influence_equals_metagradient(tmp_path):
+    """target='self' with a batch loss: f_z = z's share within its chunk of the recorded batch size;
+    the sweep's diagonal equals the metagradient of each f_z (float64), and TracIn runs on it."""
+    make, train, val = record_clip(tmp_path / "run")
+    got = diffin.score(tmp_path / "run", make(), CLIP, train=train, target="self", method="diffin-exact",
+                       hvp="exact", progress=False).scores
+    run = load_run(tmp_path / "run")
+    fm = FlatModel(make(), CLIP, trainable=run.trainable)
+    src = DataSource(train, fm.dtype, fm.device)
+    B = run.batch_size_hint()
+    for z in (0, 5, 11):
+        c0 = z // B * B
+        x, y = src.get(np.arange(c0, c0 + B))
+        ref = metagradient(run, fm, src, lambda th, x=x, y=y, k=z - c0: fm.losses(th, x, y)[k])
+        assert_close(got[z], ref[z], scale=float(np.abs(got).max()))
+    for method in ("tracin", "tracin-every-step"):
+        tr = diffin.score(tmp_path / "run", make(), CLIP, train=train, target="self", method=method, progress=False)
+        assert np.all(np.isfinite(tr.scores)) and np.any(tr.scores != 0)
+    # replayed removal of a pair changes its own share (self target of the ground truth)
+    own = replay_removal(tmp_path / "run", make(), CLIP, train=train, target="self", remove=[[3]], progress=False)
+    assert np.isfinite(own).all()

@@ -241,7 +241,8 @@ def _score_one(
         fm = ShardedFlatModel(fm)
     train_src = DataSource(train, fm.dtype, fm.device, name="train")
     run_obj.check_ids(len(train_src))
-    tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size)
+    tgt = make_target(target, train_src, fm, pairwise=cfg.pairwise, batch_size=cfg.batch_size,
+                      self_chunk=run_obj.batch_size_hint() or cfg.batch_size)
     est_cls.check(run_obj, tgt.kind, cfg.predicts, coupled=fm.coupled)
     key = result_key(run_obj, train, target) if data_key is None else {"run": run_obj.fingerprint, **data_key}
     if out is not None and not overwrite:

@@ -95,7 +95,7 @@ def replay_removal(
     src = DataSource(train, fm.dtype, fm.device)
     run_obj.check_ids(len(src))
     groups = _as_groups(remove, len(src))
-    tgt = make_target(target, src, fm, pairwise=pairwise)
+    tgt = make_target(target, src, fm, pairwise=pairwise, self_chunk=run_obj.batch_size_hint())
     traj = Trajectory(run_obj, fm, src)
     with _eval_mode(model), torch.no_grad():
         full, finals = replay_states(traj, groups, convention, memory_mb, progress=progress)
@@ -470,7 +470,7 @@ def retrain_truth(
         if not np.isin(m, (0, 1)).all():
             raise ConfigError("masks must be boolean (True = sample kept in that subset)")
         m = m.astype(bool)
-    tgt = make_target(target, src, fm, pairwise=pairwise)
+    tgt = make_target(target, src, fm, pairwise=pairwise, self_chunk=run_obj.batch_size_hint())
     if tgt.kind == "self":
         raise ConfigError("retrain_truth needs a fixed target (a validation set or test examples), not 'self'")
     traj = Trajectory(run_obj, fm, src)

@@ -105,21 +105,26 @@ class PerExample(Target):
 
 
 class SelfLoss(Target):
-    """f_z(θ) = l(z; θ) for every training sample z; estimators return the diagonal."""
+    """f_z(θ) = l(z; θ) for every training sample z; estimators return the diagonal.
+
+    ``chunk``: for a batch-coupled loss, f_z is z's share ℓ_z (docs/method.md §4.7) within its chunk
+    of ``chunk`` consecutive ids (the recorded batch size), the same chunks wherever it is evaluated;
+    estimators then take subsets aligned to those chunks."""
 
     kind = "self"
 
-    def __init__(self, train: DataSource) -> None:
+    def __init__(self, train: DataSource, chunk: int | None = None) -> None:
         self.source = train
         self.size = len(train)
+        self.chunk = chunk
 
     def subset(self, ids: np.ndarray) -> PerExample:
         """The training samples ``ids`` as a pairwise target (for chunked self-influence)."""
-        return PerExample(_Subset(self.source, ids))
+        return PerExample(_Subset(self.source, ids), batch_size=self.chunk or 64)
 
     def values(self, fm: FlatModel, theta: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([fm.losses(theta, x, y) for _, x, y in self.source.chunks(512)])
+            return torch.cat([fm.losses(theta, x, y) for _, x, y in self.source.chunks(self.chunk or 512)])
 
 
 class _Subset(DataSource):
@@ -145,6 +150,7 @@ def make_target(
     fm: FlatModel,
     pairwise: bool = False,
     batch_size: int = 512,
+    self_chunk: int | None = None,
 ) -> Target:
     """Build a :class:`Target` from what the user passed as ``target=``.
 
@@ -160,7 +166,7 @@ def make_target(
             )
         if pairwise:
             raise DataMismatchError("pairwise=True needs target examples, not 'self'")
-        return SelfLoss(train)
+        return SelfLoss(train, chunk=self_chunk if fm.coupled else None)
     if target is None:
         raise DataMismatchError(
             "pass target=(inputs, targets) (e.g. a validation set) or target='self'"

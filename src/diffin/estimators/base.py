@@ -286,10 +286,11 @@ def check_coupled(name: str, supported: bool, target_kind: str = "mean", predict
             f"method {name!r} cannot score a loss that couples its batch (diffin.batch_loss, or train-mode "
             f"batch statistics): its per-sample terms assume each sample's loss is its own. Use one of {ok}"
         )
-    if target_kind != "mean":
+    if target_kind == "pairwise":
         raise BatchLossUnsupportedError(
-            f"a batch-coupled loss has no loss of one example on its own, so target={target_kind!r} is not "
-            "defined for it; pass target=(inputs, targets): the loss of the whole target set as one batch"
+            "a batch-coupled loss has no loss of one target example on its own, so pairwise targets are not "
+            "defined for it; pass target=(inputs, targets) (the loss of the whole target set as one batch) or "
+            "target='self' (each sample's share within its chunk of the recorded batch size)"
         )
     if predicts != "replay":
         raise BatchLossUnsupportedError(

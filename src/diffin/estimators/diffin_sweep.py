@@ -81,9 +81,13 @@ class _Sweep(_Estimator):
             if self._saved is not None:
                 first = int(self._saved.meta["chunk"])
                 scores = self._saved.tensors["self_scores"].to(scores.dtype)
-            for start in range(first, ctx.n_train, SELF_CHUNK):
+            step = SELF_CHUNK
+            if ctx.fm.coupled:  # whole chunks of the self target's (docs/method.md §4.7)
+                c = ctx.member_chunk()
+                step = c * max(1, SELF_CHUNK // c)
+            for start in range(first, ctx.n_train, step):
                 self._outer = lambda s=start: SweepState({"self_scores": scores}, {"chunk": s})
-                ids = np.arange(start, min(start + SELF_CHUNK, ctx.n_train))
+                ids = np.arange(start, min(start + step, ctx.n_train))
                 m = self.sweep(ctx, tgt.subset(ids))
                 scores[ids] = m[torch.as_tensor(ids), torch.arange(len(ids))].cpu()
             self._outer = None

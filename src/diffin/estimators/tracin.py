@@ -20,19 +20,25 @@ Both are first-order: they ignore how a removal's early effect is carried by lat
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._tree import batch_len, index
 from ..trajectory import TrainState
 from .base import Estimator, EstimatorOutput, ScoringContext, add_removal_contrib
 
 
-def _self_sq_norms(ctx: ScoringContext, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """‖G_z(θ)‖² for the rows of (x, y), shape (B,), per-sample gradients in small chunks."""
+def _self_sq_norms(ctx: ScoringContext, theta: Tensor, x: Any, y: Tensor) -> Tensor:
+    """‖G_z(θ)‖² for the rows of (x, y), shape (B,), per-sample gradients in small chunks (a
+    batch-coupled loss: the shares' gradients within the whole chunk given)."""
     out = []
-    for s in range(0, x.shape[0], 64):
-        G = ctx.fm.per_sample_grads(theta, x[s : s + 64], y[s : s + 64])
+    n = batch_len(x)
+    step = n if ctx.fm.coupled else 64
+    for s in range(0, n, step):
+        G = ctx.fm.per_sample_grads(theta, index(x, slice(s, s + step)), y[s : s + step])
         out.append((G * G).sum(dim=1))
     return torch.cat(out)
 
@@ -43,7 +49,7 @@ class TracInCP(Estimator):
     summary = "TracIn-CP: first-order, gradients at the checkpoints"
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
-        run, fm, cfg = ctx.run, ctx.fm, ctx.config
+        run, fm = ctx.run, ctx.fm
         N = ctx.n_train
         tgt = ctx.target
         Q = 1 if tgt.kind == "self" else tgt.size
@@ -53,7 +59,7 @@ class TracInCP(Estimator):
                 coef = float(np.sum(run.lrs[c0:c1])) / N
                 theta = ctx.trajectory.theta(c1)
                 if tgt.kind == "self":
-                    for ids, x, y in ctx.train.chunks(cfg.batch_size):
+                    for ids, x, y in ctx.train.chunks(ctx.member_chunk()):
                         scores[ids, 0] += coef * _self_sq_norms(ctx, theta, x, y).double()
                 else:
                     g = tgt.grads(fm, theta)  # (Q, P)
@@ -101,8 +107,10 @@ def _self_terms(ctx: ScoringContext, state: TrainState, t: int, g: Tensor | None
     """⟨w_z, G_z⟩ (B,) with w_z the step's coefficient for the target ∇f = G_z (the sample's own
     loss), per-sample gradients in small chunks."""
     out = []
-    for s in range(0, x.shape[0], 64):
-        G = ctx.fm.per_sample_grads(state.theta, x[s : s + 64], y[s : s + 64])  # (b, P)
+    n = batch_len(x)
+    step = n if ctx.fm.coupled_steps else 64
+    for s in range(0, n, step):
+        G = ctx.fm.per_sample_grads(state.theta, index(x, slice(s, s + step)), y[s : s + step])  # (b, P)
         W, _, _ = ctx.trajectory.adjoint(t, state, g, G, {})
         out.append((W * G).sum(dim=1))
     return torch.cat(out)
