@@ -17,6 +17,7 @@ from diffin.bench_pairs import (
     PAIRS_COLUMNS,
     auc_by_steps_before_end,
     detection_auc,
+    removal_check,
     run_scale_pairs,
     step_of_samples,
     table_rows,
@@ -174,6 +175,19 @@ def test_pairs_bench_rows_detection_and_spot_check(tmp_path: Path) -> None:
     assert sc["pearson"] > 0.99 and "pearson" in sc["tracin"]
     assert r["ground_truth"]["removed_ids"] == sc["removed_ids"]
     assert [len(row) for row in table_rows(r)] == [len(PAIRS_COLUMNS)] * 3
-    step = step_of_samples(Path(tmp_path) / "scale-1m-pairs", 1_024)
+    step = step_of_samples(tmp_path / "scale-1m-pairs", 1_024)
     assert sorted(np.bincount(step).tolist()) == [256] * 4
     json.dumps(r)  # JSON-ready
+
+
+@pytest.mark.slow
+def test_removal_check_replays_mismatched_and_matched_pairs(tmp_path: Path) -> None:
+    generate(tmp_path / "d", 800, 300)
+    rc = removal_check(tmp_path / "d", 800, tmp_path, per_kind=3, log=lambda *a: None)
+    assert rc["n_steps"] == 4 and len(rc["removed_ids"]) == 6 and sum(rc["mismatched"]) == 3
+    assert rc["removed_ids"] == sorted(rc["removed_ids"]) and all(0 <= b < 4 for b in rc["steps_before_end"])
+    mis = np.load(tmp_path / "d" / "mismatched.npy")
+    assert [bool(mis[i]) for i in rc["removed_ids"]] == rc["mismatched"]
+    assert rc["pearson"] > 0.99  # 4 float64 steps: the exact sweep matches replayed removal
+    assert 0.0 <= rc["auc_actual_on_removed"] <= 1.0 and 0.0 <= rc["auc_diffin_all"] <= 1.0
+    json.dumps(rc)
