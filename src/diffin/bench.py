@@ -82,7 +82,7 @@ class BenchConfig:
     sizes: str = config_field(
         "", "scale-1m only: comma-separated training-set sizes (e.g. 1e4,1e5,1e6) for a table and a plot (PNG "
             "beside --json) of diffin's time and peak memory against N")
-    n_train: int | None = config_field(None, "scale-1m only: training samples (default 1,000,000)")
+    n_train: int | None = config_field(None, "scale-1m and scale-1m-pairs only: training samples (default 1,000,000)")
     closed_form_m: int = config_field(4, "scale-1m only: evenly spaced checkpoints the closed form uses")
 
     def __post_init__(self) -> None:
@@ -547,6 +547,10 @@ def table_columns(result: dict[str, Any]) -> tuple[str, ...]:
     retraining truth was measured."""
     if result.get("setup") == SCALE_SETUP:
         return SCALE_COLUMNS
+    if result.get("setup") == PAIRS_SETUP:
+        from .bench_pairs import PAIRS_COLUMNS
+
+        return PAIRS_COLUMNS
     modes = list(result.get("truth", {}))
     if not modes or modes == ["replay"]:
         return TABLE_COLUMNS
@@ -577,6 +581,12 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
         if name == SCALE_SETUP:
             plot = Path(out_json).with_suffix(".png") if out_json else work / f"{SCALE_SETUP}-sizes.png"
             r = run_scale(cfg, work, sizes=cfg.size_list(), progress=progress, log=log, plot_path=plot)
+        elif name == PAIRS_SETUP:  # contrastive training at a million pairs (docs/method.md §4.7)
+            from .bench_pairs import plot_detection, run_scale_pairs
+
+            r = run_scale_pairs(cfg, work, n_train=cfg.n_train, progress=progress, log=log)
+            if out_json:
+                plot_detection(r, work, Path(out_json).with_suffix(".png"))
         else:
             r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log,
                           peer_methods=peer_methods, peer_options=peer_options)
@@ -627,6 +637,7 @@ def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # scale-1m: time and memory of every method on a million samples on disk (issue 13)
 
 SCALE_SETUP = "scale-1m"
+PAIRS_SETUP = "scale-1m-pairs"  # diffin.bench_pairs
 SCALE_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin")
 SCALE_N_TRAIN = 1_000_000
 SCALE_SPOT_N = 100_000  # rows of the float64 fidelity spot check

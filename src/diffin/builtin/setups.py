@@ -17,6 +17,7 @@ from .._io import write_json
 from .captions import CLIP_LOSS, TwoTower, clip_scores, evaluate_captions, load_mnist_captions, mismatch_captions
 from .data import DataSplit, flip_labels, load_digits, load_mnist5k, make_synthetic
 from .models import cross_entropy, logistic_regression, mlp, mlp_bn, small_cnn, small_resnet
+from .synthetic_pairs import pairs_setup
 from .synthetic_scale import default_folder, load_split
 from .trainer import TrainConfig, evaluate
 
@@ -229,6 +230,7 @@ _register(Setup(
     noise=0.1, n_ground_truth=100, loss_fn=CLIP_LOSS, corrupt=mismatch_captions,
     noise_kind="training pairs mismatched", evaluate=evaluate_captions, pair_scores=clip_scores,
 ))
+_register(pairs_setup())  # scale-1m-pairs: a million synthetic image-text-like pairs on disk (diffin.bench_pairs)
 
 
 def get_setup(name: str) -> Setup:
