@@ -54,7 +54,28 @@ def init_from_env(device: str = "cpu") -> bool:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process
         dist.init_process_group(backend=backend)
+        global _OWNED
+        _OWNED = True
     return dist.get_world_size() > 1
+
+
+_OWNED = False  # whether init_from_env created the default process group (then shutdown ends it)
+
+
+def shutdown(wait: bool = True) -> None:
+    """End the process group :func:`init_from_env` created: every rank waits for the others first
+    (``wait``; skipped when leaving on an error), then the group is destroyed. A process that exits
+    with a live gloo group can abort in its threads' teardown ("terminate called without an active
+    exception") after its work is done, failing the whole torchrun."""
+    global _OWNED
+    if not _OWNED or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
+            barrier()
+    finally:
+        dist.destroy_process_group()
+        _OWNED = False
 
 
 def _collective(fn: Any, *args: Any, **kwargs: Any) -> None:

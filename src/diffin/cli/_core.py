@@ -118,8 +118,6 @@ def _check_same_data(args: argparse.Namespace, run_dirs: list[Path]) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .._api import score
-
     run_dirs = [Path(r) for r in args.run]
     run_dir = run_dirs[0]
     cfg = config_from_args(ScoreConfig, args)
@@ -137,15 +135,30 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError("scoring several runs needs --out DIR (where the averaged scores go)")
     else:
         out = run_dir / f"scores-{cfg.method}"
-    from .._distributed import init_from_env, world
+    from .._distributed import init_from_env, shutdown
 
     init_from_env(cfg.device or "cpu")  # under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA
+    try:
+        _score_and_report(args, cfg, run_dirs, run_dir, model, loss_fn, train, target, out, labels)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()  # every rank waits for rank 0's files, then the group ends
+    return 0
+
+
+def _score_and_report(args: argparse.Namespace, cfg: ScoreConfig, run_dirs: list[Path], run_dir: Path, model: Any,
+                      loss_fn: Any, train: Any, target: Any, out: Path, labels: Any) -> None:
+    """``diffin score``'s scoring; rank 0 writes ``scores.csv`` and reports."""
+    from .._api import score
+    from .._distributed import world
+
     rank, _ = world()
     t0 = time.perf_counter()
     res = score(run_dirs if len(run_dirs) > 1 else run_dir, model, loss_fn, train=train, target=target, config=cfg,
                 progress=not args.quiet and rank == 0, out=out, overwrite=args.overwrite, resume=args.resume)
     if rank != 0:  # rank 0 writes and reports
-        return 0
+        return
     if res.scores.ndim == 1:
         lines = [f"id,label,{C.SCORE_COLUMN}"]
         lines += [f"{i},{int(lab) if np.ndim(lab) == 0 else ''},{s:.9g}"
@@ -156,7 +169,6 @@ def cmd_score(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t0:.2f}s -> {out}")
     print(f"most harmful ids: {order[:10].tolist()}")
     print(f"most helpful ids: {order[::-1][:10].tolist()}")
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
