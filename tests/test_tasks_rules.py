@@ -116,3 +116,26 @@ def test_combined_detector_ranks_loss_and_self_influence(tiny, tmp_path):
 def test_combined_needs_other_signals(bad):
     with pytest.raises(ConfigError, match="combine"):
         CleanConfig(combine=bad)
+
+
+def test_prune_by_self_influence_keeps_the_least_self_influential(tiny, tmp_path):
+    """``METHOD-self`` in prune: the kept set at fraction f is the f·N samples of lowest self-influence
+    (diffin's, scored against 'self'), and detection ranks by high self-influence."""
+    from diffin.tasks import prune
+    from diffin.tasks._common import TaskState
+    from diffin.tasks._prune import _values
+
+    out = prune(tiny, PruneConfig(keep="0.5", methods="tracin-self,random", seeds=1), out=tmp_path / "p",
+                progress=False)
+    assert set(out["curves"]) == {"tracin-self", "random"}
+    assert "tracin-self" in out["detection"]
+    own = diffin.score(tiny.ensure_run(), tiny.model_factory(), tiny.loss_fn, train=tiny.train, target="self",
+                       method="tracin", progress=False).scores
+    state = TaskState(None, tiny.ensure_run(), {"data": tiny.data_fingerprints()})
+    v, signed = _values("tracin-self", tiny, state, PruneConfig(), False)
+    assert not signed
+    np.testing.assert_allclose(v, -own, rtol=1e-6, atol=1e-12 * np.abs(own).max())
+    kept = select(v, 0.5, signed=False)
+    assert own[kept].max() <= np.sort(own)[kept.size - 1] + 1e-12 * np.abs(own).max()
+    with pytest.raises(ConfigError, match="self-influence"):
+        _values("nope-self", tiny, state, PruneConfig(), False)

@@ -14,6 +14,11 @@ Selection rules for influence scores (positive = helpful):
 * ``keep-influential``: keep the largest ``|score|``; what goes first is what the model would
   barely miss (redundant, easy samples), the influence counterpart of keeping the hard ones.
 
+``METHOD-self`` (e.g. ``diffin-self``) ranks by the estimator's self-influence (the rise of a
+sample's own loss if it were removed; memorised, atypical and corrupted samples rank high) and
+keeps the least self-influential first; for a batch-coupled loss the own loss is the sample's share
+within its chunk of the recorded batch size (docs/method.md §4.7).
+
 Heuristics (``loss``, ``el2n``, ``grand``, ``forgetting``; see :mod:`._heuristics`) carry no sign:
 they always keep the highest importance (hardest / most forgotten first, as in their papers);
 ``random`` keeps a seeded random subset per seed. ``class_balanced`` applies the rule within each
@@ -51,6 +56,8 @@ PAIR_METHODS = "diffin,tracin,clip-score,loss,random"
 """The methods of image–text pairs when ``methods`` is left at its default (EL2N, GraNd and
 forgetting assume a classifier)."""
 SCORES = ("replay", "retrain")
+SELF_SUFFIX = "-self"
+"""``METHOD-self``: select by the estimator's self-influence, keeping the least self-influential."""
 @dataclass
 class PruneConfig:
     """Options of ``diffin prune``."""
@@ -154,8 +161,14 @@ def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
             progress: bool) -> tuple[np.ndarray, bool]:
     if name in HEURISTICS:
         return importance(name, inp, run=state.run), False
+    if name.endswith(SELF_SUFFIX) and name[: -len(SELF_SUFFIX)] in Estimator.registry:
+        # self-influence: how much a sample's own loss would rise without it (memorised, atypical or
+        # corrupted samples rank high); the least self-influential are kept first
+        own = cached_score(inp, state, name[: -len(SELF_SUFFIX)], "self", progress)
+        return -own.astype(np.float64), False
     if name not in Estimator.registry:
-        raise ConfigError(f"unknown selection method {name!r}; use an estimator or one of {HEURISTICS}")
+        raise ConfigError(f"unknown selection method {name!r}; use an estimator, METHOD{SELF_SUFFIX} (its "
+                          f"self-influence) or one of {HEURISTICS}")
     if inp.val is None:
         raise ConfigError("influence-based pruning scores against validation data; give val")
     method, options = scoring(name, cfg.scores)
@@ -261,7 +274,7 @@ def detection(values: dict[str, tuple[np.ndarray, bool]], corrupted: np.ndarray)
 
     out = {}
     for m, (v, signed) in values.items():
-        harm = -v if (signed or m == "clip-score") else v
+        harm = -v if (signed or m == "clip-score" or m.endswith(SELF_SUFFIX)) else v
         out[m] = {"auc": detection_auc(-harm, corrupted)}
     return out
 
