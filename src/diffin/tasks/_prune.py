@@ -63,8 +63,9 @@ class PruneConfig:
     """Options of ``diffin prune``."""
 
     keep: str = config_field("0.1,0.3,0.5,0.7,0.9", "comma-separated fractions of the training set to keep")
-    methods: str = config_field(DEFAULT_METHODS, "comma-separated selection methods (default for image-text "
-                                f"setups: {PAIR_METHODS})")
+    methods: str = config_field(DEFAULT_METHODS, "comma-separated selection methods: estimators, METHOD-self (by "
+                                "self-influence, e.g. diffin-self) and heuristics (default for image-text setups: "
+                                f"{PAIR_METHODS})")
     rule: str = config_field("auto", "selection rule of influence methods: auto (drop-harmful below --switch, "
                              "keep-influential from it on), drop-harmful, keep-helpful or keep-influential",
                              choices=RULES)
