@@ -613,8 +613,8 @@ class Trajectory:
                 f"replaying steps {c0}..{c1} from the checkpoint lands {rel:.2e} (relative to the "
                 f"segment's movement) away from the recorded checkpoint {c1}. The scores assume the "
                 "recorded loop is reproducible: the same loss_fn (mean over the batch), the recorded "
-                f"learning rates, no dropout/augmentation randomness, {self.run.optimizer.kind} as "
-                f"recorded; {clip_note}.",
+                "learning rates, no randomness in the forward other than dropout recorded by this diffin "
+                f"(no augmentation inside the model), {self.run.optimizer.kind} as recorded; {clip_note}.",
                 ReplayDriftWarning,
                 stacklevel=3,
             )
