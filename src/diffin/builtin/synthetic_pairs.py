@@ -32,7 +32,6 @@ epoch, a checkpoint every 500 steps.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ConfigError
-from .._io import write_json
+from . import _ondisk
 from .data import DataSplit
 from .trainer import TrainConfig
 
@@ -113,16 +112,6 @@ def pairs_meta(n_train: int, n_val: int, seed: int) -> dict[str, Any]:
             "seed": int(seed)}
 
 
-def _is_current(folder: Path, meta: dict[str, Any]) -> bool:
-    try:
-        if json.loads((folder / META_JSON).read_text(encoding="utf-8")) != meta:
-            return False
-        rows = {**{f: meta["n_train"] for f in TRAIN_FILES}, **{f: meta["n_val"] for f in VAL_FILES}}
-        return all(np.load(folder / f"{f}.npy", mmap_mode="r").shape[0] == n for f, n in rows.items())
-    except (OSError, ValueError, json.JSONDecodeError):
-        return False
-
-
 def generate(folder: str | os.PathLike[str], n_train: int = N_TRAIN, n_val: int = N_VAL, seed: int = 0,
              chunk_rows: int = 65_536) -> bool:
     """Write the pairs into ``folder`` unless it already holds these rows.
@@ -142,29 +131,24 @@ def generate(folder: str | os.PathLike[str], n_train: int = N_TRAIN, n_val: int 
         raise ConfigError(f"n_train, n_val and chunk_rows must be >= 1, got {n_train}, {n_val}, {chunk_rows}")
     out = Path(folder)
     meta = pairs_meta(n_train, n_val, seed)
-    if _is_current(out, meta):
+    if _ondisk.is_current(out, META_JSON, meta, {**dict.fromkeys(TRAIN_FILES, n_train),
+                                                 **dict.fromkeys(VAL_FILES, n_val)}):
         return False
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_JSON).unlink(missing_ok=True)  # the folder is not current until the end
     maps = _maps(seed)
-    chunk = -(-chunk_rows // GRANULE) * GRANULE
-    for stream, n, names, rate in ((_TRAIN, n_train, TRAIN_FILES, MISMATCH), (_VAL, n_val, VAL_FILES, 0.0)):
-        keys = ("xa", "xb", "y", "yb", "mismatched")[: len(names)]
-        specs = {"xa": (np.float32, (n, N_FEATURES)), "xb": (np.float32, (n, N_FEATURES)), "y": (np.int64, (n,)),
-                 "yb": (np.int64, (n,)), "mismatched": (np.bool_, (n,))}
-        tmp = {k: out / f".{name}.tmp.npy" for k, name in zip(keys, names)}
-        arrays = {k: np.lib.format.open_memmap(tmp[k], mode="w+", dtype=specs[k][0], shape=specs[k][1])
-                  for k in keys}
-        for s in range(0, n, chunk):
-            rows = _rows(seed, stream, s, min(s + chunk, n), rate, maps)
-            for k in keys:
-                arrays[k][s : s + len(rows[k])] = rows[k]
-        for a in arrays.values():
-            a.flush()
-        del arrays
-        for k, name in zip(keys, names):
-            os.replace(tmp[k], out / f"{name}.npy")
-    write_json(out / META_JSON, meta)
+    specs = {"xa": (np.float32, (N_FEATURES,)), "xb": (np.float32, (N_FEATURES,)), "y": (np.int64, ()),
+             "yb": (np.int64, ()), "mismatched": (np.bool_, ())}
+
+    def part(stream: int, n: int, names: tuple[str, ...], rate: float) -> tuple[int, dict[str, Any], _ondisk.Rows]:
+        keys = tuple(specs)[: len(names)]
+
+        def rows(start: int, stop: int) -> dict[str, np.ndarray]:
+            r = _rows(seed, stream, start, stop, rate, maps)
+            return {name: r[k] for k, name in zip(keys, names)}
+
+        return n, {name: specs[k] for k, name in zip(keys, names)}, rows
+
+    parts = [part(_TRAIN, n_train, TRAIN_FILES, MISMATCH), part(_VAL, n_val, VAL_FILES, 0.0)]
+    _ondisk.write(out, META_JSON, meta, parts, -(-chunk_rows // GRANULE) * GRANULE)
     return True
 
 

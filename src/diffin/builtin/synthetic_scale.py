@@ -14,7 +14,6 @@ is regenerated. It is a data folder for ``diffin score --data DIR --model diffin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError
-from .._io import write_json
+from . import _ondisk
 
 N_FEATURES = 64
 N_CLASSES = 10
@@ -67,15 +66,8 @@ def scale_meta(n_train: int, n_val: int, seed: int) -> dict[str, Any]:
             "n_classes": N_CLASSES, "noise": NOISE, "mean_scale": MEAN_SCALE, "seed": int(seed)}
 
 
-def _is_current(folder: Path, meta: dict[str, Any]) -> bool:
-    try:
-        if json.loads((folder / META_JSON).read_text(encoding="utf-8")) != meta:
-            return False
-        rows = {"x_train.npy": meta["n_train"], "y_train.npy": meta["n_train"], "flipped.npy": meta["n_train"],
-                "y_clean.npy": meta["n_train"], "x_val.npy": meta["n_val"], "y_val.npy": meta["n_val"]}
-        return all(np.load(folder / f, mmap_mode="r").shape[0] == n for f, n in rows.items())
-    except (OSError, ValueError, json.JSONDecodeError):
-        return False
+_TRAIN_FILES = ("x_train", "y_train", "flipped", "y_clean")
+_VAL_FILES = ("x_val", "y_val")
 
 
 def generate(folder: str | os.PathLike[str], n_train: int = 1_000_000, n_val: int = 2_000, seed: int = 0,
@@ -96,33 +88,21 @@ def generate(folder: str | os.PathLike[str], n_train: int = 1_000_000, n_val: in
         raise ConfigError(f"n_train, n_val and chunk_rows must be >= 1, got {n_train}, {n_val}, {chunk_rows}")
     out = Path(folder)
     meta = scale_meta(n_train, n_val, seed)
-    if _is_current(out, meta):
+    if _ondisk.is_current(out, META_JSON, meta, {**dict.fromkeys(_TRAIN_FILES, n_train),
+                                                 **dict.fromkeys(_VAL_FILES, n_val)}):
         return False
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_JSON).unlink(missing_ok=True)  # the folder is not current until the end
     means = _means(seed)
-    chunk = -(-chunk_rows // GRANULE) * GRANULE
-    parts = ((_TRAIN, n_train, ("x_train", "y_train", "flipped", "y_clean")), (_VAL, n_val, ("x_val", "y_val")))
-    for stream, n, names in parts:
-        tmp = {k: out / f".{k}.tmp.npy" for k in names}
-        arrays = [np.lib.format.open_memmap(tmp[names[0]], mode="w+", dtype=np.float32, shape=(n, N_FEATURES)),
-                  np.lib.format.open_memmap(tmp[names[1]], mode="w+", dtype=np.int64, shape=(n,))]
-        if len(names) == 4:
-            arrays += [np.lib.format.open_memmap(tmp[names[2]], mode="w+", dtype=np.bool_, shape=(n,)),
-                       np.lib.format.open_memmap(tmp[names[3]], mode="w+", dtype=np.int64, shape=(n,))]
-        for s in range(0, n, chunk):
-            x, y, f, c = _rows(seed, stream, s, min(s + chunk, n), NOISE if stream == _TRAIN else 0.0, means)
-            arrays[0][s : s + len(x)] = x
-            arrays[1][s : s + len(x)] = y
-            if len(arrays) == 4:
-                arrays[2][s : s + len(x)] = f
-                arrays[3][s : s + len(x)] = c
-        for a in arrays:
-            a.flush()
-        del arrays
-        for k, p in tmp.items():
-            os.replace(p, out / f"{k}.npy")
-    write_json(out / META_JSON, meta)
+    specs = {"x": (np.float32, (N_FEATURES,)), "y": (np.int64, ()), "flipped": (np.bool_, ()),
+             "y_clean": (np.int64, ())}
+
+    def part(stream: int, n: int, names: tuple[str, ...], noise: float) -> tuple[int, dict[str, Any], _ondisk.Rows]:
+        def rows(start: int, stop: int) -> dict[str, np.ndarray]:
+            return dict(zip(names, _rows(seed, stream, start, stop, noise, means)))
+
+        return n, {name: spec for name, spec in zip(names, specs.values())}, rows
+
+    parts = [part(_TRAIN, n_train, _TRAIN_FILES, NOISE), part(_VAL, n_val, _VAL_FILES, 0.0)]
+    _ondisk.write(out, META_JSON, meta, parts, -(-chunk_rows // GRANULE) * GRANULE)
     return True
 
 
