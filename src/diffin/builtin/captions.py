@@ -42,6 +42,7 @@ from torch.func import functional_call
 from .._errors import ConfigError
 from .._functional import batch_loss
 from .data import DataSplit, load_mnist5k
+from .models import mlp
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
@@ -203,13 +204,7 @@ class TwoTower(nn.Module):
     def __init__(self, dim: int = 32, hidden: Sequence[int] = (), n_pixels: int = 784,
                  vocab_size: int = VOCAB_SIZE) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        d = n_pixels
-        for h in hidden:
-            layers += [nn.Linear(d, h), nn.Tanh()]
-            d = h
-        layers.append(nn.Linear(d, dim))
-        self.image = nn.Sequential(*layers)
+        self.image = mlp(n_pixels, dim, tuple(hidden), "tanh")
         self.embed = nn.Embedding(vocab_size, dim)
         self.text = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

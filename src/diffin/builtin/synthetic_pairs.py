@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .._errors import ConfigError
 from . import _ondisk
 from .data import DataSplit
+from .models import mlp
 from .trainer import TrainConfig
 
 N_FEATURES = 64  # dimension of each view
@@ -177,18 +178,8 @@ class PairTowers(nn.Module):
 
     def __init__(self, n_in: int = N_FEATURES, hidden: tuple[int, ...] = (256,), dim: int = 64) -> None:
         super().__init__()
-
-        def tower() -> nn.Sequential:
-            layers: list[nn.Module] = []
-            d = n_in
-            for h in hidden:
-                layers += [nn.Linear(d, h), nn.Tanh()]
-                d = h
-            layers.append(nn.Linear(d, dim))
-            return nn.Sequential(*layers)
-
-        self.tower_a = tower()
-        self.tower_b = tower()
+        self.tower_a = mlp(n_in, dim, hidden, "tanh")
+        self.tower_b = mlp(n_in, dim, hidden, "tanh")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, a: Tensor, b: Tensor, embed: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
