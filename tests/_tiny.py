@@ -221,3 +221,20 @@ def record_loop(
                 if sched is not None:
                     sched.step()
     return Tiny(path, make, ce, X, Y, Xv, Yv)
+
+
+def record_sgd_order(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, *, loss,
+                     lr: float, steps: int, batch: int, every: int, n_train: int,
+                     weight_decay: float = 0.0) -> diffin.Run:
+    """The README loop: plain SGD (on the parameters that require grad) over consecutive batches of
+    ``order``, ``steps`` steps, recorded with ``rec.step(ids)``; returns the loaded run."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    with diffin.Recorder(path, model, optimizer=opt, checkpoint_every=every, n_train=n_train) as rec:
+        for t in range(steps):
+            ids = order[t * batch : (t + 1) * batch]
+            out = loss(model(x[ids]), y[ids]).mean()
+            opt.zero_grad()
+            out.backward()
+            opt.step()
+            rec.step(ids)
+    return diffin.load_run(path)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffin
+from _tiny import record_sgd_order
 from diffin.groundtruth import replay_removal
 from diffin.peers import available_peers, peer_units, run_peer
 
@@ -57,19 +58,10 @@ def logreg() -> nn.Module:
 
 
 def _record(path, factory, x, y, *, lr, steps, batch, every, weight_decay=0.0) -> diffin.Run:
-    model = factory()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(0)
     order = torch.cat([torch.randperm(N, generator=g) for _ in range(-(-steps * batch // N))])
-    with diffin.Recorder(path, model, optimizer=opt, checkpoint_every=every, n_train=N) as rec:
-        for t in range(steps):
-            ids = order[t * batch : (t + 1) * batch]
-            loss = loss_fn(model(x[ids]), y[ids]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(ids)
-    return diffin.load_run(path)
+    return record_sgd_order(path, factory(), x, y, order, loss=loss_fn, lr=lr, steps=steps, batch=batch, every=every,
+                            n_train=N, weight_decay=weight_decay)
 
 
 @pytest.fixture(scope="module")

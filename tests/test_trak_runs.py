@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffin
+from _tiny import record_sgd_order
 from diffin._errors import ConfigError, DataMismatchError, ParameterMismatchError
 from diffin.peers import run_peer
 from diffin.peers._base import PeerInputs
@@ -46,17 +47,9 @@ def _record(path: Path, model: nn.Module, *, steps: int = STEPS, n_train: int = 
     """SGD on a fixed batch order (the same for every run), checkpoints every EVERY steps."""
     x, y, _, _ = _data()
     x = x.to(next(model.parameters()).dtype)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
     order = torch.randperm(N, generator=torch.Generator().manual_seed(0)).repeat(2)
-    with diffin.Recorder(path, model, optimizer=opt, checkpoint_every=EVERY, n_train=n_train) as rec:
-        for t in range(steps):
-            ids = order[t * BATCH : (t + 1) * BATCH]
-            loss = loss_fn(model(x[ids]), y[ids]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(ids)
-    return diffin.load_run(path)
+    return record_sgd_order(path, model, x, y, order, loss=loss_fn, lr=0.3, steps=steps, batch=BATCH, every=EVERY,
+                            n_train=n_train)
 
 
 @pytest.fixture(scope="module")
