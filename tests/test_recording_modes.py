@@ -52,6 +52,16 @@ def make(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+def steps_as_is(rec: diffin.Recorder, model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+    """``n`` steps in whatever mode the model is in (no mode switch, no validation forward)."""
+    X, Y = data()
+    for t in range(n):
+        nn.functional.cross_entropy(model(X[ids_at(t)]), Y[ids_at(t)]).backward()
+        opt.step()
+        opt.zero_grad()
+        rec.step(ids_at(t))
+
+
 def train(rec: diffin.Recorder, model: nn.Module, opt: torch.optim.Optimizer, steps: range,
           seen: dict[int, Any], fail_at: int | None = None) -> None:
     """The user loop: model.train(), one forward per step, a validation forward in eval mode between
@@ -167,13 +177,8 @@ def test_older_runs_and_models_without_train_mode_layers(tmp_path: Path) -> None
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(5, 3)).double()
     o = torch.optim.SGD(plain.parameters(), lr=0.1)
-    X, Y = data()
     with diffin.Recorder(tmp_path / "p", plain, o) as rec:
-        for t in range(2):
-            nn.functional.cross_entropy(plain(X[ids_at(t)]), Y[ids_at(t)]).backward()
-            o.step()
-            o.zero_grad()
-            rec.step(ids_at(t))
+        steps_as_is(rec, plain, o, 2)
     run = diffin.load_run(tmp_path / "p")
     assert run.train_modes == {} and not run.has_rng and not (tmp_path / "p" / C.RNG_LOG).exists()
 
@@ -181,14 +186,9 @@ def test_older_runs_and_models_without_train_mode_layers(tmp_path: Path) -> None
 def test_eval_mode_training_records_no_rng(tmp_path: Path) -> None:
     """A loop training with BatchNorm and dropout frozen (model.eval()) records their eval modes."""
     model, opt = make()
-    X, Y = data()
     model.eval()
     with diffin.Recorder(tmp_path / "r", model, opt) as rec:
-        for t in range(3):
-            nn.functional.cross_entropy(model(X[ids_at(t)]), Y[ids_at(t)]).backward()
-            opt.step()
-            opt.zero_grad()
-            rec.step(ids_at(t))
+        steps_as_is(rec, model, opt, 3)
     run = diffin.load_run(tmp_path / "r")
     assert run.train_modes == {"bn": False, "drop": False} and not run.has_rng
 
