@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..targets import Target
 from .base import ScoringContext
-from .diffin_sweep import _frozen, _start, _Sweep, pay_expected_credit
+from .diffin_sweep import _frozen, _Sweep, pay_expected_credit
 
 
 class DiffInRetrain(_Sweep):
@@ -42,17 +42,11 @@ class DiffInRetrain(_Sweep):
         N = ctx.n_train
         b = ctx.proxy_batch_size()
         every = cfg.credit_every
-        A, scores = _start(ctx, target)
-        self.note_growth(A, start=True)
-        S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
         replay = ctx.run.has_batch_ids
-        segments = list(reversed(ctx.run.segments))
-        first, A, scores, S = self.restore(ctx, A, scores, S, rng)
+        A, scores, S, first = self.begin(ctx, target, rng)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
-            bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
-            for i in range(first, len(segments)):
-                c0, c1 = segments[i]
+            for i, c0, c1 in self.remaining(ctx, first, bar):
                 ids_of = {t: rng.choice(N, size=b, replace=False) for t in range(c1 - 1, c0 - 1, -1)}
                 if replay:
                     states = traj.replay_reversed(c0, c1, with_grads=False)

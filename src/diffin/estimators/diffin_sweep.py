@@ -36,6 +36,7 @@ the scores so far, group values, the proxy RNG, the growth diagnostics): saved t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from ..targets import Target
 from ..trajectory import TrainState, Trajectory
 from .base import Estimator as _Estimator
 from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, check_coupled, log
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 SELF_CHUNK = 64
 
@@ -105,6 +109,27 @@ class _Sweep(_Estimator):
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def begin(
+        self, ctx: ScoringContext, target: Target, rng: np.random.Generator | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], int]:
+        """The start of a sweep: θ̄_T = ∇f(θ_T) (Q, P), zero scores (N, Q) and s̄ = {}, or the
+        state saved at a segment boundary when the sweep resumes (:meth:`restore`); with the index
+        of the first segment still to do in :meth:`remaining`'s order."""
+        A, scores = _start(ctx, target)
+        self.note_growth(A, start=True)
+        first, A, scores, S = self.restore(ctx, A, scores, {}, rng)
+        return A, scores, S, first
+
+    @staticmethod
+    def remaining(ctx: ScoringContext, first: int, bar: tqdm) -> Iterator[tuple[int, int, int]]:
+        """``(i, c0, c1)`` of the checkpoint segments still to do, last segment first (i counts
+        from the last), after advancing ``bar`` past the steps of the ``first`` done already."""
+        segments = list(reversed(ctx.run.segments))
+        bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
+        for i in range(first, len(segments)):
+            c0, c1 = segments[i]
+            yield i, c0, c1
 
     def restore(
         self, ctx: ScoringContext, A: Tensor, scores: Tensor, S: dict[str, Tensor],
@@ -218,21 +243,15 @@ class DiffInExact(_Sweep):
 
     def sweep(self, ctx: ScoringContext, target: Target) -> Tensor:
         cfg, traj = ctx.config, ctx.trajectory
-        A, scores = _start(ctx, target)
-        self.note_growth(A, start=True)
-        S: dict[str, Tensor] = {}  # s̄: the adjoint of the optimizer's state
         need_g = traj.needs_gradient
         if ctx.groups is not None and target.kind != "self":
-            self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, A.shape[0], cfg.convention)
-        segments = list(reversed(ctx.run.segments))
+            self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, target.size, cfg.convention)
+        A, scores, S, first = self.begin(ctx, target)  # S: s̄, the adjoint of the optimizer's state
         R = _stats_start(ctx, target)  # r̄_T = ∂f/∂r_T (Q, R): the eval-mode target reads the running statistics
-        first, A, scores, S = self.restore(ctx, A, scores, S)
         if R is not None and STATS_KEY in S:
             R = S.pop(STATS_KEY)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
-            bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
-            for i in range(first, len(segments)):
-                c0, c1 = segments[i]
+            for i, c0, c1 in self.remaining(ctx, first, bar):
                 states = traj.replay_reversed(c0, c1) if self.replay else _frozen(traj, c0, c1)
                 for t, state, g in states:
                     ids, x, y = traj.batch(t)
@@ -272,16 +291,10 @@ class DiffInExpected(_Sweep):
         cfg, fm, traj = ctx.config, ctx.fm, ctx.trajectory
         N = ctx.n_train
         b = ctx.proxy_batch_size()
-        A, scores = _start(ctx, target)
-        self.note_growth(A, start=True)
-        S: dict[str, Tensor] = {}
         rng = np.random.default_rng(cfg.seed)
-        segments = list(reversed(ctx.run.segments))
-        first, A, scores, S = self.restore(ctx, A, scores, S, rng)
+        A, scores, S, first = self.begin(ctx, target, rng)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
-            bar.update(sum(c1 - c0 for c0, c1 in segments[:first]))
-            for i in range(first, len(segments)):
-                c0, c1 = segments[i]
+            for i, c0, c1 in self.remaining(ctx, first, bar):
                 at = traj.state(c0)
                 theta = at.theta
                 proxies = None
