@@ -216,6 +216,12 @@ class FlatModel:
             self._step = saved
 
     @property
+    def members_coupled(self) -> bool:
+        """Whether the batch being evaluated now couples its members, so that their shares come from
+        ∂L_B/∂ω (a batch loss always; train-mode batch statistics inside :meth:`step`)."""
+        return self.coupled or (self.stepping and self.coupled_steps)
+
+    @property
     def stepping(self) -> bool:
         """True inside :meth:`step` of a model with training-mode layers."""
         return self._step is not None
@@ -320,7 +326,7 @@ class FlatModel:
         """The members' shares ℓ_i = |B|·∂L_B/∂ω_i at ω = 1, shape (B,): per-sample losses l_i(θ)
         for a per-sample loss; for a batch loss one gradient in ω (composes with ``torch.func``)."""
         B = batch_len(x)
-        if not self.coupled and not (self.stepping and self.coupled_steps):
+        if not self.members_coupled:
             return self._per_sample(self.forward(theta, x), y, B)
         ones = torch.ones(B, dtype=self.dtype, device=self.device)
         return B * torch.func.grad(lambda w: self.batch_loss(theta, x, y, w))(ones)
@@ -330,7 +336,7 @@ class FlatModel:
         batch loss from the same backward pass, through ω)."""
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            if not self.coupled and not (self.stepping and self.coupled_steps):
+            if not self.members_coupled:
                 losses = self.losses(th, x, y)
                 (g,) = torch.autograd.grad(losses.mean(), th)
                 return g, losses.detach()
@@ -375,7 +381,7 @@ class FlatModel:
     def per_sample_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample gradients (B, P): ∇l_i, or for a batch loss the gradients of the shares
         ∇ℓ_i within the batch given. Memory B·P: callers pass small chunks."""
-        if self.coupled or (self.stepping and self.coupled_steps):
+        if self.members_coupled:
             return torch.func.jacrev(lambda th: self.losses(th, x, y))(theta)
 
         def single(th: Tensor, xi: Inputs, yi: Any) -> Tensor:

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from ._errors import TrainModeError
+from ._tree import call_model, cuda_device
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 """BatchNorm1d/2d/3d (and their lazy / sync subclasses): batch statistics in training mode, running
@@ -149,7 +149,7 @@ class TrainModeForward:
                 raise TrainModeError(f"masks lack the dropout modules {absent[:5]}; capture them with capture_masks")
         new: dict[str, Tensor] = {}
         with self._patched({"weights": weights, "masks": masks or {}, "new": new, "capture": None}):
-            out = functional_call(self.model, params_and_buffers, _args(x), _kwargs(x))
+            out = call_model(self.model, params_and_buffers, x)
         return out, new
 
     def capture_masks(
@@ -175,7 +175,7 @@ class TrainModeForward:
         """
         if not self.dropout_names:
             return {}
-        cuda_dev = _cuda_device(x) if cuda_rng_state is not None else None
+        cuda_dev = cuda_device(x) if cuda_rng_state is not None else None
         cpu_saved = torch.get_rng_state()
         cuda_saved = torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None
         masks: dict[str, Tensor] = {}
@@ -186,7 +186,7 @@ class TrainModeForward:
             with torch.no_grad(), self._patched(
                 {"weights": None, "masks": {}, "new": {}, "capture": masks}
             ):
-                functional_call(self.model, params_and_buffers, _args(x), _kwargs(x))
+                call_model(self.model, params_and_buffers, x)
         finally:
             torch.set_rng_state(cpu_saved)
             if cuda_dev is not None and cuda_saved is not None:
@@ -258,7 +258,7 @@ class TrainModeForward:
                 )
             ones = torch.ones_like(inp)
             if isinstance(mod, _ALPHA_TYPES):  # affine: y = x·a + c; c from zeros, under the same draw
-                cpu, dev = torch.get_rng_state(), _cuda_device(inp)
+                cpu, dev = torch.get_rng_state(), cuda_device(inp)
                 gpu = torch.cuda.get_rng_state(dev) if dev is not None else None
                 offset = original(mod, torch.zeros_like(inp))
                 torch.set_rng_state(cpu)
@@ -325,24 +325,3 @@ def _replace_forward(mod: nn.Module, fwd: Any) -> tuple[nn.Module, bool, Any]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _args(x: Any) -> tuple[Any, ...]:
-    if isinstance(x, (tuple, list)):
-        return tuple(x)
-    if isinstance(x, dict):
-        return ()
-    return (x,)
-
-
-def _kwargs(x: Any) -> dict[str, Any] | None:
-    return dict(x) if isinstance(x, dict) else None
-
-
-def _cuda_device(x: Any) -> torch.device | None:
-    """The CUDA device of the first tensor leaf of ``x`` (None when on the CPU)."""
-    leaves = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, (tuple, list)) else [x]
-    for leaf in leaves:
-        if torch.is_tensor(leaf):
-            return leaf.device if leaf.device.type == "cuda" else None
-    return None

@@ -92,6 +92,17 @@ def place(x: Inputs, dtype: torch.dtype, device: torch.device | str) -> Inputs:
     return tree_map(one, x)
 
 
+def cuda_device(x: Inputs) -> torch.device | None:
+    """The CUDA device of the first tensor leaf of ``x`` (None when it is not on a CUDA device)."""
+    first = next((a for a in leaves(x) if isinstance(a, Tensor)), None)
+    return first.device if first is not None and first.device.type == "cuda" else None
+
+
+def to_device(x: Inputs, device: torch.device | str) -> Inputs:
+    """Every tensor leaf of ``x`` (a batch, or a {name: tensor} dict) moved to ``device``, dtypes kept."""
+    return tree_map(lambda a: a.to(device) if isinstance(a, Tensor) else a, x)
+
+
 def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, x: Inputs) -> Any:
     """The model on a batch by the convention above; with ``params`` through ``functional_call``."""
     if isinstance(x, Mapping):

@@ -34,7 +34,7 @@ from .._errors import (
     UnsupportedOptimizerError,
 )
 from .._functional import FlatModel
-from .._tree import batch_len, nbytes, tree_map
+from .._tree import batch_len, cuda_device, nbytes, to_device, tree_map
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
 from .optim import OptimizerRule, get_rule
@@ -53,20 +53,6 @@ BATCH_CACHE_BYTES = 64 * 2**20
 
 class ReplayDriftWarning(UserWarning):
     """Replaying training from a checkpoint did not land on the next checkpoint."""
-
-
-def _to(x: Any, device: str) -> Any:
-    """Every tensor of a batch or a parameter dict on ``device``."""
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return tree_map(lambda a: a.to(device) if isinstance(a, Tensor) else a, x)
-
-
-def x_on_cuda(x: Any) -> bool:
-    """Whether the first tensor of a batch's inputs is on a CUDA device."""
-    from .._tree import leaves
-
-    return any(isinstance(a, Tensor) and a.device.type == "cuda" for a in leaves(x)[:1])
 
 
 @dataclass
@@ -218,18 +204,18 @@ class Trajectory:
         th = theta if theta.ndim == 1 else theta[0]
         params = self.fm.unflatten(th)
         cuda = self.run.cuda_rng_state(t) if hasattr(self.run, "cuda_rng_state") else None
-        here = x_on_cuda(x)
+        here = cuda_device(x) is not None
         # the masks come from the generator the loop drew them from: the CPU's for a run trained on
         # the CPU, the device's for one trained on CUDA, wherever the scoring runs
         if cuda is None and here:
-            m = tmf.capture_masks(_to(params, "cpu"), _to(x, "cpu"), self.run.rng_state(t).cpu())
+            m = tmf.capture_masks(to_device(params, "cpu"), to_device(x, "cpu"), self.run.rng_state(t).cpu())
         elif cuda is not None and not here:
             if not torch.cuda.is_available():
                 raise TrainModeError(
                     f"the run at {self.run.path} trained with dropout on a CUDA device: its masks can only be drawn "
                     "again from that device's generator; score it on a CUDA device (device='cuda')"
                 )
-            m = tmf.capture_masks(_to(params, "cuda"), _to(x, "cuda"), self.run.rng_state(t).cpu(), cuda)
+            m = tmf.capture_masks(to_device(params, "cuda"), to_device(x, "cuda"), self.run.rng_state(t).cpu(), cuda)
         else:
             m = tmf.capture_masks(params, x, self.run.rng_state(t).cpu(), cuda)
         m = {k: v.to(self.fm.device) for k, v in m.items()}
