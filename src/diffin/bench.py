@@ -728,6 +728,31 @@ def _scale_row(method: str, r: Any, m: Measure, epoch_s: float, n: int) -> dict[
             "peak_rss_rise_mb": m.rise_mb}
 
 
+def removal_spot_check(label: str, make_model: Any, loss_fn: Any, train_xy: tuple[Any, Any], val: Any,
+                       recipe: Any, run_dir: Path, k: int, seed: int, convention: str, methods: tuple[str, ...],
+                       progress: bool, log: Any) -> tuple[Any, np.ndarray, np.ndarray, float, dict[str, Any]]:
+    """The scale benchmarks' float64 spot check: train ``make_model()`` on ``train_xy`` with
+    ``recipe`` (recorded into ``run_dir``), replay the removal of ``k`` random samples (seeded), score
+    with each of ``methods``; returns the training result, the removed ids, the replayed effects
+    (k,), the replay's seconds and {method: (ScoreResult, seconds, its comparison with the replay)}."""
+    n = _tree.batch_len(train_xy[0])
+    t = train(make_model(), *train_xy, recipe, run_dir, loss=loss_fn, overwrite=True, progress=progress)
+    k = min(k, n)
+    removed = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+    log(f"[{label}] spot check (float64, N={n}): trained in {t.seconds:.1f}s; replaying {k} removals ...")
+    with Measure() as m_gt:
+        actual = replay_removal(run_dir, make_model(), loss_fn, train=train_xy, target=val,
+                                remove=[int(i) for i in removed], convention=convention, progress=progress)
+    actual = np.asarray(actual, dtype=np.float64)
+    scored = {}
+    for method in methods:
+        with Measure() as m:
+            r = score(run_dir, make_model(), loss_fn, train=train_xy, target=val, method=method,
+                      convention=convention, progress=progress)
+        scored[method] = (r, m.seconds, _compare(r.scores.astype(np.float64)[removed], actual, False))
+    return t, removed, actual, m_gt.seconds, scored
+
+
 def _spot_check(data_dir: Path, n: int, cfg: BenchConfig, workdir: Path, progress: bool,
                 log: Any) -> dict[str, Any]:
     """``diffin`` against replayed removal of :data:`SCALE_SPOT_REMOVED` random samples on the
@@ -739,23 +764,13 @@ def _spot_check(data_dir: Path, n: int, cfg: BenchConfig, workdir: Path, progres
     x = torch.from_numpy(np.asarray(x_mm[:n], dtype=np.float64))
     y = torch.from_numpy(np.array(y_mm[:n]))
     xv, yv = _val(data_dir)
-    val = (xv.double(), yv)
-    run_dir = workdir / f"{SCALE_SETUP}-spot-n{n}"
-    t = train(scale_model().double(), x, y, setup.train, run_dir, overwrite=True, progress=progress)
-    k = min(SCALE_SPOT_REMOVED, n)
-    removed = np.sort(np.random.default_rng(cfg.seed).choice(n, size=k, replace=False))
-    log(f"[{SCALE_SETUP}] spot check (float64, N={n}): trained in {t.seconds:.1f}s; replaying {k} removals ...")
-    with Measure() as m_gt:
-        actual = replay_removal(run_dir, scale_model().double(), setup.loss_fn, train=(x, y), target=val,
-                                remove=[int(i) for i in removed], convention=cfg.convention, progress=progress)
-    with Measure() as m:
-        r = score(run_dir, scale_model().double(), setup.loss_fn, train=(x, y), target=val, method="diffin",
-                  convention=cfg.convention, progress=progress)
-    s = r.scores.astype(np.float64)[removed]
-    out = {"n_train": n, "dtype": "float64", "variant": r.variant, "n_removed": k, "removed_ids": removed.tolist(),
-           "train_seconds": t.seconds, "replay_seconds": m_gt.seconds, "score_seconds": m.seconds,
-           "target_pearson": SCALE_SPOT_TARGET}
-    out.update(_compare(s, np.asarray(actual, dtype=np.float64), False))
+    t, removed, _, replay_s, scored = removal_spot_check(
+        SCALE_SETUP, lambda: scale_model().double(), setup.loss_fn, (x, y), (xv.double(), yv), setup.train,
+        workdir / f"{SCALE_SETUP}-spot-n{n}", SCALE_SPOT_REMOVED, cfg.seed, cfg.convention, ("diffin",), progress, log)
+    r, score_s, cmp = scored["diffin"]
+    out = {"n_train": n, "dtype": "float64", "variant": r.variant, "n_removed": len(removed),
+           "removed_ids": removed.tolist(), "train_seconds": t.seconds, "replay_seconds": replay_s,
+           "score_seconds": score_s, "target_pearson": SCALE_SPOT_TARGET, **cmp}
     log(f"[{SCALE_SETUP}] spot check: Pearson {out['pearson']:.4f} (target ≥ {SCALE_SPOT_TARGET})")
     return out
 

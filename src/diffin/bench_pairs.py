@@ -25,7 +25,7 @@ import torch
 from ._api import score
 from ._errors import UnsupportedMethodError
 from ._measure import Measure
-from .bench import DEFAULT_METHODS, PAIRS_SETUP, BenchConfig, _compare, _short_error
+from .bench import DEFAULT_METHODS, PAIRS_SETUP, BenchConfig, _compare, _short_error, removal_spot_check
 from .builtin import train
 from .builtin.captions import CLIP_LOSS, clip_scores
 from .builtin.synthetic_pairs import N_TRAIN, PAIRS_TRAIN, generate, memmap_pairs, pairs_model, pairs_setup
@@ -118,28 +118,16 @@ def _spot_check(data_dir: Path, n: int, cfg: BenchConfig, workdir: Path, progres
     x = (torch.from_numpy(np.asarray(xa_mm[:n], dtype=np.float64)),
          torch.from_numpy(np.asarray(xb_mm[:n], dtype=np.float64)))
     y = torch.from_numpy(np.array(y_mm[:n]))
-    val = _val(data_dir, torch.float64)
-    run_dir = workdir / f"{PAIRS_SETUP}-spot-n{n}"
-    t = train(pairs_model().double(), x, y, PAIRS_TRAIN, run_dir, loss=CLIP_LOSS, overwrite=True, progress=progress)
-    k = min(PAIRS_SPOT_REMOVED, n)
-    removed = np.sort(np.random.default_rng(cfg.seed).choice(n, size=k, replace=False))
-    log(f"[{PAIRS_SETUP}] spot check (float64, N={n}): trained in {t.seconds:.1f}s; replaying {k} removals ...")
-    with Measure() as m_gt:
-        actual = replay_removal(run_dir, pairs_model().double(), CLIP_LOSS, train=(x, y), target=val,
-                                remove=[int(i) for i in removed], convention="keep", progress=progress)
-    actual = np.asarray(actual, dtype=np.float64)
-    out: dict[str, Any] = {"n_train": n, "n_steps": t.steps, "dtype": "float64", "n_removed": k,
-                           "removed_ids": removed.tolist(), "train_seconds": t.seconds, "replay_seconds": m_gt.seconds,
+    t, removed, _, replay_s, scored = removal_spot_check(
+        PAIRS_SETUP, lambda: pairs_model().double(), CLIP_LOSS, (x, y), _val(data_dir, torch.float64), PAIRS_TRAIN,
+        workdir / f"{PAIRS_SETUP}-spot-n{n}", PAIRS_SPOT_REMOVED, cfg.seed, "keep", ("diffin", "tracin"), progress, log)
+    out: dict[str, Any] = {"n_train": n, "n_steps": t.steps, "dtype": "float64", "n_removed": len(removed),
+                           "removed_ids": removed.tolist(), "train_seconds": t.seconds, "replay_seconds": replay_s,
                            "target_pearson": PAIRS_SPOT_TARGET}
-    for method in ("diffin", "tracin"):
-        with Measure() as m:
-            r = score(run_dir, pairs_model().double(), CLIP_LOSS, train=(x, y), target=val, method=method,
-                      convention="keep", progress=progress)
-        cmp = _compare(r.scores.astype(np.float64)[removed], actual, False)
-        if method == "diffin":
-            out.update(variant=r.variant, score_seconds=m.seconds, **cmp)
-        else:
-            out["tracin"] = {"variant": r.variant, "seconds": m.seconds, **cmp}
+    r, score_s, cmp = scored["diffin"]
+    out.update(variant=r.variant, score_seconds=score_s, **cmp)
+    r, score_s, cmp = scored["tracin"]
+    out["tracin"] = {"variant": r.variant, "seconds": score_s, **cmp}
     log(f"[{PAIRS_SETUP}] spot check: diffin Pearson {out['pearson']:.4f} (target ≥ {PAIRS_SPOT_TARGET}), "
         f"tracin Pearson {out['tracin']['pearson']:.4f}")
     return out
