@@ -576,14 +576,20 @@ class Trajectory:
             for i in range(len(local) - 1, -1, -1):
                 yield t_a + i, local[i][0], local[i][1]
 
+    def _drift_vector(self, step: int, with_stats: bool) -> Tensor:
+        """θ of a checkpoint (its buffers installed, as :meth:`theta`), followed by its running
+        statistics when ``with_stats``: one read of the checkpoint."""
+        ck = self.run.load_checkpoint(step)
+        self._install(ck)
+        theta = self.fm.flatten(ck.params)
+        stats = self._stats_of(ck)[0] if with_stats else None
+        return theta if stats is None else torch.cat([theta, stats])
+
     def _note_drift(self, c0: int, c1: int, replayed: Tensor, stats: Tensor | None = None) -> None:
-        recorded = self.theta(c1)
-        start = self.theta(c0)
+        recorded = self._drift_vector(c1, stats is not None)
+        start = self._drift_vector(c0, stats is not None)
         if stats is not None:  # the running statistics are part of the state (docs/method.md §4.8)
-            st1, st0 = self.state(c1).stats, self.state(c0).stats
-            assert st1 is not None and st0 is not None
-            pairs = ((recorded, st1), (start, st0), (replayed, stats))
-            recorded, start, replayed = (torch.cat([a, b]) for a, b in pairs)
+            replayed = torch.cat([replayed, stats])
         moved = float((recorded - start).norm())
         rel = float((replayed - recorded).norm()) / max(moved, torch.finfo(recorded.dtype).tiny)
         self.drift = max(self.drift, rel)
