@@ -209,10 +209,9 @@ def _stats_start(ctx: ScoringContext, target: Target) -> Tensor | None:
     fm = ctx.fm
     if not fm.stat_names or not ctx.trajectory.train_mode:
         return None
-    theta_T = ctx.trajectory.theta(ctx.run.n_steps)
-    stats_T = ctx.trajectory.state(ctx.run.n_steps).stats
-    assert stats_T is not None
-    return target.stat_grads(fm, theta_T, stats_T)
+    at_T = ctx.trajectory.state(ctx.run.n_steps)  # θ_T and r_T from one read of the checkpoint
+    assert at_T.stats is not None
+    return target.stat_grads(fm, at_T.theta, at_T.stats)
 
 
 def _frozen(traj: Trajectory, c0: int, c1: int) -> Iterator[tuple[int, TrainState, Tensor | None]]:
