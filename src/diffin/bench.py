@@ -37,6 +37,7 @@ from ._measure import Measure
 from ._train_mode import train_mode_modules
 from ._version import __version__
 from .builtin import get_setup, train
+from .builtin.text_setups import TEXT_SETUPS
 from .config import CONVENTIONS, config_field
 from .groundtruth import TRUTH_MODES, lds_ground_truth, lds_subsets, replay_removal, retrain_truth
 from .recording.run import load_run
@@ -547,6 +548,10 @@ def table_columns(result: dict[str, Any]) -> tuple[str, ...]:
     retraining truth was measured."""
     if result.get("setup") == SCALE_SETUP:
         return SCALE_COLUMNS
+    if result.get("setup") in TEXT_SETUPS:
+        from .bench_text import TEXT_COLUMNS
+
+        return TEXT_COLUMNS
     if result.get("setup") == PAIRS_SETUP:
         from .bench_pairs import PAIRS_COLUMNS
 
@@ -587,6 +592,10 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
             r = run_scale_pairs(cfg, work, n_train=cfg.n_train, progress=progress, log=log)
             if out_json:
                 plot_detection(r, work, Path(out_json).with_suffix(".png"))
+        elif name in TEXT_SETUPS:  # trained by the Hugging Face Trainer (diffin.bench_text)
+            from .bench_text import run_text
+
+            r = run_text(name, cfg, work, progress=progress, log=log)
         else:
             r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log,
                           peer_methods=peer_methods, peer_options=peer_options)
@@ -609,6 +618,10 @@ def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir
                    if "max_rel_diff_vs_diffin" in mg else "")
             print(f"\nlinearisation ceiling ({mg['kind']}, {mg['n_steps']} steps, {mg['seconds']:.1f}s): Pearson "
                   f"{mg['pearson']:.4f}, Spearman {mg['spearman']:.4f} against the replayed removals{rel}")
+        if name in TEXT_SETUPS:
+            from .bench_text import summary_text
+
+            print("\n" + summary_text(r))
         if r.get("spot_check"):
             sc = r["spot_check"]
             print(f"\nspot check ({sc['dtype']}, N={sc['n_train']}, {sc['n_removed']} replayed removals): diffin "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _tree
 from .._errors import ConfigError, DataMismatchError
 from .._optional import require
 
@@ -51,11 +52,10 @@ class DataSplit:
 
     @property
     def n_train(self) -> int:
-        return int(self.x_train.shape[0])
+        return _tree.batch_len(self.x_train)
 
     def sizes(self) -> dict[str, int]:
-        return {"train": self.n_train, "val": int(self.x_val.shape[0]),
-                "test": int(self.x_test.shape[0])}
+        return {"train": self.n_train, "val": _tree.batch_len(self.x_val), "test": _tree.batch_len(self.x_test)}
 
 
 def _split(
