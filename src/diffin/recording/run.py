@@ -174,6 +174,8 @@ class Run:
         self.train_modes: dict[str, bool] | None = _train_modes_entry(m.get("train_modes"), self.path)
         self._rng: np.ndarray | None = None
         self._rng_bytes = (0, 0)
+        self._fwd_rows: np.ndarray | None = None  # (F, 3): step, rows, sequence length of each forward
+        self._fwd_start: np.ndarray | None = None  # (T + 1,): the first forward of each step
         rng = m.get("rng_states", {"recorded": False})
         if isinstance(rng, dict) and rng.get("recorded"):
             try:
@@ -181,9 +183,18 @@ class Run:
             except (KeyError, TypeError, ValueError) as e:
                 raise CorruptManifestError(f"{self.path / C.MANIFEST}: malformed rng_states entry ({e!r})") from e
             self._rng = read(log, C.RNG_DTYPE, mmap=True)
-            if cpu <= 0 or cuda < 0 or self._rng.shape != (self.n_steps * (cpu + cuda),):
+            n_states = self.n_steps
+            if rng.get("forwards") is not None:  # one state per training forward (micro-batch)
+                rows = np.asarray(read(rng["forwards"], C.IDS_DTYPE), dtype=np.int64).reshape(-1, 3)
+                n_states = rows.shape[0]
+                self._fwd_rows = rows
+                self._fwd_start = np.searchsorted(rows[:, 0], np.arange(self.n_steps + 1), side="left")
+                if np.any(np.diff(rows[:, 0]) < 0) or np.any(np.diff(self._fwd_start) < 1):
+                    raise TruncatedFileError(f"{self.path / C.FORWARDS_LOG}: not one or more forwards per step; "
+                                             "the recording is damaged")
+            if cpu <= 0 or cuda < 0 or self._rng.shape != (n_states * (cpu + cuda),):
                 raise TruncatedFileError(
-                    f"{self.path / C.RNG_LOG}: expected {self.n_steps} RNG states of {cpu} + {cuda} bytes, "
+                    f"{self.path / C.RNG_LOG}: expected {n_states} RNG states of {cpu} + {cuda} bytes, "
                     f"found {self._rng.size} bytes; the recording is damaged"
                 )
             self._rng_bytes = (cpu, cuda)
@@ -243,13 +254,31 @@ class Run:
         trained on the CPU."""
         return self._rng_part(t, 1) if self._rng_bytes[1] else None
 
-    def _rng_part(self, t: int, part: int) -> torch.Tensor:
+    def forwards(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int, int]]:
+        """Step t's training forwards with dropout, in order (several under gradient accumulation,
+        one per micro-batch): ``(cpu_rng_state, cuda_rng_state or None, rows, sequence length)``;
+        rows and length are 0 for a run recorded before they were (one forward over the whole batch)."""
+        if self._fwd_rows is None or self._fwd_start is None:
+            return [(self._rng_part(t, 0), self.cuda_rng_state(t), 0, 0)]
+        if not 0 <= t < self.n_steps:
+            raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
+        out = []
+        for f in range(int(self._fwd_start[t]), int(self._fwd_start[t + 1])):
+            cuda = self._rng_part(f, 1, raw=True) if self._rng_bytes[1] else None
+            out.append((self._rng_part(f, 0, raw=True), cuda, int(self._fwd_rows[f, 1]), int(self._fwd_rows[f, 2])))
+        return out
+
+    def _rng_part(self, t: int, part: int, raw: bool = False) -> torch.Tensor:
         if self._rng is None:
             raise UnsupportedMethodError(
                 f"the run at {self.path} recorded no RNG states (no dropout in training mode, or recorded "
                 "before diffin recorded them): its dropout masks cannot be replayed"
             )
-        if not 0 <= t < self.n_steps:
+        if not raw and self._fwd_start is not None:  # a step's state: that of its first forward
+            if not 0 <= t < self.n_steps:
+                raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
+            t = int(self._fwd_start[t])
+        elif not raw and not 0 <= t < self.n_steps:
             raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
         cpu, cuda = self._rng_bytes
         start = t * (cpu + cuda) + (cpu if part else 0)
