@@ -142,6 +142,8 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self._micro: list[np.ndarray] = []
         self._counts: set[int] = set()
         self._hook: Any = None
+        self._post: Any = None
+        self._summed: list[bool] = []  # per micro-batch: the Trainer sums its mean loss (no division by their number)
         self._loader: Any = None
         self._tap: _IdTap | None = None
 
@@ -161,6 +163,7 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self._tap = _IdTap(loader.batch_sampler, self._fifo)
         object.__setattr__(loader, "batch_sampler", self._tap)  # DataLoader forbids plain assignment
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._post = model.register_forward_hook(self._post_forward, with_kwargs=True)
 
     def _pre_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if not module.training:
@@ -185,21 +188,75 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
                     "sample's mean over its tokens. Pack the text into sequences of one length (no padding)"
                 )
 
+    def _post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """How the Trainer weighs this micro-batch: with ``num_items_in_batch`` passed to the model it does
+        not divide the loss by the number of micro-batches, so a model whose loss ignores that count (a
+        plain mean over the micro-batch, as BERT's sequence classification head) makes the step's gradient
+        the sum of the micro-batch means: the recorded ``grad_scale`` is then their number."""
+        if not module.training:
+            return
+        n_items = kwargs.get("num_items_in_batch")
+        labels = kwargs.get("labels")
+        loss = getattr(output, "loss", None)
+        if n_items is None or not isinstance(labels, Tensor) or not isinstance(loss, Tensor):
+            self._summed.append(False)
+            return
+        self._summed.append(_loss_is_micro_mean(output, labels, float(n_items)))
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is None:
             return
         micro, self._micro, self._counts = self._micro, [], set()
-        self.recorder.step(micro)
+        summed, self._summed = self._summed, []
+        if len({len(m) for m in micro}) > 1:
+            raise UnsupportedTrainingError(
+                f"step {state.global_step}: micro-batches of {[len(m) for m in micro]} samples: the Trainer averages "
+                "their mean losses, which weighs the samples of a smaller one more; set dataloader_drop_last=True "
+                "(or a training set size divisible by per_device_train_batch_size)"
+            )
+        scale = float(len(micro)) if summed and all(summed) else 1.0
+        if any(summed) and not all(summed):
+            raise UnsupportedTrainingError("the Trainer weighed the micro-batches of one step differently")
+        self.recorder.step(micro, grad_scale=scale)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:
             self.recorder.close()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for h in (self._hook, self._post):
+            if h is not None:
+                h.remove()
+        self._hook = self._post = None
         if self._loader is not None and self._tap is not None:
             object.__setattr__(self._loader, "batch_sampler", self._tap.inner)
             self._loader = self._tap = None
+
+
+def _loss_is_micro_mean(output: Any, labels: Tensor, n_items: float) -> bool:
+    """Whether the model's loss is the plain mean over its micro-batch (True) or the sum over it divided
+    by ``num_items_in_batch``, the count over the whole accumulated batch (False); compared with the
+    per-sample losses recomputed from the logits (sequence labels (B,); token labels (B, L), shifted or
+    not). Raises :class:`UnsupportedTrainingError` when the loss is neither."""
+    with torch.no_grad():
+        loss = float(output.loss.detach())
+        logits = _logits(output).detach()
+        cands: list[tuple[float, bool]] = []
+        if labels.ndim == 1:
+            per = sequence_classification_loss(logits, labels)
+            cands += [(float(per.mean()), True), (float(per.sum()) / n_items, False)]
+        else:
+            for lg, lb in ((logits, labels), (logits[:, :-1], labels[:, 1:])):
+                valid = lb != IGNORE_INDEX
+                tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lb.clamp_min(0).reshape(-1).long(),
+                                      reduction="none").reshape(lb.shape) * valid
+                cands += [(float(tok.sum() / valid.sum().clamp_min(1)), True), (float(tok.sum()) / n_items, False)]
+    for value, is_mean in cands:
+        if abs(value - loss) <= 1e-4 * max(1.0, abs(loss)):
+            return is_mean
+    raise UnsupportedTrainingError(
+        f"cannot tell how the model's loss ({loss:.6g}) weighs its micro-batch: it is neither the mean of the per-sample "
+        "losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses of the "
+        "sequence classification, token classification and causal LM heads"
+    )
 
 
 class _IdTap:

@@ -62,7 +62,7 @@ from .run import Checkpoint, Run, sha256_prefix
 
 _OURS = (C.MANIFEST, C.CHECKPOINT_DIR, C.GROUP_LRS_LOG, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG,
          C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX, C.RNG_LOG,
-         C.FORWARDS_LOG)
+         C.FORWARDS_LOG, C.GRAD_SCALE_LOG)
 """Every name a run folder (format 1, 2 or 3) may hold; an ``overwrite=True`` removes them."""
 
 _SWEEP_KINDS = "SGD, Adam or AdamW"
@@ -255,6 +255,7 @@ class Recorder:
         self._fwd_rngs: list[np.ndarray] = []  # every training forward's RNG state since the last step
         self._fwd_shapes: list[tuple[int, int]] = []  # (rows, sequence length) of those forwards
         self._forwards_log: _Log | None = None
+        self._scale_log: _Log | None = None
         self._eval_modes: dict[str, bool] | None = None  # the current step's last eval-mode forward
         self._n_train_fwd = 0
         self._rng_log: _Log | None = None
@@ -281,7 +282,7 @@ class Recorder:
         training loop restarts from (the run's last checkpoint)."""
         return self._t
 
-    def step(self, ids: Any = None, lr: float | None = None) -> None:
+    def step(self, ids: Any = None, lr: float | None = None, *, grad_scale: float | None = None) -> None:
         """Record one optimizer step (call it after ``optimizer.step()``).
 
         Args:
@@ -295,10 +296,16 @@ class Recorder:
             lr: without an optimizer, the learning rate η_t of this step (required). With one,
                 leave it out: every group's rate is read from the optimizer as its ``step()``
                 used it; a value given must equal group 0's rate.
+            grad_scale: the step's gradient as a multiple of the mean-over-the-batch gradient (default 1):
+                e.g. 2 when a loop with two micro-batches sums their mean losses without dividing by 2
+                (as the Hugging Face Trainer does for models whose forward takes loss keyword arguments).
         """
         if self._closed:
             raise RecordingError("Recorder.step() called after close()")
         lrs = self._step_lrs(lr)
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise RecordingError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
         if self.optimizer is not None:
             self._check_optimizer()
         has_ids = ids is not None
@@ -343,6 +350,11 @@ class Recorder:
                 self._max_id = max(self._max_id, int(arr.max()))
             self._batch_sizes.add(int(arr.size))
             self._offsets_log.append(np.array([self._n_ids], dtype=np.int64))
+        if scale != 1.0 and self._scale_log is None:  # earlier steps had scale 1
+            self._scale_log = _Log(self.path / C.GRAD_SCALE_LOG, C.LRS_DTYPE)
+            self._scale_log.append(np.ones(self._t, dtype=np.float64))
+        if self._scale_log is not None:
+            self._scale_log.append(np.array([scale], dtype=np.float64))
         self._lrs_log.append(lrs)
         self._t += 1
         if self._t % self.checkpoint_every == 0:
@@ -640,6 +652,10 @@ class Recorder:
         self._recording_id = m.get("recording_id", self._recording_id)
         self._resumed_at = [*(int(x) for x in m.get("resumed_at", [])), s]
         self._lrs_log = _Log(self.path / C.GROUP_LRS_LOG, C.LRS_DTYPE, keep=s * self._n_groups)
+        if m.get("grad_scales") is not None:
+            self._scale_log = _Log(self.path / C.GRAD_SCALE_LOG, C.LRS_DTYPE, keep=s)
+        else:
+            (self.path / C.GRAD_SCALE_LOG).unlink(missing_ok=True)
         bi = m.get("batch_ids", {"recorded": False})
         if bi.get("recorded"):
             self._ids_recorded = True
@@ -753,6 +769,7 @@ class Recorder:
         if modes is None and self._record_modes:  # before the first step: the modes now
             modes = {n: bool(m.training) for n, m in self._tm_modules.items()}
         self._snap = {"n_steps": self._t, "lrs": self._lrs_log.entry(), "batch_ids": ids_entry,
+                      "grad_scales": self._scale_log.entry() if self._scale_log is not None else None,
                       "train_modes": modes, "rng_states": rng_entry}
 
     def _write_manifest(self, status: str, interrupted: dict[str, Any] | None = None) -> None:
@@ -777,6 +794,7 @@ class Recorder:
             "seed": self.seed,
             "n_train": self.n_train,
             "lrs": self._snap["lrs"],
+            **({"grad_scales": self._snap["grad_scales"]} if self._snap.get("grad_scales") else {}),
             "batch_ids": self._snap["batch_ids"],
         })
         if self._record_modes:
@@ -791,6 +809,11 @@ class Recorder:
         self._close_logs()
         snap = self._snap
         self._lrs_log.cut(snap["lrs"]["count"])
+        if self._scale_log is not None:
+            if snap.get("grad_scales"):
+                self._scale_log.cut(snap["grad_scales"]["count"])
+            else:
+                (self.path / C.GRAD_SCALE_LOG).unlink(missing_ok=True)
         if snap["batch_ids"]["recorded"] and self._ids_log is not None and self._offsets_log is not None:
             self._ids_log.cut(snap["batch_ids"]["ids"]["count"])
             self._offsets_log.cut(snap["batch_ids"]["offsets"]["count"])
@@ -813,7 +836,8 @@ class Recorder:
         )
 
     def _close_logs(self) -> None:
-        for log in (self._lrs_log, self._ids_log, self._offsets_log, self._rng_log, self._forwards_log):
+        for log in (self._lrs_log, self._ids_log, self._offsets_log, self._rng_log, self._forwards_log,
+                    self._scale_log):
             if log is not None:
                 log.close()
 

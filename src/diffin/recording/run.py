@@ -141,6 +141,12 @@ class Run:
             group_lrs = np.repeat(group_lrs[:, :1], max(len(self.optimizer.groups), 1), axis=1)
         self.group_lrs: np.ndarray = np.ascontiguousarray(group_lrs)
         self.lrs: np.ndarray = np.ascontiguousarray(self.group_lrs[:, 0])
+        gs = m.get("grad_scales")
+        self.grad_scales: np.ndarray | None = (
+            np.asarray(read(gs, C.LRS_DTYPE), dtype=np.float64) if gs is not None else None)
+        if self.grad_scales is not None and self.grad_scales.shape != (self.n_steps,):
+            raise TruncatedFileError(f"{self.path / C.GRAD_SCALE_LOG}: not one gradient scale per step; the recording "
+                                     "is damaged")
         bi = m.get("batch_ids", {"recorded": False})
         self.has_batch_ids: bool = bool(bi.get("recorded", False))
         self._ids: np.ndarray | None = None

@@ -459,6 +459,7 @@ class Trajectory:
         """Step t from ``state`` given the raw batch gradient g (P,) or (K, P): clipped (row by
         row) when the run clipped, then the rule's step with η_t. ``stats``: the running
         statistics after the step (train-mode BatchNorm; default: unchanged)."""
+        g = self._scaled(g, t)
         gc = clip(g, self.clip_norm) if self.clip_norm is not None else g
         theta, opt = self.rule.step(state.theta, state.opt, gc, self.lr(t), state.k)
         buffers = state.buffers
@@ -537,6 +538,8 @@ class Trajectory:
         """
         if g is None and self.needs_gradient:
             raise ValueError("this optimizer's adjoint needs the step's batch gradient g")
+        scale = self.grad_scale(t)
+        g = None if g is None else self._scaled(g, t)
         gc = g
         if self.clip_norm is not None:
             assert g is not None
@@ -544,7 +547,17 @@ class Trajectory:
         w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar)  # type: ignore[arg-type]
         if self.clip_norm is not None:
             w = clip_transpose(w, g, self.clip_norm)  # type: ignore[arg-type]
-        return w, th, sb
+        return (w * scale if scale != 1.0 else w), th, sb
+
+    def grad_scale(self, t: int) -> float:
+        """Step t's gradient as a multiple of the mean-over-the-batch gradient (recorded with
+        ``Recorder.step(..., grad_scale=)``; 1 unless the loop summed micro-batch means)."""
+        scales = getattr(self.run, "grad_scales", None)
+        return 1.0 if scales is None else float(scales[t])
+
+    def _scaled(self, g: Tensor, t: int) -> Tensor:
+        s = self.grad_scale(t)
+        return g if s == 1.0 else g * s
 
     # ------------------------------------------------------------------ replay
     def replay_reversed(
