@@ -58,7 +58,7 @@ from .._train_mode import DROPOUT_TYPES, train_mode_modules
 from .._tree import leaves
 from .._version import __version__
 from .manifest import OptimizerSpec, group_hypers
-from .run import Checkpoint, Run, sha256_prefix
+from .run import Checkpoint, Run, frozen_fingerprint, sha256_prefix
 
 _OURS = (C.MANIFEST, C.CHECKPOINT_DIR, C.GROUP_LRS_LOG, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG,
          C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX, C.RNG_LOG,
@@ -231,6 +231,9 @@ class Recorder:
             "buffers": [{"name": n, "shape": list(b.shape)} for n, b in model.named_buffers()],
             "trainable": list(self.trainable),
         }
+        frozen = frozen_fingerprint(model, self.trainable)
+        if frozen is not None:  # checkpoints hold what trains; the frozen weights are only fingerprinted
+            self._model_entry["frozen_sha256"] = frozen
 
         self._t = 0
         self._n_ids = 0
@@ -720,8 +723,10 @@ class Recorder:
         """Write the checkpoint of the current step and remember the logs' state there."""
         step = self._t
         tensors: dict[str, torch.Tensor] = {}
+        trainable = set(self.trainable)
         for n, prm in self.model.named_parameters():
-            tensors[C.PARAM_PREFIX + n] = prm.detach()
+            if n in trainable:
+                tensors[C.PARAM_PREFIX + n] = prm.detach()
         for n, b in self.model.named_buffers():
             tensors[C.BUFFER_PREFIX + n] = b.detach()
         entry: dict[str, Any] = {"step": step, "has_momentum": False, "optimizer_step": step}
@@ -870,7 +875,8 @@ def restore_checkpoint(
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, prm in named.items():
-            prm.copy_(last.params[n])
+            if n in last.params:  # frozen parameters are not in the checkpoints
+                prm.copy_(last.params[n])
         for n, b in model.named_buffers():
             if n in last.buffers:
                 b.copy_(last.buffers[n])
@@ -995,7 +1001,7 @@ def _state_differences(
     out = []
     named = dict(model.named_parameters())
     for n, prm in named.items():
-        if not torch.equal(prm.detach().to("cpu"), ck.params[n]):
+        if n in ck.params and not torch.equal(prm.detach().to("cpu"), ck.params[n]):
             out.append(f"parameter {n}")
     for n, b in model.named_buffers():
         if n in ck.buffers and not torch.equal(b.detach().to("cpu"), ck.buffers[n]):

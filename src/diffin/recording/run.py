@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import _constants as C
 from .._errors import (
+    FrozenWeightsMismatchError,
     CorruptManifestError,
     DataMismatchError,
     FormatVersionError,
@@ -97,6 +98,9 @@ class Run:
         try:
             self.n_steps: int = int(m["n_steps"])
             self.trainable: list[str] = list(m["model"]["trainable"])
+            self.frozen_sha256: str | None = m["model"].get("frozen_sha256")
+            """Set when checkpoints hold the trained parameters only: the fingerprint of the frozen ones
+            (:func:`frozen_fingerprint`), which the model given for scoring must match."""
             self.optimizer = OptimizerSpec.from_json(m["optimizer"], self.trainable)
             self.param_shapes: dict[str, tuple[int, ...]] = {
                 p["name"]: tuple(p["shape"]) for p in m["model"]["parameters"]
@@ -392,7 +396,7 @@ class Run:
                     f"{path}: tensor {name!r} holds NaN or Inf (training diverged before step "
                     f"{step}?); score a run that stayed finite"
                 )
-        missing = [n for n in self.param_shapes if n not in params]
+        missing = [n for n in self.param_shapes if n not in params and not (self.frozen_sha256 and n not in self.trainable)]
         if missing:
             raise TruncatedFileError(f"{path}: parameters missing from the checkpoint: {missing}")
         if old_momentum and not entry.get("has_momentum", False):
@@ -440,6 +444,12 @@ class Run:
                 f"the model does not match the run at {self.path} ("
                 + "; ".join(parts)
                 + "); pass a model built like the one that was trained"
+            )
+        if self.frozen_sha256 and frozen_fingerprint(model, self.trainable) != self.frozen_sha256:
+            raise FrozenWeightsMismatchError(
+                f"the frozen (untrained) parameters of the model differ from those the run at {self.path} trained with: "
+                "its checkpoints hold the trained parameters only, so the frozen ones come from the model you pass. "
+                "Load the same base weights (e.g. the same pretrained checkpoint, before adding the adapters)"
             )
 
     def check_ids(self, n_train: int) -> None:
@@ -506,6 +516,21 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
     return m
+
+
+def frozen_fingerprint(model: nn.Module, trainable: list[str]) -> str | None:
+    """sha256 of the parameters of ``model`` outside ``trainable`` (names, shapes and values as float64,
+    so an exact up-cast matches); None when every parameter trains."""
+    keep = set(trainable)
+    h = hashlib.sha256()
+    n = 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name in keep:
+            continue
+        n += 1
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(memoryview(p.detach().to("cpu", torch.float64).contiguous().reshape(-1).numpy().view(np.uint8)))
+    return h.hexdigest() if n else None
 
 
 def _train_modes_entry(value: Any, path: Path) -> dict[str, bool] | None:
