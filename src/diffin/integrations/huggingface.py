@@ -294,7 +294,7 @@ def _refuse_unreplayable(args: Any, state: Any, model: nn.Module, loader: Any) -
     if getattr(args, "torch_compile", False):
         raise no("a torch.compile'd model (its fused graph draws dropout differently from the eager replay)",
                  "set torch_compile=False")
-    if getattr(args, "gradient_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False):
+    if getattr(args, "gradient_checkpointing", False) or getattr(model, "is_activation_checkpointing", False):
         raise no("gradient checkpointing (the replay recomputes every step's forward itself)",
                  "set gradient_checkpointing=False")
     if getattr(args, "label_smoothing_factor", 0.0):
