@@ -3,6 +3,7 @@ recorder's named errors for misuse, atomic writes and the no-pickle guarantee.""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,12 +20,14 @@ import diffin
 from _recording_loop import N_TRAIN, NAMES, batch_ids, make_data, make_model, record, snapshot
 from diffin import _constants as C
 from diffin._errors import (
+    FrozenWeightsMismatchError,
     InvalidIdsError,
     RecordingError,
     RunExistsError,
     UnsupportedOptimizerError,
 )
 from diffin._io import atomic_write, write_json, write_npy
+from diffin.recording.run import frozen_fingerprint
 
 
 # ---------------------------------------------------------------------- round trip
@@ -179,12 +182,19 @@ def test_frozen_parameter_and_buffers(tmp_path: Path) -> None:
         "1.running_mean", "1.running_var", "1.num_batches_tracked"}
     for s in run.checkpoint_steps:
         ck = run.load_checkpoint(s)
-        assert torch.equal(ck.params["0.bias"], frozen)  # frozen parameter saved, unchanged
+        assert "0.bias" not in ck.params  # frozen: fingerprinted in the manifest, not saved (issue 20)
         for n in trainable:
             assert torch.equal(ck.params[n], out["params"][s][n])
         assert set(ck.buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
         for n, b in ck.buffers.items():
             assert torch.equal(b, out["buffers"][s][n]), (s, n)
+    assert run.frozen_sha256 == frozen_fingerprint(model, trainable)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].bias.add_(1e-12)  # another frozen weight: refused by name at scoring
+    with pytest.raises(FrozenWeightsMismatchError, match="frozen"):
+        diffin.load_run(tmp_path / "run", other)
+    assert torch.equal(model[0].bias, frozen)
     assert int(run.load_checkpoint(4).buffers["1.num_batches_tracked"]) == 4
     assert not torch.equal(run.load_checkpoint(4).buffers["1.running_mean"],
                            run.load_checkpoint(0).buffers["1.running_mean"])

@@ -68,3 +68,10 @@ CUDA, by ``torch.cuda.get_rng_state(device)``; fixed bytes per step (the manifes
 entry gives ``cpu_bytes`` and ``cuda_bytes``). The manifest's ``train_modes`` maps every BatchNorm /
 dropout module to the mode it trained in; runs without these entries were recorded before them."""
 RNG_DTYPE = "|u1"
+GRAD_SCALE_LOG = "grad_scales.f64"
+"""Append-only, optional: each step's gradient as a multiple of the mean-over-the-batch gradient
+(``Recorder.step(..., grad_scale=)``); absent means 1 at every step."""
+FORWARDS_LOG = "forwards.i64"
+"""Append-only, beside ``RNG_LOG``: one row (step, rows, sequence length) per training forward with
+dropout, flat int64; ``RNG_LOG`` holds one state per such forward (several per step under gradient
+accumulation, one per micro-batch). Runs without it have one forward per step."""

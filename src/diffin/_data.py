@@ -9,7 +9,7 @@ import mmap
 import operator
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +94,7 @@ class WithIds(Dataset):
     """A map-style Dataset whose item ``i`` is ``(i, input, target)``; see :func:`with_ids`."""
 
     def __init__(self, dataset: Dataset) -> None:
-        if not isinstance(dataset, Dataset) or isinstance(dataset, (tuple, list)):
+        if not _is_item_dataset(dataset):
             raise DataMismatchError(
                 f"with_ids needs a map-style torch.utils.data.Dataset, got {type(dataset).__name__}; "
                 "for tensors X, Y use diffin.with_ids(TensorDataset(X, Y))"
@@ -115,6 +115,12 @@ class WithIds(Dataset):
         if not 0 <= i < self._n:
             raise IndexError(f"index {index} out of range for a dataset of {self._n} items")
         item = self.dataset[i]
+        if isinstance(item, Mapping):  # tokenized text: the label under "labels" (or "label", "label_ids")
+            key = next((k for k in LABEL_KEYS if k in item), None)
+            if key is None:
+                raise DataMismatchError(f"with_ids: item {i} is a dict without a label ({sorted(item)}); put the "
+                                        "target under 'labels'")
+            return i, {k: v for k, v in item.items() if k not in LABEL_KEYS}, item[key]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise DataMismatchError(
                 f"with_ids: item {i} of the wrapped dataset is a {type(item).__name__}"
@@ -176,7 +182,7 @@ class DataSource:
             self._loader, data = data, data.dataset
         if isinstance(data, WithIds):
             data = data.dataset  # ids are positions by construction: read the (input, target) items
-        if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
+        if _is_item_dataset(data):
             self._ds = data
             try:
                 self._n = len(data)  # type: ignore[arg-type]
@@ -207,6 +213,9 @@ class DataSource:
         idx = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         if self._ds is not None:
             items = [self._ds[int(i)] for i in idx]
+            if items and isinstance(items[0], Mapping):
+                x, y = collate_dicts(items, self.name)
+                return self._place(x), self._place_targets(y)
             try:
                 batch = default_collate(items)
             except (RuntimeError, TypeError) as e:
@@ -612,7 +621,7 @@ def fingerprint(data: Any) -> str:
         data = data.dataset
     if isinstance(data, WithIds):
         data = data.dataset
-    if isinstance(data, Dataset) and not isinstance(data, (tuple, list)):
+    if _is_item_dataset(data):
         n = len(data)  # type: ignore[arg-type]
         h.update(f"dataset{type(data).__name__}{n}".encode())
         for i in sorted(set(np.linspace(0, max(n - 1, 0), num=min(n, 64)).astype(int).tolist())):
@@ -620,6 +629,56 @@ def fingerprint(data: Any) -> str:
     else:
         add(data)
     return h.hexdigest()
+
+
+LABEL_KEYS = ("labels", "label", "label_ids")
+"""Where a dict item keeps its target, first found first (Hugging Face's names; its data collators
+rename ``label`` / ``label_ids`` to ``labels``)."""
+PAD_LABEL = -100
+"""Label of padded positions (ignored by the token losses of :mod:`diffin.integrations.huggingface`)."""
+
+
+def _is_item_dataset(data: Any) -> bool:
+    """A map-style dataset: a torch ``Dataset``, or a table of items such as a Hugging Face
+    ``datasets.Dataset`` (``__getitem__``, ``__len__`` and ``column_names``)."""
+    if isinstance(data, (tuple, list)):
+        return False
+    return isinstance(data, Dataset) or (
+        hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__"))
+
+
+def collate_dicts(items: Sequence[Mapping[str, Any]], name: str = "train") -> tuple[dict[str, Tensor], Tensor]:
+    """Dict items (tokenized text: ``{"input_ids": [...], "attention_mask": [...], "labels": 3}``) as one
+    batch ``(inputs, targets)``: the target is the item's ``labels`` (or ``label`` / ``label_ids``),
+    the inputs every other numeric entry (strings and ``None`` are left out, as the model takes none).
+    Sequences of different lengths are padded on the right to the longest of the batch, as
+    ``DataCollatorWithPadding`` does: inputs with 0 (the attention mask then hides them), labels with
+    -100 (ignored by the token losses)."""
+    first = items[0]
+    key = next((k for k in LABEL_KEYS if k in first), None)
+    if key is None:
+        raise DataMismatchError(
+            f"the {name} items are dicts without a label ({sorted(first)}); put the target under 'labels' "
+            "(or 'label' / 'label_ids')"
+        )
+    cols = [k for k, v in first.items() if k not in LABEL_KEYS and not isinstance(v, (str, bytes)) and v is not None]
+    x = {k: _stack_padded([it[k] for it in items], 0, f"{name} column {k!r}") for k in cols}
+    y = _stack_padded([it[key] for it in items], PAD_LABEL, f"{name} column {key!r}")
+    return x, y
+
+
+def _stack_padded(values: list[Any], pad: int, what: str) -> Tensor:
+    ts = [v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v)) for v in values]
+    shapes = {tuple(t.shape) for t in ts}
+    if len(shapes) == 1:
+        return torch.stack(ts)
+    if any(t.ndim != 1 for t in ts):
+        raise DataMismatchError(f"{what}: items of shapes {sorted(shapes)[:4]} cannot be padded into one batch; "
+                                "only 1-D sequences of different lengths are padded")
+    out = torch.full((len(ts), max(int(t.shape[0]) for t in ts)), pad, dtype=ts[0].dtype)
+    for i, t in enumerate(ts):
+        out[i, : t.shape[0]] = t
+    return out
 
 
 def _row_blocks(a: Any, max_bytes: int = 1 << 26) -> Iterator[Any]:

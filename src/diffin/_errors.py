@@ -167,3 +167,13 @@ class BatchLossUnsupportedError(UnsupportedMethodError):
 class TrainModeWarning(UserWarning):
     """A model with BatchNorm or dropout layers was recorded without their training modes (an
     older diffin): its run is replayed in eval mode, and the scores describe that run."""
+
+
+class UnsupportedTrainingError(RecordingError):
+    """A training setting diffin cannot replay (DeepSpeed, FSDP, torch.compile, gradient checkpointing,
+    fp16 loss scaling, ...), refused when recording starts; the message says what to change."""
+
+
+class FrozenWeightsMismatchError(RecordingError):
+    """The frozen (untrained) parameters of the model given for scoring are not those the run trained
+    with: checkpoints hold the trained parameters only and a fingerprint of the frozen ones."""

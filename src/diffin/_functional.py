@@ -167,6 +167,7 @@ class FlatModel:
         # training-mode layers (docs/method.md §4.8): set by enable_train_mode, active inside step()
         self.train_forward: TrainModeForward | None = None
         self.stat_names: tuple[str, ...] = ()
+        self._sample_vmap_fails = False  # the forward cannot be vmapped over samples: per_sample_grads by jacrev
         self._step: _Step | None = None
 
     # ------------------------------------------------------------------ training-mode layers
@@ -387,7 +388,15 @@ class FlatModel:
         def single(th: Tensor, xi: Inputs, yi: Any) -> Tensor:
             return self.losses(th, tree_map(_unsqueeze, xi), tree_map(_unsqueeze, yi))[0]
 
-        return vmap(torch.func.grad(single), in_dims=(None, 0, 0))(theta, x, y)
+        if not self._sample_vmap_fails:
+            try:
+                return vmap(torch.func.grad(single), in_dims=(None, 0, 0))(theta, x, y)
+            except RuntimeError as e:  # Python control flow on the inputs (e.g. `if mask.all():`)
+                if "vmap" not in str(e) and "data-dependent" not in str(e):
+                    raise
+                self._sample_vmap_fails = True
+        # the model runs once on the batch; the Jacobian's rows come from vmapped backward passes
+        return torch.func.jacrev(lambda th: self.losses(th, x, y))(theta)
 
     # ------------------------------------------------------------------ second order
     def hvp(

@@ -58,7 +58,8 @@ def sgd_trajectory(run: Run, model: nn.Module, loss_fn: LossFn, train: DataSourc
     ck = run.load_checkpoint(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(ck.params[n])
+            if n in ck.params:  # frozen parameters are not in the checkpoints: the model's own
+                p.copy_(ck.params[n])
     named = dict(model.named_parameters())
     params = [named[n] for n in run.trainable]
     o = run.optimizer

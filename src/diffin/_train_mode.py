@@ -20,13 +20,16 @@ the weights or the parameters) and under autograd's double backward.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 
 from ._errors import TrainModeError
 from ._tree import call_model, cuda_device
@@ -138,15 +141,11 @@ class TrainModeForward:
             of :attr:`buffer_names` as new tensors: ``(1 − m)·r + m·stat`` (m the module's momentum,
             or 1 / (num_batches_tracked + 1) when it is ``None``) and ``num_batches_tracked + 1``.
         """
-        if self.dropout_names:
-            if masks is None:
-                raise TrainModeError(
-                    f"the model has dropout in training mode ({', '.join(self.dropout_names[:3])}): pass "
-                    "the step's masks (TrainModeForward.capture_masks with the recorded RNG state)"
-                )
-            absent = [n for n in self.dropout_names if n not in masks]
-            if absent:
-                raise TrainModeError(f"masks lack the dropout modules {absent[:5]}; capture them with capture_masks")
+        if self.dropout_names and masks is None:
+            raise TrainModeError(
+                f"the model has dropout in training mode ({', '.join(self.dropout_names[:3])}): pass "
+                "the step's masks (TrainModeForward.capture_masks with the recorded RNG state)"
+            )
         new: dict[str, Tensor] = {}
         with self._patched({"weights": weights, "masks": masks or {}, "new": new, "capture": None}):
             out = call_model(self.model, params_and_buffers, x)
@@ -200,26 +199,31 @@ class TrainModeForward:
         train-mode dropout replaced (restored on exit, as are the modes)."""
         if self._ctx is not None:
             raise TrainModeError("TrainModeForward is not re-entrant: one call at a time")
-        saved_modes = {n: m.training for n, m in self._modules.items()}
+        saved_modes = {m: m.training for m in self.model.modules()}
         replaced: list[tuple[nn.Module, bool, Any]] = []
         self._ctx = ctx
+        ctx["calls"] = 0
+        functional = _FunctionalDropout(ctx) if self.dropout_names else contextlib.nullcontext()
         try:
-            for n, m in self._modules.items():
+            for m in saved_modes:  # a training forward: every module trains (attention reads self.training) ...
+                m.training = True
+            for n, m in self._modules.items():  # ... but these as recorded
                 m.training = self.modes[n]
             for n in self.norm_names:
                 replaced.append(_replace_forward(self._modules[n], self._norm_forward(n)))
             for n in self.dropout_names:
                 fwd = self._capture_forward(n) if ctx["capture"] is not None else self._mask_forward(n)
                 replaced.append(_replace_forward(self._modules[n], fwd))
-            yield
+            with functional:
+                yield
         finally:
             for m, had, old in reversed(replaced):
                 if had:
                     m.forward = old
                 else:
                     del m.forward
-            for n, m in self._modules.items():
-                m.training = saved_modes[n]
+            for m, training in saved_modes.items():
+                m.training = training
             self._ctx = None
 
     def _norm_forward(self, name: str) -> Any:
@@ -238,6 +242,11 @@ class TrainModeForward:
             ctx = self._ctx
             assert ctx is not None
             masks = ctx["masks"]
+            if name not in masks:
+                raise TrainModeError(
+                    f"dropout module {name!r} ran in the replayed step but drew no mask when the step's masks "
+                    "were captured: the forward calls its dropout modules differently from one call to the next"
+                )
             out = inp * masks[name].to(dtype=inp.dtype)
             off = masks.get(name + OFFSET_SUFFIX)
             return out + off.to(dtype=inp.dtype) if off is not None else out
@@ -257,21 +266,148 @@ class TrainModeForward:
                     "per forward draws several masks, which diffin cannot replay; use one module per call"
                 )
             ones = torch.ones_like(inp)
-            if isinstance(mod, _ALPHA_TYPES):  # affine: y = x·a + c; c from zeros, under the same draw
-                cpu, dev = torch.get_rng_state(), cuda_device(inp)
-                gpu = torch.cuda.get_rng_state(dev) if dev is not None else None
-                offset = original(mod, torch.zeros_like(inp))
-                torch.set_rng_state(cpu)
-                if dev is not None and gpu is not None:
-                    torch.cuda.set_rng_state(gpu, dev)
-                mult = original(mod, ones) - offset
-                ctx["capture"][name + OFFSET_SUFFIX] = offset
-            else:
-                mult = original(mod, ones)  # x·noise with noise ∈ {0, 1/(1 − p)}: ones give the noise
-            ctx["capture"][name] = mult
-            return inp * mult + ctx["capture"].get(name + OFFSET_SUFFIX, 0)
+            ctx["in_module"] = True  # the functional-dropout mode leaves the module's own draw alone
+            try:
+                return self._capture_draw(mod, name, original, inp, ones, ctx)
+            finally:
+                ctx["in_module"] = False
 
         return forward
+
+    @staticmethod
+    def _capture_draw(mod: nn.Module, name: str, original: Any, inp: Tensor, ones: Tensor, ctx: dict[str, Any]
+                      ) -> Tensor:
+        if isinstance(mod, _ALPHA_TYPES):  # affine: y = x·a + c; c from zeros, under the same draw
+            cpu, dev = torch.get_rng_state(), cuda_device(inp)
+            gpu = torch.cuda.get_rng_state(dev) if dev is not None else None
+            offset = original(mod, torch.zeros_like(inp))
+            torch.set_rng_state(cpu)
+            if dev is not None and gpu is not None:
+                torch.cuda.set_rng_state(gpu, dev)
+            mult = original(mod, ones) - offset
+            ctx["capture"][name + OFFSET_SUFFIX] = offset
+        else:
+            mult = original(mod, ones)  # x·noise with noise ∈ {0, 1/(1 − p)}: ones give the noise
+        ctx["capture"][name] = mult
+        return inp * mult + ctx["capture"].get(name + OFFSET_SUFFIX, 0)
+
+
+FUNCTIONAL_PREFIX = "<functional>."
+"""``masks[FUNCTIONAL_PREFIX + k]``: the mask of the k-th dropout drawn inside the forward by a function
+rather than a dropout module (``torch.nn.functional.dropout`` called directly, or the attention dropout of
+``torch.nn.functional.scaled_dot_product_attention``, as Hugging Face attention layers apply it)."""
+
+
+class _FunctionalDropout(TorchFunctionMode):
+    """Dropout drawn by functions inside the forward, fixed like a module's (docs/method.md §4.8).
+
+    While a train-mode forward runs, every ``F.dropout(x, p, training=True)`` and every
+    ``F.scaled_dot_product_attention(..., dropout_p=p)`` with p > 0 is, in turn:
+
+    * captured (``ctx["capture"]`` is a dict): its multiplier is drawn as the function draws it — the
+      same generator, shape and dtype; on the CPU, attention dropout is ``torch.dropout`` of the
+      softmax weights (B, H, L, S), the draw this makes — and the call returns the value it would have;
+    * replayed: the multiplier of the same call of the captured forward is used, and attention is
+      computed as softmax(q kᵀ·scale + mask) ⊙ multiplier · v (differentiable by every transform).
+    """
+
+    def __init__(self, ctx: dict[str, Any]) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.ctx.get("in_module"):
+            return func(*args, **kwargs)
+        if func is F.dropout:
+            x, p, training = _bind(args, kwargs, ("input", "p", "training", "inplace"), (None, 0.5, True, False))[:3]
+            if training and p > 0:
+                mult = self._mult(lambda: func(torch.ones_like(x), p, True), tuple(x.shape))
+                return x * mult.to(dtype=x.dtype)
+        elif func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            defaults = (None, None, None, None, 0.0, False, None, False)
+            q, k, v, mask, p, causal, scale, gqa = _bind(args, kwargs, names, defaults)
+            if p > 0:
+                shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-3] + (q.shape[-3],)), q.shape[-2], k.shape[-2])
+                mult = self._mult(lambda: F.dropout(torch.ones(shape, dtype=q.dtype, device=q.device), p, True), shape)
+                return sdpa_math(q, k, v, mask, mult, causal, scale, gqa)
+        return func(*args, **kwargs)
+
+    def _mult(self, draw: Any, shape: tuple[int, ...]) -> Tensor:
+        ctx = self.ctx
+        key = f"{FUNCTIONAL_PREFIX}{ctx['calls']}"
+        ctx["calls"] += 1
+        if ctx["capture"] is not None:
+            ctx["capture"][key] = mult = draw()
+            return mult
+        mult = ctx["masks"].get(key)
+        if mult is None or tuple(mult.shape) != shape:
+            raise TrainModeError(
+                f"the replayed forward drew dropout call {key} of shape {shape}, but the captured step "
+                f"{'has none' if mult is None else f'has shape {tuple(mult.shape)}'}: the forward does not draw "
+                "its dropout the same way on every call"
+            )
+        return mult
+
+
+def sdpa_math(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, mult: Tensor | None,
+              is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """``scaled_dot_product_attention`` written out as its math backend computes it (q, k scaled by
+    √scale each, softmax over keys), with the dropout multiplier ``mult`` (..., L, S) on the weights;
+    plain differentiable ops (forward-mode, double backward, vmap)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    attn = (q * math.sqrt(s)) @ (k * math.sqrt(s)).transpose(-2, -1)
+    L, S = q.shape[-2], k.shape[-2]
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        attn = attn.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+    attn = torch.softmax(attn, dim=-1)
+    if mult is not None:
+        attn = attn * mult.to(dtype=attn.dtype)
+    return attn @ v
+
+
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...], defaults: tuple[Any, ...]
+          ) -> list[Any]:
+    """Positional and keyword arguments of a call, in ``names`` order (``defaults`` for the absent)."""
+    out = list(defaults)
+    for i, a in enumerate(args[: len(names)]):
+        out[i] = a
+    for i, n in enumerate(names):
+        if n in kwargs:
+            out[i] = kwargs[n]
+    return out
+
+
+def assemble_masks(union: Mapping[str, Tensor], parts: list[tuple[int, Mapping[str, Tensor]]]) -> dict[str, Tensor]:
+    """The masks of one forward over a step's whole batch built from those its micro-batches drew
+    (gradient accumulation): ``union`` gives every mask's shape over the whole batch (any values),
+    ``parts`` each micro-batch's first row in it and its masks. A micro-batch's mask fills its rows and,
+    along the other dimensions, the leading positions (a micro-batch padded to a shorter length than
+    the whole batch: right padding; the padded positions carry no signal to the real ones)."""
+    out: dict[str, Tensor] = {}
+    for key, ref in union.items():
+        m = torch.zeros_like(ref)
+        for off, pm in parts:
+            part = pm.get(key)
+            if part is None or part.ndim != ref.ndim or any(a > b for a, b in zip(part.shape[1:], ref.shape[1:])):
+                raise TrainModeError(
+                    f"the micro-batches of a step drew dropout {key!r} "
+                    f"{'not at all' if part is None else f'with shape {tuple(part.shape)}'} against "
+                    f"{tuple(ref.shape)} for the whole batch: their forwards cannot be replayed as one"
+                )
+            idx = (slice(off, off + part.shape[0]), *(slice(0, n) for n in part.shape[1:]))
+            m[idx] = part.to(m.dtype)
+        out[key] = m
+    if any(set(pm) - set(union) for _, pm in parts):
+        raise TrainModeError("a micro-batch drew more dropout masks than a forward over the whole batch")
+    return out
 
 
 def _weighted_batch_norm(

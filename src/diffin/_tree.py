@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._errors import DataMismatchError
 
@@ -114,7 +115,8 @@ def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, x: Inputs)
         args, kwargs = (x,), {}
     if params is None:
         return model(*args, **kwargs)
-    return functional_call(model, dict(params), args, kwargs)
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no forward-mode / double-backward rule
+        return functional_call(model, dict(params), args, kwargs)
 
 
 def describe(x: Inputs) -> str:

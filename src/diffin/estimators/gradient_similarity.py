@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._tree import batch_len, index
 from .base import Estimator, EstimatorOutput, ScoringContext
 
 
@@ -23,9 +24,10 @@ class GradDot(Estimator):
         coef = float(np.sum(ctx.run.lrs)) / ctx.n_train
         tgt = ctx.target
         if tgt.kind == "self":
-            out = torch.cat([(fm.per_sample_grads(theta, x[s : s + 64], y[s : s + 64]) ** 2).sum(1)
+            out = torch.cat([(fm.per_sample_grads(theta, index(x, slice(s, s + 64)), index(y, slice(s, s + 64))) ** 2
+                              ).sum(1)
                              for _, x, y in ctx.train.chunks(cfg.batch_size)
-                             for s in range(0, x.shape[0], 64)])
+                             for s in range(0, batch_len(x), 64)])
             return EstimatorOutput(coef * out.double(), self.name)
         g = tgt.grads(fm, theta)
         d = torch.cat([fm.dots(theta, x, y, g).T for _, x, y in ctx.train.chunks(cfg.batch_size)])

@@ -55,12 +55,14 @@ from .._errors import (
 )
 from .._io import write_json, write_safetensors
 from .._train_mode import DROPOUT_TYPES, train_mode_modules
+from .._tree import leaves
 from .._version import __version__
 from .manifest import OptimizerSpec, group_hypers
-from .run import Checkpoint, Run, sha256_prefix
+from .run import Checkpoint, Run, frozen_fingerprint, sha256_prefix
 
 _OURS = (C.MANIFEST, C.CHECKPOINT_DIR, C.GROUP_LRS_LOG, C.LRS_LOG, C.BATCH_IDS_LOG, C.BATCH_OFFSETS_LOG,
-         C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX, C.RNG_LOG)
+         C.V1_LRS, C.V1_BATCH_IDS, C.V1_BATCH_OFFSETS, C.V1_BATCH_IDS + C.V1_PARTIAL_SUFFIX, C.RNG_LOG,
+         C.FORWARDS_LOG, C.GRAD_SCALE_LOG)
 """Every name a run folder (format 1, 2 or 3) may hold; an ``overwrite=True`` removes them."""
 
 _SWEEP_KINDS = "SGD, Adam or AdamW"
@@ -184,6 +186,7 @@ class Recorder:
             raise RecordingError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
         if overwrite and resume:
             raise RecordingError("pass overwrite=True (start a new run) or resume=True (continue it), not both")
+        optimizer = unwrap_optimizer(optimizer)
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
@@ -228,6 +231,9 @@ class Recorder:
             "buffers": [{"name": n, "shape": list(b.shape)} for n, b in model.named_buffers()],
             "trainable": list(self.trainable),
         }
+        frozen = frozen_fingerprint(model, self.trainable)
+        if frozen is not None:  # checkpoints hold what trains; the frozen weights are only fingerprinted
+            self._model_entry["frozen_sha256"] = frozen
 
         self._t = 0
         self._n_ids = 0
@@ -249,6 +255,10 @@ class Recorder:
         self._modes: dict[str, bool] | None = None  # the run's modes, fixed by its first step
         self._fwd_modes: dict[str, bool] | None = None  # the current step's training forward
         self._fwd_rng: tuple[np.ndarray, tuple[int, int]] | None = None
+        self._fwd_rngs: list[np.ndarray] = []  # every training forward's RNG state since the last step
+        self._fwd_shapes: list[tuple[int, int]] = []  # (rows, sequence length) of those forwards
+        self._forwards_log: _Log | None = None
+        self._scale_log: _Log | None = None
         self._eval_modes: dict[str, bool] | None = None  # the current step's last eval-mode forward
         self._n_train_fwd = 0
         self._rng_log: _Log | None = None
@@ -266,7 +276,7 @@ class Recorder:
                 _warn_without_rule(self.opt_spec)
             self._hook = optimizer.register_step_pre_hook(_weak_hook(self))
         if self._tm_modules and self._record_modes:
-            self._fwd_hook = model.register_forward_pre_hook(_weak_forward_hook(self))
+            self._fwd_hook = model.register_forward_pre_hook(_weak_forward_hook(self), with_kwargs=True)
 
     # ------------------------------------------------------------------ public
     @property
@@ -275,7 +285,7 @@ class Recorder:
         training loop restarts from (the run's last checkpoint)."""
         return self._t
 
-    def step(self, ids: Any = None, lr: float | None = None) -> None:
+    def step(self, ids: Any = None, lr: float | None = None, *, grad_scale: float | None = None) -> None:
         """Record one optimizer step (call it after ``optimizer.step()``).
 
         Args:
@@ -289,10 +299,16 @@ class Recorder:
             lr: without an optimizer, the learning rate η_t of this step (required). With one,
                 leave it out: every group's rate is read from the optimizer as its ``step()``
                 used it; a value given must equal group 0's rate.
+            grad_scale: the step's gradient as a multiple of the mean-over-the-batch gradient (default 1):
+                e.g. 2 when a loop with two micro-batches sums their mean losses without dividing by 2
+                (as the Hugging Face Trainer does for models whose forward takes loss keyword arguments).
         """
         if self._closed:
             raise RecordingError("Recorder.step() called after close()")
         lrs = self._step_lrs(lr)
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise RecordingError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
         if self.optimizer is not None:
             self._check_optimizer()
         has_ids = ids is not None
@@ -309,8 +325,10 @@ class Recorder:
                 )
         try:
             modes, rng = self._step_modes()
+            forwards = self._step_forwards(rng, arr)
         finally:
             self._fwd_modes = self._eval_modes = self._fwd_rng = None
+            self._fwd_rngs, self._fwd_shapes = [], []
             self._n_train_fwd = 0
         self._stepped.clear()
         self._n_stepped = 0
@@ -319,7 +337,10 @@ class Recorder:
         if rng is not None:
             if self._rng_log is None:
                 self._rng_log = _Log(self.path / C.RNG_LOG, C.RNG_DTYPE)
+                self._forwards_log = _Log(self.path / C.FORWARDS_LOG, C.IDS_DTYPE)
             self._rng_log.append(rng)
+            assert self._forwards_log is not None and forwards is not None
+            self._forwards_log.append(forwards)
         self._ids_recorded = has_ids
         if arr is not None:
             if self._ids_log is None or self._offsets_log is None:
@@ -332,15 +353,21 @@ class Recorder:
                 self._max_id = max(self._max_id, int(arr.max()))
             self._batch_sizes.add(int(arr.size))
             self._offsets_log.append(np.array([self._n_ids], dtype=np.int64))
+        if scale != 1.0 and self._scale_log is None:  # earlier steps had scale 1
+            self._scale_log = _Log(self.path / C.GRAD_SCALE_LOG, C.LRS_DTYPE)
+            self._scale_log.append(np.ones(self._t, dtype=np.float64))
+        if self._scale_log is not None:
+            self._scale_log.append(np.array([scale], dtype=np.float64))
         self._lrs_log.append(lrs)
         self._t += 1
         if self._t % self.checkpoint_every == 0:
             self._checkpoint()
 
-    def _pre_forward(self) -> None:
-        """Forward pre-hook on the model: the modes (and, with dropout in training mode, the RNG
-        state) at the step's first training-mode forward; eval-mode forwards only count when the
-        step has no training forward."""
+    def _pre_forward(self, args: Any = (), kwargs: Any = None) -> None:
+        """Forward pre-hook on the model: the modes at the step's first training-mode forward and,
+        with dropout in training mode, the RNG state and input shape of every training forward (one
+        per micro-batch under gradient accumulation); eval-mode forwards only count when the step
+        has no training forward."""
         modes = {n: bool(m.training) for n, m in self._tm_modules.items()}
         if not self.model.training:
             if self._n_train_fwd == 0:
@@ -349,8 +376,12 @@ class Recorder:
         self._n_train_fwd += 1
         if self._n_train_fwd == 1:
             self._fwd_modes = modes
-            if any(modes[n] for n in self._dropouts):
-                self._fwd_rng = self._rng_state()
+        if any(modes[n] for n in self._dropouts):
+            state = self._rng_state()
+            if self._n_train_fwd == 1:
+                self._fwd_rng = state
+            self._fwd_rngs.append(state[0])
+            self._fwd_shapes.append(input_shape((tuple(args), dict(kwargs or {}))))
 
     def _rng_state(self) -> tuple[np.ndarray, tuple[int, int]]:
         """torch's CPU RNG state, then the CUDA one of the model's device (uint8 bytes), and the
@@ -368,13 +399,13 @@ class Recorder:
         if not self._tm_modules or not self._record_modes:
             return None, None
         modes = self._fwd_modes or self._eval_modes or {n: bool(m.training) for n, m in self._tm_modules.items()}
-        active = [n for n, v in modes.items() if v]
+        active = [n for n, v in modes.items() if v and n not in self._dropouts]
         if self._n_train_fwd > 1 and active:
             raise TrainModeError(
                 f"step {self._t}: the model ran {self._n_train_fwd} forwards in training mode since the "
                 f"last Recorder.step(), with {', '.join(active[:3])} in training mode: diffin replays a "
-                "step as one forward over its batch, so the batch statistics and dropout masks of several "
-                "forwards (gradient accumulation, an extra forward in training mode) cannot be replayed. "
+                "step as one forward over its batch, so the batch statistics of several forwards "
+                "(gradient accumulation, an extra forward in training mode) cannot be replayed. "
                 "Do one training forward per step, run other forwards after model.eval(), or put those "
                 "modules in eval mode for the whole training"
             )
@@ -395,7 +426,8 @@ class Recorder:
                     "replayed; call the model given to the Recorder (model(x)) in the step, not its "
                     "forward() directly"
                 )
-            rng, sizes = self._fwd_rng
+            sizes = self._fwd_rng[1]
+            rng = np.concatenate(self._fwd_rngs)
             if self._rng_log is not None and sizes != self._rng_bytes:
                 raise TrainModeError(
                     f"step {self._t}: the RNG state has {sizes} (CPU, CUDA) bytes but the recording's "
@@ -404,6 +436,22 @@ class Recorder:
                 )
             self._rng_bytes = sizes
         return modes, rng
+
+    def _step_forwards(self, rng: np.ndarray | None, ids: np.ndarray | None) -> np.ndarray | None:
+        """The step's training forwards as rows (step, rows, sequence length) for the forwards log
+        (None without dropout); with several forwards (gradient accumulation) their rows must add
+        up to the step's ids, micro-batch by micro-batch in the order the forwards ran."""
+        if rng is None:
+            return None
+        shapes = self._fwd_shapes
+        if len(shapes) > 1 and ids is not None and sum(b for b, _ in shapes) != ids.size:
+            raise TrainModeError(
+                f"step {self._t}: the model ran {len(shapes)} training forwards with dropout on "
+                f"{[b for b, _ in shapes]} rows, but the step's ids hold {ids.size}: with gradient accumulation "
+                "pass the ids of every micro-batch (rec.step([ids_1, ids_2, ...]), in the order the forwards ran) "
+                "and run no other forward in training mode"
+            )
+        return np.array([(self._t, b, s) for b, s in shapes], dtype=np.int64).reshape(-1)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step pre-hook: the learning rates, hyper-parameters and gradient norm the step uses."""
@@ -607,6 +655,10 @@ class Recorder:
         self._recording_id = m.get("recording_id", self._recording_id)
         self._resumed_at = [*(int(x) for x in m.get("resumed_at", [])), s]
         self._lrs_log = _Log(self.path / C.GROUP_LRS_LOG, C.LRS_DTYPE, keep=s * self._n_groups)
+        if m.get("grad_scales") is not None:
+            self._scale_log = _Log(self.path / C.GRAD_SCALE_LOG, C.LRS_DTYPE, keep=s)
+        else:
+            (self.path / C.GRAD_SCALE_LOG).unlink(missing_ok=True)
         bi = m.get("batch_ids", {"recorded": False})
         if bi.get("recorded"):
             self._ids_recorded = True
@@ -627,8 +679,12 @@ class Recorder:
         if rng.get("recorded") and s > 0:
             self._rng_bytes = (int(rng["cpu_bytes"]), int(rng["cuda_bytes"]))
             self._rng_log = _Log(self.path / C.RNG_LOG, C.RNG_DTYPE, keep=int(rng["log"]["count"]))
+            fw = rng.get("forwards")
+            if fw is not None:
+                self._forwards_log = _Log(self.path / C.FORWARDS_LOG, C.IDS_DTYPE, keep=int(fw["count"]))
         else:
             (self.path / C.RNG_LOG).unlink(missing_ok=True)
+            (self.path / C.FORWARDS_LOG).unlink(missing_ok=True)
         self._snapshot()
         self._write_manifest(C.STATUS_RECORDING)
 
@@ -667,8 +723,10 @@ class Recorder:
         """Write the checkpoint of the current step and remember the logs' state there."""
         step = self._t
         tensors: dict[str, torch.Tensor] = {}
+        trainable = set(self.trainable)
         for n, prm in self.model.named_parameters():
-            tensors[C.PARAM_PREFIX + n] = prm.detach()
+            if n in trainable:
+                tensors[C.PARAM_PREFIX + n] = prm.detach()
         for n, b in self.model.named_buffers():
             tensors[C.BUFFER_PREFIX + n] = b.detach()
         entry: dict[str, Any] = {"step": step, "has_momentum": False, "optimizer_step": step}
@@ -710,10 +768,13 @@ class Recorder:
         if self._rng_log is not None:
             rng_entry = {"recorded": True, "log": self._rng_log.entry(), "cpu_bytes": self._rng_bytes[0],
                          "cuda_bytes": self._rng_bytes[1]}
+            if self._forwards_log is not None:
+                rng_entry["forwards"] = self._forwards_log.entry()
         modes = self._modes
         if modes is None and self._record_modes:  # before the first step: the modes now
             modes = {n: bool(m.training) for n, m in self._tm_modules.items()}
         self._snap = {"n_steps": self._t, "lrs": self._lrs_log.entry(), "batch_ids": ids_entry,
+                      "grad_scales": self._scale_log.entry() if self._scale_log is not None else None,
                       "train_modes": modes, "rng_states": rng_entry}
 
     def _write_manifest(self, status: str, interrupted: dict[str, Any] | None = None) -> None:
@@ -738,6 +799,7 @@ class Recorder:
             "seed": self.seed,
             "n_train": self.n_train,
             "lrs": self._snap["lrs"],
+            **({"grad_scales": self._snap["grad_scales"]} if self._snap.get("grad_scales") else {}),
             "batch_ids": self._snap["batch_ids"],
         })
         if self._record_modes:
@@ -752,6 +814,11 @@ class Recorder:
         self._close_logs()
         snap = self._snap
         self._lrs_log.cut(snap["lrs"]["count"])
+        if self._scale_log is not None:
+            if snap.get("grad_scales"):
+                self._scale_log.cut(snap["grad_scales"]["count"])
+            else:
+                (self.path / C.GRAD_SCALE_LOG).unlink(missing_ok=True)
         if snap["batch_ids"]["recorded"] and self._ids_log is not None and self._offsets_log is not None:
             self._ids_log.cut(snap["batch_ids"]["ids"]["count"])
             self._offsets_log.cut(snap["batch_ids"]["offsets"]["count"])
@@ -760,8 +827,11 @@ class Recorder:
                 (self.path / name).unlink(missing_ok=True)
         if snap["rng_states"]["recorded"] and self._rng_log is not None:
             self._rng_log.cut(snap["rng_states"]["log"]["count"])
+            if self._forwards_log is not None and "forwards" in snap["rng_states"]:
+                self._forwards_log.cut(snap["rng_states"]["forwards"]["count"])
         else:
             (self.path / C.RNG_LOG).unlink(missing_ok=True)
+            (self.path / C.FORWARDS_LOG).unlink(missing_ok=True)
         name = exc_type.__qualname__
         if exc_type.__module__ not in ("builtins", None):
             name = f"{exc_type.__module__}.{name}"
@@ -771,7 +841,8 @@ class Recorder:
         )
 
     def _close_logs(self) -> None:
-        for log in (self._lrs_log, self._ids_log, self._offsets_log, self._rng_log):
+        for log in (self._lrs_log, self._ids_log, self._offsets_log, self._rng_log, self._forwards_log,
+                    self._scale_log):
             if log is not None:
                 log.close()
 
@@ -804,7 +875,8 @@ def restore_checkpoint(
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, prm in named.items():
-            prm.copy_(last.params[n])
+            if n in last.params:  # frozen parameters are not in the checkpoints
+                prm.copy_(last.params[n])
         for n, b in model.named_buffers():
             if n in last.buffers:
                 b.copy_(last.buffers[n])
@@ -929,7 +1001,7 @@ def _state_differences(
     out = []
     named = dict(model.named_parameters())
     for n, prm in named.items():
-        if not torch.equal(prm.detach().to("cpu"), ck.params[n]):
+        if n in ck.params and not torch.equal(prm.detach().to("cpu"), ck.params[n]):
             out.append(f"parameter {n}")
     for n, b in model.named_buffers():
         if n in ck.buffers and not torch.equal(b.detach().to("cpu"), ck.buffers[n]):
@@ -983,12 +1055,32 @@ def _weak_forward_hook(rec: Recorder) -> Any:
     """The recorder's forward pre-hook on the model, holding it weakly."""
     ref = weakref.ref(rec)
 
-    def hook(module: nn.Module, args: Any) -> None:
+    def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         r = ref()
         if r is not None and not r._closed:
-            r._pre_forward()
+            r._pre_forward(args, kwargs)
 
     return hook
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper: accelerate's
+    ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` hold it as ``.optimizer`` (the
+    wrapper's ``step()`` calls the inner one's, so its step hooks fire)."""
+    seen = 0
+    while (optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks")
+           and hasattr(optimizer, "optimizer") and seen < 8):
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
+def input_shape(inputs: Any) -> tuple[int, int]:
+    """(rows, sequence length) of a forward's inputs: the first dimension of its first tensor of at
+    least one dimension, and the largest second dimension of its tensors (0 when all are 1-D)."""
+    tensors = [a for a in leaves(inputs) if isinstance(a, torch.Tensor) and a.ndim >= 1]
+    if not tensors:
+        return 0, 0
+    return int(tensors[0].shape[0]), max((int(a.shape[1]) for a in tensors if a.ndim >= 2), default=0)
 
 
 def _check_clip(value: Any) -> float | None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import _constants as C
 from .._errors import (
+    FrozenWeightsMismatchError,
     CorruptManifestError,
     DataMismatchError,
     FormatVersionError,
@@ -97,6 +98,9 @@ class Run:
         try:
             self.n_steps: int = int(m["n_steps"])
             self.trainable: list[str] = list(m["model"]["trainable"])
+            self.frozen_sha256: str | None = m["model"].get("frozen_sha256")
+            """Set when checkpoints hold the trained parameters only: the fingerprint of the frozen ones
+            (:func:`frozen_fingerprint`), which the model given for scoring must match."""
             self.optimizer = OptimizerSpec.from_json(m["optimizer"], self.trainable)
             self.param_shapes: dict[str, tuple[int, ...]] = {
                 p["name"]: tuple(p["shape"]) for p in m["model"]["parameters"]
@@ -141,6 +145,12 @@ class Run:
             group_lrs = np.repeat(group_lrs[:, :1], max(len(self.optimizer.groups), 1), axis=1)
         self.group_lrs: np.ndarray = np.ascontiguousarray(group_lrs)
         self.lrs: np.ndarray = np.ascontiguousarray(self.group_lrs[:, 0])
+        gs = m.get("grad_scales")
+        self.grad_scales: np.ndarray | None = (
+            np.asarray(read(gs, C.LRS_DTYPE), dtype=np.float64) if gs is not None else None)
+        if self.grad_scales is not None and self.grad_scales.shape != (self.n_steps,):
+            raise TruncatedFileError(f"{self.path / C.GRAD_SCALE_LOG}: not one gradient scale per step; the recording "
+                                     "is damaged")
         bi = m.get("batch_ids", {"recorded": False})
         self.has_batch_ids: bool = bool(bi.get("recorded", False))
         self._ids: np.ndarray | None = None
@@ -174,6 +184,8 @@ class Run:
         self.train_modes: dict[str, bool] | None = _train_modes_entry(m.get("train_modes"), self.path)
         self._rng: np.ndarray | None = None
         self._rng_bytes = (0, 0)
+        self._fwd_rows: np.ndarray | None = None  # (F, 3): step, rows, sequence length of each forward
+        self._fwd_start: np.ndarray | None = None  # (T + 1,): the first forward of each step
         rng = m.get("rng_states", {"recorded": False})
         if isinstance(rng, dict) and rng.get("recorded"):
             try:
@@ -181,9 +193,18 @@ class Run:
             except (KeyError, TypeError, ValueError) as e:
                 raise CorruptManifestError(f"{self.path / C.MANIFEST}: malformed rng_states entry ({e!r})") from e
             self._rng = read(log, C.RNG_DTYPE, mmap=True)
-            if cpu <= 0 or cuda < 0 or self._rng.shape != (self.n_steps * (cpu + cuda),):
+            n_states = self.n_steps
+            if rng.get("forwards") is not None:  # one state per training forward (micro-batch)
+                rows = np.asarray(read(rng["forwards"], C.IDS_DTYPE), dtype=np.int64).reshape(-1, 3)
+                n_states = rows.shape[0]
+                self._fwd_rows = rows
+                self._fwd_start = np.searchsorted(rows[:, 0], np.arange(self.n_steps + 1), side="left")
+                if np.any(np.diff(rows[:, 0]) < 0) or np.any(np.diff(self._fwd_start) < 1):
+                    raise TruncatedFileError(f"{self.path / C.FORWARDS_LOG}: not one or more forwards per step; "
+                                             "the recording is damaged")
+            if cpu <= 0 or cuda < 0 or self._rng.shape != (n_states * (cpu + cuda),):
                 raise TruncatedFileError(
-                    f"{self.path / C.RNG_LOG}: expected {self.n_steps} RNG states of {cpu} + {cuda} bytes, "
+                    f"{self.path / C.RNG_LOG}: expected {n_states} RNG states of {cpu} + {cuda} bytes, "
                     f"found {self._rng.size} bytes; the recording is damaged"
                 )
             self._rng_bytes = (cpu, cuda)
@@ -243,13 +264,31 @@ class Run:
         trained on the CPU."""
         return self._rng_part(t, 1) if self._rng_bytes[1] else None
 
-    def _rng_part(self, t: int, part: int) -> torch.Tensor:
+    def forwards(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int, int]]:
+        """Step t's training forwards with dropout, in order (several under gradient accumulation,
+        one per micro-batch): ``(cpu_rng_state, cuda_rng_state or None, rows, sequence length)``;
+        rows and length are 0 for a run recorded before they were (one forward over the whole batch)."""
+        if self._fwd_rows is None or self._fwd_start is None:
+            return [(self._rng_part(t, 0), self.cuda_rng_state(t), 0, 0)]
+        if not 0 <= t < self.n_steps:
+            raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
+        out = []
+        for f in range(int(self._fwd_start[t]), int(self._fwd_start[t + 1])):
+            cuda = self._rng_part(f, 1, raw=True) if self._rng_bytes[1] else None
+            out.append((self._rng_part(f, 0, raw=True), cuda, int(self._fwd_rows[f, 1]), int(self._fwd_rows[f, 2])))
+        return out
+
+    def _rng_part(self, t: int, part: int, raw: bool = False) -> torch.Tensor:
         if self._rng is None:
             raise UnsupportedMethodError(
                 f"the run at {self.path} recorded no RNG states (no dropout in training mode, or recorded "
                 "before diffin recorded them): its dropout masks cannot be replayed"
             )
-        if not 0 <= t < self.n_steps:
+        if not raw and self._fwd_start is not None:  # a step's state: that of its first forward
+            if not 0 <= t < self.n_steps:
+                raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
+            t = int(self._fwd_start[t])
+        elif not raw and not 0 <= t < self.n_steps:
             raise IndexError(f"step {t} is out of range for a run of {self.n_steps} steps")
         cpu, cuda = self._rng_bytes
         start = t * (cpu + cuda) + (cpu if part else 0)
@@ -357,7 +396,7 @@ class Run:
                     f"{path}: tensor {name!r} holds NaN or Inf (training diverged before step "
                     f"{step}?); score a run that stayed finite"
                 )
-        missing = [n for n in self.param_shapes if n not in params]
+        missing = [n for n in self.param_shapes if n not in params and not (self.frozen_sha256 and n not in self.trainable)]
         if missing:
             raise TruncatedFileError(f"{path}: parameters missing from the checkpoint: {missing}")
         if old_momentum and not entry.get("has_momentum", False):
@@ -405,6 +444,12 @@ class Run:
                 f"the model does not match the run at {self.path} ("
                 + "; ".join(parts)
                 + "); pass a model built like the one that was trained"
+            )
+        if self.frozen_sha256 and frozen_fingerprint(model, self.trainable) != self.frozen_sha256:
+            raise FrozenWeightsMismatchError(
+                f"the frozen (untrained) parameters of the model differ from those the run at {self.path} trained with: "
+                "its checkpoints hold the trained parameters only, so the frozen ones come from the model you pass. "
+                "Load the same base weights (e.g. the same pretrained checkpoint, before adding the adapters)"
             )
 
     def check_ids(self, n_train: int) -> None:
@@ -471,6 +516,21 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
     return m
+
+
+def frozen_fingerprint(model: nn.Module, trainable: list[str]) -> str | None:
+    """sha256 of the parameters of ``model`` outside ``trainable`` (names, shapes and values as float64,
+    so an exact up-cast matches); None when every parameter trains."""
+    keep = set(trainable)
+    h = hashlib.sha256()
+    n = 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name in keep:
+            continue
+        n += 1
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(memoryview(p.detach().to("cpu", torch.float64).contiguous().reshape(-1).numpy().view(np.uint8)))
+    return h.hexdigest() if n else None
 
 
 def _train_modes_entry(value: Any, path: Path) -> dict[str, bool] | None:

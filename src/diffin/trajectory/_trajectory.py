@@ -34,7 +34,9 @@ from .._errors import (
     UnsupportedOptimizerError,
 )
 from .._functional import FlatModel
+from .._train_mode import assemble_masks
 from .._tree import batch_len, cuda_device, nbytes, to_device, tree_map
+from ..recording.recorder import input_shape
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
 from .optim import OptimizerRule, get_rule
@@ -49,6 +51,20 @@ _IGNORED = ("params", "lr", "initial_lr", "foreach", "fused", "capturable", "dif
 
 BATCH_CACHE_BYTES = 64 * 2**20
 """Memory for the batches :meth:`Trajectory.batch` keeps (most recent first out last)."""
+
+
+def _check_forward_shape(t: int, x: Any, rows: int, length: int) -> None:
+    """Refuse a batch whose shape is not the recorded forward's: its dropout masks would differ."""
+    if rows == 0:
+        return  # recorded before shapes were
+    got = input_shape(x)
+    if got[0] == rows and got[1] != length:  # (other rows: a proxy batch, diffin-expected)
+        raise TrainModeError(
+            f"step {t}: the training forward ran on {rows} rows of length {length}, but the batch as diffin "
+            f"collates it has {got[0]} rows of length {got[1]}, so its dropout masks cannot be drawn again. "
+            "Give train= the data as the loop fed it: the same items, padded as its collator padded them "
+            "(to the longest sequence of each micro-batch, on the right)"
+        )
 
 
 class ReplayDriftWarning(UserWarning):
@@ -203,26 +219,44 @@ class Trajectory:
             return hit
         th = theta if theta.ndim == 1 else theta[0]
         params = self.fm.unflatten(th)
-        cuda = self.run.cuda_rng_state(t) if hasattr(self.run, "cuda_rng_state") else None
-        here = cuda_device(x) is not None
-        # the masks come from the generator the loop drew them from: the CPU's for a run trained on
-        # the CPU, the device's for one trained on CUDA, wherever the scoring runs
-        if cuda is None and here:
-            m = tmf.capture_masks(to_device(params, "cpu"), to_device(x, "cpu"), self.run.rng_state(t).cpu())
-        elif cuda is not None and not here:
-            if not torch.cuda.is_available():
-                raise TrainModeError(
-                    f"the run at {self.run.path} trained with dropout on a CUDA device: its masks can only be drawn "
-                    "again from that device's generator; score it on a CUDA device (device='cuda')"
-                )
-            m = tmf.capture_masks(to_device(params, "cuda"), to_device(x, "cuda"), self.run.rng_state(t).cpu(), cuda)
-        else:
-            m = tmf.capture_masks(params, x, self.run.rng_state(t).cpu(), cuda)
+        forwards = self.run.forwards(t) if hasattr(self.run, "forwards") else [
+            (self.run.rng_state(t), self.run.cuda_rng_state(t) if hasattr(self.run, "cuda_rng_state") else None, 0, 0)]
+        if len(forwards) == 1:
+            cpu, cuda, rows, length = forwards[0]
+            _check_forward_shape(t, x, rows, length)
+            m = self._capture(tmf, params, x, cpu, cuda)
+        else:  # gradient accumulation: each micro-batch's masks, from its own forward, in the whole batch
+            ids = self.run.batch(t)
+            union = self._capture(tmf, params, x, forwards[0][0], forwards[0][1])
+            parts, off = [], 0
+            for cpu, cuda, rows, length in forwards:
+                assert self.train is not None
+                xj, _ = self.train.get(ids[off:off + rows])
+                _check_forward_shape(t, xj, rows, length)
+                parts.append((off, self._capture(tmf, params, xj, cpu, cuda)))
+                off += rows
+            m = assemble_masks(union, parts)
         m = {k: v.to(self.fm.device) for k, v in m.items()}
         self._masks[t] = m
         while len(self._masks) > 64:
             self._masks.popitem(last=False)
         return m
+
+    def _capture(self, tmf: Any, params: dict[str, Tensor], x: Any, cpu: Tensor, cuda: Tensor | None
+                 ) -> dict[str, Tensor]:
+        """The masks of one recorded forward, from the generator the loop drew them from: the CPU's for
+        a run trained on the CPU, the device's for one trained on CUDA, wherever the scoring runs."""
+        here = cuda_device(x) is not None
+        if cuda is None and here:
+            return tmf.capture_masks(to_device(params, "cpu"), to_device(x, "cpu"), cpu.cpu())
+        if cuda is not None and not here:
+            if not torch.cuda.is_available():
+                raise TrainModeError(
+                    f"the run at {self.run.path} trained with dropout on a CUDA device: its masks can only be drawn "
+                    "again from that device's generator; score it on a CUDA device (device='cuda')"
+                )
+            return tmf.capture_masks(to_device(params, "cuda"), to_device(x, "cuda"), cpu.cpu(), cuda)
+        return tmf.capture_masks(params, x, cpu.cpu(), cuda)
 
     def at_step(self, t: int, state: TrainState, x: Any, per_run: bool = False) -> Any:
         """Context in which the functional model runs as step t trained (masks, running-stat
@@ -425,6 +459,7 @@ class Trajectory:
         """Step t from ``state`` given the raw batch gradient g (P,) or (K, P): clipped (row by
         row) when the run clipped, then the rule's step with η_t. ``stats``: the running
         statistics after the step (train-mode BatchNorm; default: unchanged)."""
+        g = self._scaled(g, t)
         gc = clip(g, self.clip_norm) if self.clip_norm is not None else g
         theta, opt = self.rule.step(state.theta, state.opt, gc, self.lr(t), state.k)
         buffers = state.buffers
@@ -503,6 +538,8 @@ class Trajectory:
         """
         if g is None and self.needs_gradient:
             raise ValueError("this optimizer's adjoint needs the step's batch gradient g")
+        scale = self.grad_scale(t)
+        g = None if g is None else self._scaled(g, t)
         gc = g
         if self.clip_norm is not None:
             assert g is not None
@@ -510,7 +547,17 @@ class Trajectory:
         w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar)  # type: ignore[arg-type]
         if self.clip_norm is not None:
             w = clip_transpose(w, g, self.clip_norm)  # type: ignore[arg-type]
-        return w, th, sb
+        return (w * scale if scale != 1.0 else w), th, sb
+
+    def grad_scale(self, t: int) -> float:
+        """Step t's gradient as a multiple of the mean-over-the-batch gradient (recorded with
+        ``Recorder.step(..., grad_scale=)``; 1 unless the loop summed micro-batch means)."""
+        scales = getattr(self.run, "grad_scales", None)
+        return 1.0 if scales is None else float(scales[t])
+
+    def _scaled(self, g: Tensor, t: int) -> Tensor:
+        s = self.grad_scale(t)
+        return g if s == 1.0 else g * s
 
     # ------------------------------------------------------------------ replay
     def replay_reversed(
