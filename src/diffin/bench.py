@@ -278,7 +278,7 @@ def metagradient_ceiling(run_dir: Path, setup: Any, data: Any, removed: np.ndarr
     from ._reference import metagradient
 
     run = load_run(run_dir)
-    fm = FlatModel(setup.model(data).double(), setup.loss_fn, run.trainable)
+    fm = FlatModel(setup.model(data).double().eval(), setup.loss_fn, run.trainable)  # f in eval mode, as scored
     src = DataSource((data.x_train, data.y_train), torch.float64, torch.device("cpu"))
     xv = _tree.place(data.x_val, torch.float64, torch.device("cpu"))
     t0 = time.perf_counter()

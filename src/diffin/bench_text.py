@@ -50,12 +50,15 @@ def _theta_of(model: torch.nn.Module, names: list[str]) -> torch.Tensor:
     return torch.cat([params[n].detach().reshape(-1) for n in names]).double()
 
 
-def run_text(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False, log: Any = print) -> dict[str, Any]:
-    """Benchmark the text setup ``name``; returns the JSON-ready result (the fields of
-    :func:`diffin.bench.run_setup`, with ``trainer`` and ``detection`` or ``per_token``)."""
+def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: bool = False,
+             log: Any = print) -> dict[str, Any]:
+    """Benchmark a text setup (its name in :data:`~diffin.builtin.text_setups.TEXT_SETUPS`, or one
+    changed from it); returns the JSON-ready result (the fields of :func:`diffin.bench.run_setup`, with
+    ``trainer`` and ``detection`` or ``per_token``)."""
     from .integrations.huggingface import DiffinCallback
 
-    setup = get_text_setup(name)
+    setup = get_text_setup(setup) if isinstance(setup, str) else setup
+    name = setup.name
     data = setup.data()
     run_dir = workdir / name
     plain = setup.model(data)
@@ -69,11 +72,10 @@ def run_text(name: str, cfg: BenchConfig, workdir: Path, progress: bool = False,
                                    callbacks=[callback])
     run = load_run(run_dir)
     theta_trainer = _theta_of(model, run.trainable)
-    log(f"[{name}] Trainer with DiffinCallback: {t_rec.seconds:.1f}s; replaying {cfg.n_removed or setup.n_ground_truth} "
-        "removals ...")
     N = data.n_train
     rng = np.random.default_rng(cfg.seed)
     k = min(cfg.n_removed or setup.n_ground_truth, N)
+    log(f"[{name}] Trainer with DiffinCallback: {t_rec.seconds:.1f}s; replaying {k} removals ...")
     removed = np.sort(rng.choice(N, size=k, replace=False))
     common = dict(train=(data.x_train, data.y_train), progress=progress)
     val = (data.x_val, data.y_val)

@@ -6,8 +6,8 @@ characters of the language reference). From it, with fixed seeds and no download
 * :func:`topic_sentences`: its sentences, each labelled by which of six groups of topics it comes
   from (:data:`TOPIC_CLASSES`: data model, statements, expressions, built-in types, strings and
   numbers, execution and debugging), for a sequence-classification task;
-* :func:`wordpiece_tokenizer` / :func:`byte_bpe_tokenizer`: a BERT-style WordPiece and a GPT-2-style
-  byte-level BPE tokenizer trained on that text with the ``tokenizers`` package;
+* :func:`bert_tokenizer` / :func:`byte_bpe_tokenizer`: a BERT-style and a GPT-2-style (byte-level BPE)
+  tokenizer trained on that text with the ``tokenizers`` package;
 * :func:`load_topic_sentences`: a :class:`~diffin.builtin.data.DataSplit` of token ids (inputs are
   dicts ``{"input_ids", "attention_mask"}``, (N, L) int64) and topic-group labels;
 * :func:`load_passages`: the documentation's token stream cut into passages of L tokens for a causal
@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import ConfigError
@@ -95,20 +94,21 @@ def topic_sentences() -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(labels, dtype=np.int64)
 
 
-def wordpiece_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> Any:
-    """A BERT-style tokenizer (``tokenizers.Tokenizer``) trained on ``texts``: lower-cased WordPiece of
-    ``vocab_size`` tokens with :data:`BERT_SPECIALS` (``[PAD]`` = 0), ``[CLS] … [SEP]`` around each
-    sequence, truncated and padded to ``max_length``."""
+def bert_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> Any:
+    """A BERT-style tokenizer (``tokenizers.Tokenizer``) trained on ``texts``: BERT's normalizer
+    (lower case, accents stripped) and pre-tokenizer, subwords of a BPE vocabulary of ``vocab_size``
+    tokens with :data:`BERT_SPECIALS` (``[PAD]`` = 0), ``[CLS] … [SEP]`` around each sequence,
+    truncated and padded to ``max_length``. BPE rather than WordPiece subwords because the
+    ``tokenizers`` WordPiece trainer is not deterministic (its continuing-subword tokens are numbered in
+    hash-map order, huggingface/tokenizers#1794); its BPE trainer is."""
     tk = require("tokenizers", "tokenizers", "the text setups", "hf")
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = tk.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = tk.Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                                   special_tokens=list(BERT_SPECIALS),
-                                                                   show_progress=False))
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
+                                                             show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
                                                                                                ("[SEP]", sep)])
@@ -137,8 +137,8 @@ def load_topic_sentences(n_train: int, n_val: int, n_test: int, max_length: int 
     """The sentence-classification split: which group of documentation topics a sentence comes from.
 
     Up to ``(n_train + n_val + n_test) / 6`` sentences per class (rounded up) are drawn with ``seed``
-    (the classes are about balanced), shuffled and split; the WordPiece tokenizer
-    (:func:`wordpiece_tokenizer`) is trained on the training sentences only. Inputs are
+    (the classes are about balanced), shuffled and split; the tokenizer (:func:`bert_tokenizer`) is
+    trained on the training sentences only. Inputs are
     ``{"input_ids", "attention_mask"}`` (N, ``max_length``) int64; labels (N,) int64 in 0…5.
     ``dtype`` is unused (token ids are integers) and kept for the setups' signature.
     """
@@ -156,7 +156,7 @@ def load_topic_sentences(n_train: int, n_val: int, n_test: int, max_length: int 
                           f"cannot split {n_train}+{n_val}+{n_test}={total}")
     picked = rng.permutation(picked)[:total]
     parts = np.split(picked, [n_train, n_train + n_val])
-    tok = wordpiece_tokenizer([texts[i] for i in parts[0]], vocab_size, max_length)
+    tok = bert_tokenizer([texts[i] for i in parts[0]], vocab_size, max_length)
 
     def encode(ids: np.ndarray) -> dict[str, Tensor]:
         enc = tok.encode_batch([texts[i] for i in ids])
@@ -229,19 +229,3 @@ def gpt2_lm(vocab_size: int, length: int, hidden: int = 64, layers: int = 2, hea
                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, **config)
     return tf.GPT2LMHeadModel(cfg)
 
-
-def sequence_classification_loss(outputs: Any, labels: Tensor) -> Tensor:
-    """Per-sample cross-entropy (B,) of a ``ModelOutput`` with ``logits`` (B, C) against labels (B,)."""
-    return F.cross_entropy(outputs.logits, labels, reduction="none")
-
-
-def causal_lm_loss(outputs: Any, labels: Tensor) -> Tensor:
-    """Per-sample loss (B,) of a causal LM: the mean next-token cross-entropy over the sample's
-    predicted tokens, ``logits`` (B, L, V) at positions 1…L−1 against ``labels`` (B, L) at 2…L,
-    positions labelled ``-100`` left out (a sample with none has loss 0)."""
-    logits = outputs.logits[:, :-1]
-    target = labels[:, 1:]
-    keep = target != -100
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.clamp(min=0).reshape(-1),
-                         reduction="none").reshape(target.shape)
-    return (ce * keep).sum(1) / keep.sum(1).clamp(min=1)

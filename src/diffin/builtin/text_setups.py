@@ -165,10 +165,10 @@ def _register(s: TextSetup) -> None:
 
 _register(TextSetup(
     "text-bert", "Python documentation sentences (pydoc_data.topics), which of 6 topic groups each comes from: "
-    "1,280 train (10% labels flipped) / 320 val / 320 test, WordPiece tokenizer trained on the training sentences "
-    "(1,024 tokens, sequences of 40); BertForSequenceClassification from a small config (2 layers, hidden 64, 2 heads, "
+    "1,280 train (10% labels flipped) / 320 val / 320 test, BERT-style tokenizer trained on the training sentences "
+    "(512 tokens, sequences of 40); BertForSequenceClassification from a small config (2 layers, hidden 64, 2 heads, "
     "intermediate 128; SDPA attention, dropout 0.1), float64",
-    lambda: load_topic_sentences(1280, 320, 320, max_length=BERT_LENGTH, vocab_size=1024, seed=0),
+    lambda: load_topic_sentences(1280, 320, 320, max_length=BERT_LENGTH, vocab_size=512, seed=0),
     lambda s: bert_classifier(s.vocab_size, s.n_classes, BERT_LENGTH),  # type: ignore[attr-defined]
     TrainerRecipe(epochs=3, batch_size=16, grad_accum=2, lr=5e-4),
     _seq_loss, "classification", noise=0.1, n_ground_truth=100,

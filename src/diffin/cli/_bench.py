@@ -43,7 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     s = sub.add_parser("bench", help="compare every estimator with replayed removal (and, with --truth, with "
                                      "retraining on fresh orders or seeds) on named setups",
                        parents=common[:1])
-    s.add_argument("--setup", required=True, choices=[*BENCH_SETUPS, *sorted(set(SETUPS) - set(BENCH_SETUPS)), *TEXT_SETUPS, "all"],
+    s.add_argument("--setup", required=True,
+                   choices=[*BENCH_SETUPS, *sorted(set(SETUPS) - set(BENCH_SETUPS)), *TEXT_SETUPS, "all"],
                    help="named setup, or 'all' for every benchmark setup")
     s.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON here")
     s.add_argument("--workdir", default=None, help="where to keep the recorded runs (default: a temp dir)")

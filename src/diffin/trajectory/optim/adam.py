@@ -29,6 +29,44 @@ from ..._errors import UnsupportedOptimizerError
 from .base import OptimizerRule, Scalar, State
 
 
+class _Sqrt0(torch.autograd.Function):
+    """√x whose derivative is 0 where x = 0 (autograd's is ∞ there, and ∞·0 = NaN): the convention of
+    the adjoint above ("0 where r = 0"), for autograd through a step (the float64 metagradient
+    reference). At v' = 0 every gradient so far was 0, r = √(1 − β2)·|d| has a kink, and 0 is its
+    symmetric subgradient. Works under ``torch.func`` transforms (vmap rule generated, jvp given)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.sqrt(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return _half_over(r) * grad
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return _half_over(r) * tangent
+
+
+def _half_over(r: Tensor) -> Tensor:
+    """1/(2r) where r > 0, else 0."""
+    pos = r > 0
+    return torch.where(pos, 0.5 / torch.where(pos, r, torch.ones_like(r)), torch.zeros_like(r))
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    return _Sqrt0.apply(x) if x.requires_grad else torch.sqrt(x)
+
+
 class AdamRule(OptimizerRule):
     kinds = ("Adam", "AdamW")
     state_keys = ("exp_avg", "exp_avg_sq")
@@ -60,7 +98,7 @@ class AdamRule(OptimizerRule):
         step = k + 1
         c1 = 1 - b1 ** step
         c2 = 1 - b2 ** step
-        r = torch.sqrt(v1 / c2)
+        r = _sqrt(v1 / c2)
         D = r + eps
         kappa = 1 - lr * lam if decoupled else 1.0
         return {"b1": b1, "b2": b2, "lam": lam, "decoupled": decoupled, "d": d, "m1": m1, "v1": v1,
