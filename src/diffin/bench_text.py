@@ -80,9 +80,9 @@ def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: 
     common = dict(train=(data.x_train, data.y_train), progress=progress)
     val = (data.x_val, data.y_val)
     with Measure() as m_gt:
-        actual, theta_replay, _ = replay_removal(run_dir, setup.model(data), setup.loss_fn, target=val,
-                                                 remove=[int(i) for i in removed], convention=cfg.convention,
-                                                 return_thetas=True, **common)
+        actual, theta_replay, thetas = replay_removal(run_dir, setup.model(data), setup.loss_fn, target=val,
+                                                      remove=[int(i) for i in removed], convention=cfg.convention,
+                                                      return_thetas=True, **common)
     actual = np.asarray(actual, dtype=np.float64)
     drift = float((theta_replay.double() - theta_trainer).norm() / theta_trainer.norm())
     out: dict[str, Any] = {
@@ -109,7 +109,7 @@ def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: 
     log(f"[{name}] replay drift from the Trainer's θ_T: {drift:.1e}")
     masks = None
     truths: dict[str, np.ndarray] = {}
-    n_sub = cfg.n_lds_subsets()
+    n_sub = cfg.lds_subsets if cfg.lds_subsets is not None else setup.lds_subsets
     if n_sub:
         masks = cfg.lds_masks(N)
         log(f"[{name}] replaying {n_sub} LDS subsets ...")
@@ -132,7 +132,9 @@ def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: 
     if setup.task == "classification":
         out["detection"] = detection(setup, data, run_dir, all_scores, log)
     else:
-        out["per_token"] = per_token(setup, data, run_dir, removed, cfg, methods, progress, log)
+        out["per_token"] = per_token(setup, data, run_dir, removed, theta_replay, thetas, cfg, methods, progress,
+                                     log)
+        out["per_token"]["replay_seconds"] = m_gt.seconds  # the removals' θ_T are those of the mean target
     return out
 
 
@@ -175,12 +177,14 @@ def detection(setup: TextSetup, data: Any, run_dir: Path, all_scores: dict[str, 
             "test_loss": float(torch.nn.functional.cross_entropy(test_logits, data.y_test))}
 
 
-def per_token(setup: TextSetup, data: Any, run_dir: Path, removed: np.ndarray, cfg: BenchConfig,
-              methods: list[str], progress: bool, log: Any) -> dict[str, Any]:
+def per_token(setup: TextSetup, data: Any, run_dir: Path, removed: np.ndarray, theta_full: torch.Tensor,
+              thetas: torch.Tensor, cfg: BenchConfig, methods: list[str], progress: bool, log: Any) -> dict[str, Any]:
     """Per-token targets of a causal LM: the loss of predicting one held-out token, for
     :data:`TOKENS_PER_PASSAGE` evenly spaced tokens of the first :data:`TOKEN_PASSAGES` held-out
-    passages (Q targets); each method scores pairwise (N, Q), replayed removal gives (k, Q). Pearson
-    and Spearman over all (removal, token) pairs, and the median over tokens of each token's Pearson."""
+    passages (Q targets); each method scores pairwise (N, Q); the replayed removals' final θ
+    (``thetas`` (k, P), ``theta_full`` (P,) the replay with nothing removed) give the truth (k, Q).
+    Pearson and Spearman over all (removal, token) pairs, and the median over tokens of each token's
+    Pearson."""
     from .integrations.huggingface import token_targets
 
     ids = data.x_val["input_ids"][:TOKEN_PASSAGES]
@@ -190,14 +194,14 @@ def per_token(setup: TextSetup, data: Any, run_dir: Path, removed: np.ndarray, c
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
     mask[torch.arange(len(rows)), torch.as_tensor(cols)] = True
     target = token_targets(ids[torch.as_tensor(rows)], mask)
-    log(f"[{setup.name}] per-token targets: {len(rows)} tokens, replaying {len(removed)} removals ...")
-    common = dict(train=(data.x_train, data.y_train), progress=progress)
-    with Measure() as m_gt:
-        actual = np.asarray(replay_removal(run_dir, setup.model(data), setup.loss_fn, target=target, pairwise=True,
-                                           remove=[int(i) for i in removed], convention=cfg.convention, **common),
-                            dtype=np.float64)  # (k, Q)
+    fm = FlatModel(setup.model(data), setup.loss_fn, load_run(run_dir).trainable)
+    with _eval_mode(fm.model), torch.no_grad():
+        base = fm.losses(theta_full, *target)
+        actual = torch.stack([fm.losses(th, *target) - base for th in thetas]).double().numpy()  # (k, Q)
+    log(f"[{setup.name}] per-token targets: {len(rows)} tokens against {len(removed)} replayed removals ...")
     out: dict[str, Any] = {"n_tokens": len(rows), "passages": int(len(ids)), "positions": where.tolist(),
-                           "replay_seconds": m_gt.seconds, "abs_mean": float(np.abs(actual).mean()), "results": []}
+                           "abs_mean": float(np.abs(actual).mean()), "results": []}
+    common = dict(train=(data.x_train, data.y_train), progress=progress)
     for method in methods:
         log(f"[{setup.name}] per-token {method} ...")
         with Measure() as m:

@@ -55,6 +55,12 @@ TOPIC_CLASSES: dict[str, tuple[str, ...]] = {
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 EOS = "<|endoftext|>"
+GPT_UNK = "<|unk|>"
+MIN_SEQUENCES = 4
+"""A token must occur in at least this many training sequences; rarer ones become the unknown token.
+Under Adam, the embedding row of a token that only one sample carries moves by about the learning rate
+per step whatever that sample's weight (Adam's step is scale-free), so its removal is not a small
+perturbation and no first-order method can follow it; rare tokens make a few removals chaotic."""
 _RULE = re.compile(r"\s*[*=\-~^]{3,}\s*")  # reST heading underlines
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
 
@@ -119,7 +125,8 @@ def bert_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> An
 
 def byte_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
     """A GPT-2-style tokenizer trained on ``texts``: byte-level BPE of ``vocab_size`` tokens (the 256
-    bytes included) with the end-of-text token :data:`EOS`."""
+    bytes included) with the end-of-text token :data:`EOS` and an unknown token :data:`GPT_UNK` (for
+    :func:`rare_to_unknown`)."""
     tk = require("tokenizers", "tokenizers", "the text setups", "hf")
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -127,9 +134,22 @@ def byte_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(list(texts), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=[EOS, GPT_UNK], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     return tok
+
+
+def rare_to_unknown(ids: Sequence[Tensor], unknown: int, min_sequences: int = MIN_SEQUENCES) -> None:
+    """Replace, in place, in every (N, L) tensor of ``ids`` (the training split first), the tokens that
+    occur in fewer than ``min_sequences`` rows of the training split by ``unknown``
+    (:data:`MIN_SEQUENCES`)."""
+    train = ids[0]
+    rows = torch.zeros(int(max(int(t.max()) for t in ids)) + 1, dtype=torch.long)
+    for r in train:
+        rows[r.unique()] += 1
+    rare = rows < min_sequences
+    for t in ids:
+        t[rare[t]] = unknown
 
 
 def load_topic_sentences(n_train: int, n_val: int, n_test: int, max_length: int = 48, vocab_size: int = 1024,
@@ -138,7 +158,8 @@ def load_topic_sentences(n_train: int, n_val: int, n_test: int, max_length: int 
 
     Up to ``(n_train + n_val + n_test) / 6`` sentences per class (rounded up) are drawn with ``seed``
     (the classes are about balanced), shuffled and split; the tokenizer (:func:`bert_tokenizer`) is
-    trained on the training sentences only. Inputs are
+    trained on the training sentences only, and tokens in fewer than :data:`MIN_SEQUENCES` training
+    sentences become ``[UNK]`` (:func:`rare_to_unknown`). Inputs are
     ``{"input_ids", "attention_mask"}`` (N, ``max_length``) int64; labels (N,) int64 in 0…5.
     ``dtype`` is unused (token ids are integers) and kept for the setups' signature.
     """
@@ -165,6 +186,7 @@ def load_topic_sentences(n_train: int, n_val: int, n_test: int, max_length: int 
                                                dtype=torch.long).reshape(len(ids), max_length)}
 
     xs = [encode(p) for p in parts]
+    rare_to_unknown([x["input_ids"] for x in xs], tok.token_to_id("[UNK]"))
     ys = [torch.as_tensor(labels[p]) for p in parts]
     split = DataSplit("doc-topic-sentences", xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], n_classes, (max_length,))
     split.texts = [[texts[i] for i in p] for p in parts]  # type: ignore[attr-defined]
@@ -180,7 +202,8 @@ def load_passages(n_train: int, n_val: int, n_test: int = 0, length: int = 32, v
     Every topic's text, followed by :data:`EOS`, in sorted topic order, makes one token stream
     (byte-level BPE, :func:`byte_bpe_tokenizer`, trained on the whole text: a vocabulary, no labels);
     it is cut into consecutive passages of ``length`` tokens, of which ``n_train + n_val + n_test``
-    are drawn with ``seed`` and split. Inputs ``{"input_ids", "attention_mask"}`` (N, ``length``)
+    are drawn with ``seed`` and split; tokens in fewer than :data:`MIN_SEQUENCES` training passages become
+    :data:`GPT_UNK` (:func:`rare_to_unknown`). Inputs ``{"input_ids", "attention_mask"}`` (N, ``length``)
     int64 (no padding: the mask is ones); labels = the input ids (the model predicts tokens 2…L from
     those before them; ``-100`` marks tokens a target leaves out). ``n_classes`` is the vocabulary
     size. ``dtype`` is unused (token ids are integers).
@@ -198,8 +221,9 @@ def load_passages(n_train: int, n_val: int, n_test: int = 0, length: int = 32, v
                           f"{n_train}+{n_val}+{n_test}={total}")
     chunks = torch.from_numpy(stream[: n_chunks * length].reshape(n_chunks, length))
     picked = torch.from_numpy(np.random.default_rng(seed).permutation(n_chunks)[:total])
-    parts = torch.split(chunks[picked], [n_train, n_val, n_test])
-    xs = [{"input_ids": p.clone(), "attention_mask": torch.ones_like(p)} for p in parts]
+    parts = [p.clone() for p in torch.split(chunks[picked], [n_train, n_val, n_test])]
+    rare_to_unknown(parts, tok.token_to_id(GPT_UNK))
+    xs = [{"input_ids": p, "attention_mask": torch.ones_like(p)} for p in parts]
     split = DataSplit("doc-passages", xs[0], parts[0].clone(), xs[1], parts[1].clone(), xs[2], parts[2].clone(),
                       tok.get_vocab_size(), (length,))
     split.vocab_size = tok.get_vocab_size()  # type: ignore[attr-defined]

@@ -125,6 +125,8 @@ class TextSetup:
     """``"classification"`` (labels (N,), mislabel detection) or ``"causal-lm"`` (labels (N, L))."""
     noise: float = 0.0
     n_ground_truth: int = 100
+    lds_subsets: int = 20
+    """LDS subsets of the benchmark when ``--lds-subsets`` is not given (each costs a replayed run)."""
     dtype: torch.dtype = torch.float64
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -154,7 +156,7 @@ def _lm_loss(outputs: Any, labels: Tensor) -> Tensor:
     return causal_lm_loss(outputs, labels)
 
 
-BERT_LENGTH = 40
+BERT_LENGTH = 32
 GPT_LENGTH = 32
 TEXT_SETUPS: dict[str, TextSetup] = {}
 
@@ -165,22 +167,22 @@ def _register(s: TextSetup) -> None:
 
 _register(TextSetup(
     "text-bert", "Python documentation sentences (pydoc_data.topics), which of 6 topic groups each comes from: "
-    "1,280 train (10% labels flipped) / 320 val / 320 test, BERT-style tokenizer trained on the training sentences "
-    "(512 tokens, sequences of 40); BertForSequenceClassification from a small config (2 layers, hidden 64, 2 heads, "
+    "1,024 train (10% labels flipped) / 256 val / 256 test, BERT-style tokenizer trained on the training sentences "
+    "(512 tokens, sequences of 32); BertForSequenceClassification from a small config (2 layers, hidden 64, 2 heads, "
     "intermediate 128; SDPA attention, dropout 0.1), float64",
-    lambda: load_topic_sentences(1280, 320, 320, max_length=BERT_LENGTH, vocab_size=512, seed=0),
+    lambda: load_topic_sentences(1024, 256, 256, max_length=BERT_LENGTH, vocab_size=512, seed=0),
     lambda s: bert_classifier(s.vocab_size, s.n_classes, BERT_LENGTH),  # type: ignore[attr-defined]
-    TrainerRecipe(epochs=3, batch_size=16, grad_accum=2, lr=5e-4),
-    _seq_loss, "classification", noise=0.1, n_ground_truth=100,
+    TrainerRecipe(epochs=3, batch_size=16, grad_accum=2, lr=1e-3, checkpoint_every=16),
+    _seq_loss, "classification", noise=0.1, n_ground_truth=40, lds_subsets=20,
 ))
 _register(TextSetup(
-    "text-gpt", "Python documentation passages of 32 byte-level BPE tokens (tokenizer of 1,024 tokens trained on the "
+    "text-gpt", "Python documentation passages of 32 byte-level BPE tokens (tokenizer of 512 tokens trained on the "
     "text): 1,024 train / 128 held-out; GPT2LMHeadModel from a small config (2 layers, hidden 64, 2 heads; SDPA "
     "attention, dropout 0.1), float64; target: the mean loss of the held-out passages",
-    lambda: load_passages(1024, 128, 0, length=GPT_LENGTH, vocab_size=1024, seed=0),
+    lambda: load_passages(1024, 128, 0, length=GPT_LENGTH, vocab_size=512, seed=0),
     lambda s: gpt2_lm(s.vocab_size, GPT_LENGTH),  # type: ignore[attr-defined]
-    TrainerRecipe(epochs=2, batch_size=16, grad_accum=2, lr=5e-4),
-    _lm_loss, "causal-lm", n_ground_truth=100,
+    TrainerRecipe(epochs=2, batch_size=16, grad_accum=2, lr=1e-3, checkpoint_every=16),
+    _lm_loss, "causal-lm", n_ground_truth=40, lds_subsets=20,
 ))
 
 
