@@ -307,6 +307,11 @@ def _refuse_unreplayable(args: Any, state: Any, model: nn.Module, loader: Any) -
         raise no("a run resumed from a Trainer checkpoint", "record the training from its first step")
     if getattr(loader, "batch_sampler", None) is None:
         raise no("an iterable dataset (no sample ids)", "give the Trainer a map-style dataset")
+    bs, n = int(getattr(args, "per_device_train_batch_size", 1)), len(loader.dataset)
+    if int(getattr(args, "gradient_accumulation_steps", 1)) > 1 and n % bs and not getattr(args, "dataloader_drop_last", False):
+        raise no(f"gradient accumulation over micro-batches of unequal size ({n} samples in batches of {bs}: the Trainer "
+                 "averages the micro-batch means, weighing the samples of the short one more)",
+                 "set dataloader_drop_last=True, or use a training set whose size per_device_train_batch_size divides")
     dropout = any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.modules())
     if getattr(args, "bf16", False) and dropout:
         raise no("bf16 autocast with dropout (masks drawn in bf16 cannot be drawn again in the float32 replay)",

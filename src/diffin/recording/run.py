@@ -25,10 +25,10 @@ from torch import nn
 
 from .. import _constants as C
 from .._errors import (
-    FrozenWeightsMismatchError,
     CorruptManifestError,
     DataMismatchError,
     FormatVersionError,
+    FrozenWeightsMismatchError,
     IncompleteRunError,
     InvalidIdsError,
     MissingFileError,
