@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     with diffin.Recorder(out / "run", model, opt, checkpoint_every=4) as rec:
-        for epoch in range(2):
+        for _epoch in range(2):
             for b in torch.randperm(N).reshape(-1, 8):
                 loss = causal_lm_loss(model(input_ids=ids[b]), ids[b]).mean()
                 opt.zero_grad()
