@@ -254,8 +254,8 @@ def _loss_is_micro_mean(output: Any, labels: Tensor, n_items: float) -> bool:
             return is_mean
     raise UnsupportedTrainingError(
         f"cannot tell how the model's loss ({loss:.6g}) weighs its micro-batch: it is neither the mean of the "
-        "per-sample losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses of the "
-        "sequence classification, token classification and causal LM heads"
+        "per-sample losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses "
+        "of the sequence classification, token classification and causal LM heads"
     )
 
 

@@ -449,8 +449,8 @@ class Run:
         if self.frozen_sha256 and frozen_fingerprint(model, self.trainable) != self.frozen_sha256:
             raise FrozenWeightsMismatchError(
                 f"the frozen (untrained) parameters of the model differ from those the run at {self.path} trained "
-                "with: its checkpoints hold the trained parameters only, so the frozen ones come from the model you pass. "
-                "Load the same base weights (e.g. the same pretrained checkpoint, before adding the adapters)"
+                "with: its checkpoints hold the trained parameters only, so the frozen ones come from the model you "
+                "pass. Load the same base weights (e.g. the same pretrained checkpoint, before adding the adapters)"
             )
 
     def check_ids(self, n_train: int) -> None:
