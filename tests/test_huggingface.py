@@ -174,3 +174,15 @@ def test_loss_helpers_mean_over_non_ignored_tokens():
     assert torch.allclose(causal[0], ce(logits[0, :1], labels[0, 1:2]))
     inputs, lab = hf.token_targets(labels.clamp_min(0), torch.tensor([[0, 1, 1, 0], [0, 0, 0, 1]]).bool())
     assert lab.tolist() == [[-100, 2, 0, -100], [-100, -100, -100, 1]]
+
+
+@pytest.mark.parametrize("script, expect", [("huggingface_trainer.py", "most harmful"), ("lora.py", "scores (32, 3)")])
+def test_examples_run(script, expect, tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("peft")
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    res = subprocess.run([sys.executable, str(path), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert expect in res.stdout

@@ -253,9 +253,9 @@ def _loss_is_micro_mean(output: Any, labels: Tensor, n_items: float) -> bool:
         if abs(value - loss) <= 1e-4 * max(1.0, abs(loss)):
             return is_mean
     raise UnsupportedTrainingError(
-        f"cannot tell how the model's loss ({loss:.6g}) weighs its micro-batch: it is neither the mean of the per-sample "
-        "losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses of the "
-        "sequence classification, token classification and causal LM heads"
+        f"cannot tell how the model's loss ({loss:.6g}) weighs its micro-batch: it is neither the mean of the "
+        "per-sample losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses "
+        "of the sequence classification, token classification and causal LM heads"
     )
 
 
@@ -307,6 +307,12 @@ def _refuse_unreplayable(args: Any, state: Any, model: nn.Module, loader: Any) -
         raise no("a run resumed from a Trainer checkpoint", "record the training from its first step")
     if getattr(loader, "batch_sampler", None) is None:
         raise no("an iterable dataset (no sample ids)", "give the Trainer a map-style dataset")
+    bs, n = int(getattr(args, "per_device_train_batch_size", 1)), len(loader.dataset)
+    drop_last = getattr(args, "dataloader_drop_last", False)
+    if int(getattr(args, "gradient_accumulation_steps", 1)) > 1 and n % bs and not drop_last:
+        raise no(f"gradient accumulation over micro-batches of unequal size ({n} samples in batches of {bs}: the "
+                 "Trainer averages the micro-batch means, weighing the samples of the short one more)",
+                 "set dataloader_drop_last=True, or use a training set whose size per_device_train_batch_size divides")
     dropout = any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.modules())
     if getattr(args, "bf16", False) and dropout:
         raise no("bf16 autocast with dropout (masks drawn in bf16 cannot be drawn again in the float32 replay)",

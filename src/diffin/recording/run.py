@@ -25,10 +25,10 @@ from torch import nn
 
 from .. import _constants as C
 from .._errors import (
-    FrozenWeightsMismatchError,
     CorruptManifestError,
     DataMismatchError,
     FormatVersionError,
+    FrozenWeightsMismatchError,
     IncompleteRunError,
     InvalidIdsError,
     MissingFileError,
@@ -396,7 +396,8 @@ class Run:
                     f"{path}: tensor {name!r} holds NaN or Inf (training diverged before step "
                     f"{step}?); score a run that stayed finite"
                 )
-        missing = [n for n in self.param_shapes if n not in params and not (self.frozen_sha256 and n not in self.trainable)]
+        saved = self.trainable if self.frozen_sha256 else self.param_shapes  # frozen ones: fingerprinted only
+        missing = [n for n in saved if n not in params]
         if missing:
             raise TruncatedFileError(f"{path}: parameters missing from the checkpoint: {missing}")
         if old_momentum and not entry.get("has_momentum", False):
@@ -447,9 +448,9 @@ class Run:
             )
         if self.frozen_sha256 and frozen_fingerprint(model, self.trainable) != self.frozen_sha256:
             raise FrozenWeightsMismatchError(
-                f"the frozen (untrained) parameters of the model differ from those the run at {self.path} trained with: "
-                "its checkpoints hold the trained parameters only, so the frozen ones come from the model you pass. "
-                "Load the same base weights (e.g. the same pretrained checkpoint, before adding the adapters)"
+                f"the frozen (untrained) parameters of the model differ from those the run at {self.path} trained "
+                "with: its checkpoints hold the trained parameters only, so the frozen ones come from the model you "
+                "pass. Load the same base weights (e.g. the same pretrained checkpoint, before adding the adapters)"
             )
 
     def check_ids(self, n_train: int) -> None:
