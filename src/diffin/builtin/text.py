@@ -144,7 +144,7 @@ def rare_to_unknown(ids: Sequence[Tensor], unknown: int, min_sequences: int = MI
     occur in fewer than ``min_sequences`` rows of the training split by ``unknown``
     (:data:`MIN_SEQUENCES`)."""
     train = ids[0]
-    rows = torch.zeros(int(max(int(t.max()) for t in ids)) + 1, dtype=torch.long)
+    rows = torch.zeros(max(int(t.max()) for t in ids if t.numel()) + 1, dtype=torch.long)
     for r in train:
         rows[r.unique()] += 1
     rare = rows < min_sequences
