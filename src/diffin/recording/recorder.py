@@ -55,7 +55,7 @@ from .._errors import (
 )
 from .._io import write_json, write_safetensors
 from .._train_mode import DROPOUT_TYPES, train_mode_modules
-from .._tree import leaves
+from .._tree import input_shape
 from .._version import __version__
 from .manifest import OptimizerSpec, group_hypers
 from .run import Checkpoint, Run, frozen_fingerprint, sha256_prefix
@@ -1067,20 +1067,12 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     """The ``torch.optim.Optimizer`` inside a framework's wrapper: accelerate's
     ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` hold it as ``.optimizer`` (the
     wrapper's ``step()`` calls the inner one's, so its step hooks fire)."""
-    seen = 0
-    while (optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks")
-           and hasattr(optimizer, "optimizer") and seen < 8):
-        optimizer, seen = optimizer.optimizer, seen + 1
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
     return optimizer
-
-
-def input_shape(inputs: Any) -> tuple[int, int]:
-    """(rows, sequence length) of a forward's inputs: the first dimension of its first tensor of at
-    least one dimension, and the largest second dimension of its tensors (0 when all are 1-D)."""
-    tensors = [a for a in leaves(inputs) if isinstance(a, torch.Tensor) and a.ndim >= 1]
-    if not tensors:
-        return 0, 0
-    return int(tensors[0].shape[0]), max((int(a.shape[1]) for a in tensors if a.ndim >= 2), default=0)
 
 
 def _check_clip(value: Any) -> float | None:

@@ -35,8 +35,7 @@ from .._errors import (
 )
 from .._functional import FlatModel
 from .._train_mode import assemble_masks
-from .._tree import batch_len, cuda_device, nbytes, to_device, tree_map
-from ..recording.recorder import input_shape
+from .._tree import batch_len, cuda_device, input_shape, nbytes, to_device, tree_map
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
 from .optim import OptimizerRule, get_rule
