@@ -279,8 +279,8 @@ class FlatModel:
             return call_model(self.model, params, x), {}
         if self._step is None:  # eval mode whatever mode the module object is in
             tmf = self.train_forward
-            with _differentiable_eval_norms(self.model, tmf.norm_names if stats is not None else (),
-                                            (*tmf.norm_names, *tmf.dropout_names)):
+            every = tuple(n for n, _ in self.model.named_modules())  # attention layers read their own .training
+            with _differentiable_eval_norms(self.model, tmf.norm_names if stats is not None else (), every):
                 return call_model(self.model, params, x), {}
         return self.train_forward(params, x, weights, self._step.masks)
 

@@ -45,8 +45,7 @@ from ._checkpoints import prepare_folder, reopen, restore_checkpoint, write_chec
 from ._optim_capture import OptimizerWatch, check_clip, unwrap_optimizer, warn_without_rule
 from ._steplog import StepLog
 from ._train_capture import TrainModeWatch, forward_rows
-from .manifest import OptimizerSpec
-from .run import frozen_fingerprint
+from .manifest import OptimizerSpec, frozen_fingerprint
 
 __all__ = ["Recorder", "restore_checkpoint"]
 
@@ -138,14 +137,16 @@ class Recorder:
             rec.step(ids)
             model.eval()                      # evaluation forwards (if any) in eval mode: ignored
 
-    What breaks the replay of a step: several training forwards per step while a BatchNorm or
-    dropout module is in training mode (gradient accumulation, an extra train-mode forward), since a
-    step is replayed as one forward over its batch; changing a module's mode during training; both
-    raise :class:`~diffin._errors.TrainModeError` at :meth:`step`. Not detectable, and also breaking
-    the replay of dropout masks: random numbers drawn inside the forward other than by those modules
-    (``torch.nn.functional.dropout`` called directly, noise injection, random augmentation inside
-    ``forward``), a dropout module called twice in one forward, or the forward run on another
-    device than the model's parameters.
+    Under gradient accumulation with dropout, the RNG state and input shape of every micro-batch's
+    training forward are logged (pass the micro-batches' ids, in the order their forwards ran), and
+    dropout drawn by ``torch.nn.functional.dropout`` or inside ``scaled_dot_product_attention`` is
+    replayed as a module's is (docs/method.md §4.8). What breaks the replay of a step: several training
+    forwards per step while a BatchNorm module trains on batch statistics (gradient accumulation, an
+    extra train-mode forward), since a step is replayed as one forward over its batch; changing a
+    module's mode during training; both raise :class:`~diffin._errors.TrainModeError` at :meth:`step`.
+    Not detectable, and also breaking the replay of dropout masks: other random numbers drawn inside
+    the forward (noise injection, random augmentation inside ``forward``), a dropout module called
+    twice in one forward, or the forward run on another device than the model's parameters.
     """
 
     def __init__(
