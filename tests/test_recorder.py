@@ -27,7 +27,7 @@ from diffin._errors import (
     UnsupportedOptimizerError,
 )
 from diffin._io import atomic_write, write_json, write_npy
-from diffin.recording.run import frozen_fingerprint
+from diffin.recording.manifest import frozen_fingerprint
 
 
 # ---------------------------------------------------------------------- round trip

@@ -14,9 +14,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from diffin.bench import BenchConfig  # noqa: E402
-from diffin.bench_text import run_text  # noqa: E402
-from diffin.builtin import text  # noqa: E402
-from diffin.builtin.text_setups import TEXT_SETUPS  # noqa: E402
+from diffin.bench.builtin import text  # noqa: E402
+from diffin.bench.builtin.text_setups import TEXT_SETUPS  # noqa: E402
+from diffin.bench.text import run_text  # noqa: E402
 
 
 def test_topic_sentences_cover_every_class_and_tokenize_as_bert_does():

@@ -19,6 +19,7 @@ from ._errors import (
     DatasetIdError,
     DiffinError,
     DistributedError,
+    FrozenWeightsMismatchError,
     LossShapeError,
     MissingOptimizerStateError,
     ModelCallError,
@@ -31,6 +32,7 @@ from ._errors import (
     UnknownMethodError,
     UnsupportedMethodError,
     UnsupportedOptimizerWarning,
+    UnsupportedTrainingError,
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
@@ -55,6 +57,7 @@ __all__ = [
     "DatasetIdError",
     "DiffinError",
     "DistributedError",
+    "FrozenWeightsMismatchError",
     "Estimator",
     "LossShapeError",
     "MissingOptimizerStateError",
@@ -74,6 +77,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedMethodError",
     "UnsupportedOptimizerWarning",
+    "UnsupportedTrainingError",
     "UntrainedRowsWarning",
     "__version__",
     "batch_loss",

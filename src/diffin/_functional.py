@@ -16,6 +16,10 @@ Estimators compose these; they never re-derive them. Losses are in the loss func
 gradients in loss units per parameter unit; an HVP in loss units per parameter unit squared.
 """
 
+# Long file: FlatModel is the functional core every estimator composes (losses, gradients, JVPs, HVPs
+# and mixed second derivatives of one flat θ); its methods share one set of conventions for θ, buffers,
+# running statistics and batch-coupled losses, and are read together.
+
 from __future__ import annotations
 
 import contextlib
@@ -275,8 +279,8 @@ class FlatModel:
             return call_model(self.model, params, x), {}
         if self._step is None:  # eval mode whatever mode the module object is in
             tmf = self.train_forward
-            with _differentiable_eval_norms(self.model, tmf.norm_names if stats is not None else (),
-                                            (*tmf.norm_names, *tmf.dropout_names)):
+            every = tuple(n for n, _ in self.model.named_modules())  # attention layers read their own .training
+            with _differentiable_eval_norms(self.model, tmf.norm_names if stats is not None else (), every):
                 return call_model(self.model, params, x), {}
         return self.train_forward(params, x, weights, self._step.masks)
 

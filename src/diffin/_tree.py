@@ -119,6 +119,15 @@ def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, x: Inputs)
         return functional_call(model, dict(params), args, kwargs)
 
 
+def input_shape(inputs: Any) -> tuple[int, int]:
+    """(rows, sequence length) of a forward's inputs: the first dimension of its first tensor of at
+    least one dimension, and the largest second dimension of its tensors (0 when all are 1-D)."""
+    tensors = [a for a in leaves(inputs) if isinstance(a, torch.Tensor) and a.ndim >= 1]
+    if not tensors:
+        return 0, 0
+    return int(tensors[0].shape[0]), max((int(a.shape[1]) for a in tensors if a.ndim >= 2), default=0)
+
+
 def describe(x: Inputs) -> str:
     """Shapes and dtypes of the leaves, for error messages."""
     if isinstance(x, Mapping):

@@ -34,6 +34,7 @@ from torch.func import jvp
 from .._errors import ResumeMismatchError, UnsupportedMethodError
 from .._functional import fd_epsilon
 from .._resume import SweepState
+from .._tree import tree_map
 from ..recording.run import Run
 from .base import Estimator, EstimatorOutput, ScoringContext
 
@@ -165,17 +166,32 @@ class DiffInClosedForm(Estimator):
 
         def own_mixed(th, xi, yi, a):  # aᵀ ∇²l(z) G_B for one sample
             def along_b(t2):
-                return jvp(lambda t3: fm.losses(t3, xi[None], yi[None])[0], (t2,), (GB,))[1]
+                return jvp(lambda t3: fm.losses(t3, tree_map(_row, xi), tree_map(_row, yi))[0], (t2,), (GB,))[1]
 
             return jvp(along_b, (th,), (a,))[1]
+
+        def batch_mixed(x, y, G):  # the same for a batch without vmapping the model over its samples
+            def along_b(th):  # (B,): ⟨∇l_i(θ), G_B⟩
+                return jvp(lambda t3: fm.losses(t3, x, y), (th,), (GB,))[1]
+
+            return (torch.func.jacrev(along_b)(theta) * G).sum(dim=1)  # row i of the Jacobian along G_i
 
         for ids, x, y in ctx.train.chunks(64):
             G = fm.per_sample_grads(theta, x, y)  # (B, P)
             HG = fm.hvp(theta, xp, yp, G, mode=ctx.hvp_mode, eps=cfg.fd_eps)  # (B, P)
             t1 = (HG * G).sum(dim=1)
-            t2 = vmap(own_mixed, in_dims=(None, 0, 0, 0))(theta, x, y, G)
+            try:
+                t2 = vmap(own_mixed, in_dims=(None, 0, 0, 0))(theta, x, y, G)
+            except RuntimeError as e:  # the forward branches on its inputs (e.g. `if mask.all():`)
+                if "vmap" not in str(e) and "data-dependent" not in str(e):
+                    raise
+                t2 = batch_mixed(x, y, G)
             s = coef * (t1 + t2) + first * (G * G).sum(dim=1)
             scores[ids, 0] += s.double()
+
+
+def _row(a: Tensor) -> Tensor:
+    return a[None]
 
 
 def evenly_spaced(steps: list[int], m: int | None) -> list[int]:

@@ -39,7 +39,7 @@ from .._errors import (
     TruncatedFileError,
     UnsupportedMethodError,
 )
-from .manifest import REQUIRED_KEYS, OptimizerSpec
+from .manifest import REQUIRED_KEYS, OptimizerSpec, frozen_fingerprint
 
 
 @dataclass
@@ -517,21 +517,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
     return m
-
-
-def frozen_fingerprint(model: nn.Module, trainable: list[str]) -> str | None:
-    """sha256 of the parameters of ``model`` outside ``trainable`` (names, shapes and values as float64,
-    so an exact up-cast matches); None when every parameter trains."""
-    keep = set(trainable)
-    h = hashlib.sha256()
-    n = 0
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if name in keep:
-            continue
-        n += 1
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(memoryview(p.detach().to("cpu", torch.float64).contiguous().reshape(-1).numpy().view(np.uint8)))
-    return h.hexdigest() if n else None
 
 
 def _train_modes_entry(value: Any, path: Path) -> dict[str, bool] | None:

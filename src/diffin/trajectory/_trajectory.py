@@ -10,6 +10,10 @@ is applied to the raw batch gradient before the rule's step, as ``torch.nn.utils
 does it over all trainable parameters.
 """
 
+# Long file: Trajectory is the one place that knows how a recorded run steps (checkpoint states, the
+# batch of a step, one step, its transpose and adjoint, replay of a segment, drift); they share the
+# run's rule, train-mode forward and checkpoint cache.
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +39,7 @@ from .._errors import (
 )
 from .._functional import FlatModel
 from .._train_mode import assemble_masks
-from .._tree import batch_len, cuda_device, nbytes, to_device, tree_map
-from ..recording.recorder import input_shape
+from .._tree import batch_len, cuda_device, input_shape, nbytes, to_device, tree_map
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
 from .optim import OptimizerRule, get_rule

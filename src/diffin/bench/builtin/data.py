@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _tree
-from .._errors import ConfigError, DataMismatchError
-from .._optional import require
+from ... import _tree
+from ..._errors import ConfigError, DataMismatchError
+from ..._optional import require
 
 
 @dataclass

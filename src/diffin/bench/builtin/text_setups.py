@@ -1,7 +1,7 @@
 """The real-text setups ``text-bert`` and ``text-gpt``: data, model, loss and a Hugging Face ``Trainer``
 recipe, recorded by :class:`diffin.integrations.huggingface.DiffinCallback`.
 
-Both are built from Python's documentation topics (:mod:`diffin.builtin.text`) with fixed seeds and no
+Both are built from Python's documentation topics (:mod:`diffin.bench.builtin.text`) with fixed seeds and no
 downloads, and trained by the ``Trainer`` as a user would train them: ``torch.optim.AdamW`` in the two
 groups the Trainer builds (weight decay on weights, none on biases and LayerNorm), linear warmup then
 linear decay, ``max_grad_norm`` clipping, gradient accumulation, the model's default configuration
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .._errors import ConfigError
-from .._optional import require
+from ..._errors import ConfigError
+from ..._optional import require
 from .data import DataSplit, flip_labels
 from .text import bert_classifier, gpt2_lm, load_passages, load_topic_sentences
 
@@ -145,13 +145,13 @@ class TextSetup:
 
 
 def _seq_loss(outputs: Any, labels: Tensor) -> Tensor:
-    from ..integrations.huggingface import sequence_classification_loss
+    from ...integrations.huggingface import sequence_classification_loss
 
     return sequence_classification_loss(outputs, labels)
 
 
 def _lm_loss(outputs: Any, labels: Tensor) -> Tensor:
-    from ..integrations.huggingface import causal_lm_loss
+    from ...integrations.huggingface import causal_lm_loss
 
     return causal_lm_loss(outputs, labels)
 

@@ -1,7 +1,7 @@
 """``diffin bench --setup text-bert | text-gpt``: influence on real text, trained by the Hugging Face
 ``Trainer`` and recorded by :class:`diffin.integrations.huggingface.DiffinCallback`.
 
-For a setup of :data:`diffin.builtin.text_setups.TEXT_SETUPS`: the Trainer trains the model once
+For a setup of :data:`diffin.bench.builtin.text_setups.TEXT_SETUPS`: the Trainer trains the model once
 without the callback (its own training time, the unit of every ``x_trainer`` column) and once with it
 (the recorded run; the two must end at the same θ), the recorded run is replayed with nothing removed
 (its drift from the Trainer's θ_T says whether the recording is faithful), then as in
@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _tree, metrics
-from ._api import _eval_mode, score
-from ._data import DataSource
-from ._functional import FlatModel
-from ._measure import Measure
-from .bench import DEFAULT_METHODS, BenchConfig, _compare, _scored_row, metagradient_ceiling
+from .. import _tree, metrics
+from .._api import _eval_mode, score
+from .._data import DataSource
+from .._functional import FlatModel
+from .._measure import Measure
+from ..groundtruth import lds_ground_truth, replay_many, replay_removal
+from ..recording.run import load_run
+from ..trajectory import Trajectory
 from .builtin.text_setups import TextSetup, get_text_setup, train_with_trainer
-from .groundtruth import lds_ground_truth, replay_many, replay_removal
-from .recording.run import load_run
-from .trajectory import Trajectory
+from .harness import DEFAULT_METHODS, BenchConfig, _compare, _scored_row, metagradient_ceiling
 
 TEXT_METHODS = ("diffin", "tracin", "if-cg")
 """The rows of a text setup when ``--methods`` is left at its default."""
@@ -52,10 +52,10 @@ def _theta_of(model: torch.nn.Module, names: list[str]) -> torch.Tensor:
 
 def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: bool = False,
              log: Any = print) -> dict[str, Any]:
-    """Benchmark a text setup (its name in :data:`~diffin.builtin.text_setups.TEXT_SETUPS`, or one
+    """Benchmark a text setup (its name in :data:`~diffin.bench.builtin.text_setups.TEXT_SETUPS`, or one
     changed from it); returns the JSON-ready result (the fields of :func:`diffin.bench.run_setup`, with
     ``trainer`` and ``detection`` or ``per_token``)."""
-    from .integrations.huggingface import DiffinCallback
+    from ..integrations.huggingface import DiffinCallback
 
     setup = get_text_setup(setup) if isinstance(setup, str) else setup
     name = setup.name
@@ -144,7 +144,7 @@ def detection(setup: TextSetup, data: Any, run_dir: Path, all_scores: dict[str, 
     loss), the training loss at θ_T and cleanlab (``1 −`` label quality of out-of-fold probabilities,
     :data:`CLEANLAB_FOLDS` folds, each fold's model replayed without it); ROC-AUC and recall at
     :data:`DETECTION_AT` of the data inspected. Test accuracy at θ_T too."""
-    from ._optional import require
+    from .._optional import require
 
     run = load_run(run_dir)
     fm = FlatModel(setup.model(data), setup.loss_fn, run.trainable)
@@ -185,7 +185,7 @@ def per_token(setup: TextSetup, data: Any, run_dir: Path, removed: np.ndarray, t
     (``thetas`` (k, P), ``theta_full`` (P,) the replay with nothing removed) give the truth (k, Q).
     Pearson and Spearman over all (removal, token) pairs, and the median over tokens of each token's
     Pearson."""
-    from .integrations.huggingface import token_targets
+    from ..integrations.huggingface import token_targets
 
     ids = data.x_val["input_ids"][:TOKEN_PASSAGES]
     L = ids.shape[1]
@@ -218,7 +218,7 @@ def per_token(setup: TextSetup, data: Any, run_dir: Path, removed: np.ndarray, t
 
 def summary_text(result: dict[str, Any]) -> str:
     """The text setups' tables beside the main one: the Trainer's run, detection or per-token rows."""
-    from .report import text_table
+    from ..report import text_table
 
     tr = result["trainer"]
     parts = [f"Trainer alone {tr['seconds']:.1f}s (train_runtime {tr['train_runtime']:.1f}s), with DiffinCallback "

@@ -8,7 +8,7 @@ characters of the language reference). From it, with fixed seeds and no download
   numbers, execution and debugging), for a sequence-classification task;
 * :func:`bert_tokenizer` / :func:`byte_bpe_tokenizer`: a BERT-style and a GPT-2-style (byte-level BPE)
   tokenizer trained on that text with the ``tokenizers`` package;
-* :func:`load_topic_sentences`: a :class:`~diffin.builtin.data.DataSplit` of token ids (inputs are
+* :func:`load_topic_sentences`: a :class:`~diffin.bench.builtin.data.DataSplit` of token ids (inputs are
   dicts ``{"input_ids", "attention_mask"}``, (N, L) int64) and topic-group labels;
 * :func:`load_passages`: the documentation's token stream cut into passages of L tokens for a causal
   language model (labels = the input ids: every token after the first is predicted);
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._errors import ConfigError
-from .._optional import require
+from ..._errors import ConfigError
+from ..._optional import require
 from .data import DataSplit
 
 TOPIC_CLASSES: dict[str, tuple[str, ...]] = {
