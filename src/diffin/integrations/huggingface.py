@@ -319,7 +319,8 @@ def _refuse_unreplayable(args: Any, state: Any, model: nn.Module, loader: Any) -
                  "train in float32, or set every dropout probability to 0")
     cfg = getattr(model, "config", None)
     attn = getattr(cfg, "_attn_implementation", None)
-    p_attn = max((float(v) for k, v in vars(cfg).items() if "dropout" in k and ("att" in k) and isinstance(v, float)),
+    p_attn = max((float(v) for k, v in vars(cfg).items()
+                  if ("dropout" in k or "pdrop" in k) and "att" in k and isinstance(v, float)),
                  default=0.0) if cfg is not None else 0.0
     on_gpu = any(p.device.type != "cpu" for p in model.parameters())
     if on_gpu and p_attn > 0 and attn not in (None, "eager"):
