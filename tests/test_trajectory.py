@@ -88,22 +88,34 @@ def test_frozen_state_keeps_the_checkpoint_and_creates_missing_buffers(tmp_path)
 
 
 def test_sgd_sweeps_compute_no_extra_gradient(tmp_path, monkeypatch):
-    """The SGD sweep costs what it cost before the trajectory layer: the exact sweep takes the
-    replay's gradients only (one per step), the frozen sweep none; Adam's frozen sweep one per step."""
-    calls = {"n": 0}
-    real = Trajectory.gradient
+    """The SGD sweep computes no gradient beyond the replay's: the exact sweep takes the replay's
+    gradients only (one per step, each with its graph kept, so the transpose builds no gradient of
+    its own: 2 passes per step, not 3), the frozen sweep none; Adam's frozen sweep one per step."""
+    calls = {"n": 0, "graphs": 0}
+    real, real_graph, real_build = Trajectory.gradient, Trajectory.graph_step, FlatModel.grad_graph
 
     def counting(self, *a, **kw):
         calls["n"] += 1
         return real(self, *a, **kw)
 
+    def counting_graph(self, *a, **kw):
+        calls["n"] += 1
+        return real_graph(self, *a, **kw)
+
+    def counting_build(self, *a, **kw):
+        calls["graphs"] += 1
+        return real_build(self, *a, **kw)
+
     monkeypatch.setattr(Trajectory, "gradient", counting)
+    monkeypatch.setattr(Trajectory, "graph_step", counting_graph)
+    monkeypatch.setattr(FlatModel, "grad_graph", counting_build)
     sgd = record(tmp_path / "s", opt_kw={"lr": 0.05, "momentum": 0.9})
     steps = diffin.load_run(sgd.run).n_steps
     for method, want in (("diffin-exact", steps), ("diffin-frozen", 0)):
-        calls["n"] = 0
+        calls.update(n=0, graphs=0)
         sgd.score(method, hvp="exact")
         assert calls["n"] == want, method
+        assert calls["graphs"] == steps, method  # exact HVPs: one graph per step, the replay's where it replays
     adam = record_loop(tmp_path / "a", make_opt=lambda m: torch.optim.Adam(m.parameters(), lr=0.01))
     calls["n"] = 0
     adam.score("diffin-frozen", hvp="exact")

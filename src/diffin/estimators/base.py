@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger("diffin")
+_PROBED: dict[tuple[Any, ...], tuple[str, str]] = {}
+"""The HVP probe's answers (:meth:`ScoringContext._resolve_hvp`), by :meth:`ScoringContext._probe_key`."""
 
 
 NON_SMOOTH = (
@@ -89,6 +91,10 @@ class ScoringContext:
         self.trajectory = Trajectory(run, fm, train, memory_mb=config.replay_memory_mb)
         self._hvp_mode: str | None = None
         self.hvp_reason = ""
+        self.prefer_exact = False
+        """Set by a replayed sweep before it asks for :attr:`hvp_mode`: with ``hvp="auto"`` exact
+        HVPs then cost less than finite differences (one backward pass of the replay's own
+        gradient graph per step, not two gradients), so ``auto`` picks them where they run."""
 
     def member_chunk(self) -> int:
         """Rows per chunk for passes over every training sample. For a batch-coupled loss a
@@ -127,6 +133,39 @@ class ScoringContext:
         kinks = sorted({type(m).__name__ for m in self.fm.model.modules() if isinstance(m, NON_SMOOTH)})
         if kinks:
             return "exact", f"non-smooth layers {kinks}"
+        if self.prefer_exact:
+            theta = self.trajectory.theta(self.run.n_steps)
+            x, y = self.train.get(np.arange(min(self.n_train, 2)))
+            try:
+                self.fm.hvp(theta, x, y, torch.ones_like(theta), mode="exact")
+            except (RuntimeError, NotImplementedError) as e:  # an op without double backward
+                log.info("exact HVP unavailable (%s): finite differences", type(e).__name__)
+            else:
+                return "exact", ("replayed sweep: exact HVPs from each replayed step's own gradient graph "
+                                 "(2 passes per step where finite differences need 3)")
+        key = self._probe_key()
+        if key is not None and key in _PROBED:
+            return _PROBED[key]
+        found = self._probe_hvp()
+        if key is not None:
+            if len(_PROBED) >= 32:
+                _PROBED.pop(next(iter(_PROBED)))
+            _PROBED[key] = found
+        return found
+
+    def _probe_key(self) -> tuple[Any, ...] | None:
+        """What decides the HVP probe's answer (run, training data, architecture, dtype, ε, seed);
+        None when the data cannot be identified without reading it (:func:`data_identity`)."""
+        ident = self.train._identity
+        if ident is None:
+            return None
+        spec = self.fm.spec
+        return (self.run.fingerprint, ident, repr(self.fm.model), tuple(spec.names), tuple(spec.shapes),
+                str(self.fm.dtype), str(self.fm.device), self.config.fd_eps, self.config.seed)
+
+    def _probe_hvp(self) -> tuple[str, str]:
+        """Central differences against the exact HVP on up to 256 training rows at θ_T."""
+        cfg = self.config
         theta = self.trajectory.theta(self.run.n_steps)
         ids = np.arange(min(self.n_train, 256))
         x, y = self.train.get(ids)

@@ -245,7 +245,9 @@ class DiffInExact(_Sweep):
         need_g = traj.needs_gradient
         if ctx.groups is not None and target.kind != "self":
             self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, target.size, cfg.convention)
+        ctx.prefer_exact = self.replay and ctx.fm.keeps_graphs
         A, scores, S, first = self.begin(ctx, target)  # S: s̄, the adjoint of the optimizer's state
+        traj.keep_graphs = ctx.prefer_exact and ctx.hvp_mode == "exact"  # 2 passes per step, not 3
         R = _stats_start(ctx, target)  # r̄_T = ∂f/∂r_T (Q, R): the eval-mode target reads the running statistics
         if R is not None and STATS_KEY in S:
             R = S.pop(STATS_KEY)
