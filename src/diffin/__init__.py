@@ -38,6 +38,7 @@ from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
 from .recording import PartialRunWarning, Recorder, Run, load_run, restore_checkpoint
+from ._verify import VerifyResult, verify
 from .trajectory import ReplayDriftWarning
 
 
@@ -75,6 +76,7 @@ __all__ = [
     "UnsupportedMethodError",
     "UnsupportedOptimizerWarning",
     "UntrainedRowsWarning",
+    "VerifyResult",
     "__version__",
     "batch_loss",
     "influence",
@@ -84,5 +86,6 @@ __all__ = [
     "methods",
     "restore_checkpoint",
     "score",
+    "verify",
     "with_ids",
 ]

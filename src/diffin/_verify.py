@@ -77,7 +77,8 @@ def pick_ids(run: Run, n_train: int, n: int, seed: int = 0) -> np.ndarray:
     if n < 2:
         raise ConfigError(f"verify needs n >= 2 removals to correlate, got {n}")
     if n > len(pool):
-        raise ConfigError(f"verify was asked for {n} removals but the run trained on {len(pool)} rows; pass n <= {len(pool)}")
+        raise ConfigError(f"verify was asked for {n} removals but the run trained on {len(pool)} rows; "
+                          f"pass n <= {len(pool)}")
     return np.sort(np.random.default_rng(seed).choice(pool, size=n, replace=False))
 
 
