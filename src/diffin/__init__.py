@@ -34,11 +34,11 @@ from ._errors import (
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
+from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
 from .recording import PartialRunWarning, Recorder, Run, load_run, restore_checkpoint
-from ._verify import VerifyResult, verify
 from .trajectory import ReplayDriftWarning
 
 
