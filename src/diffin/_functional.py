@@ -334,6 +334,16 @@ class FlatModel:
         ones = torch.ones(B, dtype=self.dtype, device=self.device)
         return B * torch.func.grad(lambda w: self.batch_loss(theta, x, y, w))(ones)
 
+    def activation_bytes(self, x: Inputs, y: Any) -> int:
+        """Bytes of the activations a backward pass through the per-sample losses of the rows
+        (x, y) saves (distinct storages, θ and the model's constants excluded): with a few rows,
+        the per-row activation memory that sizes chunks of per-sample products."""
+        theta = self.theta_from_model()
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            _, total = graph_bytes(lambda: self.losses(th, x, y), skip=[th, *self._constants.values()])
+        return total
+
     def loss_grad(self, theta: Tensor, x: Inputs, y: Any) -> tuple[Tensor, Tensor]:
         """Batch gradient ∇L_B(θ) (P,) of the batch's training loss, and the shares (B,) (for a
         batch loss from the same backward pass, through ω)."""
@@ -714,17 +724,19 @@ class StepGraph:
     B: int
 
 
-def graph_bytes(build: Callable[[], Any]) -> tuple[Any, int]:
-    """``build()`` and the bytes of the distinct storages its autograd graph saves (an upper
-    bound of what keeping that graph costs)."""
-    seen: dict[int, int] = {}
+def graph_bytes(build: Callable[[], Any], skip: Sequence[Tensor] = ()) -> tuple[Any, int]:
+    """``build()`` and the bytes of the distinct tensors its autograd graph saves (an upper bound
+    of what keeping that graph costs), not counting those sharing a storage with ``skip``."""
+    seen: dict[tuple[int, int], int] = {}
+    skipped = {t.untyped_storage().data_ptr() for t in skip}
 
     def pack(t: Tensor) -> Tensor:
         try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            if t.untyped_storage().data_ptr() in skipped:
+                return t
         except (RuntimeError, NotImplementedError):
-            seen[id(t)] = t.numel() * t.element_size()
+            pass
+        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

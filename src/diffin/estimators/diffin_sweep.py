@@ -334,7 +334,7 @@ def pay_expected_credit(ctx: ScoringContext, scores: Tensor, theta: Tensor, W_su
     under ``renormalize`` the credit is centred (the removed sample's weight goes to the others
     of its batch, of the recorded size or else the proxy size)."""
     cfg, N = ctx.config, ctx.n_train
-    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
+    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(ctx.product_chunk())])
     D = D.to(scores.dtype)  # (N, Q)
     if cfg.convention == "keep":
         scores -= D / N
