@@ -72,6 +72,9 @@ class TrainState:
     §4.8); None for models without them."""
     buffers: dict[str, Tensor] | None = None
     """The other buffers those layers update (``num_batches_tracked``), shared by the K runs."""
+    opt_after: dict[str, Tensor] | None = None
+    """The optimizer's state after this step, where a replay computed it (the rule's adjoint then
+    reuses it, e.g. Adam's m', v', instead of computing them again)."""
     graph: GradGraph | StepGraph | None = None
     """Step t's gradient with its autograd graph, kept by a replay with :attr:`Trajectory.keep_graphs`
     (the transpose then needs one backward pass, not a new gradient: docs/method.md §4.1)."""
@@ -545,7 +548,8 @@ class Trajectory:
         if self.clip_norm is not None:
             assert g is not None
             gc = clip(g, self.clip_norm)
-        w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar)  # type: ignore[arg-type]
+        w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar,  # type: ignore[arg-type]
+                                      after=state.opt_after)
         if self.clip_norm is not None:
             w = clip_transpose(w, g, self.clip_norm)  # type: ignore[arg-type]
         return w, th, sb
@@ -622,13 +626,14 @@ class Trajectory:
             self._note_drift(c0, c1, state.theta, state.stats)
         if stride == 1:
             for i in range(length - 1, -1, -1):
-                yield c0 + i, stored[i][0], stored[i][1]
+                after = stored[i + 1][0].opt if i + 1 < length else state.opt
+                yield c0 + i, dataclasses.replace(stored[i][0], opt_after=after), stored[i][1]
             return
         for t_a, st in reversed(anchors):
             local: list[tuple[TrainState, Tensor | None]] = []
             for t in range(t_a, min(t_a + stride, c1)):
                 nxt, g = forward(st, t)
-                local.append((st, g if keep_g else None))
+                local.append((dataclasses.replace(st, opt_after=nxt.opt), g if keep_g else None))
                 st = nxt
             for i in range(len(local) - 1, -1, -1):
                 yield t_a + i, local[i][0], local[i][1]
