@@ -50,8 +50,8 @@ from diffin.report import markdown_table, text_table
 
 PHASES = ("checks", "hashing", "probe", "replay", "adjoint", "products", "target", "I/O", "other")
 SETUP_METHODS = {
-    "speed-tanh": ("diffin-exact", "diffin-frozen", "diffin-closed-form", "tracin"),
-    "speed-relu": ("diffin-exact", "diffin-frozen", "diffin-closed-form", "tracin"),
+    "speed-tanh": ("diffin-exact", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin"),
+    "speed-relu": ("diffin-exact", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin"),
     "scale-1m": ("diffin", "diffin-closed-form", "tracin"),
     "mnist5k-resnet": ("diffin-exact", "tracin"),
 }

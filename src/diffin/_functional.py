@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -149,6 +150,7 @@ class FlatModel:
 
     keeps_graphs = True
     """Whether a replay may keep this model's gradient graphs (:meth:`grad_graph`) for the sweep."""
+    _eps_cache: tuple[Any, Any, float] | None = None  # (key, weak θ, ε) of :meth:`_fd_step`
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | BatchLoss, trainable: Sequence[str] | None = None):
         self.model = model
@@ -450,11 +452,11 @@ class FlatModel:
         else:
             norms = V.norm(dim=1, keepdim=True)  # (Q, 1)
             safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-            unit = V / safe
-            e = fd_epsilon(theta, mode, eps)
-            g_plus, l_plus = self.loss_grad_many(theta + e * unit, x, y)
+            e = self._fd_step(theta, mode, eps)
+            step = V * (e / safe)  # ε·v̂, one pass over (Q, P)
+            g_plus, l_plus = self.loss_grad_many(theta + step, x, y)
             if mode == "central":
-                g_minus, l_minus = self.loss_grad_many(theta - e * unit, x, y)
+                g_minus, l_minus = self.loss_grad_many(theta - step, x, y)
                 hv = (g_plus - g_minus) * (norms / (2 * e))
                 d_fd = (l_plus - l_minus) * (norms / (2 * e))
             else:
@@ -474,6 +476,19 @@ class FlatModel:
         if single:
             return hv[0], (None if d is None else d[0])
         return hv, d
+
+    def _fd_step(self, theta: Tensor, mode: HvpMode, eps: float | None) -> float:
+        """:func:`fd_epsilon` of θ, computed once per θ (a sweep asks at every step of a segment
+        with the same frozen θ; ‖θ‖ is a pass over P)."""
+        if eps is not None:
+            return fd_epsilon(theta, mode, eps)
+        key = (id(theta), theta._version, mode)
+        hit = self._eps_cache
+        if hit is not None and hit[0] == key and hit[1]() is theta:
+            return hit[2]
+        e = fd_epsilon(theta, mode)
+        self._eps_cache = (key, weakref.ref(theta), e)
+        return e
 
     def _exact_hvp_and_dots(
         self, theta: Tensor, x: Tensor, y: Tensor, V: Tensor, want_dots: bool
