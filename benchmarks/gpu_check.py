@@ -113,14 +113,14 @@ def _sync(device: str) -> None:
 def _speed_inputs(name: str, n: int | None, device: str, workdir: Path) -> tuple[Any, Any, Any, Any] | None:
     """(setup, train pair, target pair, description) on ``device``, or None for an unknown setup.
     ``scale-1m``: the first ``n`` rows of the generated scale data (in memory on the device)."""
-    from diffin.builtin.setups import SETUPS
+    from diffin.bench.builtin.setups import SETUPS
 
     if name not in SETUPS:
         return None
     setup = get_setup(name)
     if name == "scale-1m":
-        from diffin.bench import _scale_data, _val
-        from diffin.builtin.synthetic_scale import scale_model
+        from diffin.bench.builtin.synthetic_scale import scale_model
+        from diffin.bench.scale import _scale_data, _val
 
         rows = int(n or 100_000)
         folder = _scale_data(workdir, rows, 0)
@@ -151,7 +151,7 @@ def _peak_mb(device: str, measure: Any) -> float:
 def speed_rows(name: str, n: int | None, device: str, methods: list[str], workdir: Path) -> dict[str, Any]:
     """The speed section of one setup on ``device`` (see the module docstring)."""
     from diffin._measure import Measure
-    from diffin.builtin import train as train_loop
+    from diffin.bench.builtin import train as train_loop
 
     got = _speed_inputs(name, n, device, workdir)
     if got is None:

@@ -2,7 +2,7 @@
 without recording (issue 21, item 1).
 
 For each setup the run is trained and recorded once; then, ``--repeats`` times and interleaved,
-the same loop WITHOUT recording (``diffin.builtin.train(..., record=False)``) is timed, followed by
+the same loop WITHOUT recording (``diffin.bench.builtin.train(..., record=False)``) is timed, followed by
 one whole ``diffin.score`` call of every method (checks, hashing and probes included), each in this
 same process. A method's ratio is the median over the repeats of (its call) / (that repeat's
 training loop), so load that changes between repeats moves both alike. Each call's time is split
@@ -44,8 +44,8 @@ from typing import Any
 import torch
 
 import diffin
-from diffin.builtin import get_setup, train
-from diffin.builtin.models import mlp
+from diffin.bench.builtin import get_setup, train
+from diffin.bench.builtin.models import mlp
 from diffin.report import markdown_table, text_table
 
 PHASES = ("checks", "hashing", "probe", "replay", "adjoint", "products", "target", "I/O", "other")
@@ -148,8 +148,8 @@ def load(name: str, workdir: Path, scale_n: int) -> tuple[Any, Any, Any, Any]:
         d = setup.data()
         return setup, (d.x_train, d.y_train), (d.x_val, d.y_val), f"{setup.description}; {name}"
     if name == "scale-1m":
-        from diffin.bench import _scale_data, _val
-        from diffin.builtin.synthetic_scale import scale_model
+        from diffin.bench.builtin.synthetic_scale import scale_model
+        from diffin.bench.scale import _scale_data, _val
 
         setup = get_setup("scale-1m").with_changes(build=lambda s: scale_model())
         folder = _scale_data(workdir, scale_n, 0)
