@@ -160,3 +160,24 @@ def test_batches_are_read_once_within_the_cache_budget(tmp_path, monkeypatch):
     assert len(reads) == run.n_steps + 1
     ids, x, y = traj.batch(0)
     assert torch.equal(x, tiny.X[torch.as_tensor(ids)]) and torch.equal(y, tiny.Y[torch.as_tensor(ids)])
+
+
+def test_kept_graphs_under_any_memory_budget_give_the_same_scores(tmp_path, monkeypatch):
+    """The replay keeps the gradient graphs of as many of a segment's last steps as fit in
+    replay_memory_mb (all, some or none); the scores are the same to rounding whatever fits."""
+    kept = {"n": 0}
+    real = Trajectory.graph_step
+
+    def counting(self, *a, **kw):
+        kept["n"] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Trajectory, "graph_step", counting)
+    tiny = record(tmp_path / "r", opt_kw={"lr": 0.05, "momentum": 0.9}, every=6)
+    ref = tiny.score("diffin-exact", hvp="exact").scores
+    counts = set()
+    for mb in (0.004, 0.008, 0.012, 0.02, 0.05):
+        kept["n"] = 0
+        assert_close(tiny.score("diffin-exact", hvp="exact", replay_memory_mb=mb).scores, ref)
+        counts.add(kept["n"])
+    assert len(counts) > 2  # none, some and all kept (each segment's first step always builds one, to measure it)

@@ -152,7 +152,8 @@ class Trajectory:
         self.drift = 0.0  # largest relative replay drift seen (see replay_reversed)
         self.keep_graphs = False
         """Replays keep each step's gradient graph in its state (exact HVPs from it in
-        :meth:`transpose`) where a segment's states and graphs fit in ``memory_mb``."""
+        :meth:`transpose`) for as many of each segment's last steps as fit in ``memory_mb`` beside
+        the segment's states (the other steps' transposes build their graph again)."""
         self._lr_rows: dict[bytes, Tensor] = {}
         self._rule: OptimizerRule | None = None
         self._group_index: Tensor | None = None  # (P,) group of each coordinate
@@ -592,11 +593,15 @@ class Trajectory:
         anchors: list[tuple[int, TrainState]] = []
         stored: list[tuple[TrainState, Tensor | None]] = []
         first: tuple[TrainState, Tensor, TrainState] | None = None
-        if self.keep_graphs and not freeze_theta and batch_of is None and state.theta.ndim == 1:
-            # keep each step's gradient graph for the transpose where the segment's graphs fit
+        graph_from = c1  # steps t >= graph_from keep their gradient graph
+        if self.keep_graphs and not freeze_theta and batch_of is None and state.theta.ndim == 1 and stride == 1:
+            # keep the gradient graphs of as many of the segment's last steps as fit beside its states
             first, g_bytes = graph_bytes(lambda: self.graph_step(state, c0))
-            if length * (per_state + g_bytes) > self.memory_mb * 2**20:
-                first = (first[0], first[1], state)  # no room: the graph goes, its step stays
+            room = self.memory_mb * 2**20 - length * per_state
+            n_graphs = min(length, int(room // max(g_bytes, 1)))
+            graph_from = c1 - n_graphs
+            if graph_from > c0:
+                first = (first[0], first[1], state)  # its graph goes, its step stays
 
         def forward(st: TrainState, t: int) -> tuple[TrainState, Tensor]:
             if batch_of is None:
@@ -605,16 +610,12 @@ class Trajectory:
                 nxt, g = self.step(st, t, *batch_of(t))
             return (TrainState(st.theta, nxt.opt, nxt.k), g) if freeze_theta else (nxt, g)
 
-        graphs = first is not None and first[2].graph is not None
         for t in range(c0, c1):
-            if t == c0 and first is not None:  # computed above (graphs imply stride 1)
+            if t == c0 and first is not None:  # computed above (stride 1)
                 nxt, g, before = first
-                if stride == 1:
-                    stored.append((before, g if keep_g else None))
-                else:
-                    anchors.append((t, state))
+                stored.append((before, g if keep_g else None))
                 state = nxt
-            elif stride == 1 and graphs:
+            elif stride == 1 and t >= graph_from:
                 nxt, g, before = self.graph_step(state, t)
                 stored.append((before, g if keep_g else None))
                 state = nxt
