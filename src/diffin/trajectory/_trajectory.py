@@ -77,8 +77,10 @@ class TrainState:
     buffers: dict[str, Tensor] | None = None
     """The other buffers those layers update (``num_batches_tracked``), shared by the K runs."""
     opt_after: dict[str, Tensor] | None = None
-    """The optimizer's state after this step, where a replay computed it (the rule's adjoint then
-    reuses it, e.g. Adam's m', v', instead of computing them again)."""
+    """The optimizer's state after this step, set by a replay that yields the step's gradient g
+    beside the state (``with_grads``): the output of the step with that g, which the rule's adjoint
+    then reuses (Adam's m', v') instead of computing it again. A caller that passes another g to
+    :meth:`adjoint` must clear it."""
     graph: GradGraph | StepGraph | None = None
     """Step t's gradient with its autograd graph, kept by a replay with :attr:`Trajectory.keep_graphs`
     (the transpose then needs one backward pass, not a new gradient: docs/method.md §4.1)."""
@@ -631,14 +633,14 @@ class Trajectory:
             self._note_drift(c0, c1, state.theta, state.stats)
         if stride == 1:
             for i in range(length - 1, -1, -1):
-                after = stored[i + 1][0].opt if i + 1 < length else state.opt
+                after = (stored[i + 1][0].opt if i + 1 < length else state.opt) if keep_g else None
                 yield c0 + i, dataclasses.replace(stored[i][0], opt_after=after), stored[i][1]
             return
         for t_a, st in reversed(anchors):
             local: list[tuple[TrainState, Tensor | None]] = []
             for t in range(t_a, min(t_a + stride, c1)):
                 nxt, g = forward(st, t)
-                local.append((dataclasses.replace(st, opt_after=nxt.opt), g if keep_g else None))
+                local.append((dataclasses.replace(st, opt_after=nxt.opt if keep_g else None), g if keep_g else None))
                 st = nxt
             for i in range(len(local) - 1, -1, -1):
                 yield t_a + i, local[i][0], local[i][1]
