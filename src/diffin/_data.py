@@ -674,7 +674,9 @@ def data_identity(data: Any) -> tuple[Any, ...] | None:
     ``(inputs, targets)`` (tuples, lists, dicts of them): a tensor by its storage, shape, strides,
     dtype, device and version counter (bumped by every in-place write), held by a weak reference
     so that a new tensor at a recycled address never matches; a read-only memory-mapped array by
-    its file, offset, size and modification time, shape and dtype."""
+    its file (path, inode, size, modification and change times), offset, shape and dtype. A file
+    rewritten in place within the file system's timestamp resolution keeps its identity: rewrite
+    data files under a new name, or pass ``overwrite``-style fresh objects, when that can happen."""
     refs: list[Any] = []
 
     def leaf(a: Any) -> Any:
@@ -683,7 +685,8 @@ def data_identity(data: Any) -> tuple[Any, ...] | None:
             return ("t", id(a), a.data_ptr(), a._version, tuple(a.shape), a.stride(), str(a.dtype), str(a.device))
         if isinstance(a, np.memmap) and not a.flags.writeable and a.filename:
             st = os.stat(a.filename)
-            return ("m", a.filename, a.offset, st.st_size, st.st_mtime_ns, a.shape, a.strides, a.dtype.str)
+            return ("m", a.filename, st.st_ino, a.offset, st.st_size, st.st_mtime_ns, st.st_ctime_ns, a.shape,
+                    a.strides, a.dtype.str)
         if isinstance(a, (tuple, list)):
             return ("s", *(leaf(b) for b in a))
         if isinstance(a, dict):
