@@ -675,8 +675,8 @@ def data_identity(data: Any) -> tuple[Any, ...] | None:
     dtype, device and version counter (bumped by every in-place write), held by a weak reference
     so that a new tensor at a recycled address never matches; a read-only memory-mapped array by
     its file (path, inode, size, modification and change times), offset, shape and dtype. A file
-    rewritten in place within the file system's timestamp resolution keeps its identity: rewrite
-    data files under a new name, or pass ``overwrite``-style fresh objects, when that can happen."""
+    rewritten in place to the same size within the file system's timestamp resolution would be
+    taken for the old one: write changed data under a new file name."""
     refs: list[Any] = []
 
     def leaf(a: Any) -> Any:
