@@ -54,6 +54,30 @@ NON_SMOOTH = (
 """Layers whose gradient jumps: finite-difference HVPs across them are unreliable."""
 
 
+DENSE = (nn.Linear, nn.Bilinear, nn.Embedding, nn.LayerNorm)
+"""Layers whose double backward costs about one more backward pass (matrix products, lookups,
+normalisation over features): a model made only of them gets its exact HVP (one forward and two
+backward passes) for less than central differences (two forward and two backward passes)."""
+
+
+def exact_costs_less(fm: FlatModel, replay: bool) -> str:
+    """Why exact HVPs cost a sweep less than central differences, or "" when they do not:
+
+    * a replayed sweep keeps each step's gradient graph (``fm.keeps_graphs``): one backward pass of
+      it per step, where the replay's gradient and central differences need 3 gradients;
+    * a model whose parametrised layers are all :data:`DENSE`: measured on the speed MLP (tanh,
+      ``diffin-frozen``, one thread) 4.4 s against 5.2 s; through convolutions the double backward
+      costs more (a float64 CNN: 1.9 s against 0.8 s for 256 rows), so those keep differences."""
+    if replay and fm.keeps_graphs:
+        return ("replayed sweep: exact HVPs from each replayed step's own gradient graph "
+                "(2 passes per step where finite differences need 3)")
+    owners = [m for m in fm.model.modules() if next(m.parameters(recurse=False), None) is not None]
+    if owners and all(isinstance(m, DENSE) for m in owners):
+        return ("dense layers only: an exact HVP (a forward and two backward passes) costs less than "
+                "central differences (two of each)")
+    return ""
+
+
 @dataclass
 class EstimatorOutput:
     """Scores (N,) or (N, Q) in loss units, the variant actually run, and diagnostics."""
@@ -97,10 +121,9 @@ class ScoringContext:
         self._chunk: int | None = None
         if isinstance(target, MeanLoss) and not fm.coupled:  # ∇f streamed in chunks of the same size
             target.batch_size = min(target.batch_size, self.product_chunk())
-        self.prefer_exact = False
-        """Set by a replayed sweep before it asks for :attr:`hvp_mode`: with ``hvp="auto"`` exact
-        HVPs then cost less than finite differences (one backward pass of the replay's own
-        gradient graph per step, not two gradients), so ``auto`` picks them where they run."""
+        self.prefer_exact = ""
+        """Set by a sweep, before it asks for :attr:`hvp_mode`, to the reason exact HVPs cost it less
+        than finite differences (:func:`exact_costs_less`); ``auto`` then picks them where they run."""
 
     def member_chunk(self) -> int:
         """Rows per chunk for passes over every training sample. For a batch-coupled loss a
@@ -164,8 +187,7 @@ class ScoringContext:
             except (RuntimeError, NotImplementedError) as e:  # an op without double backward
                 log.info("exact HVP unavailable (%s): finite differences", type(e).__name__)
             else:
-                return "exact", ("replayed sweep: exact HVPs from each replayed step's own gradient graph "
-                                 "(2 passes per step where finite differences need 3)")
+                return "exact", self.prefer_exact
         key = self._probe_key()
         if key is not None and key in _PROBED:
             return _PROBED[key]
