@@ -70,7 +70,7 @@ def test_memmaps_are_identified_by_file_and_writable_arrays_not_at_all(tmp_path)
 
 
 def test_the_hvp_probe_runs_once_per_run_and_data(tmp_path, monkeypatch):
-    tiny = record(tmp_path / "r")
+    tiny = record(tmp_path / "r", kind="cnn")  # a convolution: `auto` probes (dense models take exact HVPs)
     probed = _count(monkeypatch, est_base.ScoringContext, "_probe_hvp")
     a = tiny.score("diffin-frozen")
     b = tiny.score("diffin-frozen")
