@@ -44,9 +44,11 @@ SCALE_LIMIT = 1.0
 """Score scale above which a sample's predicted effect exceeds the target itself: for a
 non-negative loss a score below −f is impossible (the loss would become negative), and one above f
 (the target doubling without one sample) is implausible for any but a handful of samples."""
-REMOVAL_LIMIT = 1.0
-"""``removal_error`` above which the prediction of the checked removals is off by more than their
-replayed effect."""
+REMOVAL_LIMIT = 10.0
+"""``removal_error`` above which the prediction of the checked removals is off by an order of
+magnitude. The largest predicted removals are the least linear ones even in stable runs (on
+mnist5k-mlp, Pearson 0.998 against replayed removal, the two largest overshoot by about 100%), so
+the limit is not 1; in unstable runs the error is orders of magnitude larger."""
 DRIFT_LIMIT = 1e-3
 """Replay drift above which the replayed run is not the recorded one (ReplayDriftWarning's own
 threshold is reported there; this one only marks the trust field)."""
