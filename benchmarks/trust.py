@@ -111,8 +111,8 @@ def case(name: str, workdir: Path, bert_epochs: int, k: int) -> dict[str, Any]:
         train, target = (X, y), (Xv, yv)
         info["recipe"] = f"tiny BERT, AdamW lr {lr:g}, {bert_epochs} epochs, batch {BATCH}"
     else:
-        from diffin.builtin import get_setup  # noqa: PLC0415 - the task layer, benchmarks only
-        from diffin.builtin import train as train_setup  # noqa: PLC0415
+        from diffin.bench.builtin import get_setup  # noqa: PLC0415 - the bench layer, benchmarks only
+        from diffin.bench.builtin import train as train_setup  # noqa: PLC0415
 
         setup = get_setup(name)
         data = setup.data()

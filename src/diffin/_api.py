@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -11,7 +10,6 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from ._errors import (
 from ._functional import FlatModel, LossFn, check_convention
 from ._io import write_json, write_npy
 from ._resume import NO_RESUME, RESUME_DIR, SweepResume, refuse_stale_state, resume_config, world_size
+from ._train_mode import eval_mode as _eval_mode
 from ._trust import assess, check_removals, warn_if_unstable
 from ._version import __version__
 from .config import ScoreConfig, config_from_kwargs
@@ -496,10 +495,11 @@ def influence(
             best variant.
         pairwise: with target examples, one column per example (N × Q). Default False.
         progress: show a progress bar.
-        config / options: :class:`diffin.ScoreConfig` or its fields as keywords
-            (``hvp="exact"``, ``convention="renormalize"``, ...). A keyword given explicitly
-            (``method``, ``pairwise`` included) overrides the config's field; one not given
-            leaves it as the config has it.
+        config: a :class:`diffin.ScoreConfig`; its fields can also be given as keywords.
+        **options: fields of :class:`diffin.ScoreConfig` as keywords (``hvp="exact"``,
+            ``convention="renormalize"``, ...). A keyword given explicitly (``method``,
+            ``pairwise`` included) overrides the config's field; one not given leaves it as the
+            config has it.
 
     Before scoring, the data is checked: NaN or Inf in the training or target data raises
     :class:`diffin.NonFiniteDataError` naming the ids; the model and loss are called on two rows
@@ -554,13 +554,3 @@ def warn_untrained_rows(run: Run, n_train: int) -> int:
             UntrainedRowsWarning, stacklevel=3,
         )
     return missing
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
