@@ -23,7 +23,6 @@ import json
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +39,35 @@ VOCAB, LENGTH, N_BERT, N_VAL, CLASSES, BATCH = 64, 32, 256, 128, 4, 16
 
 
 # ----------------------------------------------------------------------------- the tiny BERT case
-def bert_data(seed: int = 0, noise: float = 0.15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token sequences (N_BERT + N_VAL, LENGTH) of random filler with one of 4 keyword tokens placed
+def bert_data(seed: int = 0, noise: float = 0.15, n_train: int = N_BERT, length: int = LENGTH
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token sequences (n_train + N_VAL, length) of random filler with one of 4 keyword tokens placed
     at 3 random positions; the label is the keyword, ``noise`` of the training labels flipped."""
     g = torch.Generator().manual_seed(seed)
-    n = N_BERT + N_VAL
-    X = torch.randint(CLASSES, VOCAB, (n, LENGTH), generator=g)
+    n = n_train + N_VAL
+    X = torch.randint(CLASSES, VOCAB, (n, length), generator=g)
     k = torch.randint(0, CLASSES, (n,), generator=g)
-    pos = torch.randint(0, LENGTH, (n, 3), generator=g)
+    pos = torch.randint(0, length, (n, 3), generator=g)
     for j in range(3):
         X[torch.arange(n), pos[:, j]] = k
-    flip = (torch.rand(n, generator=g) < noise) & (torch.arange(n) < N_BERT)
+    flip = (torch.rand(n, generator=g) < noise) & (torch.arange(n) < n_train)
     y = torch.where(flip, (k + 1) % CLASSES, k)
-    return X[:N_BERT], y[:N_BERT], X[N_BERT:], y[N_BERT:]
+    return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
 
 
 class TinyBert(nn.Module):
-    """``BertForSequenceClassification`` from a small config (no weights), input ids → logits."""
+    """``BertForSequenceClassification`` from a small config (no weights; 2 layers, hidden 64, eager
+    attention, dropout 0, so eval mode is the training math), input ids (B, L) → logits (B, 4)."""
 
-    def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64, seed: int = 0, length: int = LENGTH) -> None:
         super().__init__()
         from transformers import BertConfig, BertForSequenceClassification  # noqa: PLC0415 - optional
 
         torch.manual_seed(seed)
         cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=128, max_position_embeddings=LENGTH, num_labels=CLASSES,
+                         intermediate_size=128, max_position_embeddings=length, num_labels=CLASSES,
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
-        self.bert = BertForSequenceClassification(cfg).to(dtype).eval()  # dropout 0: eval mode is the same math
+        self.bert = BertForSequenceClassification(cfg).to(dtype).eval()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.bert(input_ids=input_ids).logits
@@ -76,10 +77,11 @@ def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y, reduction="none")
 
 
-def train_bert(run: str | Path, lr: float, epochs: int, seed: int = 0, eps: float = 1e-8) -> dict[str, Any]:
-    """A plain AdamW loop (decay on matrices only) over shuffled batches, recorded into ``run``."""
-    X, y, Xv, yv = bert_data(seed)
-    model = TinyBert(seed=seed)
+def train_bert(run: str | Path, lr: float, epochs: int, seed: int = 0, eps: float = 1e-8, n_train: int = N_BERT,
+               length: int = LENGTH, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+    """A plain AdamW loop (decay on matrices only) over shuffled batches of 16, recorded into ``run``."""
+    X, y, Xv, yv = bert_data(seed, n_train=n_train, length=length)
+    model = TinyBert(dtype, seed, length)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
@@ -88,7 +90,7 @@ def train_bert(run: str | Path, lr: float, epochs: int, seed: int = 0, eps: floa
     t0 = time.perf_counter()
     with diffin.Recorder(run, model, opt, checkpoint_every=16, overwrite=True) as rec:
         for _ in range(epochs):
-            for ids in order.permutation(N_BERT).reshape(-1, BATCH):
+            for ids in order.permutation(n_train).reshape(-1, BATCH):
                 loss = ce(model(X[ids]), y[ids]).mean()
                 opt.zero_grad()
                 loss.backward()
@@ -100,16 +102,21 @@ def train_bert(run: str | Path, lr: float, epochs: int, seed: int = 0, eps: floa
 
 
 # ----------------------------------------------------------------------------- one case
-def case(name: str, workdir: Path, bert_epochs: int, k: int) -> dict[str, Any]:
+def case(name: str, workdir: Path, bert_epochs: int, k: int, bert_n: int = N_BERT, bert_length: int = LENGTH,
+         bert_dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     run = workdir / name
     if name.startswith("bert-"):
         lr = float(name.split("-", 1)[1])
-        info = train_bert(run, lr, bert_epochs)
-        X, y, Xv, yv = bert_data()
-        make: Callable[[], nn.Module] = TinyBert
+        info = train_bert(run, lr, bert_epochs, n_train=bert_n, length=bert_length, dtype=bert_dtype)
+        X, y, Xv, yv = bert_data(n_train=bert_n, length=bert_length)
+
+        def make() -> nn.Module:
+            return TinyBert(bert_dtype, 0, bert_length)
+
         loss: Any = ce
         train, target = (X, y), (Xv, yv)
-        info["recipe"] = f"tiny BERT, AdamW lr {lr:g}, {bert_epochs} epochs, batch {BATCH}"
+        info["recipe"] = (f"tiny BERT, {bert_n} sequences of {bert_length} tokens, AdamW lr {lr:g}, {bert_epochs} "
+                          f"epochs, batch {BATCH}, {str(bert_dtype).removeprefix('torch.')}")
     else:
         from diffin.bench.builtin import get_setup  # noqa: PLC0415 - the bench layer, benchmarks only
         from diffin.bench.builtin import train as train_setup  # noqa: PLC0415
@@ -163,6 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="bert-5e-4,bert-2e-3")
     ap.add_argument("--bert-epochs", type=int, default=16)
+    ap.add_argument("--bert-n", type=int, default=N_BERT, help="training sequences of the bert cases")
+    ap.add_argument("--bert-length", type=int, default=LENGTH, help="tokens per sequence of the bert cases")
+    ap.add_argument("--bert-dtype", choices=["float32", "float64"], default="float64")
     ap.add_argument("--k", type=int, default=24, help="random samples whose removal is replayed per case")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -171,7 +181,8 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="diffin-trust-"))
     rows = []
     for name in args.cases.split(","):
-        row = case(name.strip(), workdir, args.bert_epochs, args.k)
+        row = case(name.strip(), workdir, args.bert_epochs, args.k, args.bert_n, args.bert_length,
+                   getattr(torch, args.bert_dtype))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "reasons"}), flush=True)
     cols = ["case", "steps", "adjoint_growth", "score_scale", "removal_error", "warned", "pearson", "spearman",
@@ -184,7 +195,7 @@ def main() -> None:
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals) + " |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "bert_epochs": args.bert_epochs, "k": args.k},
+        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)},
                                               indent=1, default=str))
 
 
