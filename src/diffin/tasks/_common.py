@@ -555,5 +555,5 @@ def add_trust(rep: Any, trust: dict[str, Any]) -> None:
         return
     rep.heading("Can these scores be trusted?")
     rep.text("Measures of the linearisation's health on this run (docs/guides/trust.md): the adjoint's growth over "
-             "the sweep (limit 1e3) and the largest |score| over the target's own size (limit 1).")
+             "the sweep (limit 100) and the largest |score| over the target's own size (limit 1).")
     rep.table(["scores", "stable", "adjoint growth", "score scale", "reasons"], rows)
