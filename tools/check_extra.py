@@ -22,7 +22,8 @@ IMPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hf": (("transformers", "accelerate", "tokenizers", "datasets"),
            ("diffin.integrations.huggingface", "diffin.integrations.hf", "diffin.integrations.peft")),
     "lightning": (("lightning",), ("diffin.integrations.lightning",)),
-    "clip": (("open_clip",), ("diffin.integrations.open_clip", "diffin.integrations.clip")),
+    # open_clip imports torchvision, whose PyPI wheel needs diffin's import helper next to a CPU torch
+    "clip": ((), ("diffin.integrations.open_clip",)),
     "docs": (("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"), ()),
 }
 
@@ -41,6 +42,10 @@ def main(extra: str) -> int:
     present = [m for m in ours if _exists(m)]
     for name in present:
         importlib.import_module(name)
+    if extra == "clip":
+        from diffin.integrations.open_clip import import_open_clip
+
+        packages = (import_open_clip().__name__,)
     print(f"[{extra}] diffin {diffin.__version__}, torch {torch.__version__}: imported {', '.join(packages)}"
           + (f"; {', '.join(present)}" if present else ""))
     return 0
