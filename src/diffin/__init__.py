@@ -30,12 +30,14 @@ from ._errors import (
     TrainModeError,
     TrainModeWarning,
     UnknownMethodError,
+    UnstableInfluenceWarning,
     UnsupportedMethodError,
     UnsupportedOptimizerWarning,
     UnsupportedTrainingError,
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
+from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
@@ -75,10 +77,12 @@ __all__ = [
     "TrainModeError",
     "TrainModeWarning",
     "UnknownMethodError",
+    "UnstableInfluenceWarning",
     "UnsupportedMethodError",
     "UnsupportedOptimizerWarning",
     "UnsupportedTrainingError",
     "UntrainedRowsWarning",
+    "VerifyResult",
     "__version__",
     "batch_loss",
     "influence",
@@ -88,5 +92,6 @@ __all__ = [
     "methods",
     "restore_checkpoint",
     "score",
+    "verify",
     "with_ids",
 ]

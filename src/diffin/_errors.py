@@ -42,6 +42,12 @@ class CorruptManifestError(RecordingError):
     """The manifest is not valid JSON or lacks required fields."""
 
 
+class UnsafePathError(CorruptManifestError):
+    """A file named by a run folder (manifest, log or state entry) lies outside that folder: an
+    absolute path, a ``..`` component, or a symbolic link leading out. A run folder is data; it
+    never chooses what diffin reads elsewhere on the disk."""
+
+
 class FormatVersionError(RecordingError):
     """The run was written by a newer diffin with a format this version cannot read."""
 
@@ -177,3 +183,10 @@ class UnsupportedTrainingError(RecordingError):
 class FrozenWeightsMismatchError(RecordingError):
     """The frozen (untrained) parameters of the model given for scoring are not those the run trained
     with: checkpoints hold the trained parameters only and a fingerprint of the frozen ones."""
+
+
+class UnstableInfluenceWarning(UserWarning):
+    """The scores cannot be trusted: the linearised training dynamics are unstable on this run (the
+    adjoint grew past its limit, a score exceeds the target's own size, or checked removals replayed
+    for real disagree with their prediction). ``ScoreResult.diagnostics["trust"]`` holds the measures
+    and the reasons; docs/guides/trust.md says what they mean and what to do."""

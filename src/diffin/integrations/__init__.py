@@ -1,2 +1,2 @@
-"""Adapters for training frameworks. Each module imports its framework lazily and only there;
-``import diffin`` imports none of them."""
+"""Adapters for training frameworks. Each module imports its framework lazily and is the only
+place in diffin that does; ``import diffin`` imports none of them."""
