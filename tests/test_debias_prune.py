@@ -159,7 +159,7 @@ def test_prune_runs_ccs_on_aum_beside_another_rule(tiny, tmp_path):
 
 # --------------------------------------------------------------------------- the spurious setup
 def test_spurious_split_has_the_stated_agreement_and_groups():
-    s = load_mnist5k_spurious(400, 200, 200)
+    s = load_mnist5k_spurious(400, 200, 200, patch=2, value=0.3)
     patched = s.x_train.reshape(-1, 28, 28)[:, 1:3, 1:3].amin((1, 2)) >= 0.3
     y = s.y_train.numpy()
     assert (patched.numpy() == y.astype(bool)).mean() == pytest.approx(0.95)

@@ -1,11 +1,12 @@
 """MNIST-5k with a visual shortcut, for debiasing (``diffin debias --setup mnist5k-spurious``).
 
 The label is a property of the digit, ``y = 1`` for digits 5–9 and ``0`` for 0–4. A shortcut, a
-faint square patch (2×2 pixels of 0.3) in the image's top-left corner (where MNIST digits never reach), is added to
-some images: in the training set its presence agrees with the label in ``agree`` (default 95%) of
-the samples, in the validation and test sets in 50% (independent of the label). A model that
-learns "patch → 5–9" is right on 95% of its training data and wrong on the two minority groups
-(a 0–4 digit with the patch, a 5–9 digit without) at test time.
+faint square patch (``patch``×``patch`` pixels of ``value``) in the image's top-left corner (where
+MNIST digits never reach), is added to some images: in the training set its presence agrees with
+the label in ``agree`` (default 95%) of the samples, in the validation and test sets in 50%
+(independent of the label). A model that learns "patch → 5–9" is right on 95% of its training
+data and wrong on the two minority groups (a 0–4 digit with the patch, a 5–9 digit without) at
+test time.
 
 Groups: ``g = 2·y + s`` (attribute = label, shortcut s ∈ {0, 1}): 0 = (0–4, no patch),
 1 = (0–4, patch), 2 = (5–9, no patch), 3 = (5–9, patch). Groups 1 and 2 are the minorities of
@@ -56,9 +57,11 @@ def _shortcut(y: np.ndarray, agree: float, rng: np.random.Generator) -> np.ndarr
 
 
 def load_mnist5k_spurious(n_train: int = 4000, n_val: int = 500, n_test: int = 500, agree: float = 0.95,
-                          seed: int = 0, dtype: torch.dtype = torch.float32) -> GroupedSplit:
-    """MNIST-5k split (seed 0, as :func:`load_mnist5k`), labels ``digit >= 5``, the patch on the
-    images as the module docstring says; ``agree``: the training set's label–shortcut agreement."""
+                          patch: int = 2, value: float = 0.3, seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> GroupedSplit:
+    """MNIST-5k split (seed 0, as :func:`load_mnist5k`), labels ``digit >= 5``, a ``patch``×``patch``
+    square of ``value`` on the images as the module docstring says; ``agree``: the training set's
+    label–shortcut agreement."""
     if not 0.5 <= agree <= 1:
         raise ConfigError(f"agree must be in [0.5, 1], got {agree}")
     base = load_mnist5k(n_train, n_val, n_test, seed=0, dtype=dtype)
@@ -68,7 +71,7 @@ def load_mnist5k_spurious(n_train: int = 4000, n_val: int = 500, n_test: int = 5
                               ("test", base.x_test, base.y_test, 0.5)):
         y = (digit.numpy() >= 5).astype(np.int64)
         s = _shortcut(y, a, rng)
-        parts[name] = (add_patch(x, s), torch.as_tensor(y), 2 * y + s.astype(np.int64))
+        parts[name] = (add_patch(x, s, patch, value), torch.as_tensor(y), 2 * y + s.astype(np.int64))
     (xt, yt, gt), (xv, yv, gv), (xs, ys, gs) = parts["train"], parts["val"], parts["test"]
     return GroupedSplit("mnist5k-spurious", xt, yt, xv, yv, xs, ys, 2, (784,), groups_train=gt, groups_val=gv,
                         groups_test=gs)

@@ -145,8 +145,11 @@ def builtin_groups(inp: TaskInputs) -> tuple[np.ndarray, np.ndarray | None] | No
     if inp.setup is None:
         return None
     data = inp.setup.data()
-    gv = getattr(data, "groups_val", None)
-    return None if gv is None else (gv, getattr(data, "groups_test", None))
+    gv, gt = getattr(data, "groups_val", None), getattr(data, "groups_test", None)
+    if gv is None or gt is None:
+        return None
+    names = np.asarray(getattr(data, "group_names", [str(g) for g in range(int(max(gv.max(), gt.max())) + 1)]))
+    return names[gv], names[gt]
 
 
 @torch.no_grad()
