@@ -233,6 +233,15 @@ def test_debias_peers_are_skipped_with_a_reason_when_absent(grouped, tmp_path):
     assert "diffin[peers]" in res["methods"]["trak"]["skipped"]
 
 
+def test_group_names_map_validation_and_test_alike():
+    from diffin.tasks._debias import _as_groups
+
+    names = np.array(["a", "b", "c"])
+    np.testing.assert_array_equal(_as_groups(["c", "a", "c"], 3, "g", names), [2, 0, 2])
+    np.testing.assert_array_equal(_as_groups(np.array(["b", "c"]), 2, "g", names), [1, 2])
+    np.testing.assert_array_equal(_as_groups(torch.tensor([1, 0]), 2, "g"), [1, 0])
+
+
 def test_debias_input_errors(grouped, tmp_path):
     inp, gv, gt = grouped
     with pytest.raises(ConfigError, match="group label"):

@@ -104,7 +104,7 @@ class ScoreConfig:
         None, "diffin-retrain: pay the expected credit every this many steps (default: once per checkpoint)"
     )
     removal_fraction: float = config_field(
-        0.0, "diffin-retrain: the fraction of the training set the decision removes (e.g. 0.9 to keep 10%); the "
+        0.0, "diffin-retrain: the fraction of the training set the decision removes (e.g. 0.9 to keep a tenth); the "
         "sweep then linearises around the run in which every sample has weight 1 - removal_fraction, the expected "
         "run of such a subset (docs/method.md §4.4); 0: an infinitesimal removal, around the recorded run")
     seed: int = config_field(0, "seed for proxy batches and any other randomness of the estimator")

@@ -131,13 +131,18 @@ def _numbers(text: str, what: str, typ: type) -> list[Any]:
     return out
 
 
-def _as_groups(groups: Any, n: int, what: str) -> np.ndarray:
+def _as_groups(groups: Any, n: int, what: str, names: np.ndarray | None = None) -> np.ndarray:
+    """Group labels (n,) as int64 ids: integers as they are; names (strings) as their index in
+    ``names`` (the sorted names of the validation and test labels together)."""
     g = np.asarray(groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else groups)
     if g.shape != (n,):
         raise DataMismatchError(f"{what} must hold one group label per sample ({n}), got shape {g.shape}")
-    if not np.issubdtype(g.dtype, np.integer):
-        _, g = np.unique(g, return_inverse=True)  # names → 0..G−1 in sorted order
-    return g.astype(np.int64)
+    if np.issubdtype(g.dtype, np.integer):
+        if g.min() < 0:
+            raise DataMismatchError(f"{what}: integer group labels must be >= 0")
+        return g.astype(np.int64)
+    assert names is not None
+    return np.searchsorted(names, g.astype(str)).astype(np.int64)
 
 
 def builtin_groups(inp: TaskInputs) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -278,8 +283,9 @@ def debias(inp: TaskInputs, config: DebiasConfig | None = None, out: str | Path 
         raise ConfigError("debias reports test accuracy per group: pass test_groups= (--groups NAME needs NAME_test)")
     n_val, n_test = _tree.batch_len(inp.val[0]), _tree.batch_len(inp.test[0])
     names = np.unique(np.concatenate([np.asarray(groups).astype(str), np.asarray(test_groups).astype(str)]))
-    gv, gt = _as_groups(groups, n_val, "groups"), _as_groups(test_groups, n_test, "test_groups")
+    gv, gt = _as_groups(groups, n_val, "groups", names), _as_groups(test_groups, n_test, "test_groups", names)
     G = int(max(gv.max(), gt.max())) + 1
+    integer_ids = np.issubdtype(np.asarray(groups).dtype, np.integer)
     if len(np.unique(gv)) < 2:
         raise ConfigError("the validation set holds one group only; debiasing compares groups")
     recipe = inp.recipe()
@@ -336,7 +342,7 @@ def debias(inp: TaskInputs, config: DebiasConfig | None = None, out: str | Path 
     result: dict[str, Any] = {
         "setup": inp.description,
         "sizes": inp.sizes or {"train": N},
-        "groups": {"names": names.tolist() if len(names) == G else [str(g) for g in range(G)],
+        "groups": {"names": [str(g) for g in range(G)] if integer_ids else names.tolist(),
                    "val_counts": np.bincount(gv, minlength=G).tolist(),
                    "test_counts": np.bincount(gt, minlength=G).tolist(),
                    "erm_val_loss": losses.tolist(), "weights": w.tolist(), "worst_val_group": int(np.argmax(losses))},
