@@ -69,8 +69,9 @@ class DebiasConfig:
     """Options of ``diffin debias``."""
 
     method: str = config_field("diffin", "influence method whose scores choose what is removed")
-    scores: str = config_field("retrain", "scores that predict a fresh retraining ('retrain', predicts='retrain') "
-                               "or the replayed run ('replay')", choices=SCORES)
+    scores: str = config_field("replay", "scores that predict the replayed run ('replay', the better choice in "
+                               "BENCHMARKS.md, 'Debiasing by removal') or a fresh retraining ('retrain', "
+                               "predicts='retrain')", choices=SCORES)
     fractions: str = config_field("0.01,0.025,0.05,0.075,0.1", "candidate removal fractions of the training set; "
                                   "the one with the best validation worst-group accuracy is chosen")
     jtt_upweights: str = config_field("5,20,50", "JTT: candidate upsampling factors λ_up of the error set")
