@@ -74,7 +74,8 @@ class DebiasConfig:
                                "predicts='retrain')", choices=SCORES)
     fractions: str = config_field("0.01,0.025,0.05,0.075,0.1", "candidate removal fractions of the training set; "
                                   "the one with the best validation worst-group accuracy is chosen")
-    jtt_upweights: str = config_field("5,20,50", "JTT: candidate upsampling factors λ_up of the error set")
+    jtt_upweights: str = config_field("5,20,50,100", "JTT: candidate upsampling factors λ_up of the error set "
+                                      "(its authors' chosen values range from 6 to 100)")
     jtt_epochs: str = config_field("1,final", "JTT: epochs T of the identification model (the recorded run at the "
                                    "checkpoint nearest each; 'final' = θ_T), chosen on validation with λ_up")
     baselines: str = config_field("random,jtt", "comma-separated baselines besides erm: random, jtt")
