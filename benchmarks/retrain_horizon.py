@@ -26,8 +26,8 @@ import numpy as np
 import diffin
 from diffin import metrics
 from diffin.bench import BenchConfig
-from diffin.builtin import get_setup
-from diffin.builtin.trainer import train
+from diffin.bench.builtin import get_setup
+from diffin.bench.builtin.trainer import train
 from diffin.groundtruth import retrain_truth
 
 VARIANTS: list[tuple[str, dict[str, Any], int]] = [

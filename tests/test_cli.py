@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffin.builtin.setups import read_setup_meta
+from diffin.bench.builtin.setups import read_setup_meta
 from diffin.cli import main
 
 

@@ -12,8 +12,8 @@ import torch
 import diffin
 from _tiny import assert_close, record
 from diffin._errors import ConfigError, DataMismatchError
-from diffin.builtin.spurious import add_patch, load_mnist5k_spurious
-from diffin.builtin.trainer import batch_order
+from diffin.bench.builtin.spurious import add_patch, load_mnist5k_spurious
+from diffin.bench.builtin.trainer import batch_order
 from diffin.cli import main
 from diffin.tasks import DebiasConfig, PruneConfig, TaskInputs, builtin_inputs, debias, prune, select
 from diffin.tasks._debias import alignment, group_scores
@@ -266,7 +266,7 @@ def test_cli_debias_with_groups_from_the_data(grouped, tmp_path, capsys, monkeyp
     np.savez(npz, x_train=inp.train[0].numpy(), y_train=inp.train[1].numpy(), x_val=inp.val[0].numpy(),
              y_val=inp.val[1].numpy(), x_test=inp.test[0].numpy(), y_test=inp.test[1].numpy(), g_val=gv, g_test=gt)
     (tmp_path / "tinymodel.py").write_text(
-        "import torch\nfrom diffin.builtin.models import mlp\n"
+        "import torch\nfrom diffin.bench.builtin.models import mlp\n"
         "def build():\n    torch.manual_seed(0)\n    return mlp(6, 3, (8,), 'tanh').double()\n")
     monkeypatch.chdir(tmp_path)
     args = ["debias", "--run", str(inp.run), "--model", "tinymodel:build", "--data", str(npz), "--groups", "g",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 from .data import DataSplit, load_mnist5k
 
 GROUP_NAMES = ("0-4, no patch", "0-4, patch", "5-9, no patch", "5-9, patch")
