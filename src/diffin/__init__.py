@@ -29,11 +29,13 @@ from ._errors import (
     TrainModeError,
     TrainModeWarning,
     UnknownMethodError,
+    UnstableInfluenceWarning,
     UnsupportedMethodError,
     UnsupportedOptimizerWarning,
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
+from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
 from .estimators import Estimator, available_methods
@@ -72,9 +74,11 @@ __all__ = [
     "TrainModeError",
     "TrainModeWarning",
     "UnknownMethodError",
+    "UnstableInfluenceWarning",
     "UnsupportedMethodError",
     "UnsupportedOptimizerWarning",
     "UntrainedRowsWarning",
+    "VerifyResult",
     "__version__",
     "batch_loss",
     "influence",
@@ -84,5 +88,6 @@ __all__ = [
     "methods",
     "restore_checkpoint",
     "score",
+    "verify",
     "with_ids",
 ]

@@ -57,7 +57,17 @@ from .._io import write_json
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..report import Report, format_list, format_sizes, text_table
-from ._common import Recipe, TaskInputs, TaskState, cached_score, prepare_task, retrain_cached, theta_final, write_csv
+from ._common import (
+    Recipe,
+    TaskInputs,
+    TaskState,
+    add_trust,
+    cached_score,
+    prepare_task,
+    retrain_cached,
+    theta_final,
+    write_csv,
+)
 from ._prune import scoring
 
 SCORES = ("replay", "retrain")
@@ -229,7 +239,7 @@ def group_scores(inp: TaskInputs, state: TaskState, method: str, options: dict[s
     for g in range(n_groups):
         ids = torch.as_tensor(np.flatnonzero(gv == g))
         target = (_tree.index(inp.val[0], ids), inp.val[1][ids])
-        cols.append(cached_score(inp, state, method, target, progress, label=f"group{g}", **options))
+        cols.append(cached_score(inp, state, method, target, progress, tag=f"group{g}", **options))
     return np.stack(cols, axis=1).astype(np.float64)
 
 
@@ -352,6 +362,7 @@ def debias(inp: TaskInputs, config: DebiasConfig | None = None, out: str | Path 
         "method": cfg.method, "scores": cfg.scores, "seeds": seeds,
         "recipe": {"description": recipe.describe(), **recipe.to_json()},
         "methods": methods,
+        "trust": dict(state.trust),
         "seconds": {"scores": t_scores, "total": time.perf_counter() - t0},
         "config": asdict(cfg),
     }
@@ -440,4 +451,5 @@ def _write(out: Path, result: dict[str, Any], tau: np.ndarray, per_group: np.nda
             rep.table(["removed", "val worst-group", "test worst-group", "test average"],
                       [[p["removed"], p["val_worst_group_accuracy"], p["test_worst_group_accuracy"],
                         p["test_average_accuracy"]] for p in c])
+    add_trust(rep, result.get("trust") or {})
     rep.write(out)

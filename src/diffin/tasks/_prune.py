@@ -53,7 +53,7 @@ from .._io import write_json
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..report import Report, curves, format_list, format_sizes
-from ._common import Recipe, TaskInputs, TaskState, cached_score, prepare_task, retrain_cached, write_csv
+from ._common import Recipe, TaskInputs, TaskState, add_trust, cached_score, prepare_task, retrain_cached, write_csv
 from ._heuristics import HEURISTICS, importance
 
 RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential", "stratified")
@@ -260,7 +260,7 @@ def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
     per_fraction = cfg.scores == "retrain-subset" and fraction is not None and fraction < 1
     method, options = scoring(name, cfg.scores, 1 - fraction if per_fraction else 0.0)  # type: ignore[operator]
     label = f"keep{fraction:g}" if per_fraction else None
-    return cached_score(inp, state, method, inp.val, progress, label=label, **options).astype(np.float64), True
+    return cached_score(inp, state, method, inp.val, progress, tag=label, **options).astype(np.float64), True
 
 
 def _retrain(inp: TaskInputs, state: TaskState, recipe: Recipe, evalset: tuple[Any, Any], tag: str,
@@ -344,6 +344,7 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
         rnd = {p["keep"]: p["test_accuracy_mean"] for p in curves_["random"]}
         result["vs_random"] = {m: {str(p["keep"]): p["test_accuracy_mean"] - rnd[p["keep"]] for p in pts}
                                for m, pts in curves_.items() if m != "random"}
+    result["trust"] = dict(state.trust)
     if state.out is not None:
         _write(state.out, inp, result, values)
     return result
@@ -403,4 +404,5 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
                  "(ROC-AUC; influence scores and CLIP score rank low values as suspicious, loss high ones):")
         rep.table(["method", "ROC-AUC"], [[m, d["auc"]] for m, d in result["detection"].items()])
     rep.figure("prune_curves.png", f"{result['evaluated_on']} accuracy against the fraction kept, per method")
+    add_trust(rep, result.get("trust") or {})
     rep.write(out)
