@@ -1,0 +1,136 @@
+"""Trajectory influence embeddings (diffin.embed): with an exact projection (K = P') the queries equal
+the exact sweep's scores in float64; a random projection is an unbiased estimate; disk, resume and
+refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffin
+from _tiny import Tiny, assert_close, record, record_loop
+from diffin.embedding import Projection
+
+
+def _sgd_momentum(tmp: Path) -> Tiny:
+    return record(tmp / "mom", opt_kw={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3})
+
+
+def _adam(tmp: Path) -> Tiny:
+    return record_loop(tmp / "adam", lambda m: torch.optim.Adam(m.parameters(), lr=0.02), clip=1.0)
+
+
+def _embed(t: Tiny, **kw) -> diffin.Embedding:
+    kw.setdefault("dim", 10**9)
+    return diffin.embed(t.run, t.make(), t.loss, train=(t.X, t.Y), progress=False, **kw)
+
+
+@pytest.mark.parametrize("make", [_sgd_momentum, _adam], ids=["sgd-momentum", "adam-clip"])
+@pytest.mark.parametrize("projection", ["identity", "orthogonal"])
+def test_exact_projection_equals_the_sweep(tmp_path: Path, make, projection: str) -> None:
+    t = make(tmp_path)
+    emb = _embed(t, projection=projection, chunk=7, method="diffin-exact")
+    P = sum(p.numel() for p in t.make().parameters())
+    assert emb.dim == P and emb.exact
+    mean = t.score("diffin-exact", hvp="exact").scores
+    assert_close(emb.influence((t.Xv, t.Yv)), mean)
+    pair = t.score("diffin-exact", hvp="exact", pairwise=True).scores
+    assert_close(emb.influence((t.Xv, t.Yv), pairwise=True), pair)
+    self_ = t.score("diffin-exact", hvp="exact", target="self").scores
+    assert_close(emb.self_influence(), self_)
+    top = emb.top((t.Xv[:1], t.Yv[:1]), k=3)
+    assert np.array_equal(top.proponents, np.argsort(-pair[:, 0], kind="stable")[:3])
+    assert np.all(top.proponent_scores >= top.opponent_scores[0])
+
+
+def test_groups_are_sums_of_members(tmp_path: Path) -> None:
+    t = record(tmp_path / "run")
+    emb = _embed(t, projection="identity")
+    groups = [[0, 3, 5], [1], [7, 8]]
+    res = t.score("diffin-exact", hvp="exact", groups=groups)
+    assert_close(emb.group_influence((t.Xv, t.Yv), groups), res.group_scores)
+
+
+def test_random_projection_is_unbiased_and_converges(tmp_path: Path) -> None:
+    """E_R[⟨R a, R b⟩] = ⟨a, b⟩: averaged over seeds, Gaussian and Rademacher embeddings approach
+    the exact scores, and the error shrinks as K grows."""
+    t = record(tmp_path / "run")
+    exact = t.score("diffin-exact", hvp="exact").scores
+    errs = {}
+    for kind in ("gaussian", "rademacher"):
+        for K in (8, 40):
+            est = np.mean([_embed(t, dim=K, projection=kind, projection_seed=s).influence((t.Xv, t.Yv))
+                           for s in range(12)], axis=0)
+            errs[kind, K] = np.linalg.norm(est - exact) / np.linalg.norm(exact)
+    for kind in ("gaussian", "rademacher"):
+        assert errs[kind, 40] < errs[kind, 8]
+        assert errs[kind, 40] < 0.25
+
+
+def test_projection_rows_do_not_depend_on_chunks() -> None:
+    p = Projection.make("gaussian", 20, 50, 3, seed=4)
+    full = p._make(0, 20, torch.float64, "cpu")
+    parts = torch.cat([p._make(k, min(k + 6, 20), torch.float64, "cpu") for k in range(0, 20, 6)])
+    assert torch.equal(full, parts)
+    assert full.shape == (20, 53)
+    G = torch.randn(4, 53, dtype=torch.float64)
+    assert_close(p.apply(G), G @ full.T)
+    assert Projection.make("gaussian", 60, 50, 3).kind == "identity"
+
+
+def test_disk_reload_and_resume(tmp_path: Path) -> None:
+    t = record(tmp_path / "run")
+    out = tmp_path / "emb"
+    emb = _embed(t, dim=12, out=out, chunk=5)
+    assert (out / "embedding.npy").exists() and (out / "embedding.json").exists()
+    assert not (out / ".embed").exists()
+    again = diffin.load_embedding(out, model=t.make(), loss_fn=t.loss, train=(t.X, t.Y))
+    assert isinstance(again.values, np.memmap) and again.values.shape == (len(t.X), 12)
+    assert_close(again.influence((t.Xv, t.Yv)), emb.influence((t.Xv, t.Yv)))
+    # the same call loads, another config is refused
+    assert np.array_equal(np.asarray(_embed(t, dim=12, out=out, chunk=5).values), np.asarray(emb.values))
+    with pytest.raises(diffin.OutputExistsError):
+        _embed(t, dim=13, out=out)
+    # a build killed after its first chunk continues to the same bytes
+    out2 = tmp_path / "emb2"
+    from diffin.embedding import _build
+
+    calls = {"n": 0}
+    real = _build._write_progress
+
+    def die_after_first(*a, **k):
+        real(*a, **k)
+        if a[3]:
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+    _build._write_progress = die_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _embed(t, dim=12, out=out2, chunk=5)
+    finally:
+        _build._write_progress = real
+    with pytest.raises(diffin.OutputExistsError):
+        _embed(t, dim=12, out=out2, chunk=5)
+    resumed = _embed(t, dim=12, out=out2, chunk=5, resume=True)
+    assert np.array_equal(np.asarray(resumed.values), np.asarray(emb.values))
+
+
+def test_refusals(tmp_path: Path) -> None:
+    t = record(tmp_path / "run")
+    with pytest.raises(diffin.UnsupportedMethodError):
+        _embed(t, method="tracin")
+    with pytest.raises(diffin.ConfigError):
+        _embed(t, dim=0)
+    with pytest.raises(diffin.EmbeddingNotFoundError):
+        diffin.load_embedding(tmp_path / "nothing")
+    emb = _embed(t, dim=4)
+    emb._model = None
+    with pytest.raises(diffin.ConfigError):
+        emb.influence((t.Xv, t.Yv))
+    emb.bind(t.make(), t.loss, (t.X[:5], t.Y[:5]))
+    with pytest.raises(diffin.DataMismatchError):
+        emb.self_influence()
