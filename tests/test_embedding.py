@@ -134,3 +134,34 @@ def test_refusals(tmp_path: Path) -> None:
     emb.bind(t.make(), t.loss, (t.X[:5], t.Y[:5]))
     with pytest.raises(diffin.DataMismatchError):
         emb.self_influence()
+
+
+def test_batch_loss_exact(tmp_path: Path) -> None:
+    """A batch-coupled InfoNCE run: the exact embedding's mean target and self-influence (shares within
+    chunks of the recorded batch size) equal the sweep's; pairwise targets are refused as in scoring."""
+    from test_batch_loss import CLIP, record_clip
+
+    make, train, val = record_clip(tmp_path / "run")
+    emb = diffin.embed(tmp_path / "run", make(), CLIP, train=train, dim=10**9, progress=False)
+    kw = dict(train=train, method="diffin-exact", hvp="exact", progress=False)
+    assert_close(emb.influence(val), diffin.score(tmp_path / "run", make(), CLIP, target=val, **kw).scores)
+    assert_close(emb.self_influence(), diffin.score(tmp_path / "run", make(), CLIP, target="self", **kw).scores)
+    with pytest.raises(diffin.BatchLossUnsupportedError):
+        emb.influence(val, pairwise=True)
+
+
+@pytest.mark.parametrize("kind", ["bn1d-dropout", "bn2d-dropout2d"])
+def test_train_mode_batchnorm_and_dropout_exact(tmp_path: Path, kind: str) -> None:
+    """Train-mode BatchNorm (running statistics in the state, read by eval-mode targets) and replayed
+    dropout: the projection spans (θ, r) and the exact embedding equals the sweep."""
+    from _tiny import ce
+    from test_train_mode_sweep import record_bn
+
+    make, train, val = record_bn(tmp_path / "run", kind, momentum=0.9)
+    emb = diffin.embed(tmp_path / "run", make(), ce, train=train, dim=10**9, progress=False)
+    assert emb.projection.n_stats > 0
+    kw = dict(train=train, method="diffin-exact", hvp="exact", progress=False)
+    assert_close(emb.influence(val), diffin.score(tmp_path / "run", make(), ce, target=val, **kw).scores)
+    assert_close(emb.influence(val, pairwise=True),
+                 diffin.score(tmp_path / "run", make(), ce, target=val, pairwise=True, **kw).scores)
+    assert_close(emb.self_influence(), diffin.score(tmp_path / "run", make(), ce, target="self", **kw).scores)
