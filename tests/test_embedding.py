@@ -165,3 +165,23 @@ def test_train_mode_batchnorm_and_dropout_exact(tmp_path: Path, kind: str) -> No
     assert_close(emb.influence(val, pairwise=True),
                  diffin.score(tmp_path / "run", make(), ce, target=val, pairwise=True, **kw).scores)
     assert_close(emb.self_influence(), diffin.score(tmp_path / "run", make(), ce, target="self", **kw).scores)
+
+
+@pytest.mark.parametrize("make", [_sgd_momentum, _adam], ids=["sgd-momentum", "adam-clip"])
+def test_gradient_subspace_is_exact_for_training_targets(tmp_path: Path, make) -> None:
+    """projection='gradients' with K = N spans every training sample's gradient at θ_T: self-influence
+    and targets made of training examples are exact although K < P; saved and reloaded with its rows."""
+    t = make(tmp_path)
+    N = len(t.X)
+    emb = _embed(t, dim=N, projection="gradients", out=tmp_path / "emb", chunk=9)
+    P = sum(p.numel() for p in t.make().parameters())
+    assert emb.dim == N < P and not emb.exact
+    U = emb.projection.rows(0, N)
+    assert_close(U @ U.T, torch.eye(N))
+    kw = dict(hvp="exact")
+    assert_close(emb.self_influence(), t.score("diffin-exact", target="self", **kw).scores)
+    tr = (t.X[:5], t.Y[:5])
+    assert_close(emb.influence(tr, pairwise=True), t.score("diffin-exact", target=tr, pairwise=True, **kw).scores)
+    again = diffin.load_embedding(tmp_path / "emb", model=t.make(), loss_fn=t.loss, train=(t.X, t.Y))
+    assert again.projection.kind == "gradients"
+    assert_close(again.self_influence(), emb.self_influence())

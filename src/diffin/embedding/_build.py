@@ -37,14 +37,15 @@ from torch import Tensor, nn
 
 from .._errors import ConfigError, OutputExistsError, ResumeMismatchError, UnsupportedMethodError
 from .._functional import FlatModel, LossFn
-from .._io import write_json
+from .._io import write_json, write_npy
 from .._resume import resume_config
 from .._version import __version__
 from ..config import ScoreConfig, config_field, config_from_kwargs
 from ..recording.run import Run, load_run
 from ..targets import Target
 from ._embedding import EMBED_JSON, EMBED_NPY, Embedding, load_embedding
-from ._projection import PROJECTIONS, Projection
+from ._basis import gradient_basis
+from ._projection import BASIS_NPY, PROJECTIONS, Projection
 
 log = logging.getLogger("diffin")
 
@@ -63,12 +64,14 @@ class EmbedConfig:
 
     dim: int = config_field(DEFAULT_DIM, "K, the embedding's width (directions swept); K >= P gives an exact "
                                          "embedding (identity projection)")
-    projection: str = config_field("gaussian", "random projection R: 'gaussian', 'rademacher', 'identity' "
-                                               "(exact, K = P) or 'orthogonal' (exact, small models)",
+    projection: str = config_field("gaussian", "projection R: 'gaussian', 'rademacher' (random), 'gradients' "
+                                               "(the training gradients' dominant subspace at theta_T), "
+                                               "'identity' (exact, K = P) or 'orthogonal' (exact, small models)",
                                    choices=PROJECTIONS)
     projection_seed: int = config_field(0, "seed of the projection's rows")
     chunk: int | None = config_field(None, "directions swept together (default: as many as memory_mb allows)")
     memory_mb: float = config_field(1024.0, "memory budget of one chunk's sweep state (MiB)")
+    power_iters: int = config_field(1, "projection='gradients': power iterations of the range finder")
 
     def __post_init__(self) -> None:
         if int(self.dim) < 1:
@@ -77,6 +80,8 @@ class EmbedConfig:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.chunk is not None and int(self.chunk) < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        if int(self.power_iters) < 0:
+            raise ConfigError(f"power_iters must be >= 0, got {self.power_iters}")
         if not self.memory_mb > 0:
             raise ConfigError(f"memory_mb must be > 0, got {self.memory_mb}")
 
@@ -116,6 +121,7 @@ def embed(
     projection_seed: int | None = None,
     chunk: int | None = None,
     memory_mb: float | None = None,
+    power_iters: int | None = None,
     method: str | None = None,
     config: ScoreConfig | None = None,
     embed_config: EmbedConfig | None = None,
@@ -150,7 +156,7 @@ def embed(
 
     ecfg = config_from_kwargs(EmbedConfig, embed_config, **{k: v for k, v in {
         "dim": dim, "projection": projection, "projection_seed": projection_seed, "chunk": chunk,
-        "memory_mb": memory_mb}.items() if v is not None})
+        "memory_mb": memory_mb, "power_iters": power_iters}.items() if v is not None})
     if method is not None:
         options["method"] = method
     if config is None and "hvp" not in options:
@@ -175,16 +181,26 @@ def embed(
     proj = Projection.make(ecfg.projection, ecfg.dim, fm.num_params, n_stats, ecfg.projection_seed)
     from .._data import DataSource
 
-    n = len(DataSource(train, fm.dtype, fm.device, name="train"))
+    train_src = DataSource(train, fm.dtype, fm.device, name="train")
+    n = len(train_src)
     data_key = {"train": _fingerprint_or_token(train), "target": "embedding"}
     key = {"run": run_obj.fingerprint, "train": data_key["train"]}
     ident = {"key": key, "config": resume_config(cfg.to_json()), "projection": proj.to_json(), "n": n,
+             "power_iters": ecfg.power_iters if proj.kind == "gradients" else None,
              "diffin_version": __version__}
     folder = Path(out) if out is not None else None
     if folder is not None:
         done_emb = _existing(folder, ident, overwrite, resume)
         if done_emb:
             return load_embedding(folder, run=run_obj, model=model, loss_fn=loss_fn, train=train, device=cfg.device)
+    if proj.kind == "gradients":
+        saved = None if folder is None else folder / WORK_DIR / BASIS_NPY
+        if resume and saved is not None and saved.exists():
+            proj.set_basis(torch.as_tensor(np.load(saved)))
+        else:
+            t_basis = time.perf_counter()
+            proj.set_basis(_gradient_basis(fm, traj, train_src, run_obj, n_stats, ecfg))
+            log.info("embedding: gradient subspace of dim %d in %.1fs", proj.dim, time.perf_counter() - t_basis)
     width = int(ecfg.chunk) if ecfg.chunk else _chunk_width(fm, traj, n, n_stats, ecfg.memory_mb)
     width = max(1, min(width, proj.dim))
     spans = [(k, min(k + width, proj.dim)) for k in range(0, proj.dim, width)]
@@ -195,6 +211,8 @@ def embed(
         values: np.ndarray = np.zeros((n, proj.dim), dtype=np_dtype)
     else:
         values, done, seconds = _open_partial(folder, ident, (n, proj.dim), np_dtype, spans, resume)
+        if proj.basis is not None:
+            write_npy(folder / WORK_DIR / BASIS_NPY, proj.basis.numpy())
     diags: list[dict[str, Any]] = []
     variant = cfg.method
     t0 = time.perf_counter()
@@ -228,12 +246,31 @@ def embed(
     }
     if folder is None:
         return Embedding(values, manifest, None, run=run_obj, model=model, loss_fn=loss_fn, train=train,
-                         device=cfg.device)
+                         device=cfg.device, projection=proj)
     del values
+    if proj.basis is not None:
+        os.replace(folder / WORK_DIR / BASIS_NPY, folder / BASIS_NPY)
     os.replace(folder / WORK_DIR / PARTIAL_NPY, folder / EMBED_NPY)
     write_json(folder / EMBED_JSON, {**manifest, "ident": ident})
     shutil.rmtree(folder / WORK_DIR, ignore_errors=True)
     return load_embedding(folder, run=run_obj, model=model, loss_fn=loss_fn, train=train, device=cfg.device)
+
+
+def _gradient_basis(fm: FlatModel, traj: Any, train: Any, run: Run, n_stats: int, ecfg: EmbedConfig) -> Tensor:
+    """The rows of a ``gradients`` projection at θ_T (and r_T), in eval mode (:mod:`._basis`)."""
+    from .._api import _eval_mode
+    from .._data import probe_model_and_loss
+
+    with _eval_mode(fm.model), torch.no_grad():
+        probe_model_and_loss(train, fm)
+        if n_stats:
+            at = traj.state(run.n_steps)
+            theta, stats = at.theta, at.stats
+        else:
+            theta, stats = traj.theta(run.n_steps), None
+        chunk = int(run.batch_size_hint() or 64) if fm.coupled else 256
+        return gradient_basis(fm, theta, stats, train, chunk, int(ecfg.dim), int(ecfg.projection_seed),
+                              int(ecfg.power_iters))
 
 
 def _small(diag: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +292,7 @@ def _existing(folder: Path, ident: dict[str, Any], overwrite: bool, resume: bool
     manifest = folder / EMBED_JSON
     work = folder / WORK_DIR
     if overwrite:
-        for p in (manifest, folder / EMBED_NPY):
+        for p in (manifest, folder / EMBED_NPY, folder / BASIS_NPY):
             p.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
         return False

@@ -24,21 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vmap
 
 from .._errors import ConfigError, DataMismatchError, EmbeddingNotFoundError
 from .._functional import FlatModel, LossFn
-from .._tree import batch_len
 from ..recording.run import Run, load_run
 from ..targets import PerExample, SelfLoss, Target, _Subset, make_target
-from ._projection import Projection
+from ._basis import shares_along
+from ._projection import BASIS_NPY, Projection
 
 EMBED_NPY = "embedding.npy"
 EMBED_JSON = "embedding.json"
 ROWS_PER_BLOCK = 65536
 """Rows of E multiplied at once (bounded memory for a memory-mapped E of any N)."""
-DIRECTIONS_PER_JVP = 64
-"""Directions of R in one vmapped forward-mode pass (self-influence)."""
 
 
 @dataclass
@@ -62,11 +59,12 @@ class Embedding:
 
     def __init__(self, values: np.ndarray, manifest: dict[str, Any], folder: Path | None, *,
                  run: Run | str | os.PathLike[str] | None = None, model: nn.Module | None = None,
-                 loss_fn: LossFn | None = None, train: Any = None, device: str | None = None) -> None:
+                 loss_fn: LossFn | None = None, train: Any = None, device: str | None = None,
+                 projection: Projection | None = None) -> None:
         self.values = values
         self.manifest = manifest
         self.folder = folder
-        self.projection = Projection.from_json(manifest["projection"])
+        self.projection = projection if projection is not None else Projection.from_json(manifest["projection"])
         self._run = run
         self._model, self._loss_fn, self._train, self._device = model, loss_fn, train, device
         self._q: _QueryContext | None = None
@@ -144,7 +142,7 @@ class Embedding:
         with q.scoring():
             for ids, x, y in q.train.chunks(q.self_chunk):
                 PG = q.projected_shares(self.projection, x, y)  # (B, K)
-                E = torch.as_tensor(np.asarray(self.values[ids[0]: ids[-1] + 1]), dtype=torch.float64)
+                E = torch.tensor(np.asarray(self.values[ids[0]: ids[-1] + 1]), dtype=torch.float64)
                 out[ids] = (PG.to(torch.float64) * E).sum(1).numpy()
         return out
 
@@ -245,31 +243,10 @@ class _QueryContext:
     def projected_shares(self, proj: Projection, x: Any, y: Any) -> Tensor:
         """R ∇ℓ_i(θ_T) for each sample of a batch (B, K): vmapped JVPs of the members' losses (for a
         batch loss, their shares within this batch) along rows of R."""
-        fm, theta, stats = self.fm, self.theta, self.stats
-        B = batch_len(x)
-        if stats is None:
-            def f(th: Tensor, r: Tensor) -> Tensor:
-                return fm.losses(th, x, y)
-        elif not fm.members_coupled:
-            def f(th: Tensor, r: Tensor) -> Tensor:
-                return fm._per_sample(fm.forward(th, x, None, r), y, B)
-        else:
-            ones = torch.ones(B, dtype=fm.dtype, device=fm.device)
-
-            def f(th: Tensor, r: Tensor) -> Tensor:
-                return B * torch.func.grad(lambda w: fm.batch_loss(th, x, y, w, stats=r))(ones)
-        r0 = stats if stats is not None else torch.zeros(0, dtype=fm.dtype, device=fm.device)
-
-        def one(a: Tensor, b: Tensor) -> Tensor:
-            return jvp(f, (theta, r0), (a, b))[1]
-
-        parts = []
-        for k0, k1 in proj.chunks(fm.dtype, fm.device):
-            R = proj.rows(k0, k1, fm.dtype, fm.device)
-            for j0 in range(0, k1 - k0, DIRECTIONS_PER_JVP):
-                Rp, Rs = proj.split(R[j0: j0 + DIRECTIONS_PER_JVP])
-                parts.append(vmap(one)(Rp, Rs))  # (k, B)
-        return torch.cat(parts).T
+        fm = self.fm
+        parts = [shares_along(fm, self.theta, self.stats, x, y, proj.rows(k0, k1, fm.dtype, fm.device))
+                 for k0, k1 in proj.chunks(fm.dtype, fm.device)]
+        return torch.cat(parts, dim=1)
 
 
 def load_embedding(out: str | os.PathLike[str], *, run: Run | str | os.PathLike[str] | None = None,
@@ -286,4 +263,9 @@ def load_embedding(out: str | os.PathLike[str], *, run: Run | str | os.PathLike[
     values = np.load(folder / EMBED_NPY, mmap_mode="r")
     if list(values.shape) != list(manifest["shape"]):
         raise DataMismatchError(f"{folder / EMBED_NPY} has shape {values.shape}, its manifest says {manifest['shape']}")
-    return Embedding(values, manifest, folder, run=run, model=model, loss_fn=loss_fn, train=train, device=device)
+    basis = None
+    if manifest["projection"]["kind"] == "gradients":
+        basis = torch.as_tensor(np.load(folder / BASIS_NPY))
+    proj = Projection.from_json(manifest["projection"], basis=basis)
+    return Embedding(values, manifest, folder, run=run, model=model, loss_fn=loss_fn, train=train, device=device,
+                     projection=proj)

@@ -10,6 +10,9 @@ Kinds:
   ⟨R a, R b⟩ is an unbiased estimate of ⟨a, b⟩ (Johnson–Lindenstrauss). Row k is drawn from its
   own generator ``numpy.random.default_rng([seed, k])``: the rows do not depend on how they are
   chunked, and any row can be regenerated at query time from (kind, seed, k) alone.
+* ``gradients``: data-dependent: the dominant K-dimensional subspace of the training samples'
+  gradients at θ_T (orthonormal rows, :mod:`._basis`), stored beside the embedding
+  (``projection.npy``). Exact for target gradients inside the subspace; K is capped at N.
 * ``identity``: K = P', R = I (exact: the embedding holds every coordinate of e_z).
 * ``orthogonal``: K = P', R a random orthogonal matrix (RᵀR = I exactly; for tests and small P').
 
@@ -28,7 +31,9 @@ from torch import Tensor
 
 from .._errors import ConfigError
 
-PROJECTIONS = ("gaussian", "rademacher", "identity", "orthogonal")
+PROJECTIONS = ("gaussian", "rademacher", "gradients", "identity", "orthogonal")
+BASIS_NPY = "projection.npy"
+"""The rows of a ``gradients`` projection (K × P'), beside the embedding."""
 ORTHOGONAL_MAX = 8192
 """Largest P' for ``orthogonal`` (a dense P'×P' QR)."""
 
@@ -46,6 +51,8 @@ class Projection:
     n_stats: int = 0
     seed: int = 0
     cache_mb: float = 512.0
+    basis: Tensor | None = field(default=None, repr=False)
+    """The rows of a ``gradients`` projection (K, P'), float64."""
     _cache: dict[tuple[torch.dtype, str], Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,18 +87,29 @@ class Projection:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "dim": self.dim, "n_params": self.n_params, "n_stats": self.n_stats,
-                "seed": self.seed, "scale": self.scale,
+                "seed": self.seed, "scale": self.scale, **({"basis": BASIS_NPY} if self.kind == "gradients" else {}),
                 "rows": "row k: numpy.random.default_rng([seed, k]) draws, times scale (gaussian: standard_normal; "
                         "rademacher: +-1); columns: the trained parameters in the run's flat order, then the "
                         "running statistics of train-mode BatchNorm layers"}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Projection:
-        return cls.make(d["kind"], d["dim"], d["n_params"], d.get("n_stats", 0), d.get("seed", 0))
+    def from_json(cls, d: dict[str, Any], basis: Tensor | None = None) -> Projection:
+        p = cls.make(d["kind"], d["dim"], d["n_params"], d.get("n_stats", 0), d.get("seed", 0))
+        if p.kind == "gradients":
+            p.set_basis(basis)
+        return p
+
+    def set_basis(self, basis: Tensor | None) -> None:
+        """Install the rows of a ``gradients`` projection (K ≤ dim rows); K becomes ``len(basis)``."""
+        if basis is None or basis.ndim != 2 or basis.shape[1] != self.width:
+            raise ConfigError(f"a 'gradients' projection needs its rows ({BASIS_NPY}, K x {self.width})")
+        self.basis = basis.to(torch.float64)
+        self.dim = int(basis.shape[0])
+        self._cache.clear()
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.exact else 1.0 / math.sqrt(self.dim)
+        return 1.0 if self.exact or self.kind == "gradients" else 1.0 / math.sqrt(self.dim)
 
     # ------------------------------------------------------------------ rows
     def rows(self, k0: int, k1: int, dtype: torch.dtype = torch.float64, device: Any = "cpu") -> Tensor:
@@ -103,6 +121,10 @@ class Projection:
 
     def _make(self, k0: int, k1: int, dtype: torch.dtype, device: Any) -> Tensor:
         P = self.width
+        if self.kind == "gradients":
+            if self.basis is None:
+                raise ConfigError("this 'gradients' projection has no rows yet (Projection.set_basis)")
+            return self.basis[k0:k1].to(dtype=dtype, device=device)
         if self.kind == "identity":
             out = torch.zeros(k1 - k0, P, dtype=dtype, device=device)
             out[torch.arange(k1 - k0), torch.arange(k0, k1)] = 1
