@@ -43,7 +43,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return metrics.pearson(a, b), metrics.spearman(a, b)
 
 
-def _exact_self(run: Path, setup: Any, data: Any, subset: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _exact_self(run: Path, setup: Any, data: Any, subset: int | None,
+                seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Exact self-influence: ids (M,), scores (M,), seconds. ``subset``: M training samples as the
     pairwise targets of one sweep (their diagonal); None: ``target="self"`` over all N."""
     train_xy = (data.x_train, data.y_train)
@@ -123,7 +124,7 @@ def bench_setup(name: str, args: argparse.Namespace, work: Path, log: Any = prin
             log(f"[{name}] {kind} K={emb.dim}: build {m.seconds:.1f}s ({row['build_sweeps']:.0f} sweeps), "
                 f"Spearman vs exact {row['spearman_exact']:.4f}")
             out["rows"].append(row)
-            if args.queries and K == args.query_dim and kind == args.projections.split(",")[0]:
+            if args.queries and args.query_dim == K and kind == args.projections.split(",")[0]:
                 out["queries"] = _queries(emb, run, setup, data, args, sweep)
                 log(f"[{name}] {args.queries} per-example targets: {out['queries']['seconds']:.2f}s "
                     f"(10 sweeps: {10 * sweep:.2f}s)")

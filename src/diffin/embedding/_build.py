@@ -43,8 +43,8 @@ from .._version import __version__
 from ..config import ScoreConfig, config_field, config_from_kwargs
 from ..recording.run import Run, load_run
 from ..targets import Target
-from ._embedding import EMBED_JSON, EMBED_NPY, Embedding, load_embedding
 from ._basis import gradient_basis
+from ._embedding import EMBED_JSON, EMBED_NPY, Embedding, load_embedding
 from ._projection import BASIS_NPY, PROJECTIONS, Projection
 
 log = logging.getLogger("diffin")
