@@ -56,6 +56,7 @@ from ._common import (
     losses_at,
     pair_scores_at,
     prepare_task,
+    self_scores,
     theta_final,
     write_csv,
 )
@@ -145,7 +146,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
         return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
     base = name.removesuffix(SELF_SUFFIX)
     if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
-        return cached_score(inp, state, base, "self", progress).astype(np.float64)
+        return self_scores(inp, state, base, progress).astype(np.float64)
     if name == "loss":
         fm, theta, _ = theta_final(inp, state.run)
         return losses_at(fm, theta, inp.train)
@@ -158,7 +159,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if name not in Estimator.registry:
         raise ConfigError(f"unknown method {name!r} for cleaning")
     if _self_ranked(cfg, inp):
-        return cached_score(inp, state, name, "self", progress).astype(np.float64)
+        return self_scores(inp, state, name, progress).astype(np.float64)
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
 
 
