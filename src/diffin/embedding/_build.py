@@ -42,7 +42,7 @@ from .._resume import resume_config
 from .._version import __version__
 from ..config import ScoreConfig, config_field, config_from_kwargs
 from ..recording.run import Run, load_run
-from ..targets import Target
+from ..targets import Target, _Subset
 from ._basis import gradient_basis
 from ._embedding import EMBED_JSON, EMBED_NPY, Embedding, load_embedding
 from ._projection import BASIS_NPY, PROJECTIONS, Projection
@@ -54,7 +54,7 @@ PARTIAL_NPY = "partial.npy"
 PROGRESS_JSON = "progress.json"
 CHUNK_PATTERN = "chunk-{c:06d}"
 SWEEP_METHODS = ("diffin", "diffin-exact", "diffin-frozen", "diffin-expected")
-DEFAULT_DIM = 1024
+DEFAULT_DIM = 256
 """Chosen from the table in BENCHMARKS.md ("Trajectory influence embeddings")."""
 
 
@@ -64,7 +64,7 @@ class EmbedConfig:
 
     dim: int = config_field(DEFAULT_DIM, "K, the embedding's width (directions swept); K >= P gives an exact "
                                          "embedding (identity projection)")
-    projection: str = config_field("gaussian", "projection R: 'gaussian', 'rademacher' (random), 'gradients' "
+    projection: str = config_field("gradients", "projection R: 'gaussian', 'rademacher' (random), 'gradients' "
                                                "(the training gradients' dominant subspace at theta_T), "
                                                "'identity' (exact, K = P) or 'orthogonal' (exact, small models)",
                                    choices=PROJECTIONS)
@@ -72,6 +72,9 @@ class EmbedConfig:
     chunk: int | None = config_field(None, "directions swept together (default: as many as memory_mb allows)")
     memory_mb: float = config_field(1024.0, "memory budget of one chunk's sweep state (MiB)")
     power_iters: int = config_field(1, "projection='gradients': power iterations of the range finder")
+    basis_samples: int | None = config_field(
+        20000, "projection='gradients': training samples the range finder reads (a seeded random subset "
+               "when N is larger; None: all)")
 
     def __post_init__(self) -> None:
         if int(self.dim) < 1:
@@ -80,6 +83,8 @@ class EmbedConfig:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.chunk is not None and int(self.chunk) < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        if self.basis_samples is not None and int(self.basis_samples) < 1:
+            raise ConfigError(f"basis_samples must be >= 1, got {self.basis_samples}")
         if int(self.power_iters) < 0:
             raise ConfigError(f"power_iters must be >= 0, got {self.power_iters}")
         if not self.memory_mb > 0:
@@ -134,8 +139,9 @@ def embed(
 
     Args:
         run, model, loss_fn, train: as for :func:`diffin.influence`.
-        dim: K (default 1024, see BENCHMARKS.md); ``dim >= P'`` (parameters plus train-mode
-            running statistics) gives the exact embedding (identity projection, K = P').
+        dim: K (default 256 with the ``gradients`` projection, chosen from the table in
+            BENCHMARKS.md); ``dim >= P'`` (parameters plus train-mode running statistics) gives the
+            exact embedding (identity projection, K = P').
         out: folder for ``embedding.npy`` + ``embedding.json`` (and the build's resume state). A
             folder holding the same embedding (run, data, config, projection) is loaded, not rebuilt;
             another one is refused unless ``overwrite``.
@@ -186,7 +192,7 @@ def embed(
     data_key = {"train": _fingerprint_or_token(train), "target": "embedding"}
     key = {"run": run_obj.fingerprint, "train": data_key["train"]}
     ident = {"key": key, "config": resume_config(cfg.to_json()), "projection": proj.to_json(), "n": n,
-             "power_iters": ecfg.power_iters if proj.kind == "gradients" else None,
+             "basis": [ecfg.power_iters, ecfg.basis_samples] if proj.kind == "gradients" else None,
              "diffin_version": __version__}
     folder = Path(out) if out is not None else None
     if folder is not None:
@@ -269,7 +275,15 @@ def _gradient_basis(fm: FlatModel, traj: Any, train: Any, run: Run, n_stats: int
         else:
             theta, stats = traj.theta(run.n_steps), None
         chunk = int(run.batch_size_hint() or 64) if fm.coupled else 256
-        return gradient_basis(fm, theta, stats, train, chunk, int(ecfg.dim), int(ecfg.projection_seed),
+        src = train
+        m = ecfg.basis_samples
+        if m is not None and len(train) > m:  # whole chunks of the recorded batch size for a batch loss
+            n_chunks = -(-len(train) // chunk)
+            pick = np.random.default_rng([int(ecfg.projection_seed), 0xBA5]).choice(
+                n_chunks, size=max(1, int(m) // chunk), replace=False)
+            ids = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, len(train))) for c in np.sort(pick)])
+            src = _Subset(train, ids)
+        return gradient_basis(fm, theta, stats, src, chunk, int(ecfg.dim), int(ecfg.projection_seed),
                               int(ecfg.power_iters))
 
 
