@@ -185,3 +185,12 @@ def test_gradient_subspace_is_exact_for_training_targets(tmp_path: Path, make) -
     again = diffin.load_embedding(tmp_path / "emb", model=t.make(), loss_fn=t.loss, train=(t.X, t.Y))
     assert again.projection.kind == "gradients"
     assert_close(again.self_influence(), emb.self_influence())
+
+
+def test_runs_without_batch_ids_use_the_expected_sweep(tmp_path: Path) -> None:
+    """Without recorded batch ids 'diffin' runs diffin-expected: its proxy batches are drawn from the same
+    seed in every chunk of directions, so the exact embedding equals that sweep too."""
+    t = record(tmp_path / "run", ids=False)
+    emb = _embed(t, projection="identity", chunk=11)
+    assert emb.manifest["variant"] == "diffin-expected"
+    assert_close(emb.influence((t.Xv, t.Yv)), t.score("diffin-expected", hvp="exact").scores)
