@@ -6,8 +6,8 @@ removals (float64 ground truth, ``keep``); then for each K of ``--dims`` build t
 (``diffin.embed``, timed, its ``embedding.npy`` size on disk) and query the same target:
 Pearson / Spearman against the exact sweep (all N) and against replayed removal (the removed ids).
 With ``--self``: self-influence from the embedding against the exact per-sample self-influence
-(``target="self"``, or with ``--self-subset M`` the diagonal of a pairwise sweep over M training
-samples as targets, for runs where the exact path is too slow), and the detection ROC-AUC of the
+(``target="self"``, or with ``--self-subset M`` that of the first M training samples, for runs where
+the exact path over all N is too slow), and the detection ROC-AUC of the
 corrupted samples (flipped labels / mismatched pairs) of both. With ``--queries Q``: Q per-example
 targets (the validation examples, then training examples) answered from the embedding at
 ``--query-dim``, timed in the same process as the sweeps (the criterion: less than 10 sweeps), and
@@ -45,18 +45,34 @@ def _corr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def _exact_self(run: Path, setup: Any, data: Any, subset: int | None,
                 seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact self-influence: ids (M,), scores (M,), seconds. ``subset``: M training samples as the
-    pairwise targets of one sweep (their diagonal); None: ``target="self"`` over all N."""
+    """Exact self-influence: ids (M,), scores (M,), seconds. ``subset``: the first M training samples
+    (whole chunks of the recorded batch size for a batch loss, as ``target="self"`` takes them), their
+    self targets swept together by diffin-exact (its self-influence path on those chunks); None:
+    ``target="self"`` over all N."""
     train_xy = (data.x_train, data.y_train)
     t0 = time.perf_counter()
     if subset is None:
         s = diffin.score(run, setup.model(data), setup.loss_fn, train=train_xy, target="self", progress=False).scores
         return np.arange(len(s)), s.astype(np.float64), time.perf_counter() - t0
-    ids = np.sort(np.random.default_rng(seed).choice(data.n_train, size=subset, replace=False))
-    tgt = (data.x_train[ids], data.y_train[ids])
-    m = diffin.score(run, setup.model(data), setup.loss_fn, train=train_xy, target=tgt, pairwise=True,
-                     progress=False).scores
-    return ids, m[ids, np.arange(len(ids))].astype(np.float64), time.perf_counter() - t0
+    from diffin._data import DataSource
+    from diffin._functional import FlatModel
+    from diffin.config import ScoreConfig
+    from diffin.estimators import ScoringContext
+    from diffin.estimators.diffin_sweep import DiffInExact
+    from diffin.recording.run import load_run
+    from diffin.targets import SelfLoss
+
+    r = load_run(run)
+    model = setup.model(data).eval()
+    fm = FlatModel(model, setup.loss_fn, trainable=r.trainable)
+    src = DataSource(train_xy, fm.dtype, fm.device)
+    chunk = int(r.batch_size_hint()) if fm.coupled else None
+    ids = np.arange(min(subset, data.n_train))
+    tgt = SelfLoss(src, chunk=chunk)
+    ctx = ScoringContext(r, fm, src, tgt, ScoreConfig(), progress=False)
+    with torch.no_grad():
+        m = DiffInExact().sweep(ctx, tgt.subset(ids))
+    return ids, m[torch.as_tensor(ids), torch.arange(len(ids))].double().numpy(), time.perf_counter() - t0
 
 
 def bench_setup(name: str, args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
@@ -159,7 +175,7 @@ def main() -> None:
     p.add_argument("--removals", type=int, default=100, help="replayed removals (at most the setup's)")
     p.add_argument("--self", action="store_true", help="compare self-influence with the exact path")
     p.add_argument("--self-subset", type=int, default=0, metavar="M",
-                   help="exact self-influence on M random samples (pairwise diagonal) instead of all")
+                   help="exact self-influence of the first M samples instead of all")
     p.add_argument("--queries", type=int, default=0, metavar="Q")
     p.add_argument("--query-dim", type=int, default=1024)
     p.add_argument("--query-check", type=int, default=20)
