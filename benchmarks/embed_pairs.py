@@ -31,10 +31,10 @@ import torch
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
-from diffin.bench.pairs import detection_auc, pairs_data
 from diffin.bench.builtin import train
 from diffin.bench.builtin.captions import CLIP_LOSS, clip_scores
 from diffin.bench.builtin.synthetic_pairs import PAIRS_TRAIN, memmap_pairs, pairs_model
+from diffin.bench.pairs import detection_auc, pairs_data
 
 
 def _setup(work: Path, n: int, seed: int, log: Any) -> tuple[Path, Any, np.ndarray, float, np.ndarray]:
