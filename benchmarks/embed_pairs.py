@@ -65,9 +65,14 @@ def _embed_self(run: Path, train_xy: Any, K: int, out: Path, basis_samples: int 
 def fidelity(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
     n = args.fidelity
     run, train_xy, mismatched, epoch, cos = _setup(work, n, args.seed, log)
+    cache = work / f"exact-self-n{n}.npy"
     with Measure() as m:
-        exact = diffin.score(run, pairs_model(), CLIP_LOSS, train=train_xy, target="self",
-                             progress=False).scores.astype(np.float64)
+        if cache.exists():
+            exact = np.load(cache)
+        else:
+            exact = diffin.score(run, pairs_model(), CLIP_LOSS, train=train_xy, target="self",
+                                 progress=False).scores.astype(np.float64)
+            np.save(cache, exact)
     log(f"[pairs n={n}] exact self-influence {m.seconds:.1f}s")
     out = {"n": n, "epoch_seconds": epoch, "exact_self_seconds": m.seconds,
            "auc_exact_self": detection_auc(mismatched, -exact), "auc_clip_score": detection_auc(mismatched, cos),

@@ -127,6 +127,7 @@ def embed(
     chunk: int | None = None,
     memory_mb: float | None = None,
     power_iters: int | None = None,
+    basis_samples: int | None = None,
     method: str | None = None,
     config: ScoreConfig | None = None,
     embed_config: EmbedConfig | None = None,
@@ -145,7 +146,9 @@ def embed(
         out: folder for ``embedding.npy`` + ``embedding.json`` (and the build's resume state). A
             folder holding the same embedding (run, data, config, projection) is loaded, not rebuilt;
             another one is refused unless ``overwrite``.
-        projection / projection_seed / chunk / memory_mb: :class:`EmbedConfig` fields.
+        projection / projection_seed / chunk / memory_mb / power_iters / basis_samples:
+            :class:`EmbedConfig` fields (``embed_config``: the whole dataclass; a keyword given
+            here overrides its field).
         method: a sweep variant (``diffin``, ``diffin-exact``, ``diffin-frozen``, ``diffin-expected``).
         config / options: :class:`diffin.ScoreConfig` or its fields (``convention``, ``hvp``, ...).
             ``hvp`` defaults to ``"exact"`` here (one double backward per direction: measured 4× faster
@@ -162,7 +165,8 @@ def embed(
 
     ecfg = config_from_kwargs(EmbedConfig, embed_config, **{k: v for k, v in {
         "dim": dim, "projection": projection, "projection_seed": projection_seed, "chunk": chunk,
-        "memory_mb": memory_mb, "power_iters": power_iters}.items() if v is not None})
+        "memory_mb": memory_mb, "power_iters": power_iters, "basis_samples": basis_samples}.items()
+        if v is not None})
     if method is not None:
         options["method"] = method
     if config is None and "hvp" not in options:
