@@ -4,6 +4,8 @@ refusals."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 import diffin
 from _tiny import Tiny, assert_close, record, record_loop
-from diffin.embedding import Projection
+from diffin.embedding import EmbedConfig, Projection
 
 
 def _sgd_momentum(tmp: Path) -> Tiny:
@@ -121,6 +123,7 @@ def test_disk_reload_and_resume(tmp_path: Path) -> None:
 
 def test_refusals(tmp_path: Path) -> None:
     t = record(tmp_path / "run")
+    assert {f.name for f in fields(EmbedConfig)} <= set(inspect.signature(diffin.embed).parameters)
     with pytest.raises(diffin.UnsupportedMethodError):
         _embed(t, method="tracin")
     with pytest.raises(diffin.ConfigError):
@@ -173,7 +176,7 @@ def test_gradient_subspace_is_exact_for_training_targets(tmp_path: Path, make) -
     and targets made of training examples are exact although K < P; saved and reloaded with its rows."""
     t = make(tmp_path)
     N = len(t.X)
-    emb = _embed(t, dim=N, projection="gradients", out=tmp_path / "emb", chunk=9)
+    emb = _embed(t, dim=N, projection="gradients", out=tmp_path / "emb", chunk=9, power_iters=1, basis_samples=10**6)
     P = sum(p.numel() for p in t.make().parameters())
     assert emb.dim == N < P and not emb.exact
     U = emb.projection.rows(0, N)
