@@ -468,12 +468,14 @@ def cached_score(inp: TaskInputs, state: TaskState, method: str, target: Any, pr
     return res.scores
 
 
-SELF_EMBED_MIN_N = 5000
-"""``METHOD-self`` of a sweep method on at least this many training samples reads the self-influence
-from a trajectory influence embedding (:func:`diffin.embed`, ``SELF_EMBED_DIM`` directions of the
-``SELF_EMBED_PROJECTION`` projection) instead of one exact sweep per chunk of 64 samples: the exact
-path costs about N directions' HVPs per step, the embedding K (measured in BENCHMARKS.md,
-"Trajectory influence embeddings")."""
+SELF_EMBED_MIN_N = 2048
+"""``METHOD-self`` of a sweep method on at least this many training samples (8 × ``SELF_EMBED_DIM``)
+reads the self-influence from a trajectory influence embedding (:func:`diffin.embed`,
+``SELF_EMBED_DIM`` directions of the ``SELF_EMBED_PROJECTION`` projection) instead of one exact
+sweep per chunk of 64 samples: the exact path costs about N directions' HVPs per step, the
+embedding K. Measured in BENCHMARKS.md ("Trajectory influence embeddings"): on mnist-captions
+(N = 1,000) K = 256 cost 17.5 sweeps against about 320 for the exact path, mismatched-pair AUC
+0.878 against 0.885; on mnist5k-mlp self-influence Spearman 0.996 against the exact one."""
 SELF_EMBED_DIM = 256
 SELF_EMBED_PROJECTION = "gradients"
 SELF_EMBED_METHODS = ("diffin", "diffin-exact", "diffin-frozen", "diffin-expected")
