@@ -30,11 +30,13 @@ from ._errors import (
     TrainModeError,
     TrainModeWarning,
     UnknownMethodError,
+    UnstableInfluenceWarning,
     UnsupportedMethodError,
     UnsupportedOptimizerWarning,
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
+from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
 from .embedding import EmbedConfig, Embedding, embed, load_embedding
@@ -77,9 +79,11 @@ __all__ = [
     "TrainModeError",
     "TrainModeWarning",
     "UnknownMethodError",
+    "UnstableInfluenceWarning",
     "UnsupportedMethodError",
     "UnsupportedOptimizerWarning",
     "UntrainedRowsWarning",
+    "VerifyResult",
     "__version__",
     "batch_loss",
     "embed",
@@ -91,5 +95,6 @@ __all__ = [
     "methods",
     "restore_checkpoint",
     "score",
+    "verify",
     "with_ids",
 ]

@@ -42,6 +42,12 @@ class CorruptManifestError(RecordingError):
     """The manifest is not valid JSON or lacks required fields."""
 
 
+class UnsafePathError(CorruptManifestError):
+    """A file named by a run folder (manifest, log or state entry) lies outside that folder: an
+    absolute path, a ``..`` component, or a symbolic link leading out. A run folder is data; it
+    never chooses what diffin reads elsewhere on the disk."""
+
+
 class FormatVersionError(RecordingError):
     """The run was written by a newer diffin with a format this version cannot read."""
 
@@ -171,3 +177,10 @@ class BatchLossUnsupportedError(UnsupportedMethodError):
 class TrainModeWarning(UserWarning):
     """A model with BatchNorm or dropout layers was recorded without their training modes (an
     older diffin): its run is replayed in eval mode, and the scores describe that run."""
+
+
+class UnstableInfluenceWarning(UserWarning):
+    """The scores cannot be trusted: the linearised training dynamics are unstable on this run (the
+    adjoint grew past its limit, a score exceeds the target's own size, or checked removals replayed
+    for real disagree with their prediction). ``ScoreResult.diagnostics["trust"]`` holds the measures
+    and the reasons; docs/guides/trust.md says what they mean and what to do."""

@@ -1,5 +1,5 @@
 """Trajectory influence embeddings: every training sample's projected removal effect, built by one
-batched backward sweep, queried for any target by a gradient and a product (docs/method.md §4.9)."""
+batched backward sweep, queried for any target by a gradient and a product (docs/method.md §4.10)."""
 
 from ._build import DEFAULT_DIM, Directions, EmbedConfig, embed
 from ._embedding import EMBED_JSON, EMBED_NPY, Embedding, TopInfluence, load_embedding

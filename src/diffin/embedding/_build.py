@@ -1,4 +1,4 @@
-"""``diffin.embed``: the trajectory influence embedding of every training sample (docs/method.md §4.9).
+"""``diffin.embed``: the trajectory influence embedding of every training sample (docs/method.md §4.10).
 
 The effect of removing z on any target f is ⟨∇f(θ_T), e_z⟩ with e_z the sensitivity of the final
 state to z's weight (§4.1): one vector per sample, independent of the target. The sweep is linear

@@ -1,4 +1,4 @@
-"""A built trajectory influence embedding and its queries (docs/method.md §4.9).
+"""A built trajectory influence embedding and its queries (docs/method.md §4.10).
 
 E (N × K), row z = R e_z. For a target f with gradient ∇f(θ_T) (and, for train-mode BatchNorm,
 ∂f/∂r_T), every sample's score is

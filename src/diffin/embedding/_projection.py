@@ -1,4 +1,4 @@
-"""The random projection R (K × P') of a trajectory influence embedding (docs/method.md §4.9).
+"""The random projection R (K × P') of a trajectory influence embedding (docs/method.md §4.10).
 
 P' = P (the trained parameters, in the run's flat order) plus, for a run whose BatchNorm layers
 trained in training mode, the R running statistics (docs/method.md §4.8) that an eval-mode target
