@@ -57,10 +57,10 @@ from ._common import (
     losses_at,
     pair_scores_at,
     prepare_task,
-    self_scores,
     theta_final,
     write_csv,
 )
+from ._self import self_scores
 
 RECALL_AT = (0.05, 0.1, 0.2)
 COMBINED = "combined"
