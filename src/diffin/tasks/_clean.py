@@ -60,6 +60,7 @@ from ._common import (
     theta_final,
     write_csv,
 )
+from ._self import self_scores
 
 RECALL_AT = (0.05, 0.1, 0.2)
 COMBINED = "combined"
@@ -146,7 +147,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
         return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
     base = name.removesuffix(SELF_SUFFIX)
     if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
-        return cached_score(inp, state, base, "self", progress).astype(np.float64)
+        return self_scores(inp, state, base, progress).astype(np.float64)
     if name == "loss":
         fm, theta, _ = theta_final(inp, state.run)
         return losses_at(fm, theta, inp.train)
@@ -159,7 +160,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if name not in Estimator.registry:
         raise ConfigError(f"unknown method {name!r} for cleaning")
     if _self_ranked(cfg, inp):
-        return cached_score(inp, state, name, "self", progress).astype(np.float64)
+        return self_scores(inp, state, name, progress).astype(np.float64)
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
 
 

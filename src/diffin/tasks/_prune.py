@@ -53,8 +53,18 @@ from .._io import write_json
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..report import Report, curves, format_list, format_sizes
-from ._common import Recipe, TaskInputs, TaskState, add_trust, cached_score, prepare_task, retrain_cached, write_csv
+from ._common import (
+    Recipe,
+    TaskInputs,
+    TaskState,
+    add_trust,
+    cached_score,
+    prepare_task,
+    retrain_cached,
+    write_csv,
+)
 from ._heuristics import HEURISTICS, importance
+from ._self import self_scores
 
 RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential", "stratified")
 DEFAULT_METHODS = "diffin,tracin,random,loss,el2n,grand,forgetting"
@@ -250,7 +260,7 @@ def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
     if name.endswith(SELF_SUFFIX) and name[: -len(SELF_SUFFIX)] in Estimator.registry:
         # self-influence: how much a sample's own loss would rise without it (memorised, atypical or
         # corrupted samples rank high); the least self-influential are kept first
-        own = cached_score(inp, state, name[: -len(SELF_SUFFIX)], "self", progress)
+        own = self_scores(inp, state, name[: -len(SELF_SUFFIX)], progress)
         return -own.astype(np.float64), False
     if name not in Estimator.registry:
         raise ConfigError(f"unknown selection method {name!r}; use an estimator, METHOD{SELF_SUFFIX} (its "
