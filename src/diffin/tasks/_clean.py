@@ -12,6 +12,8 @@ Harm, per method (higher = more suspicious):
   training set as one batch, :func:`~._common.losses_at`);
 * ``clip-score``: for image–text pairs, minus the cosine of the pair under θ_T (low cosine =
   suspicious, the DataComp filter);
+* ``aum``, ``el2n``, ``forgetting``: minus the area under the margin (Pleiss et al. 2020), EL2N
+  at an early checkpoint, forgetting events (:mod:`._heuristics`; each replayed from the run);
 * ``cleanlab``: ``1 − cleanlab.rank.get_label_quality_scores`` on out-of-fold predicted
   probabilities (K-fold retraining with the task's retraining recipe); ``find_label_issues`` is
   reported too.
@@ -27,8 +29,10 @@ the truly flipped samples (when known), are replayed beside it as control and ce
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +42,18 @@ import torch
 from scipy.stats import rankdata
 
 from .. import _tree
+from .._api import score
 from .._data import DataSource
 from .._errors import ConfigError, MissingExtraError, UnsupportedMethodError
+from .._functional import FlatModel
 from .._io import write_json
 from .._optional import require
-from ..config import config_field
+from ..config import ScoreConfig, config_field
 from ..estimators.base import Estimator
-from ..groundtruth import replay_many
-from ..report import Report, format_sizes, image_grid, score_histograms, text_table
+from ..groundtruth import replay_states
+from ..recording.run import Run
+from ..report import Report, format_sizes, image_grid, score_histograms, text_table, winner
+from ..targets import GroupMeanLoss
 from ..trajectory import Trajectory
 from ._common import (
     Recipe,
@@ -59,12 +67,25 @@ from ._common import (
     theta_final,
     write_csv,
 )
+from ._heuristics import importance
 
 RECALL_AT = (0.05, 0.1, 0.2)
+ADVICE_MARGIN = 0.01
+"""A method whose ROC-AUC on the run exceeds the chosen method's by this much is offered in one line."""
 COMBINED = "combined"
 SELF_SUFFIX = "-self"
+CLASSES_SUFFIX = "-classes"
+"""``METHOD-classes``: the method's influence on each class of the validation set (one score column per
+class), each sample ranked by the class it harms most (:func:`class_harm`)."""
 CLIP_SCORE = "clip-score"
-DEFAULT_BASELINES = "tracin,if-cg,loss,cleanlab,combined"
+DEFAULT_BASELINES = "tracin,tracin-self,loss,aum,el2n,forgetting,cleanlab,combined"
+"""Every default baseline costs at most a few trainings' worth (cleanlab: ``cleanlab_folds`` of them; AUM and
+forgetting: one replay; TracIn: per-sample gradients at the checkpoints)."""
+HEURISTIC_SIGNALS = ("aum", "el2n", "forgetting")
+"""Signals of :mod:`._heuristics` that rank mislabelled samples high (AUM by its minus)."""
+COSTLY = ("if-cg", "if-lissa")
+"""Opt-in methods whose cost grows with full-data Hessian–vector products: their time is
+estimated (one measured HVP times the iterations) and printed before they run."""
 PAIR_BASELINES = "tracin,clip-score,loss"
 """The baselines of image–text pairs when ``baselines`` is left at its default (cleanlab, if-cg and
 the combined detector are classification or per-sample-loss methods)."""
@@ -85,12 +106,21 @@ class CleanConfig:
                                 "percentile: loss, cleanlab, an influence method or METHOD-self")
     cleanlab_folds: int = config_field(5, "folds of out-of-fold probabilities for cleanlab")
     seed: int = config_field(0, "seed of the random-removal control and cleanlab's folds")
+    horizon: str = config_field("best-val", "where METHOD-classes scores the run: 'best-val' (the checkpoint with the "
+                                "lowest validation loss, before the labels are memorised), 'end', or a checkpoint step")
+    retrain_seeds: int = config_field(0, "also train from scratch with the retraining recipe, this many seeds, "
+                                      "without each detection method's flagged samples (and a random and the "
+                                      "oracle removal): test accuracy per method, mean over the seeds")
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.count is not None and self.count < 1:
             raise ConfigError(f"count must be >= 1, got {self.count}")
+        if self.horizon not in ("best-val", "end") and not self.horizon.isdigit():
+            raise ConfigError(f"horizon must be 'best-val', 'end' or a checkpoint step, got {self.horizon!r}")
+        if self.retrain_seeds < 0:
+            raise ConfigError(f"retrain_seeds must be >= 0, got {self.retrain_seeds}")
         if self.cleanlab_folds < 2:
             raise ConfigError("cleanlab_folds must be >= 2")
         signals = self.combine_list()
@@ -120,6 +150,14 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
         return "CLIP score: cosine of the pair at θ_T (← more suspicious)", "cos"
     if name == "cleanlab":
         return "1 − cleanlab label quality (more harmful →)", "1−quality"
+    if name == "aum":
+        return "area under the margin, logits (← more suspicious)", "AUM"
+    if name == "el2n":
+        return "EL2N at an early checkpoint (more harmful →)", "EL2N"
+    if name == "forgetting":
+        return "forgetting events (more harmful →)", "forgets"
+    if name.endswith(CLASSES_SUFFIX):
+        return "highest harm percentile over the validation classes (more harmful →)", "class harm"
     if name == COMBINED:
         return "mean rank percentile of the combined signals (more harmful →)", "mean rank"
     if self_ranked:
@@ -130,7 +168,7 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
 def _shown(name: str, harm: np.ndarray, self_ranked: bool) -> np.ndarray:
     """The natural value of a method from its harm: influence scores against a validation set
     are −harm; every other harm is shown as is."""
-    return -harm if ((name in Estimator.registry and not self_ranked) or name == CLIP_SCORE) else harm
+    return -harm if ((name in Estimator.registry and not self_ranked) or name in (CLIP_SCORE, "aum")) else harm
 
 
 def rank_mean(harms: list[np.ndarray]) -> np.ndarray:
@@ -143,6 +181,8 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
           progress: bool, notes: dict[str, Any]) -> np.ndarray:
     if name == COMBINED:
         return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
+    if name.endswith(CLASSES_SUFFIX) and name.removesuffix(CLASSES_SUFFIX) in Estimator.registry:
+        return class_harm(name.removesuffix(CLASSES_SUFFIX), inp, state, cfg, progress, notes)
     base = name.removesuffix(SELF_SUFFIX)
     if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
         return cached_score(inp, state, base, "self", progress).astype(np.float64)
@@ -151,6 +191,8 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
         return losses_at(fm, theta, inp.train)
     if name == CLIP_SCORE:
         return -pair_scores_at(inp, state.run)
+    if name in HEURISTIC_SIGNALS:
+        return importance(name, inp, run=state.run)
     if name == "cleanlab":
         if recipe is None:
             raise ConfigError("cleanlab's out-of-fold models need a retraining recipe; see the recipe error")
@@ -160,6 +202,55 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if _self_ranked(cfg, inp):
         return cached_score(inp, state, name, "self", progress).astype(np.float64)
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
+
+
+def horizon_step(inp: TaskInputs, run: Run, horizon: str) -> tuple[int, list[float] | None]:
+    """The checkpoint step ``horizon`` names, and the validation loss at every checkpoint when it
+    was chosen by them (``best-val``: the first checkpoint after θ_0 with the lowest mean
+    validation loss, where the model generalises best, before it memorises its labels)."""
+    if horizon == "end":
+        return run.n_steps, None
+    if horizon != "best-val":
+        return int(horizon), None
+    if inp.val is None:
+        raise ConfigError("horizon 'best-val' needs a validation set; give --horizon end or a checkpoint step")
+    fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
+    traj = Trajectory(run, fm)
+    curve = [float(losses_at(fm, traj.theta(c), inp.val).mean()) for c in run.checkpoint_steps]
+    later = range(1, len(curve)) if len(curve) > 1 else range(len(curve))
+    best = min(later, key=lambda i: curve[i])
+    return run.checkpoint_steps[best], curve
+
+
+def class_harm(method: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, progress: bool,
+               notes: dict[str, Any]) -> np.ndarray:
+    """``METHOD-classes``: score every training sample against the mean loss of each class of the
+    validation set (one sweep with C targets, :class:`~diffin.targets.GroupMeanLoss`), on the run up
+    to the horizon's checkpoint; in each class's column rank the samples by harm (percentile of
+    −score, ties averaged); a sample's harm is its highest percentile over the classes.
+
+    Why: a wrong label raises the validation loss of the class its image belongs to and barely
+    moves the others, so the mean over all classes dilutes it among the C − 1 classes it does not
+    touch; and each class's scores have their own scale (its loss, its gradients), which the
+    percentiles remove (docs/method.md §6)."""
+    if inp.val is None:
+        raise ConfigError(f"{method}{CLASSES_SUFFIX} needs a validation set with class labels")
+    xv, yv = inp.val
+    if yv.is_floating_point() or yv.ndim != 1:
+        raise ConfigError(f"{method}{CLASSES_SUFFIX} needs integer class labels in the validation set")
+    step, curve = horizon_step(inp, state.run, cfg.horizon)
+    run = state.run.until(step)
+    fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
+    labels = yv.detach().cpu().numpy()
+    present = np.unique(labels)
+    groups = np.searchsorted(present, labels)
+    tgt = GroupMeanLoss(DataSource(inp.val, fm.dtype, fm.device, name="target"), groups)
+    S = score(run, inp.model_factory(), inp.loss_fn, train=inp.train, target=tgt, config=ScoreConfig(method=method),
+              progress=progress).scores.astype(np.float64)
+    notes.setdefault("horizon", {})[f"{method}{CLASSES_SUFFIX}"] = {
+        "step": step, "of": state.run.n_steps, "rule": cfg.horizon, "val_loss_at_checkpoints": curve}
+    pct = np.stack([rankdata(-S[:, g]) / len(S) for g in range(S.shape[1])], axis=1)
+    return pct.max(axis=1)
 
 
 def out_of_fold_probs(inp: TaskInputs, recipe: Recipe, folds: int, seed: int) -> np.ndarray:
@@ -200,11 +291,30 @@ def _cleanlab_harm(inp: TaskInputs, cfg: CleanConfig, recipe: Recipe, notes: dic
     return 1.0 - quality(labels, probs)
 
 
-def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanConfig) -> dict[str, Any]:
-    evalset = inp.test if inp.test is not None else inp.val
-    if evalset is None:
-        raise ConfigError("retraining needs test (or validation) data to evaluate on")
-    which = "test" if inp.test is not None else "val"
+def heldout_split(inp: TaskInputs, seed: int) -> tuple[TaskInputs, str]:
+    """Inputs whose before/after numbers are measured on data the flags were not chosen on: the
+    test set when there is one; else the validation set split in two halves (seeded), the first
+    the target of validation-influence methods, the second held out for evaluation. Returns the
+    inputs and what the evaluation set is, in words."""
+    if inp.test is not None:
+        return inp, "test"
+    if inp.val is None:
+        raise ConfigError("retraining needs test or validation data to evaluate on (give a test set, or a "
+                          "validation set of which half is held out)")
+    n = _tree.batch_len(inp.val[0])
+    if n < 2:
+        raise ConfigError("retraining without a test set holds out half of the validation set, which needs "
+                          f">= 2 samples (has {n}); give a test set")
+    perm = torch.as_tensor(np.random.default_rng(seed + 31).permutation(n))
+    choose, held = perm[: n // 2], perm[n // 2:]
+    part = lambda ids: (_tree.index(inp.val[0], ids), inp.val[1][ids])  # noqa: E731
+    return (dataclasses.replace(inp, val=part(choose), test=part(held)),
+            f"held-out half of the validation set ({len(held)} samples; flags chosen on the other {len(choose)})")
+
+
+def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanConfig, which: str) -> dict[str, Any]:
+    """Replay the recorded run without the flagged samples (and a random and the oracle removal),
+    evaluated on ``inp.test`` with each replay's own parameters and running statistics."""
     fm, _, run = theta_final(inp, state.run)
     src = DataSource(inp.train, fm.dtype, fm.device)
     traj = Trajectory(run, fm, src)
@@ -213,38 +323,110 @@ def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanC
     if inp.flipped is not None:
         groups["oracle_removal"] = np.flatnonzero(inp.flipped)
     with torch.no_grad():
-        full, thetas = replay_many(traj, list(groups.values()), "renormalize")
+        full, finals = replay_states(traj, list(groups.values()), "renormalize")
 
-    def ev(th: torch.Tensor) -> dict[str, float]:
-        res = inp.evaluate(fm.model, *evalset, loss_fn=fm.loss_fn, params=fm.unflatten(th))
-        return {f"{which}_{k}": v for k, v in res.items()}
+    def ev(th: torch.Tensor, stats: torch.Tensor | None) -> dict[str, float]:
+        params = fm.unflatten(th)
+        if stats is not None and stats.numel():
+            params.update(fm.unflat_stats(stats))
+        res = inp.evaluate(fm.model, *inp.test, loss_fn=fm.loss_fn, params=params)  # type: ignore[misc]
+        return {f"test_{k}": v for k, v in res.items()}
 
-    out: dict[str, Any] = {"evaluated_on": which, "before": ev(full), "n_removed": int(len(flagged))}
-    for (name, grp), th in zip(groups.items(), thetas):
-        out[name] = ev(th)
+    out: dict[str, Any] = {"evaluated_on": which, "before": ev(full.theta, full.stats), "n_removed": int(len(flagged))}
+    for k, (name, grp) in enumerate(groups.items()):
+        out[name] = ev(finals.theta[k], None if finals.stats is None else finals.stats[k])
         out[name]["n_removed"] = int(len(grp))
     return out
 
 
+def removal_sets(harms: dict[str, np.ndarray], k: int, inp: TaskInputs, seed: int) -> dict[str, np.ndarray]:
+    """The training ids each comparison removes: nothing (``none``), the k most harmful by each
+    method, k at random, and the corrupted ids when known (``oracle``)."""
+    sets = {"none": np.zeros(0, dtype=np.int64)}
+    sets.update({m: np.sort(np.argsort(-h, kind="stable")[:k]) for m, h in harms.items()})
+    sets["random"] = np.sort(np.random.default_rng(seed + 17).choice(inp.n_train, k, replace=False))
+    if inp.flipped is not None:
+        sets["oracle"] = np.flatnonzero(inp.flipped)
+    return sets
+
+
+def retrain_fresh(inp: TaskInputs, recipe: Recipe, sets: dict[str, np.ndarray], seeds: list[int],
+                  which: str) -> dict[str, Any]:
+    """Train from scratch with ``recipe`` (one model per removal set and seed; the model's
+    initialisation seeded with the same seed) and evaluate on ``inp.test``: per set, the test
+    accuracy and loss of each seed and their means and standard deviations."""
+    x, y = inp.train
+    res: dict[str, Any] = {"evaluated_on": which, "seeds": seeds, "recipe": recipe.describe(), "removals": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ids in sets.items():
+            keep = np.setdiff1d(np.arange(inp.n_train), ids)
+            per: dict[str, list[float]] = {}
+            for sd in seeds:
+                torch.manual_seed(sd)
+                model = inp.model_factory()
+                recipe.train(model, x, y, Path(tmp) / "run", keep, sd, inp.loss_fn)
+                for key, v in inp.evaluate(model, *inp.test, loss_fn=inp.loss_fn).items():  # type: ignore[misc]
+                    per.setdefault(f"test_{key}", []).append(float(v))
+            row: dict[str, Any] = {"n_removed": int(len(ids))}
+            for key, vals in per.items():
+                row[key] = vals
+                row[f"{key}_mean"] = float(np.mean(vals))
+                row[f"{key}_std"] = float(np.std(vals))
+            res["removals"][name] = row
+    return res
+
+
+def estimate_seconds(name: str, inp: TaskInputs, state: TaskState, base: ScoreConfig) -> tuple[float, str]:
+    """A costly method's time (s) before it runs, from one measured full-data Hessian–vector
+    product at θ_T times the iterations it may take, and the estimate in words."""
+    fm, theta, _ = theta_final(inp, state.run)
+    v = torch.randn(1, theta.numel(), dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
+    src = DataSource(inp.train, fm.dtype, fm.device)
+    t0 = time.perf_counter()
+    if name == "if-cg":
+        for _, x, y in src.chunks(base.batch_size):
+            fm.hvp(theta, x, y, v, mode="exact" if base.hvp == "auto" else base.hvp)  # type: ignore[arg-type]
+        one = time.perf_counter() - t0
+        return one * base.cg_iters, f"up to {base.cg_iters} CG iterations × one full-data HVP ({one:.2g} s)"
+    ids = np.arange(min(inp.n_train, base.lissa_batch_size))
+    _, x, y = next(iter(DataSource((_tree.index(inp.train[0], torch.as_tensor(ids)), inp.train[1][ids]),
+                                   fm.dtype, fm.device).chunks(len(ids))))
+    fm.hvp(theta, x, y, v, mode="exact" if base.hvp == "auto" else base.hvp)  # type: ignore[arg-type]
+    one = time.perf_counter() - t0
+    return one * base.lissa_depth, f"{base.lissa_depth} LiSSA steps × one HVP on {len(ids)} samples ({one:.2g} s)"
+
+
 def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | None = None,
-          overwrite: bool = False, progress: bool = True, **options: Any) -> dict[str, Any]:
+          overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+          **options: Any) -> dict[str, Any]:
     """Flag the most harmful training samples; report detection quality and the retrain effect.
 
     Returns the content of ``clean.json`` (also written into ``out`` with ``clean.csv``,
     ``report.md`` and ``report.html``): ``flagged_ids``, ``detection`` (per method: ``auc``,
-    ``recall_at``), ``retrain`` (``before``/``after``: test accuracy and loss), and more.
-    ``out`` holding results made from other inputs is refused unless ``overwrite``.
+    ``recall_at``), ``winner`` (the best detector and its lead, when the corrupted ids are known),
+    ``advice`` (a one-line hint when another method finds them better than ``method``),
+    ``retrain`` (``before``/``after``: test accuracy and loss of the replayed run),
+    ``retrain_fresh`` (with ``retrain_seeds``: per method, the test accuracy of models trained from
+    scratch without its flags), and more. Before/after numbers are measured on the test set, or,
+    without one, on a held-out half of the validation set (the other half is then the target of
+    validation-influence methods). ``log`` (e.g. ``print``) receives the time estimates of costly
+    methods before they run. ``out`` holding results made from other inputs is refused unless
+    ``overwrite``.
     """
     from ..metrics import detection_auc, recall_at
 
     cfg = config if config is not None else CleanConfig(**options)
+    say = log or (lambda _msg: None)
     methods = cfg.method_list(inp.pairs)
+    which = "test"
+    if cfg.retrain or cfg.retrain_seeds:
+        inp, which = heldout_split(inp, cfg.seed)
     recipe, recipe_error = None, None
-    if "cleanlab" in methods or (COMBINED in methods and "cleanlab" in cfg.combine_list()):
+    if cfg.retrain_seeds or "cleanlab" in methods or (COMBINED in methods and "cleanlab" in cfg.combine_list()):
         try:
             recipe = inp.recipe()
         except ConfigError as e:
-            if cfg.method == "cleanlab":
+            if cfg.method == "cleanlab" or cfg.retrain_seeds:
                 raise
             recipe_error = str(e)
     state = prepare_task(inp, "clean", cfg, out, overwrite, progress, recipe)
@@ -253,10 +435,15 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
     notes: dict[str, Any] = {}
     harms: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
+    estimates: dict[str, float] = {}
     errors: dict[str, str] = {"cleanlab": recipe_error} if recipe_error else {}
     for name in methods:
         if name in errors:
             continue
+        if name in COSTLY:
+            secs, how = estimate_seconds(name, inp, state, ScoreConfig(method=name))
+            estimates[name] = secs
+            say(f"{name}: about {secs:,.0f} s ({how}); leave it out of --baselines to skip it")
         t = time.perf_counter()
         try:
             harms[name] = _harm(name, inp, state, cfg, recipe, progress, notes)
@@ -277,6 +464,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
         "n_flagged": int(k),
         "flagged_ids": flagged.tolist(),
         "seconds": timing,
+        "estimated_seconds": estimates,
         "errors": errors,
         **notes,
     }
@@ -291,8 +479,20 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
                    "recall_at": {str(f): r for f, r in recall_at(-h, inp.flipped, RECALL_AT).items()}}
             for name, h in harms.items()
         }
+        aucs = {m: d["auc"] for m, d in result["detection"].items()}
+        result["winner"] = winner(aucs, "ROC-AUC")
+        best = result["winner"]["method"]
+        if best != cfg.method and aucs[best] - aucs[cfg.method] >= ADVICE_MARGIN:
+            result["advice"] = (f"{best} finds the {result['corrupted']} better on this run (ROC-AUC {aucs[best]:.3f} "
+                                f"against {aucs[cfg.method]:.3f} by {cfg.method}): rerun with --method {best} to "
+                                "flag by it")
     if cfg.retrain:
-        result["retrain"] = _retrain(inp, state, flagged, cfg)
+        result["retrain"] = _retrain(inp, state, flagged, cfg, which)
+    if cfg.retrain_seeds:
+        assert recipe is not None  # retrain_seeds raised above without one
+        sets = removal_sets(harms, k, inp, cfg.seed)
+        result["retrain_fresh"] = retrain_fresh(inp, recipe, sets,
+                                                [recipe.config.seed + i for i in range(cfg.retrain_seeds)], which)
     result["total_seconds"] = time.perf_counter() - t0
     result["config"] = asdict(cfg)
     if state.out is not None:
@@ -303,6 +503,16 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
 def _detection_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = [[m, d["auc"], *d["recall_at"].values()] for m, d in result["detection"].items()]
     return ["method", "ROC-AUC", *[f"recall @{float(f):.0%}" for f in RECALL_AT]], rows
+
+
+def fresh_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the from-scratch retraining comparison: per removal, how many were
+    removed and the test accuracy (mean ± std over the seeds) and loss."""
+    rem = result["retrain_fresh"]["removals"]
+    acc = "test_accuracy_mean" in next(iter(rem.values()))
+    rows = [[name, r["n_removed"], *([r["test_accuracy_mean"], r["test_accuracy_std"]] if acc else []),
+             r["test_loss_mean"]] for name, r in rem.items()]
+    return ["removed", "n", *(["test accuracy", "± std"] if acc else []), "test loss"], rows
 
 
 def _retrain_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -318,10 +528,17 @@ def summary_text(result: dict[str, Any]) -> str:
     parts = [f"flagged {result['n_flagged']:,} samples by {result['method']} ({result['ranking']})"]
     if "detection" in result:
         parts += [f"\nfinding the {result['n_flipped']:,} {result.get('corrupted', 'flipped labels')}:\n",
-                  text_table(*_detection_table(result))]
+                  text_table(*_detection_table(result)), result["winner"]["line"]]
+    if "advice" in result:
+        parts.append(result["advice"])
     if "retrain" in result:
-        parts += ["\nretrained without the flagged samples (same θ_0 and batch order):\n",
-                  text_table(*_retrain_table(result))]
+        parts += [f"\nretrained without the flagged samples (same θ_0 and batch order), on the "
+                  f"{result['retrain']['evaluated_on']}:\n", text_table(*_retrain_table(result))]
+    if "retrain_fresh" in result:
+        f = result["retrain_fresh"]
+        parts += [f"\ntrained from scratch without each method's {result['n_flagged']:,} flags (seeds "
+                  f"{', '.join(map(str, f['seeds']))}), on the {f['evaluated_on']}:\n",
+                  text_table(*fresh_table(result))]
     for name, err in result.get("errors", {}).items():
         parts.append(f"\n{name} did not run: {err}")
     return "\n".join(parts)
@@ -354,6 +571,7 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
         rep.text(f"Retraining recipe of cleanlab's out-of-fold models: {result['recipe']['description']}.")
     if "detection" in result:
         rep.heading(f"Finding the {result['n_flipped']:,} {result.get('corrupted', 'flipped labels')}")
+        rep.text(result["winner"]["line"] + (f" {result['advice']}." if "advice" in result else ""))
         rep.table(*_detection_table(result))
         shown = {m: _shown(m, h, self_ranked) for m, h in harms.items()}
         score_histograms(out / "harm_histograms.png", shown, inp.flipped,  # type: ignore[arg-type]
@@ -362,8 +580,20 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
                    + ("mismatched pairs" if inp.pairs else "flipped samples"))
     if "retrain" in result:
         rep.heading("Retraining without the flagged samples")
-        rep.text("Same θ_0, batch order and learning rates; flagged samples left out of every batch.")
+        rep.text("Same θ_0, batch order and learning rates; flagged samples left out of every batch. Evaluated "
+                 f"on the {result['retrain']['evaluated_on']}, each replay with its own parameters and running "
+                 "statistics.")
         rep.table(*_retrain_table(result))
+    if "retrain_fresh" in result:
+        f = result["retrain_fresh"]
+        rep.heading("Training from scratch without each method's flags")
+        rep.text(f"Recipe: {f['recipe']}; seeds {', '.join(map(str, f['seeds']))}; the {result['n_flagged']:,} "
+                 f"most harmful by each method removed; evaluated on the {f['evaluated_on']}.")
+        header, rows = fresh_table(result)
+        if "test accuracy" in header:
+            rep.text(winner({r[0]: r[2] for r in rows if r[0] not in ("none", "oracle")},
+                            "test accuracy after removal")["line"])
+        rep.table(header, rows)
     if result.get("errors"):
         rep.heading("Methods that did not run")
         for name, err in result["errors"].items():

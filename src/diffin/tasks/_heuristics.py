@@ -7,15 +7,22 @@ same recorded run. Higher = more important to keep, as each is used in its paper
 * ``forgetting``: how often a sample goes from correctly to wrongly classified when it is seen
   again during training, replayed from the recording; never-learned samples rank highest
   (Toneva et al. 2019).
+* ``aum``: minus the area under the margin (Pleiss et al. 2020): the mean over a sample's
+  presentations during training of its margin, the logit of its label minus the largest other
+  logit, replayed from the recording at each presentation (before the step's update). A
+  mislabelled sample's margin stays low or negative until it is memorised, so a low AUM flags it;
+  the importance is −AUM (hard and mislabelled samples first, as EL2N and forgetting rank).
 * ``random``: a seeded random order.
 * ``clip-score``: for image–text pairs, the cosine of each pair under θ_T (the DataComp filter:
   keep the pairs the trained model finds best matched).
 
 ``early`` is the first checkpoint after 10% of the steps (the papers score early in training).
-EL2N and forgetting assume a classifier (logits and integer labels).
+EL2N, forgetting and AUM assume a classifier (logits and integer labels).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,7 +35,7 @@ from ..recording.run import Run
 from ..trajectory import Trajectory
 from ._common import TaskInputs, losses_at, pair_scores_at, theta_final
 
-HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting", "clip-score")
+HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting", "aum", "clip-score")
 
 
 def _early_step(steps: list[int], n_steps: int) -> int:
@@ -52,6 +59,8 @@ def importance(name: str, inp: TaskInputs, seed: int = 0, run: Run | None = None
         return losses_at(fm, theta_T, inp.train)
     if name == "forgetting":
         return _forgetting(inp, fm, run)
+    if name == "aum":
+        return -area_under_margin(inp, fm, run)
     early = _early_step(run.checkpoint_steps, run.n_steps)
     theta = fm.flatten(run.load_checkpoint(early).params)
     if name == "el2n":
@@ -73,28 +82,56 @@ def _check_classifier(out: torch.Tensor, y: torch.Tensor) -> None:
         raise ConfigError("EL2N and forgetting need a classifier (2-D logits, integer labels)")
 
 
-def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
-    """Forgetting events counted along the replayed trajectory, at each presentation (before the
-    step's update). Never-correct samples get one more than the largest count."""
+def _presentations(inp: TaskInputs, fm: FlatModel, run: Run) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(ids, logits (B, C), labels (B,)) of every recorded step's batch at θ_t, before the step's
+    update, along the replayed trajectory (the training forward pass as the papers record it)."""
     if not run.has_batch_ids:
-        raise ConfigError("forgetting counts need the batch ids of every step")
-    src = DataSource(inp.train, fm.dtype, fm.device)
-    traj = Trajectory(run, fm, src)
-    N = inp.n_train
-    last = np.zeros(N, dtype=bool)
-    learned = np.zeros(N, dtype=bool)
-    events = np.zeros(N, dtype=np.int64)
+        raise ConfigError("forgetting counts and AUM need the batch ids of every step")
+    traj = Trajectory(run, fm, DataSource(inp.train, fm.dtype, fm.device))
     state = traj.state(0)
     with torch.no_grad():
         for t in range(run.n_steps):
             ids, x, y = traj.batch(t)
             out = _logits(fm, state.theta, x)
             _check_classifier(out, y)
-            correct = (out.argmax(1) == y).numpy()
-            events[ids] += last[ids] & ~correct
-            last[ids] = correct
-            learned[ids] |= correct
+            yield ids, out, y
             state, _ = traj.step(state, t, x, y)
+
+
+def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
+    """Forgetting events counted along the replayed trajectory, at each presentation (before the
+    step's update). Never-correct samples get one more than the largest count."""
+    N = inp.n_train
+    last = np.zeros(N, dtype=bool)
+    learned = np.zeros(N, dtype=bool)
+    events = np.zeros(N, dtype=np.int64)
+    for ids, out, y in _presentations(inp, fm, run):
+        correct = (out.argmax(1) == y).cpu().numpy()
+        events[ids] += last[ids] & ~correct
+        last[ids] = correct
+        learned[ids] |= correct
     score = events.astype(np.float64)
     score[~learned] = events.max() + 1
     return score
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The margin (B,) of each row: the logit of its label minus the largest other logit."""
+    own = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return own - others.max(dim=1).values
+
+
+def area_under_margin(inp: TaskInputs, fm: FlatModel | None = None, run: Run | None = None) -> np.ndarray:
+    """AUM (N,) float64 (Pleiss et al. 2020): each training sample's margin (:func:`margins`, logit
+    units) averaged over its presentations along the replayed trajectory; NaN for a sample that
+    was never in a batch. Low = suspicious (mislabelled samples stay below their peers)."""
+    if fm is None or run is None:
+        fm, _, run = theta_final(inp, run)
+    total = np.zeros(inp.n_train)
+    seen = np.zeros(inp.n_train)
+    for ids, out, y in _presentations(inp, fm, run):
+        np.add.at(total, ids, margins(out, y).double().cpu().numpy())
+        np.add.at(seen, ids, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(seen > 0, total / np.maximum(seen, 1.0), np.nan)
