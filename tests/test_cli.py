@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffin
 from diffin.builtin.setups import read_setup_meta
 from diffin.cli import main
 
@@ -122,3 +123,15 @@ def test_quickstart_example_runs():
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "most harmful" in res.stdout and "flipped label" in res.stdout
+
+
+def test_embed_writes_the_embedding_and_self_influence(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "emb"
+    assert main(["train", "--setup", "tiny", "--out", str(run), "--quiet", "--epochs", "2"]) == 0
+    assert main(["embed", str(run), "--dim", "6", "--out", str(out), "--self-influence", "--quiet"]) == 0
+    assert "embedding" in capsys.readouterr().out
+    emb = diffin.load_embedding(out)
+    assert emb.values.shape[1] == 6 and emb.manifest["config"]["hvp"] == "exact"
+    lines = (out / "self_influence.csv").read_text().splitlines()
+    assert lines[0] == "id,label,loss_change_if_removed" and len(lines) == emb.n + 1
+    assert main(["embed", str(run), "--dim", "7", "--out", str(out), "--quiet"]) == 2  # another config: refused

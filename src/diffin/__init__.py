@@ -19,6 +19,7 @@ from ._errors import (
     DatasetIdError,
     DiffinError,
     DistributedError,
+    EmbeddingNotFoundError,
     LossShapeError,
     MissingOptimizerStateError,
     ModelCallError,
@@ -36,6 +37,7 @@ from ._errors import (
 from ._functional import BatchLoss, batch_loss
 from ._version import __version__
 from .config import ScoreConfig
+from .embedding import EmbedConfig, Embedding, embed, load_embedding
 from .estimators import Estimator, available_methods
 from .recording import PartialRunWarning, Recorder, Run, load_run, restore_checkpoint
 from .trajectory import ReplayDriftWarning
@@ -55,6 +57,9 @@ __all__ = [
     "DatasetIdError",
     "DiffinError",
     "DistributedError",
+    "EmbedConfig",
+    "Embedding",
+    "EmbeddingNotFoundError",
     "Estimator",
     "LossShapeError",
     "MissingOptimizerStateError",
@@ -77,7 +82,9 @@ __all__ = [
     "UntrainedRowsWarning",
     "__version__",
     "batch_loss",
+    "embed",
     "influence",
+    "load_embedding",
     "load_run",
     "loader",
     "memmap_arrays",

@@ -64,6 +64,7 @@ from ._common import (
     losses_at,
     pair_scores_at,
     prepare_task,
+    self_scores,
     theta_final,
     write_csv,
 )
@@ -185,7 +186,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
         return class_harm(name.removesuffix(CLASSES_SUFFIX), inp, state, cfg, progress, notes)
     base = name.removesuffix(SELF_SUFFIX)
     if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
-        return cached_score(inp, state, base, "self", progress).astype(np.float64)
+        return self_scores(inp, state, base, progress).astype(np.float64)
     if name == "loss":
         fm, theta, _ = theta_final(inp, state.run)
         return losses_at(fm, theta, inp.train)
@@ -200,7 +201,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if name not in Estimator.registry:
         raise ConfigError(f"unknown method {name!r} for cleaning")
     if _self_ranked(cfg, inp):
-        return cached_score(inp, state, name, "self", progress).astype(np.float64)
+        return self_scores(inp, state, name, progress).astype(np.float64)
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
 
 

@@ -47,7 +47,17 @@ from .._io import write_json
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..report import Report, curves, format_list, format_sizes, winner
-from ._common import Recipe, TaskInputs, TaskState, cached_score, canonical, load_piece, prepare_task, write_csv
+from ._common import (
+    Recipe,
+    TaskInputs,
+    TaskState,
+    cached_score,
+    canonical,
+    load_piece,
+    prepare_task,
+    self_scores,
+    write_csv,
+)
 from ._heuristics import HEURISTICS, importance
 
 RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential")
@@ -165,7 +175,7 @@ def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
     if name.endswith(SELF_SUFFIX) and name[: -len(SELF_SUFFIX)] in Estimator.registry:
         # self-influence: how much a sample's own loss would rise without it (memorised, atypical or
         # corrupted samples rank high); the least self-influential are kept first
-        own = cached_score(inp, state, name[: -len(SELF_SUFFIX)], "self", progress)
+        own = self_scores(inp, state, name[: -len(SELF_SUFFIX)], progress)
         return -own.astype(np.float64), False
     if name not in Estimator.registry:
         raise ConfigError(f"unknown selection method {name!r}; use an estimator, METHOD{SELF_SUFFIX} (its "
