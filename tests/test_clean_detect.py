@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
+from diffin._errors import ConfigError
 from diffin.builtin import TrainConfig, train
-from diffin.builtin.data import confusion_flip_labels, load_mnist5k, make_synthetic, pair_flip_labels
+from diffin.builtin.data import confusion_flip_labels, make_synthetic, pair_flip_labels
 from diffin.builtin.models import cross_entropy
 from diffin.builtin.setups import get_setup
 from diffin.builtin.trainer import evaluate
 from diffin.report import winner
 from diffin.tasks import CleanConfig, TaskInputs, builtin_inputs, clean
-from diffin.tasks._clean import DEFAULT_BASELINES, COSTLY
+from diffin.tasks._clean import COSTLY, DEFAULT_BASELINES
 from diffin.tasks._heuristics import area_under_margin, importance, margins
-from diffin._errors import ConfigError
 
 
 # ------------------------------------------------------------------ noise models
@@ -136,7 +136,8 @@ def test_advice_and_winner_when_a_baseline_finds_the_flips_better(tmp_path: Path
     best = max(aucs, key=aucs.get)
     assert res["winner"]["method"] == best and res["winner"]["line"].startswith(f"Best by ROC-AUC: {best}")
     if aucs[best] - aucs["el2n"] >= 0.01:
-        assert res["advice"].startswith(f"{best} finds the flipped labels better") and f"--method {best}" in res["advice"]
+        assert res["advice"].startswith(f"{best} finds the flipped labels better")
+        assert f"--method {best}" in res["advice"]
     else:
         assert "advice" not in res
 
@@ -183,3 +184,76 @@ def test_without_a_test_set_half_the_validation_set_is_held_out(tmp_path: Path) 
     assert set(fresh["removals"]) == {"none", "diffin", "loss", "random"}
     assert all(r["n_removed"] == (0 if n == "none" else 5) for n, r in fresh["removals"].items())
     assert all(0 <= r["test_accuracy_mean"] <= 1 for r in fresh["removals"].values())
+
+
+# ------------------------------------------------------------------ per-class targets, horizons
+def test_group_mean_target_is_the_class_mean_of_pairwise_scores(tiny_run) -> None:
+    """A sweep is linear in its target's gradient: the column of group g equals the mean of the
+    pairwise columns of g's examples (float64), for diffin and tracin."""
+    import diffin
+    from diffin._data import DataSource
+    from diffin.targets import GroupMeanLoss
+
+    t = tiny_run
+    groups = np.array([0, 1, 0, 2, 1, 0, 2, 2])
+    for method in ("diffin", "tracin"):
+        tgt = GroupMeanLoss(DataSource((t.Xv, t.Yv), torch.float64, torch.device("cpu")), groups)
+        got = t.score(method, target=tgt).scores
+        pair = diffin.score(t.run, t.make(), t.loss, train=(t.X, t.Y), target=(t.Xv, t.Yv), pairwise=True,
+                            method=method, progress=False).scores
+        want = np.stack([pair[:, groups == g].mean(1) for g in range(3)], 1)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(diffin.DiffinError):
+        GroupMeanLoss(DataSource((t.Xv, t.Yv), torch.float64, torch.device("cpu")), np.array([0, 2, 0, 2, 0, 0, 2, 2]))
+
+
+@pytest.mark.filterwarnings("ignore::diffin._errors.UntrainedRowsWarning")
+def test_run_until_a_checkpoint_scores_the_first_segments(tiny_run) -> None:
+    import diffin
+    from diffin._errors import MissingFileError
+
+    t = tiny_run
+    run = diffin.load_run(t.run)
+    c = run.checkpoint_steps[1]
+    view = run.until(c)
+    assert view.n_steps == c and view.checkpoint_steps == run.checkpoint_steps[:2] and len(view.lrs) == c
+    assert view.fingerprint != run.fingerprint and run.until(run.n_steps) is run
+    assert np.array_equal(view.batch(c - 1), run.batch(c - 1))
+    # TracIn-CP's self-influence on the view is the first segment's term of the whole run's
+    first = diffin.score(view, t.make(), t.loss, train=(t.X, t.Y), target="self", method="tracin", progress=False)
+    coef = run.lrs[:c].sum() / len(t.X)
+    fm = diffin._functional.FlatModel(t.make(), t.loss, run.trainable)
+    theta = fm.flatten(run.load_checkpoint(c).params)
+    sq = (fm.per_sample_grads(theta, t.X, t.Y) ** 2).sum(1).numpy()
+    np.testing.assert_allclose(first.scores, coef * sq, rtol=1e-9)
+    with pytest.raises(MissingFileError):
+        run.until(c + 1)
+
+
+def test_classes_detector_ranks_by_the_most_harmed_class(tmp_path: Path) -> None:
+    """METHOD-classes: per-class harm percentiles from the per-class scores at the horizon
+    checkpoint (here the run's end), the highest over classes; the horizon 'best-val' is the
+    checkpoint after θ_0 with the lowest validation loss."""
+    from scipy.stats import rankdata
+
+    import diffin
+    from diffin.tasks._clean import horizon_step
+
+    inp = builtin_inputs("tiny", 0.1, tmp_path)
+    res = clean(inp, CleanConfig(method="tracin-classes", baselines="", horizon="end", count=5), out=tmp_path / "c",
+                progress=False)
+    xv, yv = inp.val
+    pair = diffin.score(inp.run, inp.model_factory(), inp.loss_fn, train=inp.train, target=(xv, yv), pairwise=True,
+                        method="tracin", progress=False).scores
+    S = np.stack([pair[:, yv.numpy() == c].mean(1) for c in range(3)], 1)
+    harm = np.stack([rankdata(-S[:, c]) / len(S) for c in range(3)], 1).max(1)
+    assert set(res["flagged_ids"]) == set(np.argsort(-harm, kind="stable")[:5].tolist())
+    assert res["horizon"]["tracin-classes"]["step"] == diffin.load_run(inp.run).n_steps
+    run = diffin.load_run(inp.run)
+    step, curve = horizon_step(inp, run, "best-val")
+    first_epoch = int(np.ceil(120 / 16))  # tiny: 120 samples, batch 16: all seen after 8 steps
+    allowed = [i for i, c in enumerate(run.checkpoint_steps) if c >= first_epoch]
+    assert len(curve) == len(run.checkpoint_steps)
+    assert step == run.checkpoint_steps[min(allowed, key=lambda i: curve[i])]
+    with pytest.raises(ConfigError):
+        CleanConfig(horizon="soon")

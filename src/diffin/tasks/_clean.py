@@ -205,10 +205,24 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
 
 
+def _all_seen_step(run: Run, n_train: int) -> int:
+    """The first step by which every training id has been in a batch (``run.n_steps`` if never;
+    0 without recorded batch ids)."""
+    if not run.has_batch_ids:
+        return 0
+    seen = np.zeros(n_train, dtype=bool)
+    for t in range(run.n_steps):
+        seen[run.batch(t)] = True
+        if seen.all():
+            return t + 1
+    return run.n_steps
+
+
 def horizon_step(inp: TaskInputs, run: Run, horizon: str) -> tuple[int, list[float] | None]:
     """The checkpoint step ``horizon`` names, and the validation loss at every checkpoint when it
-    was chosen by them (``best-val``: the first checkpoint after θ_0 with the lowest mean
-    validation loss, where the model generalises best, before it memorises its labels)."""
+    was chosen by them (``best-val``: among the checkpoints by which every training sample has been
+    trained on, the one with the lowest mean validation loss: where the model generalises best,
+    before it memorises its labels)."""
     if horizon == "end":
         return run.n_steps, None
     if horizon != "best-val":
@@ -218,8 +232,9 @@ def horizon_step(inp: TaskInputs, run: Run, horizon: str) -> tuple[int, list[flo
     fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
     traj = Trajectory(run, fm)
     curve = [float(losses_at(fm, traj.theta(c), inp.val).mean()) for c in run.checkpoint_steps]
-    later = range(1, len(curve)) if len(curve) > 1 else range(len(curve))
-    best = min(later, key=lambda i: curve[i])
+    first = _all_seen_step(run, inp.n_train)
+    allowed = [i for i, c in enumerate(run.checkpoint_steps) if c >= max(first, 1)] or [len(curve) - 1]
+    best = min(allowed, key=lambda i: curve[i])
     return run.checkpoint_steps[best], curve
 
 
