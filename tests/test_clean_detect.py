@@ -237,7 +237,7 @@ def test_classes_detector_ranks_by_the_most_harmed_class(tmp_path: Path) -> None
     from scipy.stats import rankdata
 
     import diffin
-    from diffin.tasks._clean import horizon_step
+    from diffin.tasks._classes import horizon_step
 
     inp = builtin_inputs("tiny", 0.1, tmp_path)
     res = clean(inp, CleanConfig(method="tracin-classes", baselines="", horizon="end", count=5), out=tmp_path / "c",
@@ -257,3 +257,11 @@ def test_classes_detector_ranks_by_the_most_harmed_class(tmp_path: Path) -> None
     assert step == run.checkpoint_steps[min(allowed, key=lambda i: curve[i])]
     with pytest.raises(ConfigError):
         CleanConfig(horizon="soon")
+
+
+def test_auto_flags_by_class_influence_with_a_labelled_validation_set(tmp_path: Path) -> None:
+    inp = builtin_inputs("tiny", 0.1, tmp_path)
+    assert clean(inp, CleanConfig(baselines="", count=3), progress=False)["method"] == "tracin-classes"
+    no_val = dataclasses.replace(inp, val=None)
+    res = clean(no_val, CleanConfig(baselines="", count=3), progress=False)
+    assert res["method"] == "diffin" and res["ranking"] == "self-influence"

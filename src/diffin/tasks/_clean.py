@@ -42,19 +42,13 @@ import torch
 from scipy.stats import rankdata
 
 from .. import _tree
-from .._api import score
-from .._data import DataSource
 from .._errors import ConfigError, MissingExtraError, UnsupportedMethodError
-from .._functional import FlatModel
 from .._io import write_json
 from .._optional import require
 from ..config import ScoreConfig, config_field
 from ..estimators.base import Estimator
-from ..groundtruth import replay_states
-from ..recording.run import Run
 from ..report import Report, format_sizes, image_grid, score_histograms, text_table, winner
-from ..targets import GroupMeanLoss
-from ..trajectory import Trajectory
+from ._classes import class_harm
 from ._common import (
     Recipe,
     TaskInputs,
@@ -69,11 +63,17 @@ from ._common import (
     write_csv,
 )
 from ._heuristics import importance
+from ._removal import estimate_seconds, heldout_split, removal_sets, replay_without, retrain_fresh
 
 RECALL_AT = (0.05, 0.1, 0.2)
 ADVICE_MARGIN = 0.01
 """A method whose ROC-AUC on the run exceeds the chosen method's by this much is offered in one line."""
 COMBINED = "combined"
+AUTO = "auto"
+AUTO_DETECTOR = "tracin-classes"
+"""What ``method="auto"`` flags by when the validation set has class labels (measured in BENCHMARKS.md,
+"Finding bad labels where the loss cannot": above Diff-In's mean validation influence on all four setups,
+docs/method.md §6); otherwise ``diffin``."""
 SELF_SUFFIX = "-self"
 CLASSES_SUFFIX = "-classes"
 """``METHOD-classes``: the method's influence on each class of the validation set (one score column per
@@ -96,7 +96,9 @@ the combined detector are classification or per-sample-loss methods)."""
 class CleanConfig:
     """Options of ``diffin clean``."""
 
-    method: str = config_field("diffin", "influence method that decides what is flagged")
+    method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (tracin-classes with a "
+                               "class-labelled validation set, else diffin), an influence method, METHOD-classes, "
+                               "METHOD-self, or a baseline name")
     fraction: float = config_field(0.1, "fraction of the training set to flag (0, 1]")
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
@@ -137,6 +139,14 @@ class CleanConfig:
         base = PAIR_BASELINES if pairs and self.baselines == DEFAULT_BASELINES else self.baselines
         names = [self.method] + [b.strip() for b in base.split(",") if b.strip()]
         return list(dict.fromkeys(names))
+
+
+def auto_method(inp: TaskInputs, cfg: CleanConfig) -> str:
+    """``method="auto"``: :data:`AUTO_DETECTOR` when ranking against a validation set with integer
+    class labels (classification, not image–text pairs), else ``diffin``."""
+    classes = (inp.val is not None and not inp.pairs and isinstance(inp.val[1], torch.Tensor)
+               and inp.val[1].ndim == 1 and not inp.val[1].is_floating_point())
+    return AUTO_DETECTOR if classes and not cfg.no_validation else "diffin"
 
 
 def _self_ranked(cfg: CleanConfig, inp: TaskInputs) -> bool:
@@ -183,7 +193,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if name == COMBINED:
         return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
     if name.endswith(CLASSES_SUFFIX) and name.removesuffix(CLASSES_SUFFIX) in Estimator.registry:
-        return class_harm(name.removesuffix(CLASSES_SUFFIX), inp, state, cfg, progress, notes)
+        return class_harm(name.removesuffix(CLASSES_SUFFIX), inp, state, cfg.horizon, progress, notes)
     base = name.removesuffix(SELF_SUFFIX)
     if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
         return self_scores(inp, state, base, progress).astype(np.float64)
@@ -203,70 +213,6 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if _self_ranked(cfg, inp):
         return self_scores(inp, state, name, progress).astype(np.float64)
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
-
-
-def _all_seen_step(run: Run, n_train: int) -> int:
-    """The first step by which every training id has been in a batch (``run.n_steps`` if never;
-    0 without recorded batch ids)."""
-    if not run.has_batch_ids:
-        return 0
-    seen = np.zeros(n_train, dtype=bool)
-    for t in range(run.n_steps):
-        seen[run.batch(t)] = True
-        if seen.all():
-            return t + 1
-    return run.n_steps
-
-
-def horizon_step(inp: TaskInputs, run: Run, horizon: str) -> tuple[int, list[float] | None]:
-    """The checkpoint step ``horizon`` names, and the validation loss at every checkpoint when it
-    was chosen by them (``best-val``: among the checkpoints by which every training sample has been
-    trained on, the one with the lowest mean validation loss: where the model generalises best,
-    before it memorises its labels)."""
-    if horizon == "end":
-        return run.n_steps, None
-    if horizon != "best-val":
-        return int(horizon), None
-    if inp.val is None:
-        raise ConfigError("horizon 'best-val' needs a validation set; give --horizon end or a checkpoint step")
-    fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
-    traj = Trajectory(run, fm)
-    curve = [float(losses_at(fm, traj.theta(c), inp.val).mean()) for c in run.checkpoint_steps]
-    first = _all_seen_step(run, inp.n_train)
-    allowed = [i for i, c in enumerate(run.checkpoint_steps) if c >= max(first, 1)] or [len(curve) - 1]
-    best = min(allowed, key=lambda i: curve[i])
-    return run.checkpoint_steps[best], curve
-
-
-def class_harm(method: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, progress: bool,
-               notes: dict[str, Any]) -> np.ndarray:
-    """``METHOD-classes``: score every training sample against the mean loss of each class of the
-    validation set (one sweep with C targets, :class:`~diffin.targets.GroupMeanLoss`), on the run up
-    to the horizon's checkpoint; in each class's column rank the samples by harm (percentile of
-    −score, ties averaged); a sample's harm is its highest percentile over the classes.
-
-    Why: a wrong label raises the validation loss of the class its image belongs to and barely
-    moves the others, so the mean over all classes dilutes it among the C − 1 classes it does not
-    touch; and each class's scores have their own scale (its loss, its gradients), which the
-    percentiles remove (docs/method.md §6)."""
-    if inp.val is None:
-        raise ConfigError(f"{method}{CLASSES_SUFFIX} needs a validation set with class labels")
-    xv, yv = inp.val
-    if yv.is_floating_point() or yv.ndim != 1:
-        raise ConfigError(f"{method}{CLASSES_SUFFIX} needs integer class labels in the validation set")
-    step, curve = horizon_step(inp, state.run, cfg.horizon)
-    run = state.run.until(step)
-    fm = FlatModel(inp.model_factory(), inp.loss_fn, run.trainable)
-    labels = yv.detach().cpu().numpy()
-    present = np.unique(labels)
-    groups = np.searchsorted(present, labels)
-    tgt = GroupMeanLoss(DataSource(inp.val, fm.dtype, fm.device, name="target"), groups)
-    S = score(run, inp.model_factory(), inp.loss_fn, train=inp.train, target=tgt, config=ScoreConfig(method=method),
-              progress=progress).scores.astype(np.float64)
-    notes.setdefault("horizon", {})[f"{method}{CLASSES_SUFFIX}"] = {
-        "step": step, "of": state.run.n_steps, "rule": cfg.horizon, "val_loss_at_checkpoints": curve}
-    pct = np.stack([rankdata(-S[:, g]) / len(S) for g in range(S.shape[1])], axis=1)
-    return pct.max(axis=1)
 
 
 def out_of_fold_probs(inp: TaskInputs, recipe: Recipe, folds: int, seed: int) -> np.ndarray:
@@ -307,111 +253,6 @@ def _cleanlab_harm(inp: TaskInputs, cfg: CleanConfig, recipe: Recipe, notes: dic
     return 1.0 - quality(labels, probs)
 
 
-def heldout_split(inp: TaskInputs, seed: int) -> tuple[TaskInputs, str]:
-    """Inputs whose before/after numbers are measured on data the flags were not chosen on: the
-    test set when there is one; else the validation set split in two halves (seeded), the first
-    the target of validation-influence methods, the second held out for evaluation. Returns the
-    inputs and what the evaluation set is, in words."""
-    if inp.test is not None:
-        return inp, "test"
-    if inp.val is None:
-        raise ConfigError("retraining needs test or validation data to evaluate on (give a test set, or a "
-                          "validation set of which half is held out)")
-    n = _tree.batch_len(inp.val[0])
-    if n < 2:
-        raise ConfigError("retraining without a test set holds out half of the validation set, which needs "
-                          f">= 2 samples (has {n}); give a test set")
-    perm = torch.as_tensor(np.random.default_rng(seed + 31).permutation(n))
-    choose, held = perm[: n // 2], perm[n // 2:]
-    part = lambda ids: (_tree.index(inp.val[0], ids), inp.val[1][ids])  # noqa: E731
-    return (dataclasses.replace(inp, val=part(choose), test=part(held)),
-            f"held-out half of the validation set ({len(held)} samples; flags chosen on the other {len(choose)})")
-
-
-def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanConfig, which: str) -> dict[str, Any]:
-    """Replay the recorded run without the flagged samples (and a random and the oracle removal),
-    evaluated on ``inp.test`` with each replay's own parameters and running statistics."""
-    fm, _, run = theta_final(inp, state.run)
-    src = DataSource(inp.train, fm.dtype, fm.device)
-    traj = Trajectory(run, fm, src)
-    rng = np.random.default_rng(cfg.seed + 17)
-    groups = {"after": flagged, "random_removal": np.sort(rng.choice(inp.n_train, len(flagged), replace=False))}
-    if inp.flipped is not None:
-        groups["oracle_removal"] = np.flatnonzero(inp.flipped)
-    with torch.no_grad():
-        full, finals = replay_states(traj, list(groups.values()), "renormalize")
-
-    def ev(th: torch.Tensor, stats: torch.Tensor | None) -> dict[str, float]:
-        params = fm.unflatten(th)
-        if stats is not None and stats.numel():
-            params.update(fm.unflat_stats(stats))
-        res = inp.evaluate(fm.model, *inp.test, loss_fn=fm.loss_fn, params=params)  # type: ignore[misc]
-        return {f"test_{k}": v for k, v in res.items()}
-
-    out: dict[str, Any] = {"evaluated_on": which, "before": ev(full.theta, full.stats), "n_removed": int(len(flagged))}
-    for k, (name, grp) in enumerate(groups.items()):
-        out[name] = ev(finals.theta[k], None if finals.stats is None else finals.stats[k])
-        out[name]["n_removed"] = int(len(grp))
-    return out
-
-
-def removal_sets(harms: dict[str, np.ndarray], k: int, inp: TaskInputs, seed: int) -> dict[str, np.ndarray]:
-    """The training ids each comparison removes: nothing (``none``), the k most harmful by each
-    method, k at random, and the corrupted ids when known (``oracle``)."""
-    sets = {"none": np.zeros(0, dtype=np.int64)}
-    sets.update({m: np.sort(np.argsort(-h, kind="stable")[:k]) for m, h in harms.items()})
-    sets["random"] = np.sort(np.random.default_rng(seed + 17).choice(inp.n_train, k, replace=False))
-    if inp.flipped is not None:
-        sets["oracle"] = np.flatnonzero(inp.flipped)
-    return sets
-
-
-def retrain_fresh(inp: TaskInputs, recipe: Recipe, sets: dict[str, np.ndarray], seeds: list[int],
-                  which: str) -> dict[str, Any]:
-    """Train from scratch with ``recipe`` (one model per removal set and seed; the model's
-    initialisation seeded with the same seed) and evaluate on ``inp.test``: per set, the test
-    accuracy and loss of each seed and their means and standard deviations."""
-    x, y = inp.train
-    res: dict[str, Any] = {"evaluated_on": which, "seeds": seeds, "recipe": recipe.describe(), "removals": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, ids in sets.items():
-            keep = np.setdiff1d(np.arange(inp.n_train), ids)
-            per: dict[str, list[float]] = {}
-            for sd in seeds:
-                torch.manual_seed(sd)
-                model = inp.model_factory()
-                recipe.train(model, x, y, Path(tmp) / "run", keep, sd, inp.loss_fn)
-                for key, v in inp.evaluate(model, *inp.test, loss_fn=inp.loss_fn).items():  # type: ignore[misc]
-                    per.setdefault(f"test_{key}", []).append(float(v))
-            row: dict[str, Any] = {"n_removed": int(len(ids))}
-            for key, vals in per.items():
-                row[key] = vals
-                row[f"{key}_mean"] = float(np.mean(vals))
-                row[f"{key}_std"] = float(np.std(vals))
-            res["removals"][name] = row
-    return res
-
-
-def estimate_seconds(name: str, inp: TaskInputs, state: TaskState, base: ScoreConfig) -> tuple[float, str]:
-    """A costly method's time (s) before it runs, from one measured full-data Hessian–vector
-    product at θ_T times the iterations it may take, and the estimate in words."""
-    fm, theta, _ = theta_final(inp, state.run)
-    v = torch.randn(1, theta.numel(), dtype=theta.dtype, generator=torch.Generator().manual_seed(0))
-    src = DataSource(inp.train, fm.dtype, fm.device)
-    t0 = time.perf_counter()
-    if name == "if-cg":
-        for _, x, y in src.chunks(base.batch_size):
-            fm.hvp(theta, x, y, v, mode="exact" if base.hvp == "auto" else base.hvp)  # type: ignore[arg-type]
-        one = time.perf_counter() - t0
-        return one * base.cg_iters, f"up to {base.cg_iters} CG iterations × one full-data HVP ({one:.2g} s)"
-    ids = np.arange(min(inp.n_train, base.lissa_batch_size))
-    _, x, y = next(iter(DataSource((_tree.index(inp.train[0], torch.as_tensor(ids)), inp.train[1][ids]),
-                                   fm.dtype, fm.device).chunks(len(ids))))
-    fm.hvp(theta, x, y, v, mode="exact" if base.hvp == "auto" else base.hvp)  # type: ignore[arg-type]
-    one = time.perf_counter() - t0
-    return one * base.lissa_depth, f"{base.lissa_depth} LiSSA steps × one HVP on {len(ids)} samples ({one:.2g} s)"
-
-
 def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | None = None,
           overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
           **options: Any) -> dict[str, Any]:
@@ -432,6 +273,8 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
     from ..metrics import detection_auc, recall_at
 
     cfg = config if config is not None else CleanConfig(**options)
+    if cfg.method == AUTO:
+        cfg = dataclasses.replace(cfg, method=auto_method(inp, cfg))
     say = log or (lambda _msg: None)
     methods = cfg.method_list(inp.pairs)
     which = "test"
@@ -503,7 +346,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
                                 f"against {aucs[cfg.method]:.3f} by {cfg.method}): rerun with --method {best} to "
                                 "flag by it")
     if cfg.retrain:
-        result["retrain"] = _retrain(inp, state, flagged, cfg, which)
+        result["retrain"] = replay_without(inp, state, flagged, cfg.seed, which)
     if cfg.retrain_seeds:
         assert recipe is not None  # retrain_seeds raised above without one
         sets = removal_sets(harms, k, inp, cfg.seed)
