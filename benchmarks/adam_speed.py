@@ -29,7 +29,7 @@ import torch
 
 import diffin
 from diffin._measure import Measure
-from diffin.builtin import Setup, get_setup, train
+from diffin.bench.builtin import Setup, get_setup, train
 from diffin.report import text_table
 
 METHOD = "diffin-exact"

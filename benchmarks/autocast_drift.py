@@ -30,8 +30,8 @@ from scipy.stats import spearmanr
 
 import diffin
 from diffin._io import write_json
-from diffin.builtin import get_setup
-from diffin.builtin.trainer import batch_order
+from diffin.bench.builtin import get_setup
+from diffin.bench.builtin.trainer import batch_order
 
 METHODS = ("diffin-exact", "tracin")
 MODES: dict[str, torch.dtype | None] = {"float32": None, "bf16-autocast": torch.bfloat16,

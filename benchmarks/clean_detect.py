@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffin.builtin import get_setup
+from diffin.bench.builtin import get_setup
 from diffin.report import text_table, winner
 from diffin.tasks import CleanConfig, builtin_inputs, clean
 

@@ -34,7 +34,7 @@ import torch
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
-from diffin.builtin import get_setup, train
+from diffin.bench.builtin import get_setup, train
 from diffin.groundtruth import replay_removal
 from diffin.report import text_table
 

@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffin.bench_pairs import detection_auc, pairs_data
 
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
-from diffin.bench_pairs import detection_auc, pairs_data
-from diffin.builtin import train
-from diffin.builtin.captions import CLIP_LOSS, clip_scores
-from diffin.builtin.synthetic_pairs import PAIRS_TRAIN, memmap_pairs, pairs_model
+from diffin.bench.builtin import train
+from diffin.bench.builtin.captions import CLIP_LOSS, clip_scores
+from diffin.bench.builtin.synthetic_pairs import PAIRS_TRAIN, memmap_pairs, pairs_model
 
 
 def _setup(work: Path, n: int, seed: int, log: Any) -> tuple[Path, Any, np.ndarray, float, np.ndarray]:

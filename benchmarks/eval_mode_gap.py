@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 import diffin
 from diffin import _constants as C
-from diffin.builtin import get_setup
+from diffin.bench.builtin import get_setup
 from diffin.groundtruth import replay_removal
 
 

@@ -31,7 +31,7 @@ import torch
 
 import diffin
 from diffin._io import write_json
-from diffin.builtin import get_setup, train
+from diffin.bench.builtin import get_setup, train
 
 METHODS = ("diffin-exact", "diffin-retrain", "tracin")
 CHECKED = ("diffin-exact", "tracin")  # float64 rows held to FLOAT64_RTOL

@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 
 import diffin
 from diffin.bench import BenchConfig
-from diffin.builtin import get_setup, train
+from diffin.bench.builtin import get_setup, train
 from diffin.groundtruth import lds_ground_truth
 from diffin.metrics import lds
 from diffin.report import text_table

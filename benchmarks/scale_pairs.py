@@ -16,7 +16,7 @@ from typing import Any
 
 from diffin._io import write_json
 from diffin.bench import BenchConfig, machine_info
-from diffin.bench_pairs import (
+from diffin.bench.pairs import (
     N_TRAIN,
     PAIRS_COLUMNS,
     PAIRS_METHODS,
@@ -33,8 +33,8 @@ from diffin.report import text_table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run :func:`diffin.bench_pairs.run_scale_pairs` (or, with ``--removal-check``,
-    :func:`diffin.bench_pairs.removal_check`), print the table, write the JSON (and the detection plot)."""
+    """Run :func:`diffin.bench.pairs.run_scale_pairs` (or, with ``--removal-check``,
+    :func:`diffin.bench.pairs.removal_check`), print the table, write the JSON (and the detection plot)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=N_TRAIN)
     p.add_argument("--spot-n", type=int, default=None, help=f"pairs of the float64 spot check (default {PAIRS_SPOT_N})")

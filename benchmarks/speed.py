@@ -7,7 +7,7 @@ setup has tanh; the same setup with ReLU (built here, ``--activations``) is meas
 with ``hvp="auto"`` a ReLU network gets exact (double-backward) HVPs instead of finite
 differences, whose gradients jump where a perturbation crosses a kink.
 
-For each activation, the training run's wall time is the plain loop of ``diffin.builtin.train``
+For each activation, the training run's wall time is the plain loop of ``diffin.bench.builtin.train``
 (the user's loop with ``diffin.Recorder``), median of --repeats runs after one untimed warm-up
 run, and every ratio is against that activation's own training run. For each method, in a fresh
 subprocess (so peak RSS is the method's own): wall time of scoring all samples (median of
@@ -38,8 +38,8 @@ import torch
 
 import diffin
 from diffin._measure import Measure
-from diffin.builtin import Setup, get_setup, train
-from diffin.builtin.models import mlp
+from diffin.bench.builtin import Setup, get_setup, train
+from diffin.bench.builtin.models import mlp
 from diffin.report import markdown_table, text_table
 
 METHODS = ["tracin", "diffin-closed-form", "diffin-expected", "diffin-frozen", "diffin-exact"]

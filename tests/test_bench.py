@@ -46,7 +46,7 @@ def test_json_schema(bench_json):
 def test_metrics_recomputed_from_saved_scores(bench_json, tmp_path):
     """The bench's Pearson for diffin equals the one computed from scores and a fresh replay."""
     import diffin
-    from diffin.builtin import get_setup
+    from diffin.bench.builtin import get_setup
     from diffin.groundtruth import replay_removal
 
     doc = json.loads(bench_json.read_text())
@@ -75,7 +75,7 @@ def test_cli_bench(tmp_path, capsys):
 
 def test_bench_setups_include_adam_and_clipping() -> None:
     from diffin.bench import BENCH_SETUPS
-    from diffin.builtin import get_setup
+    from diffin.bench.builtin import get_setup
 
     assert {"mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups"} <= set(BENCH_SETUPS)
     for name in BENCH_SETUPS:
@@ -87,9 +87,9 @@ def test_method_refused_by_name_gets_an_error_row(tmp_path, monkeypatch, capsys)
     other methods are still scored, and a clipping run reports the share of clipped steps."""
     import dataclasses
 
-    import diffin.bench as bench
+    import diffin.bench.harness as bench
     from diffin._errors import UnsupportedMethodError
-    from diffin.builtin import setups
+    from diffin.bench.builtin import setups
 
     real = bench.score
 

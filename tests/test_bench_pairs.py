@@ -13,18 +13,9 @@ import torch
 
 from diffin._errors import ConfigError
 from diffin.bench import BenchConfig
-from diffin.bench_pairs import (
-    PAIRS_COLUMNS,
-    auc_by_steps_before_end,
-    detection_auc,
-    removal_check,
-    run_scale_pairs,
-    step_of_samples,
-    table_rows,
-)
-from diffin.builtin import train
-from diffin.builtin.captions import CLIP_LOSS, clip_loss
-from diffin.builtin.synthetic_pairs import (
+from diffin.bench.builtin import train
+from diffin.bench.builtin.captions import CLIP_LOSS, clip_loss
+from diffin.bench.builtin.synthetic_pairs import (
     GRANULE,
     META_JSON,
     N_CLASSES,
@@ -37,6 +28,15 @@ from diffin.builtin.synthetic_pairs import (
     load_split,
     memmap_pairs,
     pairs_model,
+)
+from diffin.bench.pairs import (
+    PAIRS_COLUMNS,
+    auc_by_steps_before_end,
+    detection_auc,
+    removal_check,
+    run_scale_pairs,
+    step_of_samples,
+    table_rows,
 )
 
 N = 2_000
@@ -102,9 +102,9 @@ def test_split_reads_the_files_without_a_copy(tmp_path: Path) -> None:
 
 
 def test_setup_recipe_uses_the_one_clip_loss() -> None:
-    from diffin.builtin.synthetic_pairs import pairs_setup
+    from diffin.bench.builtin.setups import get_setup
 
-    s = pairs_setup()
+    s = get_setup("scale-1m-pairs")
     assert s.name == "scale-1m-pairs" and s.loss_fn is CLIP_LOSS and s.train is PAIRS_TRAIN
     assert s.dtype == torch.float32 and s.noise == 0.0 and "1,000,000" in s.description
 

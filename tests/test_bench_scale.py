@@ -12,9 +12,9 @@ import torch
 
 from diffin._errors import ConfigError
 from diffin.bench import SCALE_COLUMNS, SIZES_COLUMNS, BenchConfig, run_scale, table_columns
-from diffin.builtin import train
-from diffin.builtin.setups import get_setup
-from diffin.builtin.synthetic_scale import (
+from diffin.bench.builtin import train
+from diffin.bench.builtin.setups import get_setup
+from diffin.bench.builtin.synthetic_scale import (
     GRANULE,
     META_JSON,
     N_CLASSES,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import diffin
 from diffin._errors import ConfigError, DataMismatchError
-from diffin.builtin import (
+from diffin.bench.builtin import (
     SETUPS,
     DataSplit,
     Setup,
@@ -338,7 +338,7 @@ def test_evaluate_at_given_parameters_with_a_loss(tiny: DataSplit) -> None:
 
 
 def test_train_with_a_loss_function_and_per_step_rates(tmp_path: Path, tiny: DataSplit) -> None:
-    from diffin.builtin.trainer import step_lrs
+    from diffin.bench.builtin.trainer import step_lrs
 
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.2, checkpoint_every=0, seed=3)
     a = _fit(tiny, tmp_path / "a", cfg)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import diffin
 from diffin._errors import ConfigError
-from diffin.builtin import DataSplit, TrainConfig, get_setup, make_synthetic, mlp, train
-from diffin.builtin.setups import read_setup_meta, write_setup_meta
-from diffin.builtin.trainer import batch_order, build_optimizer, cosine_factor, param_groups, step_lrs
+from diffin.bench.builtin import DataSplit, TrainConfig, get_setup, make_synthetic, mlp, train
+from diffin.bench.builtin.setups import read_setup_meta, write_setup_meta
+from diffin.bench.builtin.trainer import batch_order, build_optimizer, cosine_factor, param_groups, step_lrs
 from diffin.trajectory.clipping import DELTA
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffin.builtin.captions import (
+from diffin.bench.builtin.captions import (
     CLIP_LOSS,
     SEQ_LEN,
     TEMPLATES,
@@ -24,8 +24,8 @@ from diffin.builtin.captions import (
     tokenize,
     zero_shot_accuracy,
 )
-from diffin.builtin.setups import get_setup
-from diffin.builtin.trainer import TrainConfig, train
+from diffin.bench.builtin.setups import get_setup
+from diffin.bench.builtin.trainer import TrainConfig, train
 
 pytest.importorskip("mlxtend")
 
@@ -156,7 +156,7 @@ def test_setup_registered() -> None:
 
 
 def test_builtin_evaluate_takes_tuple_inputs_and_batch_loss() -> None:
-    from diffin.builtin.trainer import evaluate
+    from diffin.bench.builtin.trainer import evaluate
 
     torch.manual_seed(1)
     m = TwoTower(8).double()

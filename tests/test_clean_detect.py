@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from diffin._errors import ConfigError
-from diffin.builtin import TrainConfig, train
-from diffin.builtin.data import confusion_flip_labels, make_synthetic, pair_flip_labels
-from diffin.builtin.models import cross_entropy
-from diffin.builtin.setups import get_setup
-from diffin.builtin.trainer import evaluate
+from diffin.bench.builtin import TrainConfig, train
+from diffin.bench.builtin.data import confusion_flip_labels, make_synthetic, pair_flip_labels
+from diffin.bench.builtin.models import cross_entropy
+from diffin.bench.builtin.setups import get_setup
+from diffin.bench.builtin.trainer import evaluate
 from diffin.report import winner
 from diffin.tasks import CleanConfig, TaskInputs, builtin_inputs, clean
 from diffin.tasks._clean import COSTLY, DEFAULT_BASELINES

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffin
-from diffin.builtin.setups import read_setup_meta
+from diffin.bench.builtin.setups import read_setup_meta
 from diffin.cli import main
 
 

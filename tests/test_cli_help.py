@@ -32,7 +32,7 @@ COMMANDS = sorted(_subparsers(build_parser()))
 def _field_help(name: str) -> str | None:
     """The help text of the config field ``name`` (of any config dataclass of the CLI)."""
     from diffin.bench import BenchConfig
-    from diffin.builtin.trainer import TrainConfig
+    from diffin.bench.builtin.trainer import TrainConfig
     from diffin.config import ScoreConfig
     from diffin.tasks import CleanConfig, DeleteConfig, PruneConfig
 

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import diffin
 from diffin._distributed import ShardedFlatModel, _bounds
-from diffin.builtin import get_setup, train
+from diffin.bench.builtin import get_setup, train
 
 METHODS = ["diffin-exact", "diffin-frozen", "diffin-expected", "diffin-retrain", "diffin-closed-form", "tracin"]
 

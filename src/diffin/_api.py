@@ -474,10 +474,11 @@ def influence(
             best variant.
         pairwise: with target examples, one column per example (N × Q). Default False.
         progress: show a progress bar.
-        config / options: :class:`diffin.ScoreConfig` or its fields as keywords
-            (``hvp="exact"``, ``convention="renormalize"``, ...). A keyword given explicitly
-            (``method``, ``pairwise`` included) overrides the config's field; one not given
-            leaves it as the config has it.
+        config: a :class:`diffin.ScoreConfig`; its fields can also be given as keywords.
+        **options: fields of :class:`diffin.ScoreConfig` as keywords (``hvp="exact"``,
+            ``convention="renormalize"``, ...). A keyword given explicitly (``method``,
+            ``pairwise`` included) overrides the config's field; one not given leaves it as the
+            config has it.
 
     Before scoring, the data is checked: NaN or Inf in the training or target data raises
     :class:`diffin.NonFiniteDataError` naming the ids; the model and loss are called on two rows

@@ -1,6 +1,10 @@
 """Uniform access by id to training / target data given as tensors, arrays or a Dataset, and the
 checks diffin runs on that data before scoring (finite values, the model and loss callable on it)."""
 
+# Long file: DataSource and the code that reads training data by row beside it (the model/loss probe,
+# memory-mapped arrays with their page budget, fingerprints, id-group checks) share the row access
+# helpers (_as_rows, _row_blocks, _mapping).
+
 from __future__ import annotations
 
 import hashlib

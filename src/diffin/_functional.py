@@ -16,6 +16,10 @@ Estimators compose these; they never re-derive them. Losses are in the loss func
 gradients in loss units per parameter unit; an HVP in loss units per parameter unit squared.
 """
 
+# Long file: FlatModel is the functional core every estimator composes (losses, gradients, JVPs, HVPs
+# and mixed second derivatives of one flat θ); its methods share one set of conventions for θ, buffers,
+# running statistics and batch-coupled losses, and are read together.
+
 from __future__ import annotations
 
 import contextlib

@@ -2,7 +2,7 @@
 
 This package owns every argparse line of diffin; the library never imports it. Options come from
 the same config dataclasses as the Python API (:class:`diffin.ScoreConfig`,
-:class:`diffin.builtin.TrainConfig`, the task configs, :class:`diffin.bench.BenchConfig`) with
+:class:`diffin.bench.builtin.TrainConfig`, the task configs, :class:`diffin.bench.BenchConfig`) with
 their help text (:mod:`diffin.cli._args`). Commands live by group: ``methods``/``train``/``score``/
 ``demo`` (:mod:`._core`), ``clean``/``delete``/``prune`` (:mod:`._tasks`), ``bench`` (:mod:`._bench`).
 

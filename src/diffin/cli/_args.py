@@ -1,6 +1,6 @@
 """Config dataclass → argparse options, and back.
 
-Every field of a config dataclass (:class:`diffin.ScoreConfig`, :class:`diffin.builtin.TrainConfig`,
+Every field of a config dataclass (:class:`diffin.ScoreConfig`, :class:`diffin.bench.builtin.TrainConfig`,
 the task configs, :class:`diffin.bench.BenchConfig`) becomes one option with the field's help text
 (``metadata["help"]``) and choices (``metadata["choices"]``). Options the user does not give stay
 ``None`` in the namespace, so the dataclass (or a recorded recipe) supplies the default.

@@ -37,7 +37,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     """``bench``; ``common``: parents with the shared flags."""
     from ..bench import BENCH_SETUPS, BenchConfig
-    from ..builtin.setups import SETUPS
+    from ..bench.builtin.setups import SETUPS
 
     s = sub.add_parser("bench", help="compare every estimator with replayed removal (and, with --truth, with "
                                      "retraining on fresh orders or seeds) on named setups",

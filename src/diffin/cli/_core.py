@@ -28,9 +28,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..builtin import get_setup, train
-    from ..builtin.setups import write_setup_meta
-    from ..builtin.trainer import TrainConfig
+    from ..bench.builtin import get_setup, train
+    from ..bench.builtin.setups import write_setup_meta
+    from ..bench.builtin.trainer import TrainConfig
 
     setup = get_setup(args.setup)
     if args.noise is not None:
@@ -82,8 +82,8 @@ def _score_inputs(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any, An
 
 def _run_setup(args: argparse.Namespace, run_dir: Path) -> Any:
     """The built-in setup a run was made from (its diffin_setup.json, else ``--setup``)."""
-    from ..builtin import get_setup
-    from ..builtin.setups import read_setup_meta
+    from ..bench.builtin import get_setup
+    from ..bench.builtin.setups import read_setup_meta
 
     setup = read_setup_meta(run_dir)
     if setup is None:
@@ -200,7 +200,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..bench.demo import run_demo
 
     run_demo(args.out, quiet=args.quiet, overwrite=args.overwrite)
     return 0
@@ -208,8 +208,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     """``methods``, ``train``, ``score`` and ``demo``; ``common``: parents with the shared flags."""
-    from ..builtin.setups import SETUPS
-    from ..builtin.trainer import TrainConfig
+    from ..bench.builtin.setups import SETUPS
+    from ..bench.builtin.trainer import TrainConfig
 
     s = sub.add_parser("methods", help="list the estimators", parents=common[:1])
     s.set_defaults(func=cmd_methods)

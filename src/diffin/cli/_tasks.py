@@ -22,7 +22,7 @@ def task_inputs(args: argparse.Namespace, out: Path) -> Any:
     """The :class:`diffin.tasks.TaskInputs` of the command line: a built-in setup (``--setup``) or
     the user's run, model, loss and data. Training options given on the command line (prune's
     retraining recipe) go in ``train_overrides``; the rest of the recipe is the run's own."""
-    from ..builtin.trainer import TrainConfig
+    from ..bench.builtin.trainer import TrainConfig
     from ..tasks import TaskInputs, builtin_inputs
 
     overrides = given_fields(TrainConfig, args)
@@ -77,8 +77,8 @@ def _command(task: str, cls: type) -> Callable[[argparse.Namespace], int]:
 
 def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     """``clean``, ``delete`` and ``prune``; ``common``: parents with the shared flags."""
-    from ..builtin.setups import SETUPS
-    from ..builtin.trainer import TrainConfig
+    from ..bench.builtin.setups import SETUPS
+    from ..bench.builtin.trainer import TrainConfig
     from ..tasks import CleanConfig, DeleteConfig, PruneConfig
 
     for name, cls in (("clean", CleanConfig), ("delete", DeleteConfig), ("prune", PruneConfig)):

@@ -2,7 +2,7 @@
 
 | name                 | module                 | needs                      |
 |----------------------|------------------------|----------------------------|
-| diffin               | diffin_sweep.py        | picks exact / expected     |
+| diffin               | diffin_auto.py         | picks exact / expected     |
 | diffin-exact         | diffin_sweep.py        | batch ids, optimizer rule  |
 | diffin-frozen        | diffin_sweep.py        | batch ids, optimizer rule  |
 | diffin-expected      | diffin_sweep.py        | optimizer rule             |
@@ -17,6 +17,7 @@ AdamW; with parameter groups, clipping and accumulation).
 """
 
 from . import (  # noqa: F401  (registration)
+    diffin_auto,
     diffin_closed_form,
     diffin_retrain,
     diffin_sweep,

@@ -47,7 +47,7 @@ from .._resume import SweepState
 from ..targets import Target
 from ..trajectory import TrainState, Trajectory
 from .base import Estimator as _Estimator
-from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, check_coupled, log
+from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -339,29 +339,3 @@ def pay_expected_credit(ctx: ScoringContext, scores: Tensor, theta: Tensor, W_su
     else:
         bb = ctx.run.batch_size_hint() or ctx.proxy_batch_size()
         scores -= (bb / max(bb - 1, 1)) * (D - D.mean(dim=0, keepdim=True)) / N
-
-
-class DiffIn(_Estimator):
-    """Picks the best Diff-In variant for the question asked and what the recording allows:
-    ``predicts="replay"``: exact, else expected; ``predicts="retrain"``: diffin-retrain."""
-
-    name = "diffin"
-    supports_batch_loss = True
-    summary = ("Diff-In, best variant for the question (predicts=replay: diffin-exact, else "
-               "diffin-expected; predicts=retrain: diffin-retrain)")
-    needs_rule = True
-
-    def score(self, ctx: ScoringContext) -> EstimatorOutput:
-        from .diffin_retrain import DiffInRetrain
-
-        chosen: type[_Sweep]
-        if ctx.config.predicts == "retrain":
-            chosen = DiffInRetrain
-        else:
-            chosen = DiffInExact if ctx.run.has_batch_ids else DiffInExpected
-        if ctx.fm.coupled:
-            check_coupled(chosen.name, chosen.supports_batch_loss, ctx.target.kind, ctx.config.predicts)
-        log.info("diffin: using variant %s", chosen.name)
-        out = chosen().score(ctx)  # group scores come with it when the variant supports them
-        out.variant = chosen.name
-        return out

@@ -2,8 +2,9 @@
 continuing a killed run (:func:`restore_checkpoint`, then ``Recorder(..., resume=True)``)."""
 
 from .._errors import PartialRunWarning, ResumeError, UnsupportedOptimizerWarning
+from ._checkpoints import restore_checkpoint
 from .manifest import OptimizerSpec
-from .recorder import Recorder, restore_checkpoint
+from .recorder import Recorder
 from .run import Checkpoint, Run, load_run
 
 __all__ = [

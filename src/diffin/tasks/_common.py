@@ -35,15 +35,15 @@ from .._data import fingerprint
 from .._errors import ConfigError, DiffinError, OutputExistsError, RecipeError
 from .._functional import FlatModel, LossFn
 from .._io import write_json, write_npy, write_text
-from ..builtin.trainer import TrainConfig
-from ..builtin.trainer import evaluate as evaluate_builtin
-from ..builtin.trainer import train as train_builtin
+from ..bench.builtin.trainer import TrainConfig
+from ..bench.builtin.trainer import evaluate as evaluate_builtin
+from ..bench.builtin.trainer import train as train_builtin
 from ..config import ScoreConfig
 from ..recording.run import Run, load_run
 from ..trajectory import Trajectory
 
 if TYPE_CHECKING:
-    from ..builtin.setups import Setup
+    from ..bench.builtin.setups import Setup
 
 TASK_JSON = "config.json"
 BUILDING = ".diffin_setup_building.json"
@@ -61,7 +61,7 @@ class TaskInputs:
     pairs: ``noise_kind`` says which) for detection metrics.
 
     ``evaluate(model, x, y, loss_fn=, params=) -> {"loss", "accuracy"}`` measures retrained models
-    (default: :func:`diffin.builtin.trainer.evaluate`, classification accuracy; an image–text setup
+    (default: :func:`diffin.bench.builtin.trainer.evaluate`, classification accuracy; an image–text setup
     gives zero-shot accuracy). ``pair_scores(model, inputs, params=None) -> (N,)``: for image–text
     pairs, the CLIP score (cosine of each pair under the model), the baseline ``clip-score``;
     ``texts``: the training captions, shown in reports.
@@ -114,7 +114,7 @@ class TaskInputs:
 
     def setup_meta(self) -> dict[str, Any] | None:
         """What identifies the built-in setup (name, noise, recipe); ``None`` for a user's run."""
-        from ..builtin.setups import setup_meta
+        from ..bench.builtin.setups import setup_meta
 
         return None if self.setup is None else setup_meta(self.setup)
 
@@ -126,7 +126,7 @@ class TaskInputs:
         """``"ready"`` (a user's run, or a built-in run recorded from ``setup``), ``"missing"``
         (not recorded yet, or an interrupted recording of this setup) or ``"other"`` (the folder
         holds something else). Reads only."""
-        from ..builtin.setups import read_setup_meta, setup_meta
+        from ..bench.builtin.setups import read_setup_meta, setup_meta
 
         if self.setup is None:
             return "ready"
@@ -156,7 +156,7 @@ class TaskInputs:
                 f"(noise {self.setup.noise:g}); choose another output folder or overwrite it"  # type: ignore[union-attr]
             )
         if state != "ready":
-            from ..builtin.setups import write_setup_meta
+            from ..bench.builtin.setups import write_setup_meta
 
             setup = self.setup
             assert setup is not None  # "missing"/"other" only arise for built-in setups
@@ -187,7 +187,7 @@ class TaskInputs:
 @dataclass(frozen=True)
 class Recipe:
     """How retrains are trained: a :class:`TrainConfig` and, for a recorded schedule, the per-step
-    learning rates it follows by training progress (:func:`diffin.builtin.trainer.step_lrs`)."""
+    learning rates it follows by training progress (:func:`diffin.bench.builtin.trainer.step_lrs`)."""
 
     config: TrainConfig
     lrs: tuple[float, ...] | None
@@ -309,7 +309,7 @@ def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[
 
     Nothing is written here: the task records the run there on first use, after checking its
     output folder (:meth:`TaskInputs.ensure_run`)."""
-    from ..builtin import get_setup
+    from ..bench.builtin import get_setup
 
     setup = get_setup(setup_name)
     if noise is not None:

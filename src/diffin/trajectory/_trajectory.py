@@ -10,6 +10,10 @@ is applied to the raw batch gradient before the rule's step, as ``torch.nn.utils
 does it over all trainable parameters.
 """
 
+# Long file: Trajectory is the one place that knows how a recorded run steps (checkpoint states, the
+# batch of a step, one step, its transpose and adjoint, replay of a segment, drift); they share the
+# run's rule, train-mode forward and checkpoint cache.
+
 from __future__ import annotations
 
 import contextlib

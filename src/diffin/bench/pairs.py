@@ -1,10 +1,10 @@
 """``diffin bench --setup scale-1m-pairs``: contrastive (CLIP-style) training at the scale of a
 vision-language corpus, scored by the batch-coupled path (docs/method.md §4.7, batch-coupled losses).
 
-A million synthetic pairs (:mod:`diffin.builtin.synthetic_pairs`: two 64-d views of a latent point,
+A million synthetic pairs (:mod:`diffin.bench.builtin.synthetic_pairs`: two 64-d views of a latent point,
 10% of the pairs mismatched) are written once under the work folder and read memory-mapped; a
 two-tower MLP is trained one epoch with the symmetric InfoNCE loss at batch 256
-(:func:`diffin.builtin.captions.clip_loss`, every pair a negative for its batch mates), recorded.
+(:func:`diffin.bench.builtin.captions.clip_loss`, every pair a negative for its batch mates), recorded.
 Each method (default ``diffin`` and ``tracin``) scores every pair against the clean validation
 pairs as one batch, timed against the epoch with its peak resident memory (the limits of the scale
 benchmark: 15 minutes and 4 GiB per method, ``diffin`` within 5× the epoch). Mismatched-pair
@@ -22,15 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._api import score
-from ._errors import UnsupportedMethodError
-from ._measure import Measure
-from .bench import DEFAULT_METHODS, PAIRS_SETUP, BenchConfig, _compare, _short_error, removal_spot_check
-from .builtin import train
+from .._api import score
+from .._errors import UnsupportedMethodError
+from .._measure import Measure
+from ..groundtruth import replay_removal
+from .builtin import get_setup, train
 from .builtin.captions import CLIP_LOSS, clip_scores
-from .builtin.synthetic_pairs import N_TRAIN, PAIRS_TRAIN, generate, memmap_pairs, pairs_model, pairs_setup
-from .groundtruth import replay_removal
+from .builtin.synthetic_pairs import N_TRAIN, PAIRS_TRAIN, generate, memmap_pairs, pairs_model
+from .harness import DEFAULT_METHODS, BenchConfig, _compare, _short_error
+from .scale import removal_spot_check
 
+PAIRS_SETUP = "scale-1m-pairs"
 PAIRS_METHODS = ("diffin", "tracin")
 PAIRS_SPOT_N = 100_000  # pairs of the float64 fidelity spot check
 PAIRS_SPOT_REMOVED = 20
@@ -66,7 +68,7 @@ def detection_auc(mismatched: np.ndarray, scores: np.ndarray) -> float:
 
 def step_of_samples(run_dir: Path, n: int) -> np.ndarray:
     """The (first) step at which each of the ``n`` training samples was used, (n,) int64 (−1: never)."""
-    from .recording.run import load_run
+    from ..recording.run import load_run
 
     run = load_run(run_dir)
     step = np.full(n, -1, dtype=np.int64)
@@ -255,7 +257,7 @@ def run_scale_pairs(cfg: BenchConfig, workdir: Path, n_train: int | None = None,
                     "auc_mismatched_by_steps_before_end": auc_by_steps_before_end(mismatched, cos, step, t.steps)})
     np.save(workdir / f"{PAIRS_SETUP}-clip-score.npy", cos)
     log(f"[{PAIRS_SETUP}] clip-score: mismatched-pair AUC {results[-1]['auc_mismatched']:.4f}")
-    setup = pairs_setup()
+    setup = get_setup(PAIRS_SETUP)
     out: dict[str, Any] = {
         "setup": PAIRS_SETUP,
         "description": setup.description.replace("1,000,000", f"{n:,}"),
@@ -267,7 +269,7 @@ def run_scale_pairs(cfg: BenchConfig, workdir: Path, n_train: int | None = None,
         "optimizer": PAIRS_TRAIN.optimizer,
         "clip_grad_norm": None,
         "clipped_fraction": None,
-        "loss": "symmetric InfoNCE (diffin.builtin.captions.clip_loss), batch-coupled",
+        "loss": "symmetric InfoNCE (diffin.bench.builtin.captions.clip_loss), batch-coupled",
         "target": "InfoNCE of the validation pairs as one batch",
         "data_dir": str(data_dir),
         "device": device or "cpu",
@@ -303,7 +305,7 @@ def plot_detection(result: dict[str, Any], workdir: Path, path: str | Path) -> N
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     mis = np.load(Path(result["data_dir"]) / "mismatched.npy")
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))

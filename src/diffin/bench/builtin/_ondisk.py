@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import write_json
+from ..._io import write_json
 
 Rows = Callable[[int, int], Mapping[str, np.ndarray]]
 """``rows(start, stop)`` → {file name: rows [start, stop) of that file}."""

@@ -14,11 +14,8 @@ and ``reseed`` (retrained with fresh batch orders, and fresh θ_0, K seeds each)
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _tree, metrics
-from ._api import score
-from ._data import memmap_arrays
-from ._errors import ConfigError, UnsupportedMethodError
-from ._functional import BatchLoss
-from ._io import write_json
-from ._measure import Measure
-from ._train_mode import train_mode_modules
-from ._version import __version__
+from .. import _tree, metrics
+from .._api import score
+from .._errors import ConfigError, UnsupportedMethodError
+from .._functional import BatchLoss
+from .._measure import Measure
+from .._train_mode import train_mode_modules
+from .._version import __version__
+from ..config import CONVENTIONS, config_field
+from ..groundtruth import TRUTH_MODES, lds_ground_truth, lds_subsets, replay_removal, retrain_truth
+from ..recording.run import load_run
 from .builtin import get_setup, train
-from .config import CONVENTIONS, config_field
-from .groundtruth import TRUTH_MODES, lds_ground_truth, lds_subsets, replay_removal, retrain_truth
-from .recording.run import load_run
 
 BENCH_SETUPS = ("mnist5k-mlp", "mnist5k-mlp-relu", "mnist5k-mlp-short", "digits-logreg", "mnist5k-mlp-momentum",
                 "mnist5k-cnn", "mnist5k-mlp-adamw", "mnist5k-mlp-clip", "mnist5k-mlp-adamw-groups")
@@ -272,9 +267,9 @@ def metagradient_ceiling(run_dir: Path, setup: Any, data: Any, removed: np.ndarr
     batch, weights of ones). Compared with the replayed removals ``actual`` of ``removed``
     (Pearson, Spearman, Kendall) and, given ``diffin_scores`` (N,), with diffin's own scores (largest
     absolute difference relative to the largest score). Seconds of the autograd pass included."""
-    from ._data import DataSource
-    from ._functional import FlatModel
-    from ._reference import metagradient
+    from .._data import DataSource
+    from .._functional import FlatModel
+    from .._reference import metagradient
 
     run = load_run(run_dir)
     fm = FlatModel(setup.model(data).double(), setup.loss_fn, run.trainable)
@@ -469,9 +464,9 @@ def _peer_rows(run_dir: Path, setup: Any, data: Any, removed: np.ndarray, actual
     """
     from importlib import metadata
 
-    from . import peers  # optional extra
-    from .peers._base import get_peer
-    from .recording.run import load_run
+    from .. import peers  # optional extra
+    from ..peers._base import get_peer
+    from ..recording.run import load_run
 
     opts_all = peer_options(setup.name, options)
     status = peers.available_peers()
@@ -536,373 +531,3 @@ def _peer_rows(run_dir: Path, setup: Any, data: Any, removed: np.ndarray, actual
                     "notes": pr.notes, "warnings": pr.warnings})
         rows.append(row)
     return rows
-
-
-TABLE_COLUMNS = ("method", "variant", "pearson", "spearman", "kendall", "jaccard_top10", "mae", "lds",
-                 "lds_per_example", "seconds", "peak_rss_rise_mb")
-
-
-def table_columns(result: dict[str, Any]) -> tuple[str, ...]:
-    """:data:`TABLE_COLUMNS` with ``lds`` replaced by one ``lds_<mode>`` column per truth when a
-    retraining truth was measured."""
-    if result.get("setup") == SCALE_SETUP:
-        return SCALE_COLUMNS
-    if result.get("setup") == PAIRS_SETUP:
-        from .bench_pairs import PAIRS_COLUMNS
-
-        return PAIRS_COLUMNS
-    modes = list(result.get("truth", {}))
-    if not modes or modes == ["replay"]:
-        return TABLE_COLUMNS
-    i = TABLE_COLUMNS.index("lds")
-    return (*TABLE_COLUMNS[:i], *(f"lds_{m}" for m in modes), *TABLE_COLUMNS[i + 1 :])
-
-
-def table_rows(result: dict[str, Any]) -> list[list[Any]]:
-    return [[r.get(c, float("nan")) if c not in ("method", "variant") else r.get(c, "")
-             for c in table_columns(result)] for r in result["results"]]
-
-
-def run_bench(setups: list[str], cfg: BenchConfig, out_json: str | None, workdir: str | None = None,
-              progress: bool = False, peers: bool = False, quiet: bool = False,
-              peer_methods: list[str] | None = None,
-              peer_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Benchmark each of ``setups`` (names of :data:`diffin.builtin.setups.SETUPS`) with ``cfg``;
-    print a table per setup and, with ``out_json``, write the results there after each setup.
-    Runs are recorded into ``workdir`` (default: a new temp folder). ``quiet``: only the tables.
-    Returns the JSON-ready document (one setup's result, or ``{"machine", "setups", "seconds"}``)."""
-    from .report import text_table
-
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="diffin-bench-"))
-    results = []
-    t0 = time.perf_counter()
-    for name in setups:
-        if name == SCALE_SETUP:
-            plot = Path(out_json).with_suffix(".png") if out_json else work / f"{SCALE_SETUP}-sizes.png"
-            r = run_scale(cfg, work, sizes=cfg.size_list(), progress=progress, log=log, plot_path=plot)
-        elif name == PAIRS_SETUP:  # contrastive training at a million pairs (docs/method.md §4.7)
-            from .bench_pairs import plot_detection, run_scale_pairs
-
-            r = run_scale_pairs(cfg, work, n_train=cfg.n_train, progress=progress, log=log)
-            if out_json:
-                plot_detection(r, work, Path(out_json).with_suffix(".png"))
-        else:
-            r = run_setup(name, cfg, work, progress=progress, peers=peers, log=log,
-                          peer_methods=peer_methods, peer_options=peer_options)
-        r["machine"] = machine_info()
-        r["config"] = dataclasses.asdict(cfg)
-        results.append(r)
-        print(f"\n{name}: {r['description']}")
-        clipped = (f" (clip_grad_norm {r['clip_grad_norm']:g}: {r['clipped_fraction']:.0%} of the steps clipped)"
-                   if r.get("clip_grad_norm") is not None else "")
-        print(f"N={r['n_train']}, {r['n_steps']} steps, trained in {r['train_seconds']:.2f}s{clipped}; ground truth: "
-              f"{r['ground_truth']['n_removed']} replayed removals in {r['ground_truth']['seconds']:.1f}s\n")
-        for mode, tr in r.get("truth", {}).items():
-            if mode != "replay":
-                print(f"truth {mode}: {tr['n_subsets']} subsets × {tr['n_seeds']} seeds in {tr['seconds']:.1f}s, "
-                      f"noise ceiling {tr['noise_ceiling']:.3f}")
-        print(text_table(table_columns(r), table_rows(r)))
-        mg = r.get("linearisation_ceiling", {}).get("metagradient")
-        if mg:
-            rel = (f"; differs from diffin's scores by {mg['max_rel_diff_vs_diffin']:.1e} of their largest"
-                   if "max_rel_diff_vs_diffin" in mg else "")
-            print(f"\nlinearisation ceiling ({mg['kind']}, {mg['n_steps']} steps, {mg['seconds']:.1f}s): Pearson "
-                  f"{mg['pearson']:.4f}, Spearman {mg['spearman']:.4f} against the replayed removals{rel}")
-        if r.get("spot_check"):
-            sc = r["spot_check"]
-            print(f"\nspot check ({sc['dtype']}, N={sc['n_train']}, {sc['n_removed']} replayed removals): diffin "
-                  f"Pearson {sc['pearson']:.4f} (target >= {sc['target_pearson']}), Spearman {sc['spearman']:.4f}")
-        if r.get("sizes"):
-            print("\ndiffin against N:")
-            print(text_table(SIZES_COLUMNS, [[row.get(c, float("nan")) for c in SIZES_COLUMNS] for row in r["sizes"]]))
-        if out_json:  # keep what is done so far (atomic write each time)
-            write_json(out_json, results[0] if len(setups) == 1 else
-                       {"machine": machine_info(), "setups": results})
-    doc = results[0] if len(setups) == 1 else {"machine": machine_info(), "setups": results,
-                                               "seconds": time.perf_counter() - t0}
-    if out_json:
-        write_json(out_json, doc)
-        print(f"\nwrote {out_json}")
-    return doc
-
-
-def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The per-setup results of a bench JSON (single- or multi-setup)."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    return doc.get("setups", [doc])
-
-
-# ---------------------------------------------------------------------------------------------
-# scale-1m: time and memory of every method on a million samples on disk (issue 13)
-
-SCALE_SETUP = "scale-1m"
-PAIRS_SETUP = "scale-1m-pairs"  # diffin.bench_pairs
-SCALE_METHODS = ("diffin", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin")
-SCALE_N_TRAIN = 1_000_000
-SCALE_SPOT_N = 100_000  # rows of the float64 fidelity spot check
-SCALE_SPOT_REMOVED = 20
-SCALE_SPOT_TARGET = 0.95  # Pearson the spot check should reach (issue 13)
-SCALE_COLUMNS = ("method", "variant", "processes", "seconds", "x_epoch", "samples_per_second", "peak_rss_mb",
-                 "peak_rss_rise_mb")
-SIZES_COLUMNS = ("n_train", "train_seconds", "seconds", "x_epoch", "samples_per_second", "peak_rss_mb",
-                 "peak_rss_rise_mb")
-
-
-def _scale_data(workdir: Path, n: int, seed: int) -> Path:
-    """The scale data folder of ``n`` training rows under ``workdir`` (generated once, reused)."""
-    from .builtin.synthetic_scale import generate
-
-    folder = workdir / "scale-data" / f"n{n}"
-    generate(folder, n_train=n, seed=seed)
-    return folder
-
-
-def _val(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation pair of a scale data folder, in memory: (2000, 64) float32, (2000,) int64."""
-    return (torch.from_numpy(np.load(folder / "x_val.npy")), torch.from_numpy(np.load(folder / "y_val.npy")))
-
-
-def _proc_tree_rss_mb(root: int) -> tuple[float, float]:
-    """(sum, max) resident memory in MiB of process ``root`` and all its descendants, from
-    ``/proc`` (Linux; (0, 0) where it cannot be read)."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, grew = {root}, True
-    while grew:
-        new = {p for p, pp in parent.items() if pp in tree} - tree
-        grew = bool(new)
-        tree |= new
-    sizes = []
-    for p in tree:
-        try:
-            with open(f"/proc/{p}/statm") as fh:
-                sizes.append(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
-        except (OSError, ValueError, IndexError):
-            continue
-    return (sum(sizes), max(sizes)) if sizes else (0.0, 0.0)
-
-
-def _torchrun_row(run_dir: Path, data_dir: Path, out_dir: Path, nproc: int, epoch_s: float, n: int,
-                  log: Any) -> dict[str, Any]:
-    """``diffin`` (exact) with ``nproc`` gloo processes: ``torchrun --nproc_per_node NPROC -m diffin
-    score`` as a subprocess, timed; its memory is the process tree's (launcher and workers),
-    polled every 0.2 s: ``peak_rss_mb`` their sum, ``peak_rss_mb_per_process`` the largest one."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "diffin", "score", str(run_dir), "--model", "diffin.builtin.synthetic_scale:scale_model",
-           "--data", str(data_dir), "--method", "diffin", "--out", str(out_dir), "--overwrite", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    log(f"[{SCALE_SETUP}] diffin ×{nproc} processes: {' '.join(cmd[2:])}")
-    peak_sum = peak_one = 0.0
-    t0 = time.perf_counter()
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        while proc.poll() is None:
-            s, m = _proc_tree_rss_mb(proc.pid)
-            peak_sum, peak_one = max(peak_sum, s), max(peak_one, m)
-            time.sleep(0.2)
-        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    seconds = time.perf_counter() - t0
-    row: dict[str, Any] = {"method": f"diffin ×{nproc} processes", "processes": nproc, "command": " ".join(cmd[2:])}
-    if proc.returncode != 0:
-        err = f"torchrun exited with {proc.returncode}: {output.strip()[-2000:]}"
-        log(f"[{SCALE_SETUP}] {err}")
-        return {**row, "variant": _short_error(err), "error": err}
-    meta = json.loads((out_dir / "scores.json").read_text(encoding="utf-8"))
-    row.update(variant=meta.get("variant", "diffin"), seconds=seconds, x_epoch=seconds / epoch_s,
-               samples_per_second=n / seconds, peak_rss_mb=peak_sum, peak_rss_mb_per_process=peak_one)
-    return row
-
-
-def _scale_row(method: str, r: Any, m: Measure, epoch_s: float, n: int) -> dict[str, Any]:
-    return {"method": method, "variant": r.variant, "processes": 1, "seconds": m.seconds,
-            "x_epoch": m.seconds / epoch_s, "samples_per_second": n / m.seconds, "peak_rss_mb": m.peak_mb,
-            "peak_rss_rise_mb": m.rise_mb}
-
-
-def removal_spot_check(label: str, make_model: Any, loss_fn: Any, train_xy: tuple[Any, Any], val: Any,
-                       recipe: Any, run_dir: Path, k: int, seed: int, convention: str, methods: tuple[str, ...],
-                       progress: bool, log: Any) -> tuple[Any, np.ndarray, np.ndarray, float, dict[str, Any]]:
-    """The scale benchmarks' float64 spot check: train ``make_model()`` on ``train_xy`` with
-    ``recipe`` (recorded into ``run_dir``), replay the removal of ``k`` random samples (seeded), score
-    with each of ``methods``; returns the training result, the removed ids, the replayed effects
-    (k,), the replay's seconds and {method: (ScoreResult, seconds, its comparison with the replay)}."""
-    n = _tree.batch_len(train_xy[0])
-    t = train(make_model(), *train_xy, recipe, run_dir, loss=loss_fn, overwrite=True, progress=progress)
-    k = min(k, n)
-    removed = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-    log(f"[{label}] spot check (float64, N={n}): trained in {t.seconds:.1f}s; replaying {k} removals ...")
-    with Measure() as m_gt:
-        actual = replay_removal(run_dir, make_model(), loss_fn, train=train_xy, target=val,
-                                remove=[int(i) for i in removed], convention=convention, progress=progress)
-    actual = np.asarray(actual, dtype=np.float64)
-    scored = {}
-    for method in methods:
-        with Measure() as m:
-            r = score(run_dir, make_model(), loss_fn, train=train_xy, target=val, method=method,
-                      convention=convention, progress=progress)
-        scored[method] = (r, m.seconds, _compare(r.scores.astype(np.float64)[removed], actual, False))
-    return t, removed, actual, m_gt.seconds, scored
-
-
-def _spot_check(data_dir: Path, n: int, cfg: BenchConfig, workdir: Path, progress: bool,
-                log: Any) -> dict[str, Any]:
-    """``diffin`` against replayed removal of :data:`SCALE_SPOT_REMOVED` random samples on the
-    first ``n`` rows, in float64 (inputs copied to memory: n × 64 × 8 bytes)."""
-    from .builtin.synthetic_scale import scale_model
-
-    setup = get_setup(SCALE_SETUP)
-    x_mm, y_mm = memmap_arrays(data_dir)
-    x = torch.from_numpy(np.asarray(x_mm[:n], dtype=np.float64))
-    y = torch.from_numpy(np.array(y_mm[:n]))
-    xv, yv = _val(data_dir)
-    t, removed, _, replay_s, scored = removal_spot_check(
-        SCALE_SETUP, lambda: scale_model().double(), setup.loss_fn, (x, y), (xv.double(), yv), setup.train,
-        workdir / f"{SCALE_SETUP}-spot-n{n}", SCALE_SPOT_REMOVED, cfg.seed, cfg.convention, ("diffin",), progress, log)
-    r, score_s, cmp = scored["diffin"]
-    out = {"n_train": n, "dtype": "float64", "variant": r.variant, "n_removed": len(removed),
-           "removed_ids": removed.tolist(), "train_seconds": t.seconds, "replay_seconds": replay_s,
-           "score_seconds": score_s, "target_pearson": SCALE_SPOT_TARGET, **cmp}
-    log(f"[{SCALE_SETUP}] spot check: Pearson {out['pearson']:.4f} (target ≥ {SCALE_SPOT_TARGET})")
-    return out
-
-
-def _sizes_rows(sizes: list[int], cfg: BenchConfig, workdir: Path, progress: bool, log: Any,
-                reuse: dict[int, dict[str, Any]], device: str | None = None) -> list[dict[str, Any]]:
-    """One row per N of ``sizes``: the epoch (train with recording, CPU) and ``diffin`` (exact,
-    on ``device``) on N rows, timed, peak memory polled; ``reuse`` (N → row) rows already measured."""
-    from .builtin.synthetic_scale import scale_model
-
-    setup = get_setup(SCALE_SETUP)
-    rows = []
-    for n in sizes:
-        if n in reuse:
-            rows.append(reuse[n])
-            continue
-        data_dir = _scale_data(workdir, n, cfg.seed)
-        x, y = memmap_arrays(data_dir)
-        run_dir = workdir / f"{SCALE_SETUP}-n{n}"
-        t = train(scale_model(), x, y, setup.train, run_dir, overwrite=True, progress=progress)
-        log(f"[{SCALE_SETUP}] N={n}: epoch {t.seconds:.1f}s; diffin ...")
-        with Measure() as m:
-            r = score(run_dir, scale_model(), setup.loss_fn, train=(x, y), target=_val(data_dir), method="diffin",
-                      convention=cfg.convention, progress=progress, **({"device": device} if device else {}))
-        rows.append({"n_train": n, "variant": r.variant, "train_seconds": t.seconds, "seconds": m.seconds,
-                     "x_epoch": m.seconds / t.seconds, "samples_per_second": n / m.seconds,
-                     "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb})
-    return rows
-
-
-def plot_sizes(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Time (s) and peak memory (MiB) of ``diffin`` against N, two panels, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ._io import atomic_write
-
-    n = [r["n_train"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    a.loglog(n, [r["seconds"] for r in rows], "o-", label="diffin (exact)")
-    a.loglog(n, [r["train_seconds"] for r in rows], "s--", label="training epoch")
-    a.set(xlabel="training samples N", ylabel="seconds", title="time")
-    a.legend()
-    b.semilogx(n, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS")
-    b.semilogx(n, [r["peak_rss_rise_mb"] for r in rows], "s--", label="rise during scoring")
-    b.set(xlabel="training samples N", ylabel="MiB", title="memory", ylim=(0, None))
-    b.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def run_scale(cfg: BenchConfig, workdir: Path, sizes: list[int] | None = None, n_train: int | None = None,
-              progress: bool = False, log: Any = print, plot_path: str | os.PathLike[str] | None = None,
-              processes: int = 2, device: str | None = None) -> dict[str, Any]:
-    """The ``scale-1m`` benchmark: data generated once under ``workdir/scale-data`` and read
-    memory-mapped; training with recording (timed: the epoch), then each method of
-    :data:`SCALE_METHODS` (or ``cfg.methods`` when changed from the default) timed against the
-    epoch, with ``samples_per_second``, ``processes`` and ``peak_rss_mb`` (MiB), the closed form
-    on ``cfg.closed_form_m`` evenly spaced checkpoints, and ``diffin`` with ``processes`` gloo
-    processes under torchrun (0 = no such row); a float64 spot check against replayed removal on
-    min(N, 100,000) rows; with ``sizes``, one row per N and a plot at ``plot_path``.
-
-    ``n_train``: training rows (default ``cfg.n_train``, else 1,000,000). ``device``: score the
-    method and ``sizes`` rows there (e.g. ``"cuda"``); training, the spot check and the torchrun row
-    stay on the CPU, so ``x_epoch`` is then the device's scoring time over the CPU's epoch."""
-    from .builtin.synthetic_scale import scale_model
-
-    setup = get_setup(SCALE_SETUP)
-    n = int(n_train or cfg.n_train or SCALE_N_TRAIN)
-    t0 = time.perf_counter()
-    data_dir = _scale_data(workdir, n, cfg.seed)
-    log(f"[{SCALE_SETUP}] data: {data_dir} ({time.perf_counter() - t0:.1f}s)")
-    x, y = memmap_arrays(data_dir)
-    val = _val(data_dir)
-    run_dir = workdir / SCALE_SETUP
-    t = train(scale_model(), x, y, setup.train, run_dir, overwrite=True, progress=progress)
-    epoch = t.seconds
-    log(f"[{SCALE_SETUP}] N={n}: trained {t.steps} steps (one epoch, recorded) in {epoch:.1f}s")
-    methods = SCALE_METHODS if cfg.methods == ",".join(DEFAULT_METHODS) else tuple(cfg.method_list())
-    results = []
-    for method in methods:
-        log(f"[{SCALE_SETUP}] {method} ...")
-        opts: dict[str, Any] = {"device": device} if device else {}
-        if method == "diffin-closed-form":
-            opts["closed_form_checkpoints"] = cfg.closed_form_m
-        try:
-            with Measure() as m:
-                r = score(run_dir, scale_model(), setup.loss_fn, train=(x, y), target=val, method=method,
-                          convention=cfg.convention, progress=progress, **opts)
-        except UnsupportedMethodError as e:
-            results.append({"method": method, "variant": _short_error(str(e)), "error": str(e), "processes": 1})
-            continue
-        row = _scale_row(method, r, m, epoch, n)
-        if method == "diffin-closed-form":
-            row["checkpoints_used"] = cfg.closed_form_m
-            row["x_epoch_per_checkpoint"] = row["x_epoch"] / cfg.closed_form_m
-        results.append(row)
-        log(f"[{SCALE_SETUP}] {method}: {m.seconds:.1f}s = {row['x_epoch']:.2f}× the epoch, "
-            f"peak RSS {m.peak_mb:.0f} MiB")
-    if processes > 1:
-        results.append(_torchrun_row(run_dir, data_dir, workdir / f"{SCALE_SETUP}-scores-{processes}p", processes,
-                                     epoch, n, log))
-    out: dict[str, Any] = {
-        "setup": SCALE_SETUP,
-        "description": setup.description.replace("1,000,000", f"{n:,}"),
-        "n_train": n,
-        "n_val": int(val[0].shape[0]),
-        "n_steps": t.steps,
-        "train_seconds": epoch,
-        "optimizer": setup.train.optimizer,
-        "clip_grad_norm": None,
-        "clipped_fraction": None,
-        "data_dir": str(data_dir),
-        "device": device or "cpu",
-        "train_device": "cpu",
-        "closed_form_checkpoints": cfg.closed_form_m,
-        "results": results,
-    }
-    spot = _spot_check(data_dir, min(n, SCALE_SPOT_N), cfg, workdir, progress, log)
-    out["spot_check"] = spot
-    out["ground_truth"] = {"kind": "replayed-removal", "convention": cfg.convention, "n_removed": spot["n_removed"],
-                           "n_train": spot["n_train"], "dtype": "float64", "seconds": spot["replay_seconds"],
-                           "removed_ids": spot["removed_ids"]}
-    if sizes:
-        exact = next((r for r in results if r["method"] == "diffin" and "error" not in r), None)
-        reuse = {} if exact is None else {n: {"n_train": n, "variant": exact["variant"], "train_seconds": epoch,
-                                              **{k: exact[k] for k in SIZES_COLUMNS[2:]}}}
-        out["sizes"] = _sizes_rows(sorted(set(sizes)), cfg, workdir, progress, log, reuse, device)
-        if plot_path is not None:
-            plot_sizes(out["sizes"], plot_path)
-            out["sizes_plot"] = str(plot_path)
-    return out

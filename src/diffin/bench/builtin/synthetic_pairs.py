@@ -1,7 +1,7 @@
 """The fixed synthetic generator of the ``scale-1m-pairs`` setup: contrastive (CLIP-style) training
 at the scale of a vision-language corpus, 1,000,000 pairs written once to disk as ``.npy`` files
 and read memory-mapped, never held whole in memory (docs/method.md §4.7: the batch-coupled loss
-path; the symmetric InfoNCE loss is :func:`diffin.builtin.captions.clip_loss`).
+path; the symmetric InfoNCE loss is :func:`diffin.bench.builtin.captions.clip_loss`).
 
 **Data.** Each pair is two 64-dimensional *views* of one latent point: a latent class c (one of
 :data:`N_CLASSES`, uniform) with mean u_c ~ N(0, I_16), the pair's latent u = u_c + τ·δ (δ ~ N(0, I_16),
@@ -26,7 +26,7 @@ regenerated.
 and a learned temperature (CLIP's ``logit_scale``, initialised to log(1/0.07)); ``forward(a, b)``
 gives the (B, B) logits ``exp(logit_scale)·cos(a_i, b_j)``, the input of ``clip_loss``.
 
-**Recipe** (:data:`PAIRS_TRAIN`, :func:`pairs_setup`): float32, SGD lr :data:`LR`, batch 256, one
+**Recipe** (:data:`PAIRS_TRAIN`, the ``scale-1m-pairs`` setup): float32, SGD lr :data:`LR`, batch 256, one
 epoch, a checkpoint every 500 steps.
 """
 
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 from . import _ondisk
 from .data import DataSplit
 from .models import mlp
@@ -185,7 +185,7 @@ class PairTowers(nn.Module):
     def forward(self, a: Tensor, b: Tensor, embed: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Logits (B_a, B_b) = exp(logit_scale)·cos(tower_a(a_i), tower_b(b_j)) of views a (B_a, 64) and
         b (B_b, 64); with ``embed``: the unit embeddings and the scale ``(ea (B_a, dim), eb (B_b, dim),
-        scale ())`` (the interface of :func:`diffin.builtin.captions.clip_scores`)."""
+        scale ())`` (the interface of :func:`diffin.bench.builtin.captions.clip_scores`)."""
         ea, eb = self.tower_a(a), self.tower_b(b)
         ea = ea / ea.norm(dim=-1, keepdim=True)
         eb = eb / eb.norm(dim=-1, keepdim=True)
@@ -197,7 +197,7 @@ class PairTowers(nn.Module):
 
 def pairs_model() -> nn.Module:
     """The setup's model, :class:`PairTowers` 64-256-64 per tower, float32, seeded (a
-    ``--model diffin.builtin.synthetic_pairs:pairs_model`` factory)."""
+    ``--model diffin.bench.builtin.synthetic_pairs:pairs_model`` factory)."""
     torch.manual_seed(0)
     return PairTowers()
 
@@ -240,21 +240,3 @@ def load_split(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float3
                      (va_t[:0], vb_t[:0]), y_t[:0], N_CLASSES, (N_FEATURES,),
                      y_train_clean=torch.from_numpy(np.load(f / "yb_train.npy", mmap_mode="c")),
                      flipped=np.load(f / "mismatched.npy"))
-
-
-def pairs_setup() -> Any:
-    """The ``scale-1m-pairs`` :class:`~diffin.builtin.setups.Setup` (to register): data from
-    :func:`default_folder`, :func:`pairs_model`, :data:`PAIRS_TRAIN`, the symmetric InfoNCE loss
-    (:data:`diffin.builtin.captions.CLIP_LOSS`), CLIP score as the pair score. The mismatched pairs
-    are part of the generated data, so the setup adds no noise of its own (``noise=0``)."""
-    from .captions import CLIP_LOSS, clip_scores
-    from .setups import Setup
-
-    return Setup(
-        "scale-1m-pairs", "synthetic image–text-like pairs on disk (memory-mapped): 1,000,000 train / 2,000 val "
-        f"pairs, two 64-d views of a latent point of {N_CLASSES} classes, 10% of training pairs mismatched; two-tower "
-        f"MLP 64-256-64 tanh per view, learned temperature, symmetric InfoNCE, float32, SGD lr {LR}, batch 256, 1 "
-        "epoch, checkpoint every 500 steps",
-        lambda dt: load_split(default_folder(), dt), lambda s: PairTowers(), PAIRS_TRAIN, dtype=torch.float32,
-        n_ground_truth=20, loss_fn=CLIP_LOSS, noise_kind="training pairs mismatched", pair_scores=clip_scores,
-    )

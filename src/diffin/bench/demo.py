@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _constants as C
-from ._api import score
-from ._errors import OutputExistsError
-from ._io import write_json, write_text
+from .. import _constants as C
+from .._api import score
+from .._errors import OutputExistsError
+from .._io import write_json, write_text
+from ..report import Report, image_grid, score_histograms, text_table
 from .builtin import evaluate, get_setup, train
 from .builtin.setups import write_setup_meta
-from .report import Report, image_grid, score_histograms, text_table
 
 DEMO_METHODS = ("diffin", "diffin-closed-form", "tracin")
 
@@ -29,7 +29,7 @@ def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
     ``quiet`` turns off the progress bars; the tables are always printed. Writes ``report.md``
     and ``report.html`` (self-contained) with the figures.
     """
-    from .metrics import detection_auc, recall_at
+    from ..metrics import detection_auc, recall_at
 
     out = Path(out)
     setup = get_setup("demo")

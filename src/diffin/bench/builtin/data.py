@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._errors import ConfigError, DataMismatchError
-from .._optional import require
+from ..._errors import ConfigError, DataMismatchError
+from ..._optional import require
 
 
 @dataclass

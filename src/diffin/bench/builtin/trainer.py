@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _tree
-from .._errors import ConfigError
-from .._functional import BatchLoss
-from .._progress import progress_bar
-from ..config import config_field
-from ..recording import Recorder
-from ..trajectory.clipping import clipped_fraction
+from ... import _tree
+from ..._errors import ConfigError
+from ..._functional import BatchLoss
+from ..._progress import progress_bar
+from ...config import config_field
+from ...recording import Recorder
+from ...trajectory.clipping import clipped_fraction
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -9,7 +9,8 @@ larger one, whatever the chunk size used to write it. The folder holds ``x_train
 ``y_train.npy``, ``x_val.npy``, ``y_val.npy`` (validation labels clean), ``flipped.npy`` (bool,
 the flipped training ids), ``y_clean.npy`` (the training labels before flipping) and
 ``scale_data.json`` (what was generated); a folder whose JSON matches is reused, anything else
-is regenerated. It is a data folder for ``diffin score --data DIR --model diffin.builtin.synthetic_scale:scale_model``.
+is regenerated. It is a data folder for
+``diffin score --data DIR --model diffin.bench.builtin.synthetic_scale:scale_model``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 from . import _ondisk
 
 N_FEATURES = 64
@@ -108,7 +109,7 @@ def generate(folder: str | os.PathLike[str], n_train: int = 1_000_000, n_val: in
 
 def scale_model() -> nn.Module:
     """The scale setup's model, MLP 64-256-256-10 tanh, float32, seeded (the
-    ``--model diffin.builtin.synthetic_scale:scale_model`` factory)."""
+    ``--model diffin.bench.builtin.synthetic_scale:scale_model`` factory)."""
     from .models import mlp
 
     torch.manual_seed(0)
@@ -124,7 +125,7 @@ def default_folder() -> Path:
 
 def load_split(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32, n_train: int = 1_000_000,
                n_val: int = 2_000, seed: int = 0) -> Any:
-    """The scale data as a :class:`~diffin.builtin.data.DataSplit` (generated first when the
+    """The scale data as a :class:`~diffin.bench.builtin.data.DataSplit` (generated first when the
     folder is not current). Training inputs and labels are tensors over copy-on-write mappings of
     the files (no copy in float32; another ``dtype`` casts, i.e. copies, the inputs); no test set."""
     from .data import DataSplit
