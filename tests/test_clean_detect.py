@@ -125,7 +125,7 @@ def test_costly_method_prints_its_time_estimate_first(tmp_path: Path) -> None:
     said: list[str] = []
     inp = builtin_inputs("tiny", 0.1, tmp_path)
     res = clean(inp, CleanConfig(baselines="if-cg,loss"), progress=False, log=said.append)
-    assert len(said) == 1 and said[0].startswith("if-cg: about ") and "CG iterations" in said[0]
+    assert len(said) == 1 and said[0].startswith("if-cg: about ") and "CG iterations" in said[0] and "HVP" in said[0]
     assert res["estimated_seconds"]["if-cg"] >= 0
 
 

@@ -107,6 +107,10 @@ def retrain_fresh(inp: TaskInputs, recipe: Recipe, sets: dict[str, np.ndarray], 
     return res
 
 
+LANCZOS_HVPS = 40
+"""About how many full-data HVPs the influence functions' Lanczos eigenvalue bounds take (docs/method.md §5)."""
+
+
 def estimate_seconds(name: str, inp: TaskInputs, state: TaskState, base: ScoreConfig) -> tuple[float, str]:
     """A costly method's time (s) before it runs, from one measured full-data Hessian–vector
     product at θ_T times the iterations it may take, and the estimate in words."""
@@ -118,10 +122,13 @@ def estimate_seconds(name: str, inp: TaskInputs, state: TaskState, base: ScoreCo
         for _, x, y in src.chunks(base.batch_size):
             fm.hvp(theta, x, y, v, mode="exact" if base.hvp == "auto" else base.hvp)  # type: ignore[arg-type]
         one = time.perf_counter() - t0
-        return one * base.cg_iters, f"up to {base.cg_iters} CG iterations × one full-data HVP ({one:.2g} s)"
+        n = base.cg_iters + LANCZOS_HVPS
+        return one * n, (f"up to {base.cg_iters} CG iterations and about {LANCZOS_HVPS} Lanczos steps for the damping, "
+                         f"each one full-data HVP of {one:.2g} s")
     ids = np.arange(min(inp.n_train, base.lissa_batch_size))
     _, x, y = next(iter(DataSource((_tree.index(inp.train[0], torch.as_tensor(ids)), inp.train[1][ids]),
                                    fm.dtype, fm.device).chunks(len(ids))))
     fm.hvp(theta, x, y, v, mode="exact" if base.hvp == "auto" else base.hvp)  # type: ignore[arg-type]
     one = time.perf_counter() - t0
-    return one * base.lissa_depth, f"{base.lissa_depth} LiSSA steps × one HVP on {len(ids)} samples ({one:.2g} s)"
+    return one * base.lissa_depth, (f"{base.lissa_depth} LiSSA steps × one HVP on {len(ids)} samples ({one:.2g} s), "
+                                    "plus the Lanczos bounds (a few dozen full-data HVPs)")
