@@ -181,7 +181,7 @@ def test_without_a_test_set_half_the_validation_set_is_held_out(tmp_path: Path) 
     res = clean(inp, CleanConfig(baselines="loss", retrain=True, retrain_seeds=1, count=5), progress=False)
     assert res["retrain"]["evaluated_on"].startswith("held-out half of the validation set (20 samples")
     fresh = res["retrain_fresh"]
-    assert set(fresh["removals"]) == {"none", "diffin", "loss", "random"}
+    assert set(fresh["removals"]) == {"none", "tracin-classes", "loss", "random"}  # method auto: per-class influence
     assert all(r["n_removed"] == (0 if n == "none" else 5) for n, r in fresh["removals"].items())
     assert all(0 <= r["test_accuracy_mean"] <= 1 for r in fresh["removals"].values())
 
