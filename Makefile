@@ -8,7 +8,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test test-clip lint bench clean-venv
 
 $(VENV)/.diffin-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ test: $(VENV)/.diffin-test
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q --durations=10
 
+# open_clip imports torchvision, whose PyPI wheel (a CUDA build) imports next to the CPU torch only
+# through diffin.integrations.open_clip.import_open_clip, and breaks `import transformers` models
+# elsewhere: the open_clip tests run in a venv of their own (docs/guides/open_clip.md).
+CLIP_VENV ?= .venv-clip
+test-clip:
+	test -x $(CLIP_VENV)/bin/python || $(PYTHON) -m venv $(CLIP_VENV)
+	$(CLIP_VENV)/bin/python -c "import torch" 2>/dev/null || $(CLIP_VENV)/bin/python -m pip install -q $(TORCH)
+	$(CLIP_VENV)/bin/python -m pip install -q -e '.[clip]' pytest
+	$(CLIP_VENV)/bin/python -m pytest -q tests/test_open_clip.py
+
 lint: $(VENV)/.diffin-test
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
@@ -30,4 +40,4 @@ bench: $(VENV)/.diffin-tasks
 	$(PY) benchmarks/speed.py --json bench-out/speed.json
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CLIP_VENV)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -11,7 +10,6 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,8 @@ from ._errors import (
 from ._functional import FlatModel, LossFn, check_convention
 from ._io import write_json, write_npy
 from ._resume import NO_RESUME, RESUME_DIR, SweepResume, refuse_stale_state, resume_config, world_size
+from ._train_mode import eval_mode as _eval_mode
+from ._trust import assess, check_removals, warn_if_unstable
 from ._version import __version__
 from .config import ScoreConfig, config_from_kwargs
 from .estimators import ScoringContext, get_estimator
@@ -281,6 +281,13 @@ def _score_one(
         )
     if output.variant != cfg.method:
         log.info("method %s ran as %s", cfg.method, output.variant)
+    if cfg.check_removals and tgt.kind != "self":
+        with _eval_mode(model):
+            output.diagnostics["removal_check"] = check_removals(ctx, scores, cfg.check_removals, progress)
+    trust = assess(output.diagnostics, scores, _values_at_end(ctx, model))
+    output.diagnostics["trust"] = trust
+    if rank == 0:
+        warn_if_unstable(trust, output.variant, stacklevel=4)
     result = ScoreResult(
         scores=scores,
         method=cfg.method,
@@ -303,6 +310,17 @@ def _score_one(
     if n_proc > 1:
         barrier()  # the other ranks return once the scores are on disk
     return result
+
+
+def _values_at_end(ctx: ScoringContext, model: nn.Module) -> np.ndarray | None:
+    """f(θ_T) of the target, (Q,) (the own losses (N,) for self-influence), for the trust measures;
+    None where it cannot be evaluated (a target object without values)."""
+    try:
+        with _eval_mode(model), torch.no_grad():
+            theta_T = ctx.trajectory.theta(ctx.run.n_steps)
+            return ctx.target.values(ctx.fm, theta_T).detach().to("cpu", torch.float64).numpy().reshape(-1)
+    except NotImplementedError:
+        return None
 
 
 def scoring_model(model: nn.Module, device: str | None) -> nn.Module:
@@ -427,6 +445,9 @@ def _score_runs(
     if all(p.group_scores is not None for p in parts):
         group_scores = np.mean([p.group_scores for p in parts], axis=0).astype(first.scores.dtype, copy=False)
     diagnostics = dict(first.diagnostics)
+    unstable = [p.diagnostics["trust"] for p in parts if not p.diagnostics.get("trust", {}).get("stable", True)]
+    if unstable:  # the averaged scores are as trustworthy as their least trustworthy run
+        diagnostics["trust"] = unstable[0]
     diagnostics["runs"] = [{"run": p.run, "variant": p.variant, "seconds": p.seconds} for p in parts]
     spread = np.std([p.scores for p in parts], axis=0)
     diagnostics["run_to_run_std_mean"] = float(np.mean(spread))
@@ -533,13 +554,3 @@ def warn_untrained_rows(run: Run, n_train: int) -> int:
             UntrainedRowsWarning, stacklevel=3,
         )
     return missing
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)

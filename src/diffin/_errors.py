@@ -171,3 +171,10 @@ class BatchLossUnsupportedError(UnsupportedMethodError):
 class TrainModeWarning(UserWarning):
     """A model with BatchNorm or dropout layers was recorded without their training modes (an
     older diffin): its run is replayed in eval mode, and the scores describe that run."""
+
+
+class UnstableInfluenceWarning(UserWarning):
+    """The scores cannot be trusted: the linearised training dynamics are unstable on this run (the
+    adjoint grew past its limit, a score exceeds the target's own size, or checked removals replayed
+    for real disagree with their prediction). ``ScoreResult.diagnostics["trust"]`` holds the measures
+    and the reasons; docs/guides/trust.md says what they mean and what to do."""

@@ -325,3 +325,14 @@ def _replace_forward(mod: nn.Module, fwd: Any) -> tuple[nn.Module, bool, Any]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its mode before restored after it."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)

@@ -103,6 +103,15 @@ class ScoreConfig:
     credit_every: int | None = config_field(
         None, "diffin-retrain: pay the expected credit every this many steps (default: once per checkpoint)"
     )
+    horizon: int | None = config_field(
+        None, "diffin-exact / diffin-frozen: carry influence back over the last this many steps only (a "
+        "sample's contributions before step T - horizon count 0); None: the whole run. For unstable runs "
+        "(docs/guides/trust.md)"
+    )
+    check_removals: int = config_field(
+        0, "after scoring, replay the removal of this many samples with the largest |score| for real and "
+        "compare (diagnostics['trust']['removal_error']; 0: off). Costs one replay of training"
+    )
     seed: int = config_field(0, "seed for proxy batches and any other randomness of the estimator")
     resume_every_steps: int = config_field(
         500,
@@ -133,7 +142,7 @@ class ScoreConfig:
         for name in ("batch_size", "cg_iters", "lissa_depth", "lissa_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("proxy_batch_size", "proxy_batches", "credit_every", "closed_form_checkpoints"):
+        for name in ("proxy_batch_size", "proxy_batches", "credit_every", "closed_form_checkpoints", "horizon"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
@@ -141,6 +150,8 @@ class ScoreConfig:
             raise ConfigError("replay_memory_mb must be > 0")
         if self.damping < 0:
             raise ConfigError("damping must be >= 0")
+        if isinstance(self.check_removals, bool) or int(self.check_removals) < 0:
+            raise ConfigError(f"check_removals must be an int >= 0 (0: no check), got {self.check_removals!r}")
         if int(self.resume_every_steps) < 0 or not self.resume_every_minutes >= 0:
             raise ConfigError(
                 "resume_every_steps and resume_every_minutes must be >= 0 (0 turns that criterion off), got "

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._api import _eval_mode
 from ._data import DataSource, check_id_groups
 from ._errors import ConfigError, DataMismatchError, ReinitError
 from ._functional import FlatModel, LossFn, check_convention
 from ._progress import progress_bar
+from ._train_mode import eval_mode as _eval_mode
 from ._tree import nbytes, tree_map
 from .config import CONVENTIONS
 from .recording.run import Run, load_run

@@ -169,6 +169,13 @@ def _score_and_report(args: argparse.Namespace, cfg: ScoreConfig, run_dirs: list
           f"{time.perf_counter() - t0:.2f}s -> {out}")
     print(f"most harmful ids: {order[:10].tolist()}")
     print(f"most helpful ids: {order[::-1][:10].tolist()}")
+    trust = res.diagnostics.get("trust")
+    if trust:
+        growth, scale = trust.get("adjoint_growth"), trust.get("score_scale")
+        measures = ", ".join(f"{k} {v:.3g}" for k, v in (("adjoint growth", growth), ("score scale", scale))
+                             if v is not None)
+        verdict = "stable" if trust["stable"] else "NOT TRUSTWORTHY: " + "; ".join(trust["reasons"])
+        print(f"trust: {verdict} ({measures}; docs/guides/trust.md)")
 
 
 EMBED_EXCLUDE = ("pairwise", "predicts", "damping", "cg_iters", "cg_tol", "lissa_depth", "lissa_scale",

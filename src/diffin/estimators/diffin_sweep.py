@@ -249,10 +249,15 @@ class DiffInExact(_Sweep):
         R = _stats_start(ctx, target)  # r̄_T = ∂f/∂r_T (Q, R): the eval-mode target reads the running statistics
         if R is not None and STATS_KEY in S:
             R = S.pop(STATS_KEY)
+        t_min = 0 if cfg.horizon is None else max(0, ctx.run.n_steps - cfg.horizon)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             for i, c0, c1 in self.remaining(ctx, first, bar):
+                if c1 <= t_min:  # a limited horizon: steps before T − H carry no influence
+                    break
                 states = traj.replay_reversed(c0, c1) if self.replay else _frozen(traj, c0, c1)
                 for t, state, g in states:
+                    if t < t_min:
+                        break
                     ids, x, y = traj.batch(t)
                     if g is None and need_g:
                         with traj.at_step(t, state, x):

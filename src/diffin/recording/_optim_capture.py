@@ -51,12 +51,15 @@ class OptimizerWatch:
             self._hook = None
 
     def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Step pre-hook: the learning rates, hyper-parameters and gradient norm the step uses."""
+        """Step pre-hook: the learning rates, hyper-parameters and gradient norm the step uses (the
+        norm is not checked for ``step(closure)``: the closure computes the gradient after this hook,
+        as Lightning's steps do)."""
         seen: dict[str, Any] = {
             "lrs": [float(g["lr"]) for g in optimizer.param_groups],
             "hyper": group_hypers(optimizer),
         }
-        if self.clip_grad_norm is not None:
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
+        if self.clip_grad_norm is not None and closure is None:  # a closure computes the step's gradient later
             grads = [p.grad.detach() for p in self._params if p.grad is not None and not p.grad.is_sparse]
             if grads:
                 norms = torch.stack([torch.linalg.vector_norm(g, 2).to(torch.float64) for g in grads])

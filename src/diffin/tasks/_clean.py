@@ -53,6 +53,7 @@ from ._common import (
     Recipe,
     TaskInputs,
     TaskState,
+    add_trust,
     cached_score,
     fraction_count,
     losses_at,
@@ -354,6 +355,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
                                                 [recipe.config.seed + i for i in range(cfg.retrain_seeds)], which)
     result["total_seconds"] = time.perf_counter() - t0
     result["config"] = asdict(cfg)
+    result["trust"] = dict(state.trust)
     if state.out is not None:
         _write(state.out, inp, result, harms, flagged, self_ranked)
     return result
@@ -474,4 +476,5 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
         image_grid(out / "most_harmful.png", images[worst].reshape(len(worst), -1).detach().cpu().numpy(), caps, side,
                    f"{len(worst)} most harmful by {m}: {label.split(' (')[0]}")
         rep.figure("most_harmful.png", f"the {len(worst)} most harmful training samples by {m}, with their values")
+    add_trust(rep, result.get("trust") or {})
     rep.write(out)

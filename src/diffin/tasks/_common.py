@@ -348,6 +348,9 @@ class TaskState:
     out: Path | None
     run: Run
     key: dict[str, Any]
+    trust: dict[str, Any] = field(default_factory=dict)
+    """``diagnostics["trust"]`` of each scoring done for the task, by method (``-self`` appended for
+    self-influence); shown in the task's report."""
 
     @property
     def run_id(self) -> str:
@@ -458,16 +461,19 @@ def cached_score(inp: TaskInputs, state: TaskState, method: str, target: Any, pr
     self_target = isinstance(target, str)
     key = canonical({"run": state.run_id, "train": state.data["train"],
                      "target": target if self_target else fingerprint(target), "config": cfg.to_json()})
-    folder = None if state.out is None else state.out / f"scores-{method}{'-self' if self_target else ''}"
+    label = f"{method}{'-self' if self_target else ''}"
+    folder = None if state.out is None else state.out / f"scores-{label}"
     if folder is not None:
         meta = load_piece(folder / "scores.json", key)
         if meta is not None and (folder / "scores.npy").exists():
             arr = np.load(folder / "scores.npy", allow_pickle=False)
             if arr.shape == (inp.n_train,):
+                state.trust[label] = (meta.get("diagnostics") or {}).get("trust")
                 return arr
         (folder / "scores.json").unlink(missing_ok=True)
     res = score(state.run, inp.model_factory(), inp.loss_fn, train=inp.train, target=target, config=cfg,
                 progress=progress)
+    state.trust[label] = res.diagnostics.get("trust")
     if folder is not None:
         write_npy(folder / "scores.npy", res.scores)
         write_json(folder / "scores.json", {**res.to_json(), "key": key})
@@ -564,3 +570,22 @@ def read_ids(path: str | os.PathLike[str]) -> list[np.ndarray]:
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     """A CSV file from string cells (atomically)."""
     write_text(path, "\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")
+
+
+def add_trust(rep: Any, trust: dict[str, Any]) -> None:
+    """A report section with each scoring's trust measures (``ScoreResult.diagnostics["trust"]``,
+    docs/guides/trust.md): stable or not, adjoint growth, score scale and the reasons."""
+    rows = []
+    for name, t in trust.items():
+        if not t:
+            continue
+        growth, scale = t.get("adjoint_growth"), t.get("score_scale")
+        rows.append([name, "yes" if t.get("stable", True) else "**no**",
+                     "–" if growth is None else f"{growth:.3g}", "–" if scale is None else f"{scale:.3g}",
+                     "; ".join(t.get("reasons") or []) or "–"])
+    if not rows:
+        return
+    rep.heading("Can these scores be trusted?")
+    rep.text("Measures of the linearisation's health on this run (docs/guides/trust.md): the adjoint's growth over "
+             "the sweep (limit 100) and the largest |score| over the target's own size (limit 1).")
+    rep.table(["scores", "stable", "adjoint growth", "score scale", "reasons"], rows)

@@ -23,7 +23,7 @@ from .._io import write_json
 from ..config import CONVENTIONS, config_field
 from ..groundtruth import replay_removal
 from ..report import Report, format_sizes, scatter, winner
-from ._common import TaskInputs, TaskState, canonical, load_piece, prepare_task, read_ids, write_csv
+from ._common import TaskInputs, TaskState, add_trust, canonical, load_piece, prepare_task, read_ids, write_csv
 
 BLOCK = 10  # groups replayed (side by side) per saved block
 
@@ -101,6 +101,7 @@ def delete(inp: TaskInputs, config: DeleteConfig | None = None, out: str | Path 
         "by_prediction": stats,
         "seconds": {"score": t_score, "replay": t_replay},
         "config": asdict(cfg),
+        "trust": {cfg.method: res.diagnostics.get("trust")},
     }
     if state.out is not None:
         _write(state.out, result, predictions[primary], actual)
@@ -146,4 +147,5 @@ def _write(out: Path, result: dict[str, Any], predicted: np.ndarray, actual: np.
     rep.table(["prediction", "Pearson", "Spearman", "MAE (loss units)"],
               [[k, v["pearson"], v["spearman"], v["mae"]] for k, v in result["by_prediction"].items()])
     rep.figure("predicted_vs_actual.png", "predicted against replayed change of the validation loss, per group")
+    add_trust(rep, result.get("trust") or {})
     rep.write(out)

@@ -51,6 +51,7 @@ from ._common import (
     Recipe,
     TaskInputs,
     TaskState,
+    add_trust,
     cached_score,
     canonical,
     load_piece,
@@ -271,6 +272,7 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
         rnd = {p["keep"]: p["test_accuracy_mean"] for p in curves_["random"]}
         result["vs_random"] = {m: {str(p["keep"]): p["test_accuracy_mean"] - rnd[p["keep"]] for p in pts}
                                for m, pts in curves_.items() if m != "random"}
+    result["trust"] = dict(state.trust)
     if state.out is not None:
         _write(state.out, inp, result, values)
     return result
@@ -333,4 +335,5 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
         rep.text(winner({m: d["auc"] for m, d in result["detection"].items()}, "ROC-AUC")["line"])
         rep.table(["method", "ROC-AUC"], [[m, d["auc"]] for m, d in result["detection"].items()])
     rep.figure("prune_curves.png", f"{result['evaluated_on']} accuracy against the fraction kept, per method")
+    add_trust(rep, result.get("trust") or {})
     rep.write(out)
