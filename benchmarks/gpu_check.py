@@ -9,10 +9,18 @@ Float64 rows must agree within 1e-8 relative (``diffin-exact`` and ``tracin``; `
 is reported only): the script exits with status 1 otherwise. With ``--scale N`` it also times the
 scale benchmark at N samples on the device when ``diffin.bench.run_scale`` exists.
 
+Speed section (``--speed``, issue 21): for each of ``--speed-setups`` (default ``scale-1m`` at
+``--speed-n`` rows, ``mnist5k-resnet``, and ``text-bert`` when that setup exists), on the device:
+the training loop without recording timed (after an untimed warm-up), its epoch (the loop over the
+recipe's epochs), then the run recorded on the device and every method of ``--speed-methods`` scored
+there (whole ``diffin.score`` calls, after one untimed warm-up call), each as a ratio of the epoch,
+samples/s and peak memory (CUDA: ``max_memory_allocated`` in MiB; CPU: peak RSS rise in MiB).
+
 Run it on the CPU first (device = CPU: every difference is 0), then once on a GPU:
 
     python benchmarks/gpu_check.py --device cpu --json bench-out/gpu_check_cpu.json
     python benchmarks/gpu_check.py --device cuda --json bench-out/gpu_check.json [--scale 100000]
+    python benchmarks/gpu_check.py --device cuda --speed --json bench-out/gpu_speed.json   # under 5 minutes
 """
 
 from __future__ import annotations
@@ -93,6 +101,120 @@ def scale_row(n: int, device: str, workdir: Path) -> dict[str, Any]:
     return {"n": n, "device": on, "note": note, "seconds": time.perf_counter() - t0, "result": out}
 
 
+SPEED_SETUPS = ("scale-1m", "mnist5k-resnet", "text-bert")
+SPEED_METHODS = ("diffin", "diffin-exact", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin")
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _speed_inputs(name: str, n: int | None, device: str, workdir: Path) -> tuple[Any, Any, Any, Any] | None:
+    """(setup, train pair, target pair, description) on ``device``, or None for an unknown setup.
+    ``scale-1m``: the first ``n`` rows of the generated scale data (in memory on the device)."""
+    from diffin.bench.builtin.setups import SETUPS
+
+    if name not in SETUPS:
+        return None
+    setup = get_setup(name)
+    if name == "scale-1m":
+        from diffin.bench.builtin.synthetic_scale import scale_model
+        from diffin.bench.scale import _scale_data, _val
+
+        rows = int(n or 100_000)
+        folder = _scale_data(workdir, rows, 0)
+        x, y = diffin.memmap_arrays(folder)
+        setup = setup.with_changes(build=lambda s: scale_model())
+        xv, yv = _val(folder)
+        train_xy = (torch.from_numpy(np.array(x)).to(device), torch.from_numpy(np.array(y)).to(device))
+        return setup, train_xy, (xv.to(device), yv.to(device)), f"scale-1m at N={rows:,}"
+    split = setup.data()
+    to = (lambda a: a.to(device)) if isinstance(split.x_train, torch.Tensor) else (lambda a: a)
+    x = split.x_train if n is None else split.x_train[:n]
+    y = split.y_train if n is None else split.y_train[:n]
+    return setup.with_changes(build=lambda s, b=setup.build, sp=split: b(sp)), (to(x), to(y)), \
+        (to(split.x_val), to(split.y_val)), setup.description
+
+
+def _peak_reset(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mb(device: str, measure: Any) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return float(measure.rise_mb)
+
+
+def speed_rows(name: str, n: int | None, device: str, methods: list[str], workdir: Path) -> dict[str, Any]:
+    """The speed section of one setup on ``device`` (see the module docstring)."""
+    from diffin._measure import Measure
+    from diffin.bench.builtin import train as train_loop
+
+    got = _speed_inputs(name, n, device, workdir)
+    if got is None:
+        return {"setup": name, "skipped": f"no built-in setup {name!r} in this diffin"}
+    setup, (x, y), target, desc = got
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(setup.train.seed)
+        return setup.build(None).to(setup.dtype).to(device)
+
+    run_dir = workdir / f"speed-{name}"
+    kw = dict(loss=setup.loss_fn)
+    train_loop(model(), x, y, setup.train, run_dir, record=False, **kw)  # warm-up (kernels, allocator)
+    _sync(device)
+    plain = train_loop(model(), x, y, setup.train, run_dir, record=False, **kw)
+    _sync(device)
+    epoch = plain.seconds / setup.train.epochs
+    recorded = train_loop(model(), x, y, setup.train, run_dir, overwrite=True, **kw)
+    n_rows = len(y)
+    score_kw = dict(train=(x, y), target=target, progress=False, device=device)
+    diffin.score(str(run_dir), model(), setup.loss_fn, method="tracin", **score_kw)  # warm-up
+    rows = []
+    for m in methods:
+        _peak_reset(device)
+        try:
+            with Measure(poll=torch.device(device).type != "cuda") as meas:
+                res = diffin.score(str(run_dir), model(), setup.loss_fn, method=m, **score_kw)
+                _sync(device)
+        except diffin.DiffinError as e:
+            rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append({"method": m, "variant": res.variant, "seconds": meas.seconds,
+                     "x_epoch": meas.seconds / epoch, "samples_per_second": n_rows / meas.seconds,
+                     "peak_memory_mb": _peak_mb(device, meas)})
+    return {"setup": name, "description": desc, "n_train": n_rows, "steps": plain.steps,
+            "epochs": setup.train.epochs, "train_seconds_plain": plain.seconds, "epoch_seconds": epoch,
+            "train_seconds_recorded": recorded.seconds, "device": device, "device_name": device_name(device),
+            "rows": rows}
+
+
+def speed_section(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """Every setup of ``--speed-setups``; prints one table per setup."""
+    methods = [m.strip() for m in args.speed_methods.split(",") if m.strip()]
+    out = []
+    for name in [s.strip() for s in args.speed_setups.split(",") if s.strip()]:
+        n = args.speed_n if name == "scale-1m" else args.speed_rows
+        block = speed_rows(name, n, args.device, methods, workdir / "speed")
+        out.append(block)
+        if "skipped" in block:
+            print(f"speed {name}: skipped ({block['skipped']})")
+            continue
+        print(f"\nspeed {name} on {block['device_name']}: N={block['n_train']:,}, epoch {block['epoch_seconds']:.3f} s "
+              f"(loop without recording, {block['epochs']} epochs, {block['steps']} steps)")
+        print(f"{'method':20} {'seconds':>9} {'x epoch':>8} {'samples/s':>11} {'peak MiB':>9}")
+        for r in block["rows"]:
+            if "error" in r:
+                print(f"{r['method']:20} {r['error'][:60]}")
+                continue
+            print(f"{r['method']:20} {r['seconds']:9.2f} {r['x_epoch']:8.2f} {r['samples_per_second']:11,.0f} "
+                  f"{r['peak_memory_mb']:9.1f}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="the device to check against the CPU (default: cuda)")
@@ -100,11 +222,24 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated estimators")
     ap.add_argument("--scale", type=int, default=None, metavar="N",
                     help="also time the scale benchmark at N samples on the device (if diffin.bench.run_scale exists)")
+    ap.add_argument("--speed", action="store_true", help="also run the speed section (every method against the epoch)")
+    ap.add_argument("--speed-only", action="store_true", help="run only the speed section")
+    ap.add_argument("--speed-setups", default=",".join(SPEED_SETUPS), help="setups of the speed section")
+    ap.add_argument("--speed-methods", default=",".join(SPEED_METHODS), help="methods of the speed section")
+    ap.add_argument("--speed-n", type=int, default=200_000, help="scale-1m rows in the speed section")
+    ap.add_argument("--speed-rows", type=int, default=None,
+                    help="first rows of the other speed setups' training data (default: all)")
     ap.add_argument("--workdir", default=None, help="where to record the run (default: a temp folder)")
     ap.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON here")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="diffin-gpu-check-"))
+    if args.speed_only:
+        speed = speed_section(args, workdir)
+        if args.json:
+            write_json(Path(args.json), {"device": args.device, "device_name": device_name(args.device),
+                                         "torch": torch.__version__, "diffin": diffin.__version__, "speed": speed})
+        return 0
 
     setup = get_setup(args.setup)
     split = setup.data()
@@ -143,6 +278,8 @@ def main() -> int:
     if args.scale:
         result["scale"] = scale_row(args.scale, args.device, workdir / "scale")
         print("scale:", {k: v for k, v in result["scale"].items() if k != "result"})
+    if args.speed:
+        result["speed"] = speed_section(args, workdir)
     if args.json:
         write_json(Path(args.json), result)
     print("OK: float64 scores agree within 1e-8 relative" if not failed else f"FAILED: {', '.join(failed)}")

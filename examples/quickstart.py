@@ -45,7 +45,7 @@ for _epoch in range(5):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        rec.step(ids, lr=opt.param_groups[0]["lr"])  # after opt.step()
+        rec.step(ids)  # after opt.step(): the learning rate is read from the optimizer
 rec.close()
 
 

@@ -44,7 +44,8 @@ def _field_help(name: str) -> str | None:
 
 
 def test_every_command_is_there():
-    assert set(COMMANDS) == {"methods", "train", "score", "demo", "clean", "delete", "prune", "bench", "embed"}
+    assert set(COMMANDS) == {"methods", "train", "score", "verify", "demo", "clean", "delete", "prune", "bench",
+                             "embed"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -110,6 +110,29 @@ def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
     assert all(r["max_rel_diff"] == 0.0 and r["ok"] for r in res["rows"]) and res["failed"] == []
 
 
+def test_gpu_check_speed_section_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    """The speed section at a tiny size: every method a ratio of the same device's epoch, with
+    samples/s and peak memory; a setup this diffin lacks is skipped, not failed."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--speed-only", "--speed-setups",
+                                      "scale-1m,no-such-setup", "--speed-n", "1024", "--speed-methods",
+                                      "diffin,tracin", "--workdir", str(tmp_path), "--json", str(out)])
+    assert mod.main() == 0
+    res = json.loads(out.read_text())
+    scale, missing = res["speed"]
+    assert missing["setup"] == "no-such-setup" and "skipped" in missing
+    assert scale["n_train"] == 1024 and scale["epoch_seconds"] > 0 and scale["steps"] == 4
+    assert [r["method"] for r in scale["rows"]] == ["diffin", "tracin"]
+    for r in scale["rows"]:
+        assert r["x_epoch"] == pytest.approx(r["seconds"] / scale["epoch_seconds"])
+        assert r["samples_per_second"] == pytest.approx(1024 / r["seconds"])
+    assert "x epoch" in capsys.readouterr().out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_batch_loss_two_tower_agrees_with_cpu(tmp_path):

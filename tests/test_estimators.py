@@ -355,5 +355,18 @@ def test_auto_hvp_picks_exact_products_for_kinked_models(tmp_path):
     assert auto.diagnostics["hvp"]["mode"] == "exact" and "ReLU" in auto.diagnostics["hvp"]["reason"]
     exact = diffin.score(tmp_path / "relu", make(), loss, hvp="exact", **kw)
     np.testing.assert_array_equal(auto.scores, exact.scores)
-    smooth = record(tmp_path / "tanh").score("diffin")
-    assert smooth.diagnostics["hvp"]["mode"] == "central"
+    tanh = record(tmp_path / "tanh")
+    # a smooth model made of dense layers: exact HVPs cost the frozen sweep less than differences;
+    # through a convolution they cost more, and central differences stay
+    frozen = tanh.score("diffin-frozen")
+    assert frozen.diagnostics["hvp"]["mode"] == "exact" and "dense" in frozen.diagnostics["hvp"]["reason"]
+    assert_close(frozen.scores, tanh.score("diffin-frozen", hvp="central").scores, computation="fd")
+    conv = record(tmp_path / "conv", kind="cnn")
+    assert conv.score("diffin-frozen").diagnostics["hvp"]["mode"] == "central"
+    # a replayed sweep of a smooth model takes exact HVPs from the replay's own gradient graphs
+    # (cheaper than central differences there); they agree with central differences to the
+    # differences' O(ε²) error
+    smooth = tanh.score("diffin")
+    assert smooth.diagnostics["hvp"]["mode"] == "exact" and "replayed sweep" in smooth.diagnostics["hvp"]["reason"]
+    central = tanh.score("diffin", hvp="central").scores
+    assert_close(smooth.scores, central, computation="fd")

@@ -115,3 +115,66 @@ def test_tasks_extra_carries_the_optional_packages_and_test_includes_it() -> Non
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"matplotlib", "scikit-learn", "mlxtend"} <= {_name(r) for r in extras["tasks"]}
     assert "diffin[tasks]" in extras["test"]
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_version_lives_in_one_place() -> None:
+    """pyproject.toml reads the version from ``diffin/_version.py``; nothing else states it."""
+    import diffin
+
+    doc = _pyproject()
+    assert "version" not in doc["project"] and "version" in doc["project"]["dynamic"]
+    assert doc["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "diffin._version.__version__"}
+    assert diffin.__version__ == re.search(r'__version__ = "([^"]+)"', (ROOT / "src/diffin/_version.py").read_text())[1]
+
+
+def test_py_typed_ships() -> None:
+    assert (ROOT / "src/diffin/py.typed").is_file()
+    assert "py.typed" in _pyproject()["tool"]["setuptools"]["package-data"]["diffin"]
+
+
+def test_every_extra_is_checked_on_its_own_and_test_carries_the_frameworks() -> None:
+    """Each extra has its imports listed in tools/check_extra.py (tools/check_packaging.sh installs
+    it alone in a fresh venv and imports them); the test extra brings hf, lightning and hypothesis."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_extra
+    finally:
+        sys.path.pop(0)
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert {"tasks", "peers", "hf", "lightning", "docs"} <= set(extras)
+    assert set(extras) - {"test"} <= set(check_extra.IMPORTS)
+    assert {"diffin[hf]", "diffin[lightning]"} <= set(extras["test"])
+    assert "hypothesis" in {_name(r) for r in extras["test"]}
+    assert not any(_name(r) == "torch" for name, reqs in extras.items() for r in reqs), "an extra must not pin torch"
+
+
+@pytest.mark.slow
+def test_the_wheel_and_sdist_build_with_what_they_should_hold(tmp_path: Path) -> None:
+    """``python -m build`` (without isolation, from the installed setuptools): the wheel holds the
+    package with py.typed and the built-in setups and no tests, under the version of _version.py;
+    the sdist holds the tests and tools too. tools/check_packaging.sh installs them (in CI)."""
+    pytest.importorskip("build")
+    import tarfile
+    import zipfile
+
+    import diffin
+
+    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheel = next(tmp_path.glob(f"diffin-{diffin.__version__}-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"diffin/py.typed", "diffin/bench/builtin/setups.py", "diffin/recording/recorder.py"} <= names
+    assert not any(n.startswith("tests/") for n in names)
+    meta = zipfile.ZipFile(wheel).read(f"diffin-{diffin.__version__}.dist-info/METADATA").decode()
+    assert {"tasks", "peers", "hf", "lightning", "docs"} <= {
+        line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
+    sdist = next(tmp_path.glob(f"diffin-{diffin.__version__}.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
+    assert {"src/diffin/py.typed", "pyproject.toml", "README.md"} <= members

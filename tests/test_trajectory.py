@@ -88,22 +88,34 @@ def test_frozen_state_keeps_the_checkpoint_and_creates_missing_buffers(tmp_path)
 
 
 def test_sgd_sweeps_compute_no_extra_gradient(tmp_path, monkeypatch):
-    """The SGD sweep costs what it cost before the trajectory layer: the exact sweep takes the
-    replay's gradients only (one per step), the frozen sweep none; Adam's frozen sweep one per step."""
-    calls = {"n": 0}
-    real = Trajectory.gradient
+    """The SGD sweep computes no gradient beyond the replay's: the exact sweep takes the replay's
+    gradients only (one per step, each with its graph kept, so the transpose builds no gradient of
+    its own: 2 passes per step, not 3), the frozen sweep none; Adam's frozen sweep one per step."""
+    calls = {"n": 0, "graphs": 0}
+    real, real_graph, real_build = Trajectory.gradient, Trajectory.graph_step, FlatModel.grad_graph
 
     def counting(self, *a, **kw):
         calls["n"] += 1
         return real(self, *a, **kw)
 
+    def counting_graph(self, *a, **kw):
+        calls["n"] += 1
+        return real_graph(self, *a, **kw)
+
+    def counting_build(self, *a, **kw):
+        calls["graphs"] += 1
+        return real_build(self, *a, **kw)
+
     monkeypatch.setattr(Trajectory, "gradient", counting)
+    monkeypatch.setattr(Trajectory, "graph_step", counting_graph)
+    monkeypatch.setattr(FlatModel, "grad_graph", counting_build)
     sgd = record(tmp_path / "s", opt_kw={"lr": 0.05, "momentum": 0.9})
     steps = diffin.load_run(sgd.run).n_steps
     for method, want in (("diffin-exact", steps), ("diffin-frozen", 0)):
-        calls["n"] = 0
+        calls.update(n=0, graphs=0)
         sgd.score(method, hvp="exact")
         assert calls["n"] == want, method
+        assert calls["graphs"] == steps, method  # exact HVPs: one graph per step, the replay's where it replays
     adam = record_loop(tmp_path / "a", make_opt=lambda m: torch.optim.Adam(m.parameters(), lr=0.01))
     calls["n"] = 0
     adam.score("diffin-frozen", hvp="exact")
@@ -148,3 +160,24 @@ def test_batches_are_read_once_within_the_cache_budget(tmp_path, monkeypatch):
     assert len(reads) == run.n_steps + 1
     ids, x, y = traj.batch(0)
     assert torch.equal(x, tiny.X[torch.as_tensor(ids)]) and torch.equal(y, tiny.Y[torch.as_tensor(ids)])
+
+
+def test_kept_graphs_under_any_memory_budget_give_the_same_scores(tmp_path, monkeypatch):
+    """The replay keeps the gradient graphs of as many of a segment's last steps as fit in
+    replay_memory_mb (all, some or none); the scores are the same to rounding whatever fits."""
+    kept = {"n": 0}
+    real = Trajectory.graph_step
+
+    def counting(self, *a, **kw):
+        kept["n"] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Trajectory, "graph_step", counting)
+    tiny = record(tmp_path / "r", opt_kw={"lr": 0.05, "momentum": 0.9}, every=6)
+    ref = tiny.score("diffin-exact", hvp="exact").scores
+    counts = set()
+    for mb in (0.004, 0.008, 0.012, 0.02, 0.05):
+        kept["n"] = 0
+        assert_close(tiny.score("diffin-exact", hvp="exact", replay_memory_mb=mb).scores, ref)
+        counts.add(kept["n"])
+    assert len(counts) > 2  # none, some and all kept (each segment's first step always builds one, to measure it)

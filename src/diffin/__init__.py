@@ -36,6 +36,7 @@ from ._errors import (
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
+from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
 from .embedding import EmbedConfig, Embedding, embed, load_embedding
@@ -82,6 +83,7 @@ __all__ = [
     "UnsupportedMethodError",
     "UnsupportedOptimizerWarning",
     "UntrainedRowsWarning",
+    "VerifyResult",
     "__version__",
     "batch_loss",
     "embed",
@@ -93,5 +95,6 @@ __all__ = [
     "methods",
     "restore_checkpoint",
     "score",
+    "verify",
     "with_ids",
 ]

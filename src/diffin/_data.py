@@ -13,6 +13,7 @@ import mmap
 import operator
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,7 @@ class DataSource:
     """
 
     _loader: LoaderData | None = None  # class defaults: views built without __init__ (subsets) have none
+    _identity: tuple[Any, ...] | None = None
 
     def __init__(self, data: Any, dtype: torch.dtype, device: torch.device, name: str = "train"):
         self.name = name
@@ -176,6 +178,7 @@ class DataSource:
         self._ds: Dataset | None = None
         self._loader: LoaderData | None = None
         self._loaders: dict[int, Iterable[Any]] = {}
+        self._identity = data_identity(data)
         if isinstance(data, LoaderData):
             self._loader, data = data, data.dataset
         if isinstance(data, WithIds):
@@ -279,8 +282,19 @@ class DataSource:
 
         Streams over the data in chunks of ``chunk`` rows (memory independent of N); values are
         checked as the model will see them (cast to its dtype, so an overflow to Inf counts).
-        The message names up to ``MAX_NAMED_IDS`` offending ids.
+        The message names up to ``MAX_NAMED_IDS`` offending ids. Data found finite once is not
+        read again while it is the same, unchanged objects (:func:`data_identity`).
         """
+        key = self._identity
+        if key is not None:
+            key = (key, self.dtype, self.target_dtype)
+            if _CHECKED_FINITE.get(key):
+                return
+        self._check_finite(chunk)
+        if key is not None:
+            _remember(_CHECKED_FINITE, key, True)
+
+    def _check_finite(self, chunk: int) -> None:
         counts = {"inputs": 0, "targets": 0}
         named: list[int] = []
         for ids, x, y in self.chunks(chunk):
@@ -578,7 +592,23 @@ def fingerprint(data: Any) -> str:
     cost a pass over the data; a changed dataset of the same length that differs only between
     the sampled items is not detected); a :func:`with_ids` wrapper hashes as the dataset it
     wraps. ``None`` hashes to a fixed value.
+
+    The hash of ``(inputs, targets)`` tensors or read-only memory-mapped arrays is computed once
+    and cached by :func:`data_identity` (the same, unchanged objects): repeated calls on the same
+    data cost nothing that grows with N.
     """
+    key = data_identity(data)
+    if key is not None:
+        hit = _FINGERPRINTS.get(key)
+        if hit is not None:
+            return hit
+    digest = _fingerprint(data)
+    if key is not None:
+        _remember(_FINGERPRINTS, key, digest)
+    return digest
+
+
+def _fingerprint(data: Any) -> str:
     h = hashlib.sha256()
 
     def add(a: Any) -> None:
@@ -624,6 +654,78 @@ def fingerprint(data: Any) -> str:
     else:
         add(data)
     return h.hexdigest()
+
+
+_CACHE_SIZE = 32
+_FINGERPRINTS: dict[tuple[Any, ...], str] = {}
+_CHECKED_FINITE: dict[tuple[Any, ...], bool] = {}
+
+
+def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def data_identity(data: Any) -> tuple[Any, ...] | None:
+    """A key that stays equal while ``data`` is the same, unchanged objects; ``None`` where that
+    cannot be told without reading it all (a writable numpy array, a ``Dataset``).
+
+    ``(inputs, targets)`` (tuples, lists, dicts of them): a tensor by its storage, shape, strides,
+    dtype, device and version counter (bumped by every in-place write), held by a weak reference
+    so that a new tensor at a recycled address never matches; a read-only memory-mapped array by
+    its file (path, inode, size, modification and change times), offset, shape and dtype. A file
+    rewritten in place to the same size within the file system's timestamp resolution would be
+    taken for the old one: write changed data under a new file name."""
+    refs: list[Any] = []
+
+    def leaf(a: Any) -> Any:
+        if isinstance(a, Tensor):
+            refs.append(weakref.ref(a))
+            return ("t", id(a), a.data_ptr(), a._version, tuple(a.shape), a.stride(), str(a.dtype), str(a.device))
+        if isinstance(a, np.memmap) and not a.flags.writeable and a.filename:
+            st = os.stat(a.filename)
+            return ("m", a.filename, st.st_ino, a.offset, st.st_size, st.st_mtime_ns, st.st_ctime_ns, a.shape,
+                    a.strides, a.dtype.str)
+        if isinstance(a, (tuple, list)):
+            return ("s", *(leaf(b) for b in a))
+        if isinstance(a, dict):
+            return ("d", *((repr(k), leaf(a[k])) for k in sorted(a, key=repr)))
+        if isinstance(a, (int, float, str, bool)) or a is None:
+            return ("v", repr(a))
+        raise _Uncacheable
+
+    if isinstance(data, (LoaderData, WithIds)) or (isinstance(data, Dataset) and not isinstance(data, (tuple, list))):
+        return None
+    try:
+        key = leaf(data)
+    except (_Uncacheable, OSError):
+        return None
+    return (key, _Alive(refs))
+
+
+class _Uncacheable(Exception):
+    """A leaf whose content :func:`data_identity` cannot vouch for."""
+
+
+class _Alive:
+    """Part of a :func:`data_identity` key: equal to another while every tensor they refer to is
+    alive and the same object (ids of dead objects are recycled)."""
+
+    def __init__(self, refs: list[Any]) -> None:
+        self.refs = refs
+
+    def __hash__(self) -> int:
+        return len(self.refs)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Alive) or len(other.refs) != len(self.refs):
+            return False
+        for a, b in zip(self.refs, other.refs):
+            x = a()
+            if x is None or x is not b():
+                return False
+        return True
 
 
 def _row_blocks(a: Any, max_bytes: int = 1 << 26) -> Iterator[Any]:

@@ -102,6 +102,8 @@ class ShardedFlatModel(FlatModel):
     """A :class:`FlatModel` whose batch work is split across the ranks of the default process
     group (see the module docstring). Everything else is the wrapped model's."""
 
+    keeps_graphs = False  # a kept gradient graph would hold the whole batch on every rank
+
     def __init__(self, inner: FlatModel):  # noqa: D107 - no FlatModel.__init__: a proxy
         self.__dict__["_inner"] = inner
         self.__dict__["_rank"], self.__dict__["_size"] = world()

@@ -42,6 +42,12 @@ class CorruptManifestError(RecordingError):
     """The manifest is not valid JSON or lacks required fields."""
 
 
+class UnsafePathError(CorruptManifestError):
+    """A file named by a run folder (manifest, log or state entry) lies outside that folder: an
+    absolute path, a ``..`` component, or a symbolic link leading out. A run folder is data; it
+    never chooses what diffin reads elsewhere on the disk."""
+
+
 class FormatVersionError(RecordingError):
     """The run was written by a newer diffin with a format this version cannot read."""
 

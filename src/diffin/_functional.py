@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -153,6 +154,10 @@ class FlatModel:
     ``keep`` changes the batch gradient by Δg_z = −∇ℓ_z/|B| to first order (docs/method.md §4.7).
     Inputs may be a tensor, a tuple/list or a dict of tensors (:func:`diffin._tree.call_model`).
     """
+
+    keeps_graphs = True
+    """Whether a replay may keep this model's gradient graphs (:meth:`grad_graph`) for the sweep."""
+    _eps_cache: tuple[Any, Any, float] | None = None  # (key, weak θ, ε) of :meth:`_fd_step`
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | BatchLoss, trainable: Sequence[str] | None = None):
         self.model = model
@@ -338,6 +343,16 @@ class FlatModel:
         ones = torch.ones(B, dtype=self.dtype, device=self.device)
         return B * torch.func.grad(lambda w: self.batch_loss(theta, x, y, w))(ones)
 
+    def activation_bytes(self, x: Inputs, y: Any) -> int:
+        """Bytes of the activations a backward pass through the per-sample losses of the rows
+        (x, y) saves (distinct storages, θ and the model's constants excluded): with a few rows,
+        the per-row activation memory that sizes chunks of per-sample products."""
+        theta = self.theta_from_model()
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            _, total = graph_bytes(lambda: self.losses(th, x, y), skip=[th, *self._constants.values()])
+        return total
+
     def loss_grad(self, theta: Tensor, x: Inputs, y: Any) -> tuple[Tensor, Tensor]:
         """Batch gradient ∇L_B(θ) (P,) of the batch's training loss, and the shares (B,) (for a
         batch loss from the same backward pass, through ω)."""
@@ -444,11 +459,11 @@ class FlatModel:
         else:
             norms = V.norm(dim=1, keepdim=True)  # (Q, 1)
             safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-            unit = V / safe
-            e = fd_epsilon(theta, mode, eps)
-            g_plus, l_plus = self.loss_grad_many(theta + e * unit, x, y)
+            e = self._fd_step(theta, mode, eps)
+            step = V * (e / safe)  # ε·v̂, one pass over (Q, P)
+            g_plus, l_plus = self.loss_grad_many(theta + step, x, y)
             if mode == "central":
-                g_minus, l_minus = self.loss_grad_many(theta - e * unit, x, y)
+                g_minus, l_minus = self.loss_grad_many(theta - step, x, y)
                 hv = (g_plus - g_minus) * (norms / (2 * e))
                 d_fd = (l_plus - l_minus) * (norms / (2 * e))
             else:
@@ -468,6 +483,19 @@ class FlatModel:
         if single:
             return hv[0], (None if d is None else d[0])
         return hv, d
+
+    def _fd_step(self, theta: Tensor, mode: HvpMode, eps: float | None) -> float:
+        """:func:`fd_epsilon` of θ, computed once per θ (a sweep asks at every step of a segment
+        with the same frozen θ; ‖θ‖ is a pass over P)."""
+        if eps is not None:
+            return fd_epsilon(theta, mode, eps)
+        key = (id(theta), theta._version, mode)
+        hit = self._eps_cache
+        if hit is not None and hit[0] == key and hit[1]() is theta:
+            return hit[2]
+        e = fd_epsilon(theta, mode)
+        self._eps_cache = (key, weakref.ref(theta), e)
+        return e
 
     def _exact_hvp_and_dots(
         self, theta: Tensor, x: Tensor, y: Tensor, V: Tensor, want_dots: bool
@@ -489,18 +517,34 @@ class FlatModel:
         differences with their free inner products, and 0.9 ms for one batch gradient. (Plain
         autograd rather than ``torch.func``: no one-time transform set-up either.)
         """
+        return self.graph_hvp_and_dots(self.grad_graph(theta, x, y, want_dots), V)
+
+    def grad_graph(self, theta: Tensor, x: Inputs, y: Any, want_dots: bool = True) -> GradGraph:
+        """The batch gradient g = ∇_θ L_B(θ; ω) at ω = 1 with its graph kept (one forward and one
+        backward pass with ``create_graph``): the first half of :meth:`_exact_hvp_and_dots`. A
+        replay that steps with ``g`` (:attr:`GradGraph.g`) leaves the sweep only the second half,
+        :meth:`graph_hvp_and_dots`, for the same step (docs/method.md §4.1: 2 passes per step, not 3)."""
         B = batch_len(x)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
             u = torch.ones(B, dtype=self.dtype, device=self.device, requires_grad=want_dots)
             (g,) = torch.autograd.grad(self.batch_loss(th, x, y, u), th, create_graph=True)
-            inputs = (th, u) if want_dots else (th,)
-            if len(V) > 1 and g.requires_grad:
-                try:
-                    return self._batched_double_backward(g, inputs, V, u, B, want_dots)
-                except RuntimeError:  # an op without a batching rule: one vector at a time
-                    pass
-            hv, dots = [], []
+        return GradGraph(th, u, g, B, want_dots)
+
+    def graph_hvp_and_dots(self, gg: GradGraph, V: Tensor) -> tuple[Tensor, Tensor | None]:
+        """H_B(θ) v and |B|·∂⟨g, v⟩/∂ω_i = ⟨v, ∇ℓ_i(θ)⟩ for each row v of V (Q, P) by one backward
+        pass of the kept graph ``gg`` (:meth:`grad_graph`) per row: (Q, P), (Q, B). The last row
+        frees the graph."""
+        theta, u, g = gg.theta, gg.u, gg.g
+        inputs = (theta, u) if gg.want_dots else (theta,)
+        if len(V) > 1 and g.requires_grad:
+            try:
+                with torch.enable_grad():
+                    return self._batched_double_backward(g, inputs, V, u, gg.B, gg.want_dots)
+            except RuntimeError:  # an op without a batching rule: one vector at a time
+                pass
+        hv, dots = [], []
+        with torch.enable_grad():
             for i, v in enumerate(V):
                 if g.requires_grad:
                     parts = torch.autograd.grad(g, inputs, grad_outputs=v, retain_graph=i < len(V) - 1,
@@ -508,9 +552,9 @@ class FlatModel:
                 else:  # the loss is linear in θ and the weights are constants: H_B = 0
                     parts = (None,) * len(inputs)
                 hv.append(torch.zeros_like(theta) if parts[0] is None else parts[0])
-                if want_dots:
-                    dots.append(torch.zeros_like(u) if parts[1] is None else B * parts[1])
-        return torch.stack(hv).detach(), (torch.stack(dots).detach() if want_dots else None)
+                if gg.want_dots:
+                    dots.append(torch.zeros_like(u) if parts[1] is None else gg.B * parts[1])
+        return torch.stack(hv).detach(), (torch.stack(dots).detach() if gg.want_dots else None)
 
     @staticmethod
     def _batched_double_backward(
@@ -543,6 +587,12 @@ class FlatModel:
             returns ∂φ/∂θ (Q, P), |B|·∂φ/∂ω (Q, B) and ∂φ/∂r (Q, R), at ω = 1 and r = ``stats``.
 
         Call inside :meth:`step`."""
+        return self.step_graph_vjp(self.step_graph(theta, stats, x, y), W, R_bar)
+
+    def step_graph(self, theta: Tensor, stats: Tensor, x: Inputs, y: Any) -> StepGraph:
+        """The step's loss gradient g and new running statistics r' with their graph kept (the first
+        half of :meth:`step_vjp`; call inside :meth:`step`). ``g`` and ``r_new`` detached are what
+        a replayed step uses."""
         B = batch_len(x)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
@@ -550,19 +600,26 @@ class FlatModel:
             r = stats.detach().requires_grad_(True)
             L, r_new, _ = self.step_loss(th, r, x, y, u)
             (g,) = torch.autograd.grad(L, th, create_graph=True)
-            outs = [(o, i) for i, o in enumerate((g, r_new)) if o.requires_grad]
+        return StepGraph(th, u, r, g, r_new, B)
+
+    def step_graph_vjp(self, sg: StepGraph, W: Tensor, R_bar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The second half of :meth:`step_vjp` on a kept graph (:meth:`step_graph`): one backward
+        pass per row of W (Q, P) and R_bar (Q, R) → (Q, P), (Q, B), (Q, R). The last row frees it."""
+        th, u, r = sg.theta, sg.u, sg.stats
+        with torch.enable_grad():
+            outs = [(o, i) for i, o in enumerate((sg.g, sg.r_new)) if o.requires_grad]
             rows: list[tuple[Tensor, Tensor, Tensor]] = []
             for q in range(W.shape[0]):
                 vecs = (W[q], R_bar[q])
                 if not outs:
-                    rows.append((torch.zeros_like(theta), torch.zeros_like(u), torch.zeros_like(stats)))
+                    rows.append((torch.zeros_like(th), torch.zeros_like(u), torch.zeros_like(r)))
                     continue
                 parts = torch.autograd.grad([o for o, _ in outs], (th, u, r), grad_outputs=[vecs[i] for _, i in outs],
                                             retain_graph=q < W.shape[0] - 1, allow_unused=True)
                 rows.append(tuple(torch.zeros_like(ref) if p is None else p  # type: ignore[misc]
-                                  for p, ref in zip(parts, (theta, u, stats))))
+                                  for p, ref in zip(parts, (th, u, r))))
         hw, du, dr = (torch.stack([row[i] for row in rows]).detach() for i in range(3))
-        return hw, B * du, dr
+        return hw, sg.B * du, dr
 
     def mixed_second(
         self,
@@ -687,6 +744,51 @@ def _differentiable_eval_norms(model: nn.Module, names: Sequence[str], eval_name
                 mod.forward = old  # type: ignore[method-assign]
         for n, training in modes.items():
             mods[n].training = training
+
+
+@dataclass
+class GradGraph:
+    """A batch gradient with its autograd graph kept (:meth:`FlatModel.grad_graph`): θ and the
+    members' weights ω (leaves), g = ∇_θ L_B(θ; ω) with ``create_graph``, the batch size."""
+
+    theta: Tensor
+    u: Tensor
+    g: Tensor
+    B: int
+    want_dots: bool = True
+
+
+@dataclass
+class StepGraph:
+    """A train-mode step's gradient and running-statistics update with their graph kept
+    (:meth:`FlatModel.step_graph`): leaves θ, ω, r and outputs g, r'."""
+
+    theta: Tensor
+    u: Tensor
+    stats: Tensor
+    g: Tensor
+    r_new: Tensor
+    B: int
+
+
+def graph_bytes(build: Callable[[], Any], skip: Sequence[Tensor] = ()) -> tuple[Any, int]:
+    """``build()`` and the bytes of the distinct tensors its autograd graph saves (an upper bound
+    of what keeping that graph costs), not counting those sharing a storage with ``skip``."""
+    seen: dict[tuple[int, int], int] = {}
+    skipped = {t.untyped_storage().data_ptr() for t in skip}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            if t.untyped_storage().data_ptr() in skipped:
+                return t
+        except (RuntimeError, NotImplementedError):
+            pass
+        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = build()
+    return out, sum(seen.values())
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ._errors import OutputExistsError, ResumeMismatchError
 from ._io import write_json, write_safetensors
+from ._paths import inside
 
 log = logging.getLogger("diffin")
 
@@ -140,10 +141,12 @@ class SweepResume:
         assert self.folder is not None
         self.check()
         meta = self._read_json()
-        tensor_path = self.folder / str(meta.get("tensors", ""))
-        if not tensor_path.is_file() or _sha256(tensor_path) != meta.get("sha256"):
+        rel = meta.get("tensors")
+        # a path read from the state's JSON stays inside its folder (UnsafePathError otherwise)
+        tensor_path = inside(self.folder, rel, str(self.folder / STATE_JSON)) if isinstance(rel, str) and rel else None
+        if tensor_path is None or not tensor_path.is_file() or _sha256(tensor_path) != meta.get("sha256"):
             raise ResumeMismatchError(
-                f"the tensor file {tensor_path.name!r} named by {self.folder / STATE_JSON} is missing or "
+                f"the tensor file {rel!r:.100} named by {self.folder / STATE_JSON} is missing or "
                 "does not match its hash (the state was damaged); pass overwrite=True (--overwrite) to "
                 "discard it and start again"
             )

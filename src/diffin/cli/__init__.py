@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "quiet", False):  # off a terminal, long work reports stage lines (diffin._progress)
+        logging.getLogger("diffin.progress").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except DiffinError as e:

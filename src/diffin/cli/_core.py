@@ -1,4 +1,4 @@
-"""``diffin methods``, ``train``, ``score`` and ``demo``."""
+"""``diffin methods``, ``train``, ``score``, ``verify`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -206,6 +206,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Replay ``--n`` removals of the run and print Pearson/Spearman of the scores against them."""
+    from .._io import write_json
+    from .._verify import verify
+
+    run_dir = Path(args.run)
+    model, loss_fn, train, val, _ = _score_inputs(args, run_dir)
+    if val is None:
+        raise ConfigError("--data has no validation arrays (x_val, y_val): verify checks the validation-loss target")
+    cfg = config_from_args(ScoreConfig, args)
+    res = verify(run_dir, model, loss_fn, train=train, target=val, n=args.n, method=cfg.method, seed=args.seed_ids,
+                 convention=cfg.convention, progress=not args.quiet, config=cfg)
+    print(res.summary())
+    if args.json:
+        write_json(Path(args.json), res.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..bench.demo import run_demo
 
@@ -277,6 +296,21 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     add_config_args(s, EmbedConfig)
     add_config_args(s, ScoreConfig, exclude=EMBED_EXCLUDE, title="sweep options (hvp defaults to exact here)")
     s.set_defaults(func=cmd_embed)
+    s = sub.add_parser("verify", parents=common,
+                       help="replay N removals of a recorded run and correlate the scores with them")
+    s.add_argument("run", help="run folder (from `diffin train` or diffin.Recorder)")
+    s.add_argument("--n", type=int, default=24, help="removals to replay (default 24), drawn among the trained ids")
+    s.add_argument("--seed-ids", type=int, default=0, help="seed of the removed ids (default 0)")
+    s.add_argument("--setup", choices=sorted(SETUPS), default=None,
+                   help="built-in setup of the run (read from the run when made by `diffin train`)")
+    s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
+    s.add_argument("--data", default=None, metavar="FILE.npz|DIR",
+                   help="your data, as for `diffin score` (x_val, y_val needed: the target is the validation loss)")
+    s.add_argument("--loss", default="cross_entropy", choices=sorted(_user.LOSSES),
+                   help="per-sample loss of your model, with --model (default: cross_entropy)")
+    s.add_argument("--json", default=None, metavar="FILE", help="write ids, scores, replayed effects and correlations")
+    add_config_args(s, ScoreConfig)
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("demo", help="train on MNIST-5k with 10%% flipped labels, score, report", parents=common)
     s.add_argument("--out", default="diffin-demo", help="output folder (default: ./diffin-demo)")

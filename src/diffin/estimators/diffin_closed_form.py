@@ -137,7 +137,7 @@ class DiffInClosedForm(Estimator):
         fm, cfg = ctx.fm, ctx.config
         if ctx.hvp_mode == "exact":
             Hg = fm.hvp(theta, xp, yp, g, mode="exact")
-            for ids, x, y in ctx.train.chunks(cfg.batch_size):
+            for ids, x, y in ctx.train.chunks(ctx.product_chunk()):
                 yield ids, fm.mixed_second(theta, x, y, g, GB, plus_dots=Hg)
             return
         norms = g.norm(dim=1, keepdim=True)
@@ -152,7 +152,7 @@ class DiffInClosedForm(Estimator):
         thetas = torch.cat([plus, minus])  # (2Q, P): both ends in one vmapped JVP pass
         tangents = torch.cat([gb_plus, gb_minus])
         Q = len(g)
-        for ids, x, y in ctx.train.chunks(cfg.batch_size):
+        for ids, x, y in ctx.train.chunks(ctx.product_chunk()):
             rows = torch.cat([fm.dots_many(thetas[s : s + 8], x, y, tangents[s : s + 8])
                               for s in range(0, 2 * Q, 8)])
             yield ids, (rows[:Q] - rows[Q:]) * (norms / denom)

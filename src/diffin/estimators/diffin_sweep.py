@@ -47,7 +47,7 @@ from .._resume import SweepState
 from ..targets import Target
 from ..trajectory import TrainState, Trajectory
 from .base import Estimator as _Estimator
-from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib
+from .base import EstimatorOutput, GroupAccumulator, ScoringContext, add_removal_contrib, exact_costs_less
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -245,7 +245,9 @@ class DiffInExact(_Sweep):
         need_g = traj.needs_gradient
         if ctx.groups is not None and target.kind != "self":
             self.group_acc = GroupAccumulator(ctx.groups, ctx.n_train, target.size, cfg.convention)
+        ctx.prefer_exact = exact_costs_less(ctx.fm, self.replay)
         A, scores, S, first = self.begin(ctx, target)  # S: s̄, the adjoint of the optimizer's state
+        traj.keep_graphs = self.replay and ctx.fm.keeps_graphs and ctx.hvp_mode == "exact"  # 2 passes, not 3
         R = _stats_start(ctx, target)  # r̄_T = ∂f/∂r_T (Q, R): the eval-mode target reads the running statistics
         if R is not None and STATS_KEY in S:
             R = S.pop(STATS_KEY)
@@ -296,6 +298,7 @@ class DiffInExpected(_Sweep):
         N = ctx.n_train
         b = ctx.proxy_batch_size()
         rng = np.random.default_rng(cfg.seed)
+        ctx.prefer_exact = exact_costs_less(fm, replay=False)
         A, scores, S, first = self.begin(ctx, target, rng)
         with ctx.bar(ctx.run.n_steps, self.name) as bar:
             for i, c0, c1 in self.remaining(ctx, first, bar):
@@ -337,7 +340,7 @@ def pay_expected_credit(ctx: ScoringContext, scores: Tensor, theta: Tensor, W_su
     under ``renormalize`` the credit is centred (the removed sample's weight goes to the others
     of its batch, of the recorded size or else the proxy size)."""
     cfg, N = ctx.config, ctx.n_train
-    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
+    D = torch.cat([ctx.fm.dots(theta, x, y, W_sum).T for _, x, y in ctx.train.chunks(ctx.product_chunk())])
     D = D.to(scores.dtype)  # (N, Q)
     if cfg.convention == "keep":
         scores -= D / N

@@ -18,17 +18,17 @@ class GradDot(Estimator):
     summary = "gradient dot product at θ_T (scaled like a one-checkpoint TracIn)"
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
-        fm, cfg = ctx.fm, ctx.config
+        fm = ctx.fm
         theta = ctx.trajectory.theta(ctx.run.n_steps)
         coef = float(np.sum(ctx.run.lrs)) / ctx.n_train
         tgt = ctx.target
         if tgt.kind == "self":
             out = torch.cat([(fm.per_sample_grads(theta, x[s : s + 64], y[s : s + 64]) ** 2).sum(1)
-                             for _, x, y in ctx.train.chunks(cfg.batch_size)
+                             for _, x, y in ctx.train.chunks(ctx.product_chunk())
                              for s in range(0, x.shape[0], 64)])
             return EstimatorOutput(coef * out.double(), self.name)
         g = tgt.grads(fm, theta)
-        d = torch.cat([fm.dots(theta, x, y, g).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
+        d = torch.cat([fm.dots(theta, x, y, g).T for _, x, y in ctx.train.chunks(ctx.product_chunk())])
         d = coef * d.double()
         return EstimatorOutput(d[:, 0] if tgt.kind == "mean" else d, self.name)
 

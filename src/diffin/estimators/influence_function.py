@@ -61,7 +61,7 @@ def _full_hvp(ctx: ScoringContext, theta: Tensor, damping: float) -> Apply:
 
     def apply(V: Tensor) -> Tensor:
         out = shift * V
-        for ids, x, y in ctx.train.chunks(cfg.batch_size):
+        for ids, x, y in ctx.train.chunks(ctx.product_chunk()):
             out = out + (len(ids) / N) * ctx.fm.hvp(theta, x, y, V, mode=ctx.hvp_mode, eps=cfg.fd_eps)
         return out
 
@@ -156,7 +156,7 @@ class _InfluenceFunction(Estimator):
                 "eig_min": low, "eig_max": top}
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:
-        fm, cfg = ctx.fm, ctx.config
+        fm = ctx.fm
         N = ctx.n_train
         theta = ctx.trajectory.theta(ctx.run.n_steps)
         tgt = ctx.target
@@ -172,7 +172,7 @@ class _InfluenceFunction(Estimator):
             return EstimatorOutput(scores, self.name, {**curv, **_merge(solves)})
         g = tgt.grads(fm, theta)
         s, diag = self.solve(ctx, theta, g, curv)
-        out = torch.cat([fm.dots(theta, x, y, s).T for _, x, y in ctx.train.chunks(cfg.batch_size)])
+        out = torch.cat([fm.dots(theta, x, y, s).T for _, x, y in ctx.train.chunks(ctx.product_chunk())])
         out = out.double() / N
         return EstimatorOutput(out[:, 0] if tgt.kind == "mean" else out, self.name, {**curv, **diag})
 

@@ -196,3 +196,105 @@ def _json_scalar(v: Any) -> Any:
 
 
 REQUIRED_KEYS = ("format_version", "n_steps", "checkpoints", "model", "optimizer", "lrs")
+
+
+def check_manifest(m: dict[str, Any], where: str) -> None:
+    """Check the types of every manifest entry the loader reads (``where`` names the file), so
+    that a damaged or crafted manifest is a :class:`CorruptManifestError` naming the entry, never
+    an error from deep inside the loader. Values (sizes, hashes, steps against each other) are
+    checked where they are used."""
+
+    def bad(what: str, value: Any, want: str) -> CorruptManifestError:
+        return CorruptManifestError(f"{where}: {what} must be {want}, got {value!r:.120}; the manifest is damaged")
+
+    def count(what: str, v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise bad(what, v, "an integer >= 0")
+        return v
+
+    def names(what: str, v: Any) -> list[str]:
+        if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+            raise bad(what, v, "a list of names")
+        return v
+
+    def obj(what: str, v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise bad(what, v, "an object")
+        return v
+
+    def log(what: str, v: Any) -> None:
+        e = obj(what, v)
+        if "count" in e:
+            count(f"{what}.count", e["count"])
+        if "bytes" in e:
+            count(f"{what}.bytes", e["bytes"])
+        for k in ("dtype", "sha256"):
+            if k in e and not isinstance(e[k], str):
+                raise bad(f"{what}.{k}", e[k], "a string")
+
+    count("n_steps", m["n_steps"])
+    if not isinstance(m.get("status", ""), str):
+        raise bad("status", m["status"], "a string")
+    if m.get("interrupted") is not None:
+        obj("interrupted", m["interrupted"])
+    model = obj("model", m["model"])
+    names("model.trainable", model.get("trainable"))
+    params = model.get("parameters")
+    if not isinstance(params, list):
+        raise bad("model.parameters", params, "a list")
+    for i, p in enumerate(params):
+        p = obj(f"model.parameters[{i}]", p)
+        if not isinstance(p.get("name"), str):
+            raise bad(f"model.parameters[{i}].name", p.get("name"), "a string")
+        shape = p.get("shape")
+        if not isinstance(shape, list):
+            raise bad(f"model.parameters[{i}].shape", shape, "a list of sizes")
+        for s in shape:
+            count(f"model.parameters[{i}].shape", s)
+    dtype = model.get("dtype")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise bad("model.dtype", dtype, "a torch dtype name such as 'float32'")
+    ckpts = m["checkpoints"]
+    if not isinstance(ckpts, list):
+        raise bad("checkpoints", ckpts, "a list")
+    for i, c in enumerate(ckpts):
+        c = obj(f"checkpoints[{i}]", c)
+        count(f"checkpoints[{i}].step", c.get("step"))
+        count(f"checkpoints[{i}].bytes", c.get("bytes"))
+        if "optimizer_step" in c and c["optimizer_step"] is not None:
+            count(f"checkpoints[{i}].optimizer_step", c["optimizer_step"])
+        if not isinstance(c.get("has_momentum", False), bool):
+            raise bad(f"checkpoints[{i}].has_momentum", c["has_momentum"], "true or false")
+        if c.get("optimizer_state_missing") is not None:
+            names(f"checkpoints[{i}].optimizer_state_missing", c["optimizer_state_missing"])
+    opt = obj("optimizer", m["optimizer"])
+    if not isinstance(opt.get("kind", "SGD"), str):
+        raise bad("optimizer.kind", opt["kind"], "a string")
+    groups = opt.get("groups", [])
+    for i, g in enumerate(groups if isinstance(groups, list) else []):  # the rest: OptimizerSpec.from_json
+        if isinstance(g, dict) and "params" in g:
+            names(f"optimizer.groups[{i}].params", g["params"])
+    log("lrs", m["lrs"])
+    bi = obj("batch_ids", m.get("batch_ids", {"recorded": False}))
+    if not isinstance(bi.get("recorded", False), bool):
+        raise bad("batch_ids.recorded", bi["recorded"], "true or false")
+    if bi.get("recorded"):
+        for k in ("ids", "offsets"):
+            log(f"batch_ids.{k}", bi.get(k))
+        if "max_id" in bi and (not isinstance(bi["max_id"], int) or isinstance(bi["max_id"], bool)):
+            raise bad("batch_ids.max_id", bi["max_id"], "an integer")
+        sizes = bi.get("batch_sizes", [])
+        if not isinstance(sizes, list):
+            raise bad("batch_ids.batch_sizes", sizes, "a list of sizes")
+        for size in sizes:
+            count("batch_ids.batch_sizes", size)
+    if m.get("n_train") is not None:
+        count("n_train", m["n_train"])
+    rng = obj("rng_states", m.get("rng_states", {"recorded": False}))
+    if not isinstance(rng.get("recorded", False), bool):
+        raise bad("rng_states.recorded", rng["recorded"], "true or false")
+    if rng.get("recorded"):
+        count("rng_states.cpu_bytes", rng.get("cpu_bytes"))
+        count("rng_states.cuda_bytes", rng.get("cuda_bytes"))
+        log("rng_states.log", rng.get("log"))
+

@@ -39,7 +39,8 @@ from .._errors import (
     TruncatedFileError,
     UnsupportedMethodError,
 )
-from .manifest import REQUIRED_KEYS, OptimizerSpec
+from .._paths import inside
+from .manifest import REQUIRED_KEYS, OptimizerSpec, check_manifest
 
 
 @dataclass
@@ -193,7 +194,7 @@ class Run:
     def _read_log_v1(self, entry: dict[str, Any], dtype: str, mmap: bool = False) -> np.ndarray:
         """A format-1 log: an ``.npy`` file whose byte count the manifest lists."""
         self._check_file(entry)
-        return _load_npy(self.path / entry["file"], mmap=mmap)
+        return _load_npy(self._file(entry["file"]), mmap=mmap)
 
     def _read_log(self, entry: dict[str, Any], dtype: str, mmap: bool = False) -> np.ndarray:
         """The valid prefix of a format-2 append-only log: ``count`` entries of ``dtype`` whose
@@ -206,8 +207,8 @@ class Run:
             raise CorruptManifestError(f"{self.path}: malformed log entry {entry!r}") from e
         if not ok_dtype or count < 0:
             raise CorruptManifestError(f"{self.path}: log entry {entry!r} should hold {dtype}, count >= 0")
-        p = self.path / rel
-        if not p.exists():
+        p = self._file(rel)
+        if not p.is_file():
             raise MissingFileError(f"{p} is listed in the manifest but missing; copy the whole run folder")
         itemsize = np.dtype(dtype).itemsize
         need, actual = count * itemsize, p.stat().st_size
@@ -269,7 +270,7 @@ class Run:
         complete run."""
         if self.complete or self.format_version == 1:
             return self.n_steps
-        p = self.path / self.manifest["lrs"]["file"]
+        p = self._file(self.manifest["lrs"]["file"])
         per_step = self.group_lrs.shape[1] if self.format_version >= 3 else 1
         logged = p.stat().st_size // (np.dtype(C.LRS_DTYPE).itemsize * per_step)
         at = self.interrupted.get("at_step") if isinstance(self.interrupted, dict) else None
@@ -350,7 +351,7 @@ class Run:
         if step not in self._ckpt_entries:
             raise MissingFileError(f"{self.path}: no checkpoint at step {step}")
         entry = self._ckpt_entries[step]
-        path = self.path / entry["file"]
+        path = self._file(entry["file"])
         params: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
         state: dict[str, dict[str, torch.Tensor]] = {}
@@ -393,11 +394,15 @@ class Run:
             k = None  # a non-SGD run of format 1/2: its optimizer state was not recorded
         return Checkpoint(step, params, buffers, state.get("momentum_buffer"), state, k, steps)
 
+    def _file(self, rel: Any) -> Path:
+        """The file ``rel`` named by the manifest, confined to the run folder."""
+        return inside(self.path, rel, str(self.path / C.MANIFEST))
+
     def _check_file(self, entry: dict[str, Any]) -> None:
         _check_entry(self.path, entry)
 
     def _check_safetensors_header(self, entry: dict[str, Any]) -> None:
-        _check_header(self.path / entry["file"])
+        _check_header(self._file(entry["file"]))
 
     def verify(self) -> None:
         """Read every checkpoint fully (finiteness included)."""
@@ -475,10 +480,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                 "(diffin.Recorder(..., overwrite=True))"
             )
         raise RunNotFoundError(f"{path} has no {C.MANIFEST}; it is not a diffin run folder")
+    mpath = inside(path, C.MANIFEST, str(path))  # not a link out of the folder
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptManifestError(f"{mpath} is not valid JSON ({e}); the file is damaged") from e
+    except (OSError, ValueError) as e:
+        raise CorruptManifestError(f"{mpath} is not valid JSON or cannot be read ({e}); the file is damaged") from e
     if not isinstance(m, dict):
         raise CorruptManifestError(f"{mpath} does not hold a JSON object")
     version = m.get("format_version")
@@ -492,6 +498,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in m]
     if missing:
         raise CorruptManifestError(f"{mpath} lacks required keys {missing}")
+    check_manifest(m, str(mpath))
     return m
 
 
@@ -553,8 +560,8 @@ def _check_entry(root: Path, entry: dict[str, Any]) -> None:
         rel, size = entry["file"], int(entry["bytes"])
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptManifestError(f"{root}: malformed file entry {entry!r}") from e
-    p = root / rel
-    if not p.exists():
+    p = inside(root, rel, str(root / C.MANIFEST))
+    if not p.is_file():
         raise MissingFileError(f"{p} is listed in the manifest but missing; copy the whole run folder")
     actual = p.stat().st_size
     if actual != size:

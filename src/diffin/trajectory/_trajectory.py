@@ -17,6 +17,7 @@ does it over all trainable parameters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections import OrderedDict
@@ -37,7 +38,7 @@ from .._errors import (
     TrainModeWarning,
     UnsupportedOptimizerError,
 )
-from .._functional import FlatModel
+from .._functional import FlatModel, GradGraph, StepGraph, graph_bytes
 from .._tree import batch_len, cuda_device, nbytes, to_device, tree_map
 from ..recording.run import Run
 from .clipping import clip, clip_transpose
@@ -75,6 +76,14 @@ class TrainState:
     §4.8); None for models without them."""
     buffers: dict[str, Tensor] | None = None
     """The other buffers those layers update (``num_batches_tracked``), shared by the K runs."""
+    opt_after: dict[str, Tensor] | None = None
+    """The optimizer's state after this step, set by a replay that yields the step's gradient g
+    beside the state (``with_grads``): the output of the step with that g, which the rule's adjoint
+    then reuses (Adam's m', v') instead of computing it again. A caller that passes another g to
+    :meth:`adjoint` must clear it."""
+    graph: GradGraph | StepGraph | None = None
+    """Step t's gradient with its autograd graph, kept by a replay with :attr:`Trajectory.keep_graphs`
+    (the transpose then needs one backward pass, not a new gradient: docs/method.md §4.1)."""
 
 
 def optimizer_groups(run: Run) -> list[dict[str, Any]]:
@@ -143,6 +152,11 @@ class Trajectory:
         self.memory_mb = memory_mb
         self.clip_norm: float | None = getattr(run, "clip_grad_norm", None)
         self.drift = 0.0  # largest relative replay drift seen (see replay_reversed)
+        self.keep_graphs = False
+        """Replays keep each step's gradient graph in its state (exact HVPs from it in
+        :meth:`transpose`) for as many of each segment's last steps as fit in ``memory_mb`` beside
+        the segment's states (the other steps' transposes build their graph again)."""
+        self._lr_rows: dict[bytes, Tensor] = {}
         self._rule: OptimizerRule | None = None
         self._group_index: Tensor | None = None  # (P,) group of each coordinate
         self._gfun: Callable[..., Tensor] | None = None
@@ -290,9 +304,16 @@ class Trajectory:
         row = glr[t]
         if np.all(row == row[0]):
             return float(row[0])
-        _ = self.rule  # builds the group index
-        assert self._group_index is not None
-        return torch.as_tensor(row, dtype=self.fm.dtype, device=self.fm.device)[self._group_index]
+        key = np.ascontiguousarray(row).tobytes()
+        vec = self._lr_rows.get(key)
+        if vec is None:  # once per distinct row of group rates (a schedule has few, a cosine one T)
+            _ = self.rule  # builds the group index
+            assert self._group_index is not None
+            vec = torch.as_tensor(row, dtype=self.fm.dtype, device=self.fm.device)[self._group_index]
+            if len(self._lr_rows) >= 64:
+                self._lr_rows.pop(next(iter(self._lr_rows)))
+            self._lr_rows[key] = vec
+        return vec
 
     # ------------------------------------------------------------------ checkpoints and batches
     def theta(self, step: int) -> Tensor:
@@ -452,6 +473,19 @@ class Trajectory:
             g = self.gradient(state.theta, x, y, weights, per_run=per_run)
         return self.advance(state, t, g), g
 
+    def graph_step(self, state: TrainState, t: int) -> tuple[TrainState, Tensor, TrainState]:
+        """:meth:`step` of one run (θ (P,)) on the recorded batch with the gradient's graph kept:
+        (next state, raw gradient g, the state before the step with the graph attached)."""
+        _, x, y = self.batch(t)
+        with self.at_step(t, state, x):
+            if state.stats is not None:
+                sg = self.fm.step_graph(state.theta, state.stats, x, y)
+                g, stats = sg.g.detach(), sg.r_new.detach()
+                return self.advance(state, t, g, stats), g, dataclasses.replace(state, graph=sg)
+            gg = self.fm.grad_graph(state.theta, x, y)
+        g = gg.g.detach()
+        return self.advance(state, t, g), g, dataclasses.replace(state, graph=gg)
+
     def gradient_and_stats(
         self, theta: Tensor, stats: Tensor, x: Any, y: Any, weights: Tensor | None = None, *, per_run: bool = False
     ) -> tuple[Tensor, Tensor]:
@@ -484,8 +518,18 @@ class Trajectory:
         The optimizer rule's transpose gives w (:meth:`adjoint`); then one batch HVP and the
         per-member inner products in the recorded modes (masks fixed, weighted batch statistics):
         by finite differences or exactly (``mode``); with running statistics, one exact VJP through
-        the step's loss gradient and its statistics update (:meth:`FlatModel.step_vjp`)."""
+        the step's loss gradient and its statistics update (:meth:`FlatModel.step_vjp`). A state
+        that carries its step's kept gradient graph (a replay with :attr:`keep_graphs`) gets both
+        exactly from one backward pass of that graph, whatever ``mode``."""
         W, A_direct, S = self.adjoint(t, state, g, theta_bar, opt_bar)
+        graph, state.graph = state.graph, None  # used once: its last backward pass frees it
+        if isinstance(graph, StepGraph) and stats_bar is not None:
+            HW, d, stats_bar = self.fm.step_graph_vjp(graph, W, stats_bar)
+            return A_direct + HW, S, stats_bar, d
+        if isinstance(graph, GradGraph):
+            HW, d = self.fm.graph_hvp_and_dots(graph, W)
+            assert d is not None
+            return A_direct + HW, S, stats_bar, d
         with self.at_step(t, state, x):
             if state.stats is not None and stats_bar is not None:
                 HW, d, stats_bar = self.fm.step_vjp(state.theta, state.stats, x, y, W, stats_bar)
@@ -511,7 +555,8 @@ class Trajectory:
         if self.clip_norm is not None:
             assert g is not None
             gc = clip(g, self.clip_norm)
-        w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar)  # type: ignore[arg-type]
+        w, th, sb = self.rule.adjoint(state.theta, state.opt, gc, self.lr(t), state.k, theta_bar, opt_bar,  # type: ignore[arg-type]
+                                      after=state.opt_after)
         if self.clip_norm is not None:
             w = clip_transpose(w, g, self.clip_norm)  # type: ignore[arg-type]
         return w, th, sb
@@ -549,6 +594,17 @@ class Trajectory:
             )
         anchors: list[tuple[int, TrainState]] = []
         stored: list[tuple[TrainState, Tensor | None]] = []
+        first: tuple[TrainState, Tensor, TrainState] | None = None
+        graph_from = c1  # steps t >= graph_from keep their gradient graph
+        if self.keep_graphs and not freeze_theta and batch_of is None and state.theta.ndim == 1 and stride == 1:
+            # keep the gradient graphs of as many of the segment's last steps as fit beside its states
+            first, g_bytes = graph_bytes(lambda: self.graph_step(state, c0))
+            room = self.memory_mb * 2**20 - length * per_state
+            n_graphs = min(length, int(room // max(g_bytes, 1)))
+            graph_from = c1 - n_graphs
+            if graph_from > c0:
+                first = (first[0], first[1], state)  # its graph goes, its step stays
+
         def forward(st: TrainState, t: int) -> tuple[TrainState, Tensor]:
             if batch_of is None:
                 nxt, g = self.step(st, t)
@@ -557,7 +613,15 @@ class Trajectory:
             return (TrainState(st.theta, nxt.opt, nxt.k), g) if freeze_theta else (nxt, g)
 
         for t in range(c0, c1):
-            if stride == 1:
+            if t == c0 and first is not None:  # computed above (stride 1)
+                nxt, g, before = first
+                stored.append((before, g if keep_g else None))
+                state = nxt
+            elif stride == 1 and t >= graph_from:
+                nxt, g, before = self.graph_step(state, t)
+                stored.append((before, g if keep_g else None))
+                state = nxt
+            elif stride == 1:
                 nxt, g = forward(state, t)
                 stored.append((state, g if keep_g else None))
                 state = nxt
@@ -569,13 +633,14 @@ class Trajectory:
             self._note_drift(c0, c1, state.theta, state.stats)
         if stride == 1:
             for i in range(length - 1, -1, -1):
-                yield c0 + i, stored[i][0], stored[i][1]
+                after = (stored[i + 1][0].opt if i + 1 < length else state.opt) if keep_g else None
+                yield c0 + i, dataclasses.replace(stored[i][0], opt_after=after), stored[i][1]
             return
         for t_a, st in reversed(anchors):
             local: list[tuple[TrainState, Tensor | None]] = []
             for t in range(t_a, min(t_a + stride, c1)):
                 nxt, g = forward(st, t)
-                local.append((st, g if keep_g else None))
+                local.append((dataclasses.replace(st, opt_after=nxt.opt if keep_g else None), g if keep_g else None))
                 st = nxt
             for i in range(len(local) - 1, -1, -1):
                 yield t_a + i, local[i][0], local[i][1]

@@ -11,6 +11,7 @@ the recipe it was recorded with.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -180,6 +181,7 @@ def train(
     lrs: Sequence[float] | np.ndarray | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    record: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on (x, y) as ``config`` says and record the run into ``run_dir``.
 
@@ -199,6 +201,8 @@ def train(
             (``fn(outputs, targets, ones(B))``, the batch's loss as it defines it; docs/method.md §4.7).
         lrs: follow these per-step learning rates (see :func:`step_lrs`; every group gets the
             step's rate) instead of ``config.lr`` / ``config.schedule``.
+        record: ``False`` runs the same loop without a :class:`Recorder` (nothing is written to
+            ``run_dir``): the reference the speed benchmarks divide by.
     """
     n_rows = _tree.batch_len(x)
     ids_all = np.arange(n_rows) if keep is None else np.asarray(keep, dtype=np.int64)
@@ -220,9 +224,10 @@ def train(
     model.train()
     t0 = time.perf_counter()
     last = float("nan")
-    with Recorder(run_dir, model, optimizer=opt, checkpoint_every=every, seed=config.seed,
-                  n_train=n_rows, overwrite=overwrite, clip_grad_norm=clip) as rec, \
-            progress_bar(total, "train", progress) as bar:
+    recorder = (Recorder(run_dir, model, optimizer=opt, checkpoint_every=every, seed=config.seed,
+                         n_train=n_rows, overwrite=overwrite, clip_grad_norm=clip)
+                if record else contextlib.nullcontext())
+    with recorder as rec, progress_bar(total, "train", progress) as bar:
         for t, pos in enumerate(order):
             if rates is not None:
                 for g in opt.param_groups:
@@ -234,7 +239,8 @@ def train(
             if clip is not None:
                 norms.append(torch.nn.utils.clip_grad_norm_(trainable, clip).detach())
             opt.step()
-            rec.step(ids)
+            if rec is not None:
+                rec.step(ids)
             if sched is not None:
                 sched.step()
             last = float(batch_loss.detach())

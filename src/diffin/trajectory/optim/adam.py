@@ -43,20 +43,25 @@ class AdamRule(OptimizerRule):
         if _any(hyper.get("maximize", False)):
             raise UnsupportedOptimizerError("Adam with maximize=True is not supported; minimise the negated loss")
 
-    def _parts(self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int) -> dict[str, Any]:
+    def _parts(self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int,
+               after: State | None = None) -> dict[str, Any]:
         """The forward quantities of the step (d, m', v', r, D, ...), with as few passes over P as
-        the hyper-parameters allow (a step is a handful of elementwise ops on P numbers)."""
+        the hyper-parameters allow (a step is a handful of elementwise ops on P numbers); m', v'
+        taken from ``after`` (the state the replayed step produced) when given."""
         h = self.hyper
         b1, b2, eps = h["beta1"], h["beta2"], h["eps"]
         lam = h.get("weight_decay", 0.0)
         decoupled = h.get("decoupled", False)
         d = g + lam * theta if (not decoupled and _any(lam)) else g
         m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
-        m1 = (1 - b1) * d if m0 is None else torch.lerp(m0, d, 1 - b1)  # β1·m + (1 − β1)·d, as torch does
-        if isinstance(b2, float):
-            v1 = (1 - b2) * d * d if v0 is None else torch.addcmul(v0 * b2, d, d, value=1 - b2)
+        if after is not None and "exp_avg" in after and "exp_avg_sq" in after:
+            m1, v1 = after["exp_avg"], after["exp_avg_sq"]  # what the replay's step computed
         else:
-            v1 = (1 - b2) * d * d if v0 is None else b2 * v0 + (1 - b2) * d * d
+            m1 = (1 - b1) * d if m0 is None else torch.lerp(m0, d, 1 - b1)  # β1·m + (1 − β1)·d, as torch does
+            if isinstance(b2, float):
+                v1 = (1 - b2) * d * d if v0 is None else torch.addcmul(v0 * b2, d, d, value=1 - b2)
+            else:
+                v1 = (1 - b2) * d * d if v0 is None else b2 * v0 + (1 - b2) * d * d
         step = k + 1
         c1 = 1 - b1 ** step
         c2 = 1 - b2 ** step
@@ -75,9 +80,9 @@ class AdamRule(OptimizerRule):
 
     def adjoint(
         self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int, theta_bar: Tensor,
-        state_bar: State,
+        state_bar: State, after: State | None = None,
     ) -> tuple[Tensor, Tensor, State]:
-        p = self._parts(theta, state, g, lr, k)
+        p = self._parts(theta, state, g, lr, k, after)
         # θ̄'·(η/c1)/D, shared by m̃ and ṽ
         common = theta_bar * ((lr / p["c1"]) / p["D"])
         m_t = -common if "exp_avg" not in state_bar else state_bar["exp_avg"] - common

@@ -63,12 +63,13 @@ class OptimizerRule:
 
     def adjoint(
         self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int, theta_bar: Tensor,
-        state_bar: State,
+        state_bar: State, after: State | None = None,
     ) -> tuple[Tensor, Tensor, State]:
         """(w, θ̄ without the Hessian term, s̄) from the adjoint (θ̄', s̄') of the step's output.
 
         ``state_bar`` may lack keys (zero adjoint). The full θ̄_t is the returned θ̄ plus
-        H_B(θ_t)·w."""
+        H_B(θ_t)·w. ``after``: the state this step produced, when a replay has it (a rule may
+        reuse it instead of recomputing, e.g. Adam's m', v'; it must equal the step's output)."""
         raise NotImplementedError
 
 

@@ -59,7 +59,7 @@ class SGDRule(OptimizerRule):
 
     def adjoint(
         self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int, theta_bar: Tensor,
-        state_bar: State,
+        state_bar: State, after: State | None = None,
     ) -> tuple[Tensor, Tensor, State]:
         lam = self.hyper.get("weight_decay", 0.0)
         if not self.uses_momentum():
