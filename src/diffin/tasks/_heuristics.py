@@ -7,11 +7,10 @@ same recorded run. Higher = more important to keep, as each is used in its paper
 * ``forgetting``: how often a sample goes from correctly to wrongly classified when it is seen
   again during training, replayed from the recording; never-learned samples rank highest
   (Toneva et al. 2019).
-* ``aum``: minus the area under the margin (Pleiss et al. 2020): the mean over a sample's
-  presentations during training of its margin, the logit of its label minus the largest other
-  logit, replayed from the recording at each presentation (before the step's update). A
-  mislabelled sample's margin stays low or negative until it is memorised, so a low AUM flags it;
-  the importance is −AUM (hard and mislabelled samples first, as EL2N and forgetting rank).
+* ``aum``: minus the area under the margin (Pleiss et al. 2020): the margin (logit of the
+  sample's label minus the largest other logit) at each presentation during training, replayed from
+  the recording, averaged; low AUM marks mislabelled and hard samples, so ``−AUM`` is the hardness
+  (the difficulty score of CCS-on-AUM, Zheng et al. 2023).
 * ``random``: a seeded random order.
 * ``clip-score``: for image–text pairs, the cosine of each pair under θ_T (the DataComp filter:
   keep the pairs the trained model finds best matched).
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.func import functional_call
 
 from .._data import DataSource
@@ -60,7 +60,7 @@ def importance(name: str, inp: TaskInputs, seed: int = 0, run: Run | None = None
     if name == "forgetting":
         return _forgetting(inp, fm, run)
     if name == "aum":
-        return -area_under_margin(inp, fm, run)
+        return -_aum(inp, fm, run)
     early = _early_step(run.checkpoint_steps, run.n_steps)
     theta = fm.flatten(run.load_checkpoint(early).params)
     if name == "el2n":
@@ -82,11 +82,11 @@ def _check_classifier(out: torch.Tensor, y: torch.Tensor) -> None:
         raise ConfigError("EL2N and forgetting need a classifier (2-D logits, integer labels)")
 
 
-def _presentations(inp: TaskInputs, fm: FlatModel, run: Run) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """(ids, logits (B, C), labels (B,)) of every recorded step's batch at θ_t, before the step's
-    update, along the replayed trajectory (the training forward pass as the papers record it)."""
+def _presentations(inp: TaskInputs, fm: FlatModel, run: Run, what: str) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
+    """Replay the recorded run; for every step, the batch's ids, its logits before the step's
+    update and its labels (``what`` names the heuristic, for the error without batch ids)."""
     if not run.has_batch_ids:
-        raise ConfigError("forgetting counts and AUM need the batch ids of every step")
+        raise ConfigError(f"{what} needs the batch ids of every step")
     traj = Trajectory(run, fm, DataSource(inp.train, fm.dtype, fm.device))
     state = traj.state(0)
     with torch.no_grad():
@@ -94,8 +94,22 @@ def _presentations(inp: TaskInputs, fm: FlatModel, run: Run) -> Iterator[tuple[n
             ids, x, y = traj.batch(t)
             out = _logits(fm, state.theta, x)
             _check_classifier(out, y)
-            yield ids, out, y
+            yield np.asarray(ids), out, y
             state, _ = traj.step(state, t, x, y)
+
+
+def _aum(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
+    """Area under the margin (N,) float64: the mean over a sample's presentations of its label's
+    logit minus the largest other logit (before each step's update); 0 for a never-seen sample."""
+    N = inp.n_train
+    total = np.zeros(N)
+    count = np.zeros(N)
+    for ids, out, y in _presentations(inp, fm, run, "AUM"):
+        own = out.gather(1, y[:, None]).squeeze(1)
+        other = out.scatter(1, y[:, None], float("-inf")).max(1).values
+        np.add.at(total, ids, (own - other).double().numpy())
+        np.add.at(count, ids, 1.0)
+    return total / np.maximum(count, 1.0)
 
 
 def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
@@ -105,33 +119,11 @@ def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
     last = np.zeros(N, dtype=bool)
     learned = np.zeros(N, dtype=bool)
     events = np.zeros(N, dtype=np.int64)
-    for ids, out, y in _presentations(inp, fm, run):
-        correct = (out.argmax(1) == y).cpu().numpy()
+    for ids, out, y in _presentations(inp, fm, run, "forgetting counts"):
+        correct = (out.argmax(1) == y).numpy()
         events[ids] += last[ids] & ~correct
         last[ids] = correct
         learned[ids] |= correct
     score = events.astype(np.float64)
     score[~learned] = events.max() + 1
     return score
-
-
-def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The margin (B,) of each row: the logit of its label minus the largest other logit."""
-    own = logits.gather(1, y[:, None])[:, 0]
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return own - others.max(dim=1).values
-
-
-def area_under_margin(inp: TaskInputs, fm: FlatModel | None = None, run: Run | None = None) -> np.ndarray:
-    """AUM (N,) float64 (Pleiss et al. 2020): each training sample's margin (:func:`margins`, logit
-    units) averaged over its presentations along the replayed trajectory; NaN for a sample that
-    was never in a batch. Low = suspicious (mislabelled samples stay below their peers)."""
-    if fm is None or run is None:
-        fm, _, run = theta_final(inp, run)
-    total = np.zeros(inp.n_train)
-    seen = np.zeros(inp.n_train)
-    for ids, out, y in _presentations(inp, fm, run):
-        np.add.at(total, ids, margins(out, y).double().cpu().numpy())
-        np.add.at(seen, ids, 1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(seen > 0, total / np.maximum(seen, 1.0), np.nan)
