@@ -188,11 +188,12 @@ def test_prune_bad_input(tiny):
 def test_self_influence_of_large_sets_comes_from_the_embedding(tiny, tmp_path, monkeypatch):
     """Above SELF_EMBED_MIN_N samples, clean's and prune's METHOD-self read the embedding's self-influence
     (saved in out/embedding-METHOD and reused), not one exact sweep per chunk of samples."""
-    from diffin.tasks import _common
+
+    from diffin.tasks import _self
 
     inp, _ = tiny
-    monkeypatch.setattr(_common, "SELF_EMBED_MIN_N", 10)
-    monkeypatch.setattr(_common, "SELF_EMBED_DIM", 8)
+    monkeypatch.setattr(_self, "SELF_EMBED_MIN_N", 10)
+    monkeypatch.setattr(_self, "SELF_EMBED_DIM", 8)
     res = clean(inp, CleanConfig(baselines="diffin-self"), out=tmp_path / "c", progress=False)
     emb = diffin.load_embedding(tmp_path / "c" / "embedding-diffin", model=inp.model_factory(), loss_fn=inp.loss_fn,
                                 train=inp.train)

@@ -59,12 +59,12 @@ from ._common import (
     losses_at,
     pair_scores_at,
     prepare_task,
-    self_scores,
     theta_final,
     write_csv,
 )
 from ._heuristics import importance
 from ._removal import estimate_seconds, heldout_split, removal_sets, replay_without, retrain_fresh
+from ._self import self_scores
 
 RECALL_AT = (0.05, 0.1, 0.2)
 ADVICE_MARGIN = 0.01

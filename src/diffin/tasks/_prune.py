@@ -61,10 +61,10 @@ from ._common import (
     cached_score,
     prepare_task,
     retrain_cached,
-    self_scores,
     write_csv,
 )
 from ._heuristics import HEURISTICS, importance
+from ._self import self_scores
 
 RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential", "stratified")
 DEFAULT_METHODS = "diffin,tracin,random,loss,el2n,grand,forgetting"
