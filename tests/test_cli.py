@@ -111,7 +111,7 @@ def test_demo_writes_scores_and_report(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_flipped"] == 400
     aucs = {k.split()[0]: v["auc"] for k, v in summary["methods"].items()}
-    assert aucs["diffin"] > 0.5
+    assert aucs["diffin"] > 0.5 and aucs["loss"] > 0.5  # the loss baseline is in the demo's table
 
 
 @pytest.mark.slow

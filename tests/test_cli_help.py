@@ -45,7 +45,7 @@ def _field_help(name: str) -> str | None:
 
 def test_every_command_is_there():
     assert set(COMMANDS) == {"methods", "train", "score", "verify", "demo", "clean", "delete", "prune", "debias",
-                             "bench"}
+                             "bench", "embed"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

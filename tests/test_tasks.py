@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 # ------------------------------------------------------------------ clean
 def test_clean_outputs_and_detection(tiny, tmp_path):
     inp, _ = tiny
-    res = clean(inp, CleanConfig(retrain=True, baselines="tracin,loss,cleanlab", cleanlab_folds=3),
+    res = clean(inp, CleanConfig(method="diffin", retrain=True, baselines="tracin,loss,cleanlab", cleanlab_folds=3),
                 out=tmp_path / "c", progress=False)
     assert res["n_flagged"] == 12 and len(res["flagged_ids"]) == 12
     assert set(res["detection"]) == {"diffin", "tracin", "loss", "cleanlab"}

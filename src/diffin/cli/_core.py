@@ -178,25 +178,6 @@ def _score_and_report(args: argparse.Namespace, cfg: ScoreConfig, run_dirs: list
         print(f"trust: {verdict} ({measures}; docs/guides/trust.md)")
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Replay ``--n`` removals of the run and print Pearson/Spearman of the scores against them."""
-    from .._io import write_json
-    from .._verify import verify
-
-    run_dir = Path(args.run)
-    model, loss_fn, train, val, _ = _score_inputs(args, run_dir)
-    if val is None:
-        raise ConfigError("--data has no validation arrays (x_val, y_val): verify checks the validation-loss target")
-    cfg = config_from_args(ScoreConfig, args)
-    res = verify(run_dir, model, loss_fn, train=train, target=val, n=args.n, method=cfg.method, seed=args.seed_ids,
-                 convention=cfg.convention, progress=not args.quiet, config=cfg)
-    print(res.summary())
-    if args.json:
-        write_json(Path(args.json), res.to_json())
-        print(f"wrote {args.json}")
-    return 0
-
-
 EMBED_EXCLUDE = ("pairwise", "predicts", "damping", "cg_iters", "cg_tol", "lissa_depth", "lissa_scale",
                  "lissa_batch_size", "closed_form_checkpoints", "credit_every", "first_order")
 
@@ -222,6 +203,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
         order = np.argsort(-own)
         print(f"largest self-influence (memorised / suspicious) ids: {order[:10].tolist()} -> "
               f"{out / 'self_influence.csv'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Replay ``--n`` removals of the run and print Pearson/Spearman of the scores against them."""
+    from .._io import write_json
+    from .._verify import verify
+
+    run_dir = Path(args.run)
+    model, loss_fn, train, val, _ = _score_inputs(args, run_dir)
+    if val is None:
+        raise ConfigError("--data has no validation arrays (x_val, y_val): verify checks the validation-loss target")
+    cfg = config_from_args(ScoreConfig, args)
+    res = verify(run_dir, model, loss_fn, train=train, target=val, n=args.n, method=cfg.method, seed=args.seed_ids,
+                 convention=cfg.convention, progress=not args.quiet, config=cfg)
+    print(res.summary())
+    if args.json:
+        write_json(Path(args.json), res.to_json())
+        print(f"wrote {args.json}")
     return 0
 
 

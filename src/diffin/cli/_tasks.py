@@ -64,7 +64,8 @@ def _command(task: str, cls: type) -> Callable[[argparse.Namespace], int]:
         inp = task_inputs(args, out)
         progress = not args.quiet
         if task == "clean":
-            res: dict[str, Any] = tasks.clean(inp, cfg, out, args.overwrite, progress)
+            log = None if args.quiet else print
+            res: dict[str, Any] = tasks.clean(inp, cfg, out, args.overwrite, progress, log=log)
             print(summary_text(res))
         elif task == "debias":
             groups = test_groups = None

@@ -302,8 +302,11 @@ def _adam_recipe(run: Run, overrides: dict[str, Any]) -> tuple[dict[str, Any], s
 
 
 def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[str],
-                   train_overrides: dict[str, Any] | None = None) -> TaskInputs:
+                   train_overrides: dict[str, Any] | None = None, seed: int | None = None) -> TaskInputs:
     """:class:`TaskInputs` of a built-in setup whose run lives in ``out/run``.
+
+    ``seed``: train with this seed (initialisation and batch order) instead of the setup's; the
+    corrupted samples stay those of the setup's noise seed (or of its own training seed).
 
     Nothing is written here: the task records the run there on first use, after checking its
     output folder (:meth:`TaskInputs.ensure_run`)."""
@@ -312,6 +315,9 @@ def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[
     setup = get_setup(setup_name)
     if noise is not None:
         setup = setup.with_changes(noise=noise)
+    if seed is not None and seed != setup.train.seed:
+        keep = setup.train.seed if setup.noise_seed is None else setup.noise_seed
+        setup = setup.with_changes(train=dataclasses.replace(setup.train, seed=seed), noise_seed=keep)
     data = setup.data()
     captions = getattr(data, "captions", None)
     return TaskInputs(

@@ -52,7 +52,7 @@ from .._errors import ConfigError
 from .._io import write_json
 from ..config import config_field
 from ..estimators.base import Estimator
-from ..report import Report, curves, format_list, format_sizes
+from ..report import Report, curves, format_list, format_sizes, winner
 from ._common import (
     Recipe,
     TaskInputs,
@@ -408,10 +408,14 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
     rep.text(f"Retraining recipe: {result['recipe']['description']}.")
     rep.text(f"Each cell: mean {result['evaluated_on']} accuracy of models retrained from scratch on the kept "
              f"subset. Full data: {full['test_accuracy_mean']:.4f} ± {full['test_accuracy_std']:.4f}.")
-    rep.table(*summary_rows(result))
+    header, rows = summary_rows(result)
+    what = f"mean {result['evaluated_on']} accuracy over the kept fractions"
+    rep.text(winner({r[0]: r[-1] for r in rows}, what)["line"])
+    rep.table(header, rows)
     if "detection" in result:
         rep.text("Each method's selection values as a detector of the known corrupted training samples "
                  "(ROC-AUC; influence scores and CLIP score rank low values as suspicious, loss high ones):")
+        rep.text(winner({m: d["auc"] for m, d in result["detection"].items()}, "ROC-AUC")["line"])
         rep.table(["method", "ROC-AUC"], [[m, d["auc"]] for m, d in result["detection"].items()])
     rep.figure("prune_curves.png", f"{result['evaluated_on']} accuracy against the fraction kept, per method")
     add_trust(rep, result.get("trust") or {})
