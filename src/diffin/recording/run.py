@@ -7,6 +7,10 @@ cover (with a sha256 of those bytes). A run that was not closed (``status`` othe
 ``"complete"``) loads up to that checkpoint with a :class:`PartialRunWarning`; log entries past it
 are ignored."""
 
+# Long file: one reader of a run folder from someone else: the manifest, the logs, the checkpoints and
+# their checks (sha256 of covered bytes, paths confined to the folder, frozen-weight fingerprints) are
+# validated together, so that a damaged folder raises one named error before anything is used.
+
 from __future__ import annotations
 
 import copy
