@@ -71,3 +71,35 @@ def test_speed_on_a_tiny_slice(tmp_path, monkeypatch, capsys):
     assert [(m["n"], m["activation"]) for m in res["memory_vs_n"]] == [(64, "tanh"), (128, "tanh"), (256, "tanh")]
     assert "| relu | diffin-exact |" in res["markdown"]
     assert "Training run, relu" in capsys.readouterr().out
+
+
+def test_embed_benchmark_on_tiny_setup(tmp_path, monkeypatch, capsys):
+    mod = _load("embed")
+    out = tmp_path / "embed.json"
+    monkeypatch.setattr(sys, "argv", ["embed.py", "--setups", "tiny", "--projections", "gradients,gaussian",
+                                      "--dims", "4", "--queries", "12", "--query-dim", "4", "--query-check", "3",
+                                      "--self", "--self-subset", "8", "--removals", "5", "--sweep-repeats", "1",
+                                      "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    mod.main()
+    res = json.loads(out.read_text())["results"][0]
+    assert [r["projection"] for r in res["rows"]] == ["gradients", "gaussian"]
+    for r in res["rows"]:
+        assert r["dim"] == 4 and r["build_seconds"] > 0 and r["disk_mb"] > 0
+        assert -1 <= r["spearman_exact"] <= 1 and -1 <= r["self_spearman"] <= 1
+    assert res["queries"]["n"] == 12 and res["queries"]["seconds"] > 0
+    assert "spearman_exact" in capsys.readouterr().out
+
+
+def test_retrain_horizon_on_tiny_setup(tmp_path, monkeypatch, capsys):
+    mod = _load("retrain_horizon")
+    out = tmp_path / "h.json"
+    argv = ["retrain_horizon.py", "--setup", "tiny", "--work", str(tmp_path / "w"), "--subsets", "6", "--seeds", "2",
+            "--runs", "2", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    res = json.loads(out.read_text())
+    assert res["n_subsets"] == 6 and res["n_seeds"] == 2
+    assert {r["variant"] for r in res["rows"]} >= {"diffin-retrain", "removal_fraction 0.5", "run recorded at lr x 0.5"}
+    assert all(-1 <= r["lds_reseed"] <= 1 for r in res["rows"])
+    mod.main()  # the second call reuses the runs and the cached truth
+    assert "| variant | runs | LDS reseed |" in capsys.readouterr().out

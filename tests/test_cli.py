@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffin
 from diffin.bench.builtin.setups import read_setup_meta
 from diffin.cli import main
 
@@ -110,7 +111,7 @@ def test_demo_writes_scores_and_report(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_flipped"] == 400
     aucs = {k.split()[0]: v["auc"] for k, v in summary["methods"].items()}
-    assert aucs["diffin"] > 0.5
+    assert aucs["diffin"] > 0.5 and aucs["loss"] > 0.5  # the loss baseline is in the demo's table
 
 
 @pytest.mark.slow
@@ -122,3 +123,15 @@ def test_quickstart_example_runs():
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "most harmful" in res.stdout and "flipped label" in res.stdout
+
+
+def test_embed_writes_the_embedding_and_self_influence(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "emb"
+    assert main(["train", "--setup", "tiny", "--out", str(run), "--quiet", "--epochs", "2"]) == 0
+    assert main(["embed", str(run), "--dim", "6", "--out", str(out), "--self-influence", "--quiet"]) == 0
+    assert "embedding" in capsys.readouterr().out
+    emb = diffin.load_embedding(out)
+    assert emb.values.shape[1] == 6 and emb.manifest["config"]["hvp"] == "exact"
+    lines = (out / "self_influence.csv").read_text().splitlines()
+    assert lines[0] == "id,label,loss_change_if_removed" and len(lines) == emb.n + 1
+    assert main(["embed", str(run), "--dim", "7", "--out", str(out), "--quiet"]) == 2  # another config: refused

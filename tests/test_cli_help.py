@@ -34,9 +34,9 @@ def _field_help(name: str) -> str | None:
     from diffin.bench import BenchConfig
     from diffin.bench.builtin.trainer import TrainConfig
     from diffin.config import ScoreConfig
-    from diffin.tasks import CleanConfig, DeleteConfig, PruneConfig
+    from diffin.tasks import CleanConfig, DebiasConfig, DeleteConfig, PruneConfig
 
-    for cls in (ScoreConfig, TrainConfig, CleanConfig, DeleteConfig, PruneConfig, BenchConfig):
+    for cls in (ScoreConfig, TrainConfig, CleanConfig, DeleteConfig, PruneConfig, DebiasConfig, BenchConfig):
         for f in dataclasses.fields(cls):
             if f.name == name:
                 return f.metadata["help"]
@@ -44,7 +44,8 @@ def _field_help(name: str) -> str | None:
 
 
 def test_every_command_is_there():
-    assert set(COMMANDS) == {"methods", "train", "score", "verify", "demo", "clean", "delete", "prune", "bench"}
+    assert set(COMMANDS) == {"methods", "train", "score", "verify", "demo", "clean", "delete", "prune", "debias",
+                             "bench", "embed"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -78,7 +78,7 @@ def test_clean_figures_say_what_each_panel_ranks_by(record_tiny, tmp_path: Path,
     flipped[:3] = True
     inp = TaskInputs(run=t.run, model_factory=t.make, loss_fn=t.loss, train=(t.X, t.Y), val=(t.Xv, t.Yv),
                      flipped=flipped)
-    res = clean(inp, CleanConfig(baselines="loss", count=3), out=tmp_path / "c", progress=False)
+    res = clean(inp, CleanConfig(method="diffin", baselines="loss", count=3), out=tmp_path / "c", progress=False)
     _, shown, _, labels = calls["score_histograms"]
     assert labels == {"diffin": "validation loss change if removed (← more harmful)",
                       "loss": "training loss at θ_T (more harmful →)"}

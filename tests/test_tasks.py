@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import diffin
+from diffin import metrics
 from diffin._errors import ConfigError, InvalidIdsError, OutputExistsError
 from diffin.tasks import (
     CleanConfig,
@@ -32,7 +33,7 @@ def tiny(tmp_path_factory):
 # ------------------------------------------------------------------ clean
 def test_clean_outputs_and_detection(tiny, tmp_path):
     inp, _ = tiny
-    res = clean(inp, CleanConfig(retrain=True, baselines="tracin,loss,cleanlab", cleanlab_folds=3),
+    res = clean(inp, CleanConfig(method="diffin", retrain=True, baselines="tracin,loss,cleanlab", cleanlab_folds=3),
                 out=tmp_path / "c", progress=False)
     assert res["n_flagged"] == 12 and len(res["flagged_ids"]) == 12
     assert set(res["detection"]) == {"diffin", "tracin", "loss", "cleanlab"}
@@ -182,3 +183,23 @@ def test_prune_bad_input(tiny):
         PruneConfig(keep="abc")
     with pytest.raises(ConfigError, match="unknown"):
         prune(tiny[0], PruneConfig(keep="0.5", methods="nope", seeds=1), progress=False)
+
+
+def test_self_influence_of_large_sets_comes_from_the_embedding(tiny, tmp_path, monkeypatch):
+    """Above SELF_EMBED_MIN_N samples, clean's and prune's METHOD-self read the embedding's self-influence
+    (saved in out/embedding-METHOD and reused), not one exact sweep per chunk of samples."""
+    from diffin.tasks import _self
+
+    inp, _ = tiny
+    monkeypatch.setattr(_self, "SELF_EMBED_MIN_N", 10)
+    monkeypatch.setattr(_self, "SELF_EMBED_DIM", 8)
+    res = clean(inp, CleanConfig(baselines="diffin-self"), out=tmp_path / "c", progress=False)
+    emb = diffin.load_embedding(tmp_path / "c" / "embedding-diffin", model=inp.model_factory(), loss_fn=inp.loss_fn,
+                                train=inp.train)
+    assert emb.dim == 8 and emb.projection.kind == "gradients"
+    own = emb.self_influence()
+    flipped = inp.flipped
+    assert res["detection"]["diffin-self"]["auc"] == pytest.approx(metrics.detection_auc(-own, flipped))
+    monkeypatch.setattr("diffin.tasks._common.score", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    again = clean(inp, CleanConfig(baselines="diffin-self"), out=tmp_path / "c", progress=False)
+    assert again["detection"]["diffin-self"] == res["detection"]["diffin-self"]

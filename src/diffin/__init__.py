@@ -19,6 +19,7 @@ from ._errors import (
     DatasetIdError,
     DiffinError,
     DistributedError,
+    EmbeddingNotFoundError,
     FrozenWeightsMismatchError,
     LossShapeError,
     MissingOptimizerStateError,
@@ -40,6 +41,7 @@ from ._functional import BatchLoss, batch_loss
 from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
+from .embedding import EmbedConfig, Embedding, embed, load_embedding
 from .estimators import Estimator, available_methods
 from .recording import PartialRunWarning, Recorder, Run, load_run, restore_checkpoint
 from .trajectory import ReplayDriftWarning
@@ -59,6 +61,9 @@ __all__ = [
     "DatasetIdError",
     "DiffinError",
     "DistributedError",
+    "EmbedConfig",
+    "Embedding",
+    "EmbeddingNotFoundError",
     "FrozenWeightsMismatchError",
     "Estimator",
     "LossShapeError",
@@ -85,7 +90,9 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "batch_loss",
+    "embed",
     "influence",
+    "load_embedding",
     "load_run",
     "loader",
     "memmap_arrays",

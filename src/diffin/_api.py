@@ -284,7 +284,7 @@ def _score_one(
     if cfg.check_removals and tgt.kind != "self":
         with _eval_mode(model):
             output.diagnostics["removal_check"] = check_removals(ctx, scores, cfg.check_removals, progress)
-    trust = assess(output.diagnostics, scores, _values_at_end(ctx, model))
+    trust = assess(output.diagnostics, scores, _values_at_end(ctx, model) if est_cls.loss_units else None)
     output.diagnostics["trust"] = trust
     if rank == 0:
         warn_if_unstable(trust, output.variant, stacklevel=4)

@@ -665,56 +665,6 @@ def _fingerprint(data: Any) -> str:
     return h.hexdigest()
 
 
-LABEL_KEYS = ("labels", "label", "label_ids")
-"""Where a dict item keeps its target, first found first (Hugging Face's names; its data collators
-rename ``label`` / ``label_ids`` to ``labels``)."""
-PAD_LABEL = -100
-"""Label of padded positions (ignored by the token losses of :mod:`diffin.integrations.huggingface`)."""
-
-
-def _is_item_dataset(data: Any) -> bool:
-    """A map-style dataset: a torch ``Dataset``, or a table of items such as a Hugging Face
-    ``datasets.Dataset`` (``__getitem__``, ``__len__`` and ``column_names``)."""
-    if isinstance(data, (tuple, list)):
-        return False
-    return isinstance(data, Dataset) or (
-        hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__"))
-
-
-def collate_dicts(items: Sequence[Mapping[str, Any]], name: str = "train") -> tuple[dict[str, Tensor], Tensor]:
-    """Dict items (tokenized text: ``{"input_ids": [...], "attention_mask": [...], "labels": 3}``) as one
-    batch ``(inputs, targets)``: the target is the item's ``labels`` (or ``label`` / ``label_ids``),
-    the inputs every other numeric entry (strings and ``None`` are left out, as the model takes none).
-    Sequences of different lengths are padded on the right to the longest of the batch, as
-    ``DataCollatorWithPadding`` does: inputs with 0 (the attention mask then hides them), labels with
-    -100 (ignored by the token losses)."""
-    first = items[0]
-    key = next((k for k in LABEL_KEYS if k in first), None)
-    if key is None:
-        raise DataMismatchError(
-            f"the {name} items are dicts without a label ({sorted(first)}); put the target under 'labels' "
-            "(or 'label' / 'label_ids')"
-        )
-    cols = [k for k, v in first.items() if k not in LABEL_KEYS and not isinstance(v, (str, bytes)) and v is not None]
-    x = {k: _stack_padded([it[k] for it in items], 0, f"{name} column {k!r}") for k in cols}
-    y = _stack_padded([it[key] for it in items], PAD_LABEL, f"{name} column {key!r}")
-    return x, y
-
-
-def _stack_padded(values: list[Any], pad: int, what: str) -> Tensor:
-    ts = [v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v)) for v in values]
-    shapes = {tuple(t.shape) for t in ts}
-    if len(shapes) == 1:
-        return torch.stack(ts)
-    if any(t.ndim != 1 for t in ts):
-        raise DataMismatchError(f"{what}: items of shapes {sorted(shapes)[:4]} cannot be padded into one batch; "
-                                "only 1-D sequences of different lengths are padded")
-    out = torch.full((len(ts), max(int(t.shape[0]) for t in ts)), pad, dtype=ts[0].dtype)
-    for i, t in enumerate(ts):
-        out[i, : t.shape[0]] = t
-    return out
-
-
 _CACHE_SIZE = 32
 _FINGERPRINTS: dict[tuple[Any, ...], str] = {}
 _CHECKED_FINITE: dict[tuple[Any, ...], bool] = {}
@@ -785,6 +735,56 @@ class _Alive:
             if x is None or x is not b():
                 return False
         return True
+
+
+LABEL_KEYS = ("labels", "label", "label_ids")
+"""Where a dict item keeps its target, first found first (Hugging Face's names; its data collators
+rename ``label`` / ``label_ids`` to ``labels``)."""
+PAD_LABEL = -100
+"""Label of padded positions (ignored by the token losses of :mod:`diffin.integrations.huggingface`)."""
+
+
+def _is_item_dataset(data: Any) -> bool:
+    """A map-style dataset: a torch ``Dataset``, or a table of items such as a Hugging Face
+    ``datasets.Dataset`` (``__getitem__``, ``__len__`` and ``column_names``)."""
+    if isinstance(data, (tuple, list)):
+        return False
+    return isinstance(data, Dataset) or (
+        hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__"))
+
+
+def collate_dicts(items: Sequence[Mapping[str, Any]], name: str = "train") -> tuple[dict[str, Tensor], Tensor]:
+    """Dict items (tokenized text: ``{"input_ids": [...], "attention_mask": [...], "labels": 3}``) as one
+    batch ``(inputs, targets)``: the target is the item's ``labels`` (or ``label`` / ``label_ids``),
+    the inputs every other numeric entry (strings and ``None`` are left out, as the model takes none).
+    Sequences of different lengths are padded on the right to the longest of the batch, as
+    ``DataCollatorWithPadding`` does: inputs with 0 (the attention mask then hides them), labels with
+    -100 (ignored by the token losses)."""
+    first = items[0]
+    key = next((k for k in LABEL_KEYS if k in first), None)
+    if key is None:
+        raise DataMismatchError(
+            f"the {name} items are dicts without a label ({sorted(first)}); put the target under 'labels' "
+            "(or 'label' / 'label_ids')"
+        )
+    cols = [k for k, v in first.items() if k not in LABEL_KEYS and not isinstance(v, (str, bytes)) and v is not None]
+    x = {k: _stack_padded([it[k] for it in items], 0, f"{name} column {k!r}") for k in cols}
+    y = _stack_padded([it[key] for it in items], PAD_LABEL, f"{name} column {key!r}")
+    return x, y
+
+
+def _stack_padded(values: list[Any], pad: int, what: str) -> Tensor:
+    ts = [v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v)) for v in values]
+    shapes = {tuple(t.shape) for t in ts}
+    if len(shapes) == 1:
+        return torch.stack(ts)
+    if any(t.ndim != 1 for t in ts):
+        raise DataMismatchError(f"{what}: items of shapes {sorted(shapes)[:4]} cannot be padded into one batch; "
+                                "only 1-D sequences of different lengths are padded")
+    out = torch.full((len(ts), max(int(t.shape[0]) for t in ts)), pad, dtype=ts[0].dtype)
+    for i, t in enumerate(ts):
+        out[i, : t.shape[0]] = t
+    return out
 
 
 def _row_blocks(a: Any, max_bytes: int = 1 << 26) -> Iterator[Any]:

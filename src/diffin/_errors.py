@@ -107,6 +107,10 @@ class OutputExistsError(DiffinError, FileExistsError):
     """An output folder holds results made with a different configuration."""
 
 
+class EmbeddingNotFoundError(DiffinError, FileNotFoundError):
+    """A folder holds no finished embedding (``embedding.json`` and ``embedding.npy``)."""
+
+
 class ResumeMismatchError(DiffinError):
     """``score(..., resume=True)`` found a saved sweep state (``OUT/.resume``) written for another
     config, run, data, method or world size, or a damaged one; nothing was overwritten."""

@@ -103,6 +103,10 @@ class ScoreConfig:
     credit_every: int | None = config_field(
         None, "diffin-retrain: pay the expected credit every this many steps (default: once per checkpoint)"
     )
+    removal_fraction: float = config_field(
+        0.0, "diffin-retrain: the fraction of the training set the decision removes (e.g. 0.9 to keep a tenth); the "
+        "sweep then linearises around the run in which every sample has weight 1 - removal_fraction, the expected "
+        "run of such a subset (docs/method.md §4.4); 0: an infinitesimal removal, around the recorded run")
     horizon: int | None = config_field(
         None, "diffin-exact / diffin-frozen: carry influence back over the last this many steps only (a "
         "sample's contributions before step T - horizon count 0); None: the whole run. For unstable runs "
@@ -137,6 +141,8 @@ class ScoreConfig:
             raise ConfigError(f"predicts must be one of {PREDICTS}, got {self.predicts!r}")
         if self.convention not in CONVENTIONS:
             raise ConfigError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
+        if not 0 <= self.removal_fraction < 1:
+            raise ConfigError(f"removal_fraction must be in [0, 1), got {self.removal_fraction}")
         if self.fd_eps is not None and not self.fd_eps > 0:
             raise ConfigError(f"fd_eps must be > 0, got {self.fd_eps}")
         for name in ("batch_size", "cg_iters", "lissa_depth", "lissa_batch_size"):

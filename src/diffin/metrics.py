@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import roc_auc_score
 
 from ._errors import ConfigError
 
@@ -276,7 +275,11 @@ def detection_auc(scores: Any, flipped: Any) -> float:
     f = _flags(flipped, s.size)
     if f.all() or not f.any():
         return float("nan")
-    return float(roc_auc_score(f, -s))
+    # Mann–Whitney: the probability that a flipped sample ranks as more harmful than a clean one,
+    # ties counted half (average ranks); equal to sklearn's roc_auc_score(flipped, -scores).
+    ranks = stats.rankdata(-s)
+    n_pos, n_neg = int(f.sum()), int((~f).sum())
+    return float((ranks[f].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def recall_at(

@@ -104,6 +104,46 @@ class PerExample(Target):
             return torch.cat([fm.losses(theta, x, y) for _, x, y in self.source.chunks(512)])
 
 
+class GroupMeanLoss(Target):
+    """f_g(θ) = mean loss over the examples of group g, for each of G groups of one target set
+    (e.g. the classes of a validation set): one sweep carries G adjoint vectors, and the scores
+    are an N×G matrix, column g the predicted change of group g's mean loss if the sample were
+    removed. Gradients (G, P) streamed over the set in chunks."""
+
+    kind = "pairwise"
+
+    def __init__(self, source: DataSource, groups: np.ndarray, batch_size: int = 64) -> None:
+        groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+        if groups.shape != (len(source),) or groups.size == 0 or groups.min() < 0:
+            raise DataMismatchError(f"groups must hold one non-negative group index per target example "
+                                    f"({len(source)}), got shape {groups.shape}")
+        self.source = source
+        self.groups = groups
+        self.size = int(groups.max()) + 1
+        self.counts = np.bincount(groups, minlength=self.size)
+        if np.any(self.counts == 0):
+            raise DataMismatchError(f"groups {np.flatnonzero(self.counts == 0).tolist()} have no examples; "
+                                    "number the groups 0..G-1 without gaps")
+        self.batch_size = batch_size
+
+    def _weights(self, ids: np.ndarray, like: Tensor) -> Tensor:
+        """(G, B) weights 1/|group| of each chunk member in its own group's row."""
+        w = np.zeros((self.size, len(ids)))
+        w[self.groups[ids], np.arange(len(ids))] = 1.0 / self.counts[self.groups[ids]]
+        return torch.as_tensor(w, dtype=like.dtype, device=like.device)
+
+    def grads(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        total = torch.zeros(self.size, theta.numel(), dtype=theta.dtype, device=theta.device)
+        for ids, x, y in self.source.chunks(self.batch_size):
+            total += self._weights(ids, theta) @ fm.per_sample_grads(theta, x, y)
+        return total
+
+    def values(self, fm: FlatModel, theta: Tensor) -> Tensor:
+        with torch.no_grad():
+            return sum(self._weights(ids, theta) @ fm.losses(theta, x, y)
+                       for ids, x, y in self.source.chunks(self.batch_size))
+
+
 class SelfLoss(Target):
     """f_z(θ) = l(z; θ) for every training sample z; estimators return the diagonal.
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import _constants as C
 from .._api import score
@@ -60,6 +61,13 @@ def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
         rec = recall_at(scores[m], flipped, (0.1,))[0.1]
         name = m if r.variant == m else f"{m} ({r.variant})"
         rows.append([name, detection_auc(scores[m], flipped), rec, timing[m]])
+    t0 = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        losses = setup.loss_fn(model(data.x_train), data.y_train).double().numpy()
+    loss_secs = time.perf_counter() - t0
+    rows.append(["loss (baseline: training loss at θ_T)", detection_auc(-losses, flipped),
+                 recall_at(-losses, flipped, (0.1,))[0.1], loss_secs])
     header = ["method", "ROC-AUC (flipped = harmful)", "recall @10% inspected", "seconds"]
     table = text_table(header, rows)
     say("\nFinding the flipped labels among the most harmful samples "
@@ -109,7 +117,7 @@ def run_demo(out: str | os.PathLike[str] = "diffin-demo", quiet: bool = False,
         "n_flipped": int(flipped.sum()),
         "train_seconds": res.seconds,
         "test_accuracy": test["accuracy"],
-        "methods": {r[0]: {"auc": r[1], "recall_at_10pct": r[2], "seconds": r[3]} for r in rows},
+        "methods": {r[0].split(" (")[0]: {"auc": r[1], "recall_at_10pct": r[2], "seconds": r[3]} for r in rows},
         "most_harmful": [int(i) for i in top],
     }
     write_json(summary_path, summary)

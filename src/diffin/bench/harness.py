@@ -291,6 +291,22 @@ def metagradient_ceiling(run_dir: Path, setup: Any, data: Any, removed: np.ndarr
 BOOTSTRAPS = 2000  # resamples of the LDS intervals and paired differences
 
 
+def method_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``METHOD`` or ``METHOD:option=value[:option=value]`` (ScoreConfig options, e.g.
+    ``diffin-retrain:removal_fraction=0.5``) → the method and its options (numbers parsed)."""
+    name, *parts = spec.split(":")
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"method {spec!r}: options are written METHOD:option=value")
+        try:
+            options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
 def _scored_row(label: str, method: str, run: Path | list[Path], setup: Any, data: Any, cfg: BenchConfig,
                 common: dict[str, Any], removed: np.ndarray, actual: np.ndarray, masks: np.ndarray | None,
                 truths: dict[str, np.ndarray], log: Any, all_scores: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -299,10 +315,11 @@ def _scored_row(label: str, method: str, run: Path | list[Path], setup: Any, dat
     ``lds`` (the replayed truth, NaN without it), ``lds_<mode>`` per truth. Its scores go to
     ``all_scores[label]``. A method refused for this run gives a row with its ``error``."""
     log(f"[{setup.name}] {label} ...")
+    method, options = method_options(method)
     try:
         with Measure() as m:
             r = score(run, setup.model(data), setup.loss_fn, target=(data.x_val, data.y_val), method=method,
-                      convention=cfg.convention, **common)
+                      convention=cfg.convention, **common, **options)
     except UnsupportedMethodError as e:  # refused by name for this run (e.g. an SGD formula on Adam)
         log(f"[{setup.name}] {label}: {e}")
         return {"method": label, "variant": _short_error(str(e)), "error": str(e)}

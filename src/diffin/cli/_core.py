@@ -178,6 +178,34 @@ def _score_and_report(args: argparse.Namespace, cfg: ScoreConfig, run_dirs: list
         print(f"trust: {verdict} ({measures}; docs/guides/trust.md)")
 
 
+EMBED_EXCLUDE = ("pairwise", "predicts", "damping", "cg_iters", "cg_tol", "lissa_depth", "lissa_scale",
+                 "lissa_batch_size", "closed_form_checkpoints", "credit_every", "first_order")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ..embedding import EmbedConfig, embed
+    from ._args import given_fields
+
+    run_dir = Path(args.run)
+    model, loss_fn, train, _, labels = _score_inputs(args, run_dir)
+    out = Path(args.out) if args.out else run_dir / "embedding"
+    t0 = time.perf_counter()
+    emb = embed(run_dir, model, loss_fn, train=train, out=out, embed_config=config_from_args(EmbedConfig, args),
+                progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
+                **given_fields(ScoreConfig, args))
+    print(f"embedding {emb.n} x {emb.dim} ({emb.projection.kind} projection, {emb.manifest['variant']}) in "
+          f"{time.perf_counter() - t0:.2f}s -> {out}")
+    if args.self_influence:
+        own = emb.self_influence()
+        lines = [f"id,label,{C.SCORE_COLUMN}"]
+        lines += [f"{i},{int(lab) if np.ndim(lab) == 0 else ''},{s:.9g}" for i, (lab, s) in enumerate(zip(labels, own))]
+        write_text(out / "self_influence.csv", "\n".join(lines) + "\n")
+        order = np.argsort(-own)
+        print(f"largest self-influence (memorised / suspicious) ids: {order[:10].tolist()} -> "
+              f"{out / 'self_influence.csv'}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Replay ``--n`` removals of the run and print Pearson/Spearman of the scores against them."""
     from .._io import write_json
@@ -248,6 +276,26 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
                         "(same run, data, method and config; see --resume-every-steps); without a state, start")
     add_config_args(s, ScoreConfig)
     s.set_defaults(func=cmd_score)
+
+    from ..embedding import EmbedConfig
+
+    s = sub.add_parser("embed", help="trajectory influence embedding of every training sample (N x K), for "
+                                     "many targets and self-influence", parents=common)
+    s.add_argument("run", help="run folder (from `diffin train` or diffin.Recorder)")
+    s.add_argument("--setup", choices=sorted(SETUPS), default=None,
+                   help="built-in setup of the run (read from the run when made by `diffin train`)")
+    s.add_argument("--model", default=None, metavar="MODULE:FUNCTION", help=_user.MODEL_HELP)
+    s.add_argument("--data", default=None, metavar="FILE.npz|DIR", help="your data (as for `diffin score`)")
+    s.add_argument("--loss", default="cross_entropy", choices=sorted(_user.LOSSES),
+                   help="per-sample loss, with --model")
+    s.add_argument("--out", default=None, help="output folder (default: RUN/embedding)")
+    s.add_argument("--self-influence", action="store_true",
+                   help="also write every sample's self-influence from the embedding (OUT/self_influence.csv)")
+    s.add_argument("--overwrite", action="store_true", help="replace an embedding made with another config")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted build in OUT")
+    add_config_args(s, EmbedConfig)
+    add_config_args(s, ScoreConfig, exclude=EMBED_EXCLUDE, title="sweep options (hvp defaults to exact here)")
+    s.set_defaults(func=cmd_embed)
 
     s = sub.add_parser("verify", parents=common,
                        help="replay N removals of a recorded run and correlate the scores with them")

@@ -1,4 +1,4 @@
-"""``diffin clean``, ``delete`` and ``prune`` (the tasks of :mod:`diffin.tasks`)."""
+"""``diffin clean``, ``delete``, ``prune`` and ``debias`` (the tasks of :mod:`diffin.tasks`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._errors import ConfigError
 from . import _user
@@ -15,7 +17,10 @@ TASK_HELP = {
     "clean": "flag the most harmful training samples; detection and retraining",
     "delete": "predict and replay the effect of removing groups of samples",
     "prune": "keep a fraction chosen by score, retrain, compare accuracy",
+    "debias": "remove what drives the worst group's failure (D3M), retrain, compare with ERM and JTT",
 }
+RETRAINS = ("prune", "debias")
+"""Tasks whose retraining recipe can be changed on the command line."""
 
 
 def task_inputs(args: argparse.Namespace, out: Path) -> Any:
@@ -51,6 +56,7 @@ def _command(task: str, cls: type) -> Callable[[argparse.Namespace], int]:
         from .. import tasks
         from ..report import text_table
         from ..tasks._clean import summary_text
+        from ..tasks._debias import summary_text as debias_text
         from ..tasks._prune import summary_rows
 
         out = Path(args.out)
@@ -58,8 +64,22 @@ def _command(task: str, cls: type) -> Callable[[argparse.Namespace], int]:
         inp = task_inputs(args, out)
         progress = not args.quiet
         if task == "clean":
-            res: dict[str, Any] = tasks.clean(inp, cfg, out, args.overwrite, progress)
+            log = None if args.quiet else print
+            res: dict[str, Any] = tasks.clean(inp, cfg, out, args.overwrite, progress, log=log)
             print(summary_text(res))
+        elif task == "debias":
+            groups = test_groups = None
+            if args.groups:
+                if args.setup:
+                    raise ConfigError("--groups names arrays of your --data; a built-in setup brings its own groups")
+                d = _user.load_npz(args.data)
+                missing = [f"{args.groups}_{p}" for p in ("val", "test") if f"{args.groups}_{p}" not in d]
+                if missing:
+                    raise ConfigError(f"--data {args.data} lacks the group arrays {missing} named by --groups")
+                groups, test_groups = (np.asarray(d[f"{args.groups}_{p}"]) for p in ("val", "test"))
+            res = tasks.debias(inp, cfg, out, groups=groups, test_groups=test_groups, overwrite=args.overwrite,
+                               progress=progress, log=None if args.quiet else print)
+            print(debias_text(res))
         elif task == "delete":
             res = tasks.delete(inp, cfg, out, args.overwrite, progress)
             for k, v in res["by_prediction"].items():
@@ -78,9 +98,10 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
     """``clean``, ``delete`` and ``prune``; ``common``: parents with the shared flags."""
     from ..bench.builtin.setups import SETUPS
     from ..bench.builtin.trainer import TrainConfig
-    from ..tasks import CleanConfig, DeleteConfig, PruneConfig
+    from ..tasks import CleanConfig, DebiasConfig, DeleteConfig, PruneConfig
 
-    for name, cls in (("clean", CleanConfig), ("delete", DeleteConfig), ("prune", PruneConfig)):
+    for name, cls in (("clean", CleanConfig), ("delete", DeleteConfig), ("prune", PruneConfig),
+                      ("debias", DebiasConfig)):
         s = sub.add_parser(name, help=TASK_HELP[name], parents=common)
         s.add_argument("--setup", choices=sorted(SETUPS), default=None, help="built-in setup (e.g. mnist5k)")
         s.add_argument("--noise", type=float, default=None, metavar="FRACTION",
@@ -95,8 +116,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: list[argparse.ArgumentP
                        help="loss of your model (default: cross_entropy)")
         s.add_argument("--out", required=True, help="output folder")
         s.add_argument("--overwrite", action="store_true", help="replace results made with another config")
+        if name == "debias":
+            s.add_argument("--groups", default=None, metavar="NAME",
+                           help="with --data: the group label of every validation and test sample, arrays NAME_val "
+                                "and NAME_test of the .npz (a built-in setup such as mnist5k-spurious has its own)")
         add_config_args(s, cls)
-        if name == "prune":
+        if name in RETRAINS:
             add_config_args(s, TrainConfig, exclude=("seed",),
                             title="retraining recipe (default: the recorded run's; give only what to change)",
                             show_defaults=False)

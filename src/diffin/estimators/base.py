@@ -319,6 +319,9 @@ class Estimator:
     supports_batch_loss: ClassVar[bool] = False
     """The estimator scores batch-coupled losses (``diffin.batch_loss``, docs/method.md §4.7) with
     their exact per-member term; the others refuse them by name."""
+    loss_units: ClassVar[bool] = True
+    """Scores are in the target's loss units (docs/method.md §2); False for ranking-only scores
+    (a cosine), whose size the trust measures do not compare with the target's."""
     linear_in_target: ClassVar[bool] = True
     """Scores are linear in the target's gradient ∇f, so the mean target's scores are the row mean
     of the pairwise matrix over the same examples (the tests check it for every estimator)."""

@@ -39,6 +39,7 @@ class GradCos(Estimator):
     name = "grad-cos"
     summary = "gradient cosine similarity at θ_T (unitless, for ranking)"
     supports_self = False  # the cosine of a gradient with itself is 1
+    loss_units = False
     linear_in_target = False  # normalised by ‖∇f‖: the mean target's cosine weighs examples by ‖∇f_j‖
 
     def score(self, ctx: ScoringContext) -> EstimatorOutput:

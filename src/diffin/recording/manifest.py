@@ -200,21 +200,6 @@ def _json_scalar(v: Any) -> Any:
 REQUIRED_KEYS = ("format_version", "n_steps", "checkpoints", "model", "optimizer", "lrs")
 
 
-def frozen_fingerprint(model: nn.Module, trainable: list[str]) -> str | None:
-    """sha256 of the parameters of ``model`` outside ``trainable`` (names, shapes and values as float64,
-    so an exact up-cast matches); None when every parameter trains."""
-    keep = set(trainable)
-    h = hashlib.sha256()
-    n = 0
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if name in keep:
-            continue
-        n += 1
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(memoryview(p.detach().to("cpu", torch.float64).contiguous().reshape(-1).numpy().view(np.uint8)))
-    return h.hexdigest() if n else None
-
-
 def check_manifest(m: dict[str, Any], where: str) -> None:
     """Check the types of every manifest entry the loader reads (``where`` names the file), so
     that a damaged or crafted manifest is a :class:`CorruptManifestError` naming the entry, never
@@ -315,3 +300,18 @@ def check_manifest(m: dict[str, Any], where: str) -> None:
         count("rng_states.cuda_bytes", rng.get("cuda_bytes"))
         log("rng_states.log", rng.get("log"))
 
+
+
+def frozen_fingerprint(model: nn.Module, trainable: list[str]) -> str | None:
+    """sha256 of the parameters of ``model`` outside ``trainable`` (names, shapes and values as float64,
+    so an exact up-cast matches); None when every parameter trains."""
+    keep = set(trainable)
+    h = hashlib.sha256()
+    n = 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name in keep:
+            continue
+        n += 1
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(memoryview(p.detach().to("cpu", torch.float64).contiguous().reshape(-1).numpy().view(np.uint8)))
+    return h.hexdigest() if n else None

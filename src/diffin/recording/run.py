@@ -7,8 +7,13 @@ cover (with a sha256 of those bytes). A run that was not closed (``status`` othe
 ``"complete"``) loads up to that checkpoint with a :class:`PartialRunWarning`; log entries past it
 are ignored."""
 
+# Long file: one reader of a run folder from someone else: the manifest, the logs, the checkpoints and
+# their checks (sha256 of covered bytes, paths confined to the folder, frozen-weight fingerprints) are
+# validated together, so that a damaged folder raises one named error before anything is used.
+
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -342,6 +347,27 @@ class Run:
         started: a run re-recorded into the same folder gets a new fingerprint even when
         nothing else differs."""
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
+    def until(self, step: int) -> Run:
+        """This run as it stood at its checkpoint ``step``: steps 0 … step−1, checkpoints up to
+        ``step`` (for scores of what training had done by then, e.g. before memorisation). The
+        view's :attr:`fingerprint` differs from the whole run's."""
+        if step not in self._ckpt_entries:
+            raise MissingFileError(f"{self.path} has no checkpoint at step {step}; checkpoints: "
+                                  f"{self.checkpoint_steps[:8]}{' ...' if len(self.checkpoint_steps) > 8 else ''}")
+        if step == self.n_steps:
+            return self
+        view = copy.copy(self)
+        view.manifest = {**self.manifest, "until_step": step}
+        view.n_steps = step
+        view.checkpoint_steps = [c for c in self.checkpoint_steps if c <= step]
+        view._ckpt_entries = {c: e for c, e in self._ckpt_entries.items() if c <= step}
+        view.group_lrs = self.group_lrs[:step]
+        view.lrs = self.lrs[:step]
+        view.batch_sizes = self.batch_sizes[:step]
+        if self._offsets is not None:
+            view._offsets = self._offsets[: step + 1]
+        return view
 
     @property
     def segments(self) -> list[tuple[int, int]]:

@@ -167,6 +167,27 @@ def format_list(values: Sequence[object]) -> str:
     return ", ".join(_fmt(v) for v in values)
 
 
+def winner(values: Mapping[str, float], what: str, higher_is_better: bool = True) -> dict[str, Any]:
+    """Which method won on ``values`` (method → number; NaNs ignored) and by how much: ``method``,
+    ``value``, ``runner_up``, ``lead`` (the margin over the runner-up, ≥ 0, in ``what``'s units)
+    and ``line``, one sentence for reports (e.g. "Best by ROC-AUC: cleanlab (0.951), 0.036 above
+    tracin-self (0.915)")."""
+    vals = {m: float(v) for m, v in values.items() if v is not None and np.isfinite(v)}
+    if not vals:
+        return {"method": None, "value": None, "runner_up": None, "lead": None, "line": f"No method has a {what}."}
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(vals, key=lambda m: -sign * vals[m])
+    best = order[0]
+    out: dict[str, Any] = {"method": best, "value": vals[best], "runner_up": None, "lead": None}
+    line = f"Best by {what}: {best} ({_fmt(vals[best])})"
+    if len(order) > 1:
+        second = order[1]
+        out["runner_up"], out["lead"] = second, sign * (vals[best] - vals[second])
+        line += f", {_fmt(out['lead'])} {'above' if higher_is_better else 'below'} {second} ({_fmt(vals[second])})"
+    out["line"] = line + "."
+    return out
+
+
 class Report:
     """A report built from blocks and written as Markdown and as self-contained HTML.
 

@@ -12,6 +12,8 @@ Harm, per method (higher = more suspicious):
   training set as one batch, :func:`~._common.losses_at`);
 * ``clip-score``: for image–text pairs, minus the cosine of the pair under θ_T (low cosine =
   suspicious, the DataComp filter);
+* ``aum``, ``el2n``, ``forgetting``: minus the area under the margin (Pleiss et al. 2020), EL2N
+  at an early checkpoint, forgetting events (:mod:`._heuristics`; each replayed from the run);
 * ``cleanlab``: ``1 − cleanlab.rank.get_label_quality_scores`` on out-of-fold predicted
   probabilities (K-fold retraining with the task's retraining recipe); ``find_label_issues`` is
   reported too.
@@ -27,8 +29,10 @@ the truly flipped samples (when known), are replayed beside it as control and ce
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +42,13 @@ import torch
 from scipy.stats import rankdata
 
 from .. import _tree
-from .._data import DataSource
 from .._errors import ConfigError, MissingExtraError, UnsupportedMethodError
 from .._io import write_json
 from .._optional import require
-from ..config import config_field
+from ..config import ScoreConfig, config_field
 from ..estimators.base import Estimator
-from ..groundtruth import replay_many
-from ..report import Report, format_sizes, image_grid, score_histograms, text_table
-from ..trajectory import Trajectory
+from ..report import Report, format_sizes, image_grid, score_histograms, text_table, winner
+from ._classes import class_harm
 from ._common import (
     Recipe,
     TaskInputs,
@@ -60,12 +62,32 @@ from ._common import (
     theta_final,
     write_csv,
 )
+from ._heuristics import importance
+from ._removal import estimate_seconds, heldout_split, removal_sets, replay_without, retrain_fresh
+from ._self import self_scores
 
 RECALL_AT = (0.05, 0.1, 0.2)
+ADVICE_MARGIN = 0.01
+"""A method whose ROC-AUC on the run exceeds the chosen method's by this much is offered in one line."""
 COMBINED = "combined"
+AUTO = "auto"
+AUTO_DETECTOR = "tracin-classes"
+"""What ``method="auto"`` flags by when the validation set has class labels (measured in BENCHMARKS.md,
+"Finding bad labels where the loss cannot": above Diff-In's mean validation influence on all four setups,
+docs/method.md §6); otherwise ``diffin``."""
 SELF_SUFFIX = "-self"
+CLASSES_SUFFIX = "-classes"
+"""``METHOD-classes``: the method's influence on each class of the validation set (one score column per
+class), each sample ranked by the class it harms most (:func:`class_harm`)."""
 CLIP_SCORE = "clip-score"
-DEFAULT_BASELINES = "tracin,if-cg,loss,cleanlab,combined"
+DEFAULT_BASELINES = "tracin,tracin-self,loss,aum,el2n,forgetting,cleanlab,combined"
+"""Every default baseline costs at most a few trainings' worth (cleanlab: ``cleanlab_folds`` of them; AUM and
+forgetting: one replay; TracIn: per-sample gradients at the checkpoints)."""
+HEURISTIC_SIGNALS = ("aum", "el2n", "forgetting")
+"""Signals of :mod:`._heuristics` that rank mislabelled samples high (AUM by its minus)."""
+COSTLY = ("if-cg", "if-lissa")
+"""Opt-in methods whose cost grows with full-data Hessian–vector products: their time is
+estimated (one measured HVP times the iterations) and printed before they run."""
 PAIR_BASELINES = "tracin,clip-score,loss"
 """The baselines of image–text pairs when ``baselines`` is left at its default (cleanlab, if-cg and
 the combined detector are classification or per-sample-loss methods)."""
@@ -75,7 +97,9 @@ the combined detector are classification or per-sample-loss methods)."""
 class CleanConfig:
     """Options of ``diffin clean``."""
 
-    method: str = config_field("diffin", "influence method that decides what is flagged")
+    method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (tracin-classes with a "
+                               "class-labelled validation set, else diffin), an influence method, METHOD-classes, "
+                               "METHOD-self, or a baseline name")
     fraction: float = config_field(0.1, "fraction of the training set to flag (0, 1]")
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
@@ -86,12 +110,21 @@ class CleanConfig:
                                 "percentile: loss, cleanlab, an influence method or METHOD-self")
     cleanlab_folds: int = config_field(5, "folds of out-of-fold probabilities for cleanlab")
     seed: int = config_field(0, "seed of the random-removal control and cleanlab's folds")
+    horizon: str = config_field("best-val", "where METHOD-classes scores the run: 'best-val' (the checkpoint with the "
+                                "lowest validation loss, before the labels are memorised), 'end', or a checkpoint step")
+    retrain_seeds: int = config_field(0, "also train from scratch with the retraining recipe, this many seeds, "
+                                      "without each detection method's flagged samples (and a random and the "
+                                      "oracle removal): test accuracy per method, mean over the seeds")
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.count is not None and self.count < 1:
             raise ConfigError(f"count must be >= 1, got {self.count}")
+        if self.horizon not in ("best-val", "end") and not self.horizon.isdigit():
+            raise ConfigError(f"horizon must be 'best-val', 'end' or a checkpoint step, got {self.horizon!r}")
+        if self.retrain_seeds < 0:
+            raise ConfigError(f"retrain_seeds must be >= 0, got {self.retrain_seeds}")
         if self.cleanlab_folds < 2:
             raise ConfigError("cleanlab_folds must be >= 2")
         signals = self.combine_list()
@@ -109,6 +142,14 @@ class CleanConfig:
         return list(dict.fromkeys(names))
 
 
+def auto_method(inp: TaskInputs, cfg: CleanConfig) -> str:
+    """``method="auto"``: :data:`AUTO_DETECTOR` when ranking against a validation set with integer
+    class labels (classification, not image–text pairs), else ``diffin``."""
+    classes = (inp.val is not None and not inp.pairs and isinstance(inp.val[1], torch.Tensor)
+               and inp.val[1].ndim == 1 and not inp.val[1].is_floating_point())
+    return AUTO_DETECTOR if classes and not cfg.no_validation else "diffin"
+
+
 def _self_ranked(cfg: CleanConfig, inp: TaskInputs) -> bool:
     return cfg.no_validation or inp.val is None
 
@@ -121,6 +162,14 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
         return "CLIP score: cosine of the pair at θ_T (← more suspicious)", "cos"
     if name == "cleanlab":
         return "1 − cleanlab label quality (more harmful →)", "1−quality"
+    if name == "aum":
+        return "area under the margin, logits (← more suspicious)", "AUM"
+    if name == "el2n":
+        return "EL2N at an early checkpoint (more harmful →)", "EL2N"
+    if name == "forgetting":
+        return "forgetting events (more harmful →)", "forgets"
+    if name.endswith(CLASSES_SUFFIX):
+        return "highest harm percentile over the validation classes (more harmful →)", "class harm"
     if name == COMBINED:
         return "mean rank percentile of the combined signals (more harmful →)", "mean rank"
     if self_ranked:
@@ -131,7 +180,7 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
 def _shown(name: str, harm: np.ndarray, self_ranked: bool) -> np.ndarray:
     """The natural value of a method from its harm: influence scores against a validation set
     are −harm; every other harm is shown as is."""
-    return -harm if ((name in Estimator.registry and not self_ranked) or name == CLIP_SCORE) else harm
+    return -harm if ((name in Estimator.registry and not self_ranked) or name in (CLIP_SCORE, "aum")) else harm
 
 
 def rank_mean(harms: list[np.ndarray]) -> np.ndarray:
@@ -144,14 +193,18 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
           progress: bool, notes: dict[str, Any]) -> np.ndarray:
     if name == COMBINED:
         return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
+    if name.endswith(CLASSES_SUFFIX) and name.removesuffix(CLASSES_SUFFIX) in Estimator.registry:
+        return class_harm(name.removesuffix(CLASSES_SUFFIX), inp, state, cfg.horizon, progress, notes)
     base = name.removesuffix(SELF_SUFFIX)
     if name.endswith(SELF_SUFFIX) and base in Estimator.registry:
-        return cached_score(inp, state, base, "self", progress).astype(np.float64)
+        return self_scores(inp, state, base, progress).astype(np.float64)
     if name == "loss":
         fm, theta, _ = theta_final(inp, state.run)
         return losses_at(fm, theta, inp.train)
     if name == CLIP_SCORE:
         return -pair_scores_at(inp, state.run)
+    if name in HEURISTIC_SIGNALS:
+        return importance(name, inp, run=state.run)
     if name == "cleanlab":
         if recipe is None:
             raise ConfigError("cleanlab's out-of-fold models need a retraining recipe; see the recipe error")
@@ -159,7 +212,7 @@ def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe
     if name not in Estimator.registry:
         raise ConfigError(f"unknown method {name!r} for cleaning")
     if _self_ranked(cfg, inp):
-        return cached_score(inp, state, name, "self", progress).astype(np.float64)
+        return self_scores(inp, state, name, progress).astype(np.float64)
     return -cached_score(inp, state, name, inp.val, progress).astype(np.float64)
 
 
@@ -201,51 +254,39 @@ def _cleanlab_harm(inp: TaskInputs, cfg: CleanConfig, recipe: Recipe, notes: dic
     return 1.0 - quality(labels, probs)
 
 
-def _retrain(inp: TaskInputs, state: TaskState, flagged: np.ndarray, cfg: CleanConfig) -> dict[str, Any]:
-    evalset = inp.test if inp.test is not None else inp.val
-    if evalset is None:
-        raise ConfigError("retraining needs test (or validation) data to evaluate on")
-    which = "test" if inp.test is not None else "val"
-    fm, _, run = theta_final(inp, state.run)
-    src = DataSource(inp.train, fm.dtype, fm.device)
-    traj = Trajectory(run, fm, src)
-    rng = np.random.default_rng(cfg.seed + 17)
-    groups = {"after": flagged, "random_removal": np.sort(rng.choice(inp.n_train, len(flagged), replace=False))}
-    if inp.flipped is not None:
-        groups["oracle_removal"] = np.flatnonzero(inp.flipped)
-    with torch.no_grad():
-        full, thetas = replay_many(traj, list(groups.values()), "renormalize")
-
-    def ev(th: torch.Tensor) -> dict[str, float]:
-        res = inp.evaluate(fm.model, *evalset, loss_fn=fm.loss_fn, params=fm.unflatten(th))
-        return {f"{which}_{k}": v for k, v in res.items()}
-
-    out: dict[str, Any] = {"evaluated_on": which, "before": ev(full), "n_removed": int(len(flagged))}
-    for (name, grp), th in zip(groups.items(), thetas):
-        out[name] = ev(th)
-        out[name]["n_removed"] = int(len(grp))
-    return out
-
-
 def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | None = None,
-          overwrite: bool = False, progress: bool = True, **options: Any) -> dict[str, Any]:
+          overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+          **options: Any) -> dict[str, Any]:
     """Flag the most harmful training samples; report detection quality and the retrain effect.
 
     Returns the content of ``clean.json`` (also written into ``out`` with ``clean.csv``,
     ``report.md`` and ``report.html``): ``flagged_ids``, ``detection`` (per method: ``auc``,
-    ``recall_at``), ``retrain`` (``before``/``after``: test accuracy and loss), and more.
-    ``out`` holding results made from other inputs is refused unless ``overwrite``.
+    ``recall_at``), ``winner`` (the best detector and its lead, when the corrupted ids are known),
+    ``advice`` (a one-line hint when another method finds them better than ``method``),
+    ``retrain`` (``before``/``after``: test accuracy and loss of the replayed run),
+    ``retrain_fresh`` (with ``retrain_seeds``: per method, the test accuracy of models trained from
+    scratch without its flags), and more. Before/after numbers are measured on the test set, or,
+    without one, on a held-out half of the validation set (the other half is then the target of
+    validation-influence methods). ``log`` (e.g. ``print``) receives the time estimates of costly
+    methods before they run. ``out`` holding results made from other inputs is refused unless
+    ``overwrite``.
     """
     from ..metrics import detection_auc, recall_at
 
     cfg = config if config is not None else CleanConfig(**options)
+    if cfg.method == AUTO:
+        cfg = dataclasses.replace(cfg, method=auto_method(inp, cfg))
+    say = log or (lambda _msg: None)
     methods = cfg.method_list(inp.pairs)
+    which = "test"
+    if cfg.retrain or cfg.retrain_seeds:
+        inp, which = heldout_split(inp, cfg.seed)
     recipe, recipe_error = None, None
-    if "cleanlab" in methods or (COMBINED in methods and "cleanlab" in cfg.combine_list()):
+    if cfg.retrain_seeds or "cleanlab" in methods or (COMBINED in methods and "cleanlab" in cfg.combine_list()):
         try:
             recipe = inp.recipe()
         except ConfigError as e:
-            if cfg.method == "cleanlab":
+            if cfg.method == "cleanlab" or cfg.retrain_seeds:
                 raise
             recipe_error = str(e)
     state = prepare_task(inp, "clean", cfg, out, overwrite, progress, recipe)
@@ -254,10 +295,15 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
     notes: dict[str, Any] = {}
     harms: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
+    estimates: dict[str, float] = {}
     errors: dict[str, str] = {"cleanlab": recipe_error} if recipe_error else {}
     for name in methods:
         if name in errors:
             continue
+        if name in COSTLY:
+            secs, how = estimate_seconds(name, inp, state, ScoreConfig(method=name))
+            estimates[name] = secs
+            say(f"{name}: about {secs:,.0f} s ({how}); leave it out of --baselines to skip it")
         t = time.perf_counter()
         try:
             harms[name] = _harm(name, inp, state, cfg, recipe, progress, notes)
@@ -278,6 +324,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
         "n_flagged": int(k),
         "flagged_ids": flagged.tolist(),
         "seconds": timing,
+        "estimated_seconds": estimates,
         "errors": errors,
         **notes,
     }
@@ -292,8 +339,20 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
                    "recall_at": {str(f): r for f, r in recall_at(-h, inp.flipped, RECALL_AT).items()}}
             for name, h in harms.items()
         }
+        aucs = {m: d["auc"] for m, d in result["detection"].items()}
+        result["winner"] = winner(aucs, "ROC-AUC")
+        best = result["winner"]["method"]
+        if best != cfg.method and aucs[best] - aucs[cfg.method] >= ADVICE_MARGIN:
+            result["advice"] = (f"{best} finds the {result['corrupted']} better on this run (ROC-AUC {aucs[best]:.3f} "
+                                f"against {aucs[cfg.method]:.3f} by {cfg.method}): rerun with --method {best} to "
+                                "flag by it")
     if cfg.retrain:
-        result["retrain"] = _retrain(inp, state, flagged, cfg)
+        result["retrain"] = replay_without(inp, state, flagged, cfg.seed, which)
+    if cfg.retrain_seeds:
+        assert recipe is not None  # retrain_seeds raised above without one
+        sets = removal_sets(harms, k, inp, cfg.seed)
+        result["retrain_fresh"] = retrain_fresh(inp, recipe, sets,
+                                                [recipe.config.seed + i for i in range(cfg.retrain_seeds)], which)
     result["total_seconds"] = time.perf_counter() - t0
     result["config"] = asdict(cfg)
     result["trust"] = dict(state.trust)
@@ -305,6 +364,16 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
 def _detection_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = [[m, d["auc"], *d["recall_at"].values()] for m, d in result["detection"].items()]
     return ["method", "ROC-AUC", *[f"recall @{float(f):.0%}" for f in RECALL_AT]], rows
+
+
+def fresh_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the from-scratch retraining comparison: per removal, how many were
+    removed and the test accuracy (mean ± std over the seeds) and loss."""
+    rem = result["retrain_fresh"]["removals"]
+    acc = "test_accuracy_mean" in next(iter(rem.values()))
+    rows = [[name, r["n_removed"], *([r["test_accuracy_mean"], r["test_accuracy_std"]] if acc else []),
+             r["test_loss_mean"]] for name, r in rem.items()]
+    return ["removed", "n", *(["test accuracy", "± std"] if acc else []), "test loss"], rows
 
 
 def _retrain_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -320,10 +389,17 @@ def summary_text(result: dict[str, Any]) -> str:
     parts = [f"flagged {result['n_flagged']:,} samples by {result['method']} ({result['ranking']})"]
     if "detection" in result:
         parts += [f"\nfinding the {result['n_flipped']:,} {result.get('corrupted', 'flipped labels')}:\n",
-                  text_table(*_detection_table(result))]
+                  text_table(*_detection_table(result)), result["winner"]["line"]]
+    if "advice" in result:
+        parts.append(result["advice"])
     if "retrain" in result:
-        parts += ["\nretrained without the flagged samples (same θ_0 and batch order):\n",
-                  text_table(*_retrain_table(result))]
+        parts += [f"\nretrained without the flagged samples (same θ_0 and batch order), on the "
+                  f"{result['retrain']['evaluated_on']}:\n", text_table(*_retrain_table(result))]
+    if "retrain_fresh" in result:
+        f = result["retrain_fresh"]
+        parts += [f"\ntrained from scratch without each method's {result['n_flagged']:,} flags (seeds "
+                  f"{', '.join(map(str, f['seeds']))}), on the {f['evaluated_on']}:\n",
+                  text_table(*fresh_table(result))]
     for name, err in result.get("errors", {}).items():
         parts.append(f"\n{name} did not run: {err}")
     return "\n".join(parts)
@@ -356,6 +432,7 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
         rep.text(f"Retraining recipe of cleanlab's out-of-fold models: {result['recipe']['description']}.")
     if "detection" in result:
         rep.heading(f"Finding the {result['n_flipped']:,} {result.get('corrupted', 'flipped labels')}")
+        rep.text(result["winner"]["line"] + (f" {result['advice']}." if "advice" in result else ""))
         rep.table(*_detection_table(result))
         shown = {m: _shown(m, h, self_ranked) for m, h in harms.items()}
         score_histograms(out / "harm_histograms.png", shown, inp.flipped,  # type: ignore[arg-type]
@@ -364,8 +441,20 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], harms: dict[str, 
                    + ("mismatched pairs" if inp.pairs else "flipped samples"))
     if "retrain" in result:
         rep.heading("Retraining without the flagged samples")
-        rep.text("Same θ_0, batch order and learning rates; flagged samples left out of every batch.")
+        rep.text("Same θ_0, batch order and learning rates; flagged samples left out of every batch. Evaluated "
+                 f"on the {result['retrain']['evaluated_on']}, each replay with its own parameters and running "
+                 "statistics.")
         rep.table(*_retrain_table(result))
+    if "retrain_fresh" in result:
+        f = result["retrain_fresh"]
+        rep.heading("Training from scratch without each method's flags")
+        rep.text(f"Recipe: {f['recipe']}; seeds {', '.join(map(str, f['seeds']))}; the {result['n_flagged']:,} "
+                 f"most harmful by each method removed; evaluated on the {f['evaluated_on']}.")
+        header, rows = fresh_table(result)
+        if "test accuracy" in header:
+            rep.text(winner({r[0]: r[2] for r in rows if r[0] not in ("none", "oracle")},
+                            "test accuracy after removal")["line"])
+        rep.table(header, rows)
     if result.get("errors"):
         rep.heading("Methods that did not run")
         for name, err in result["errors"].items():

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,8 +302,11 @@ def _adam_recipe(run: Run, overrides: dict[str, Any]) -> tuple[dict[str, Any], s
 
 
 def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[str],
-                   train_overrides: dict[str, Any] | None = None) -> TaskInputs:
+                   train_overrides: dict[str, Any] | None = None, seed: int | None = None) -> TaskInputs:
     """:class:`TaskInputs` of a built-in setup whose run lives in ``out/run``.
+
+    ``seed``: train with this seed (initialisation and batch order) instead of the setup's; the
+    corrupted samples stay those of the setup's noise seed (or of its own training seed).
 
     Nothing is written here: the task records the run there on first use, after checking its
     output folder (:meth:`TaskInputs.ensure_run`)."""
@@ -311,6 +315,9 @@ def builtin_inputs(setup_name: str, noise: float | None, out: str | os.PathLike[
     setup = get_setup(setup_name)
     if noise is not None:
         setup = setup.with_changes(noise=noise)
+    if seed is not None and seed != setup.train.seed:
+        keep = setup.train.seed if setup.noise_seed is None else setup.noise_seed
+        setup = setup.with_changes(train=dataclasses.replace(setup.train, seed=seed), noise_seed=keep)
     data = setup.data()
     captions = getattr(data, "captions", None)
     return TaskInputs(
@@ -448,14 +455,15 @@ def load_piece(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def cached_score(inp: TaskInputs, state: TaskState, method: str, target: Any, progress: bool,
-                 **options: Any) -> np.ndarray:
+                 tag: str | None = None, **options: Any) -> np.ndarray:
     """Scores (N,) by ``method`` against ``target`` (validation data or ``"self"``), reusing
-    ``out/scores-<method>[-self]`` only when it was made from the same run, data and config."""
+    ``out/scores-<method>[-self][-<tag>]`` (``tag``: one of several targets of one method) only
+    when it was made from the same run, data and config."""
     cfg = ScoreConfig(method=method, **options)
     self_target = isinstance(target, str)
     key = canonical({"run": state.run_id, "train": state.data["train"],
                      "target": target if self_target else fingerprint(target), "config": cfg.to_json()})
-    label = f"{method}{'-self' if self_target else ''}"
+    label = f"{method}{'-self' if self_target else ''}" + (f"-{tag}" if tag else "")
     folder = None if state.out is None else state.out / f"scores-{label}"
     if folder is not None:
         meta = load_piece(folder / "scores.json", key)
@@ -538,6 +546,30 @@ def read_ids(path: str | os.PathLike[str]) -> list[np.ndarray]:
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     """A CSV file from string cells (atomically)."""
     write_text(path, "\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")
+
+
+def retrain_cached(inp: TaskInputs, state: TaskState, recipe: Recipe, tag: str, keep_ids: np.ndarray, seed: int,
+                   measure: Callable[[nn.Module], dict[str, Any]], measure_key: Any) -> dict[str, Any]:
+    """Train a fresh model from scratch on the rows ``keep_ids`` (repeats allowed: an upsampled
+    row is seen that many times per epoch) with ``recipe`` and ``seed``; return ``measure(model)``.
+    Reuses ``out/retrains/<tag>_seed<seed>.json`` only when it was made by the same recipe, run,
+    data, rows, seed and ``measure_key`` (what the measurement reads, e.g. the evaluation data's
+    fingerprint)."""
+    keep_ids = np.asarray(keep_ids, dtype=np.int64)
+    key = canonical({"recipe": recipe.to_json(), "run": state.run_id, "train": state.data["train"],
+                     "eval": measure_key, "seed": seed, "n_kept": int(keep_ids.size),
+                     "kept_sha256": hashlib.sha256(keep_ids.tobytes()).hexdigest()})
+    path = None if state.out is None else state.out / "retrains" / f"{tag}_seed{seed}.json"
+    saved = None if path is None else load_piece(path, key)
+    if saved is not None:
+        return saved["result"]
+    model = inp.model_factory()
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.train(model, *inp.train, Path(tmp) / "run", keep_ids, seed, inp.loss_fn)
+    res = measure(model)
+    if path is not None:
+        write_json(path, {"key": key, "result": res})
+    return res
 
 
 def add_trust(rep: Any, trust: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from .._errors import ConfigError
 from .._io import write_json
 from ..config import CONVENTIONS, config_field
 from ..groundtruth import replay_removal
-from ..report import Report, format_sizes, scatter
+from ..report import Report, format_sizes, scatter, winner
 from ._common import TaskInputs, TaskState, add_trust, canonical, load_piece, prepare_task, read_ids, write_csv
 
 BLOCK = 10  # groups replayed (side by side) per saved block
@@ -143,6 +143,7 @@ def _write(out: Path, result: dict[str, Any], predicted: np.ndarray, actual: np.
              f"(ran as {result['variant']}).")
     rep.text("Predicted change of the mean validation loss when each group is removed, against the replayed "
              "removal (same θ_0, batch order and learning rates, the group left out of every batch):")
+    rep.text(winner({k: v["pearson"] for k, v in result["by_prediction"].items()}, "Pearson")["line"])
     rep.table(["prediction", "Pearson", "Spearman", "MAE (loss units)"],
               [[k, v["pearson"], v["spearman"], v["mae"]] for k, v in result["by_prediction"].items()])
     rep.figure("predicted_vs_actual.png", "predicted against replayed change of the validation loss, per group")

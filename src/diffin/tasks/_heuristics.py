@@ -7,18 +7,25 @@ same recorded run. Higher = more important to keep, as each is used in its paper
 * ``forgetting``: how often a sample goes from correctly to wrongly classified when it is seen
   again during training, replayed from the recording; never-learned samples rank highest
   (Toneva et al. 2019).
+* ``aum``: minus the area under the margin (Pleiss et al. 2020): the margin (logit of the
+  sample's label minus the largest other logit) at each presentation during training, replayed from
+  the recording, averaged; low AUM marks mislabelled and hard samples, so ``−AUM`` is the hardness
+  (the difficulty score of CCS-on-AUM, Zheng et al. 2023).
 * ``random``: a seeded random order.
 * ``clip-score``: for image–text pairs, the cosine of each pair under θ_T (the DataComp filter:
   keep the pairs the trained model finds best matched).
 
 ``early`` is the first checkpoint after 10% of the steps (the papers score early in training).
-EL2N and forgetting assume a classifier (logits and integer labels).
+EL2N, forgetting and AUM assume a classifier (logits and integer labels).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
+from torch import Tensor
 from torch.func import functional_call
 
 from .._data import DataSource
@@ -28,7 +35,7 @@ from ..recording.run import Run
 from ..trajectory import Trajectory
 from ._common import TaskInputs, losses_at, pair_scores_at, theta_final
 
-HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting", "clip-score")
+HEURISTICS = ("random", "loss", "el2n", "grand", "forgetting", "aum", "clip-score")
 
 
 def _early_step(steps: list[int], n_steps: int) -> int:
@@ -52,6 +59,8 @@ def importance(name: str, inp: TaskInputs, seed: int = 0, run: Run | None = None
         return losses_at(fm, theta_T, inp.train)
     if name == "forgetting":
         return _forgetting(inp, fm, run)
+    if name == "aum":
+        return -_aum(inp, fm, run)
     early = _early_step(run.checkpoint_steps, run.n_steps)
     theta = fm.flatten(run.load_checkpoint(early).params)
     if name == "el2n":
@@ -73,28 +82,48 @@ def _check_classifier(out: torch.Tensor, y: torch.Tensor) -> None:
         raise ConfigError("EL2N and forgetting need a classifier (2-D logits, integer labels)")
 
 
-def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
-    """Forgetting events counted along the replayed trajectory, at each presentation (before the
-    step's update). Never-correct samples get one more than the largest count."""
+def _presentations(inp: TaskInputs, fm: FlatModel, run: Run, what: str) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
+    """Replay the recorded run; for every step, the batch's ids, its logits before the step's
+    update and its labels (``what`` names the heuristic, for the error without batch ids)."""
     if not run.has_batch_ids:
-        raise ConfigError("forgetting counts need the batch ids of every step")
-    src = DataSource(inp.train, fm.dtype, fm.device)
-    traj = Trajectory(run, fm, src)
-    N = inp.n_train
-    last = np.zeros(N, dtype=bool)
-    learned = np.zeros(N, dtype=bool)
-    events = np.zeros(N, dtype=np.int64)
+        raise ConfigError(f"{what} needs the batch ids of every step")
+    traj = Trajectory(run, fm, DataSource(inp.train, fm.dtype, fm.device))
     state = traj.state(0)
     with torch.no_grad():
         for t in range(run.n_steps):
             ids, x, y = traj.batch(t)
             out = _logits(fm, state.theta, x)
             _check_classifier(out, y)
-            correct = (out.argmax(1) == y).numpy()
-            events[ids] += last[ids] & ~correct
-            last[ids] = correct
-            learned[ids] |= correct
+            yield np.asarray(ids), out, y
             state, _ = traj.step(state, t, x, y)
+
+
+def _aum(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
+    """Area under the margin (N,) float64: the mean over a sample's presentations of its label's
+    logit minus the largest other logit (before each step's update); 0 for a never-seen sample."""
+    N = inp.n_train
+    total = np.zeros(N)
+    count = np.zeros(N)
+    for ids, out, y in _presentations(inp, fm, run, "AUM"):
+        own = out.gather(1, y[:, None]).squeeze(1)
+        other = out.scatter(1, y[:, None], float("-inf")).max(1).values
+        np.add.at(total, ids, (own - other).double().numpy())
+        np.add.at(count, ids, 1.0)
+    return total / np.maximum(count, 1.0)
+
+
+def _forgetting(inp: TaskInputs, fm: FlatModel, run: Run) -> np.ndarray:
+    """Forgetting events counted along the replayed trajectory, at each presentation (before the
+    step's update). Never-correct samples get one more than the largest count."""
+    N = inp.n_train
+    last = np.zeros(N, dtype=bool)
+    learned = np.zeros(N, dtype=bool)
+    events = np.zeros(N, dtype=np.int64)
+    for ids, out, y in _presentations(inp, fm, run, "forgetting counts"):
+        correct = (out.argmax(1) == y).numpy()
+        events[ids] += last[ids] & ~correct
+        last[ids] = correct
+        learned[ids] |= correct
     score = events.astype(np.float64)
     score[~learned] = events.max() + 1
     return score

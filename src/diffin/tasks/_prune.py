@@ -13,6 +13,14 @@ Selection rules for influence scores (positive = helpful):
 * ``keep-helpful``: keep the highest-scoring samples.
 * ``keep-influential``: keep the largest ``|score|``; what goes first is what the model would
   barely miss (redundant, easy samples), the influence counterpart of keeping the hard ones.
+* ``stratified``: coverage-centric selection (CCS, Zheng et al. 2023), with any score as the
+  difficulty (:func:`difficulty`): drop the hardest ``hard_cut`` fraction first, split the rest
+  into ``strata`` equal-width bins of difficulty, and spend the budget evenly over the bins (the
+  smallest bin first; a bin smaller than its share gives all it has and the rest goes to the
+  others), drawing at random within each bin. Applies to heuristics too (``aum`` with it is
+  CCS-on-AUM).
+
+``METHOD:RULE`` in ``methods`` (e.g. ``aum:stratified``) gives one method its own rule.
 
 ``METHOD-self`` (e.g. ``diffin-self``) ranks by the estimator's self-influence (the rise of a
 sample's own loss if it were removed; memorised, atypical and corrupted samples rank high) and
@@ -32,8 +40,6 @@ data, kept ids, seed), so an interrupted run resumes and a changed recipe retrai
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,28 +52,32 @@ from .._errors import ConfigError
 from .._io import write_json
 from ..config import config_field
 from ..estimators.base import Estimator
-from ..report import Report, curves, format_list, format_sizes
+from ..report import Report, curves, format_list, format_sizes, winner
 from ._common import (
     Recipe,
     TaskInputs,
     TaskState,
     add_trust,
     cached_score,
-    canonical,
-    load_piece,
     prepare_task,
+    retrain_cached,
     write_csv,
 )
 from ._heuristics import HEURISTICS, importance
+from ._self import self_scores
 
-RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential")
+RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential", "stratified")
 DEFAULT_METHODS = "diffin,tracin,random,loss,el2n,grand,forgetting"
 PAIR_METHODS = "diffin,tracin,clip-score,loss,random"
 """The methods of image–text pairs when ``methods`` is left at its default (EL2N, GraNd and
 forgetting assume a classifier)."""
-SCORES = ("replay", "retrain")
+SCORES = ("replay", "retrain", "retrain-subset")
 SELF_SUFFIX = "-self"
 """``METHOD-self``: select by the estimator's self-influence, keeping the least self-influential."""
+STRATIFY_BELOW = 0.0
+"""Rule ``auto``: kept fraction below which ``stratified`` is used (see BENCHMARKS.md, "Pruning
+that keeps coverage")."""
+
 @dataclass
 class PruneConfig:
     """Options of ``diffin prune``."""
@@ -75,14 +85,25 @@ class PruneConfig:
     keep: str = config_field("0.1,0.3,0.5,0.7,0.9", "comma-separated fractions of the training set to keep")
     methods: str = config_field(DEFAULT_METHODS, "comma-separated selection methods: estimators, METHOD-self (by "
                                 "self-influence, e.g. diffin-self) and heuristics (default for image-text setups: "
-                                f"{PAIR_METHODS})")
-    rule: str = config_field("auto", "selection rule of influence methods: auto (drop-harmful below --switch, "
-                             "keep-influential from it on), drop-harmful, keep-helpful or keep-influential",
+                                f"{PAIR_METHODS}); METHOD:RULE gives one method its own rule (e.g. aum:stratified, "
+                                "CCS on AUM)")
+    rule: str = config_field("auto", "selection rule of influence methods: auto (stratified below "
+                             "--stratify-below, drop-harmful below --switch, keep-influential from it on), "
+                             "drop-harmful, keep-helpful, keep-influential or stratified (CCS: drop the --hard-cut "
+                             "hardest, sample evenly over --strata bins of the score; heuristics too)",
                              choices=RULES)
     switch: float = config_field(0.5, "rule auto: kept fraction from which keep-influential replaces drop-harmful")
+    stratify_below: float = config_field(STRATIFY_BELOW, "rule auto: kept fraction below which stratified "
+                                         "replaces drop-harmful")
+    hard_cut: float = config_field(0.1, "rule stratified: fraction of the training set dropped first, the hardest "
+                                   "(the most harmful by influence; the highest of a hardness heuristic)")
+    strata: int = config_field(50, "rule stratified: equal-width bins of the score sampled evenly")
     class_balanced: bool = config_field(False, "keep the same fraction of every class")
-    scores: str = config_field("replay", "influence scores that predict a replayed run ('replay') or a fresh "
-                               "retraining ('retrain': diffin scored by diffin-expected)", choices=SCORES)
+    scores: str = config_field("replay", "influence scores that predict a replayed run ('replay'), a fresh "
+                               "retraining ('retrain': predicts='retrain', diffin scored by diffin-retrain) or a "
+                               "fresh retraining on a subset of the kept size ('retrain-subset': as retrain, "
+                               "linearised around the run in which every sample weighs the kept fraction, "
+                               "removal_fraction = 1 - keep; one scoring per fraction)", choices=SCORES)
     seeds: int = config_field(3, "retrains per (method, fraction), each with its own seed")
     seed: int = config_field(0, "first seed")
 
@@ -95,7 +116,11 @@ class PruneConfig:
             raise ConfigError(f"switch must be in (0, 1], got {self.switch}")
         if self.scores not in SCORES:
             raise ConfigError(f"scores must be one of {SCORES}, got {self.scores!r}")
+        if not 0 <= self.stratify_below <= 1 or not 0 <= self.hard_cut < 1 or self.strata < 1:
+            raise ConfigError("need 0 <= stratify_below <= 1, 0 <= hard_cut < 1 and strata >= 1")
         self.fractions()
+        for m in self.method_list():
+            self.rule_of(m)
 
     def fractions(self) -> list[float]:
         try:
@@ -112,22 +137,72 @@ class PruneConfig:
         text = PAIR_METHODS if pairs and self.methods == DEFAULT_METHODS else self.methods
         return [m.strip() for m in text.split(",") if m.strip()]
 
+    def rule_of(self, spec: str) -> tuple[str, str]:
+        """``(method, rule)`` of a ``methods`` entry: ``METHOD:RULE`` or ``METHOD`` (``rule``)."""
+        name, _, rule = spec.partition(":")
+        rule = rule or self.rule
+        if rule not in RULES:
+            raise ConfigError(f"{spec!r}: rule must be one of {RULES}")
+        return name, rule
+
+
+def auto_rule(fraction: float, switch: float = 0.5, stratify_below: float = 0.0) -> str:
+    """The rule ``auto`` applies at a kept ``fraction``: ``stratified`` below ``stratify_below``,
+    ``drop-harmful`` below ``switch``, ``keep-influential`` from ``switch`` on."""
+    if fraction < stratify_below:
+        return "stratified"
+    return "drop-harmful" if fraction < switch else "keep-influential"
+
+
+def stratified(difficulty: np.ndarray, n_keep: int, hard_cut: float = 0.1, strata: int = 50,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+    """Positions (unsorted) of ``n_keep`` of the samples chosen by coverage-centric selection
+    (CCS, Zheng et al. 2023) on ``difficulty`` (n,), higher = harder: the ``hard_cut`` hardest
+    fraction is dropped first (less when the rest could not fill ``n_keep``), the rest split into
+    ``strata`` equal-width bins of difficulty, and the budget spent evenly over the non-empty bins,
+    the smallest first (a bin gives ``min(its size, budget left // bins left)``), at random within
+    each bin."""
+    rng = rng or np.random.default_rng(0)
+    d = np.asarray(difficulty, dtype=np.float64)
+    n = d.size
+    if not 0 <= hard_cut < 1:
+        raise ConfigError(f"hard_cut must be in [0, 1), got {hard_cut}")
+    if strata < 1:
+        raise ConfigError(f"strata must be >= 1, got {strata}")
+    n_cut = min(int(round(hard_cut * n)), n - n_keep)
+    pool = np.argsort(-d, kind="stable")[n_cut:]
+    lo, hi = d[pool].min(), d[pool].max()
+    edges = np.linspace(lo, hi, strata + 1)
+    bins = np.clip(np.searchsorted(edges, d[pool], side="right") - 1, 0, strata - 1)
+    members = sorted((pool[bins == b] for b in np.unique(bins)), key=len)
+    kept: list[np.ndarray] = []
+    budget = n_keep
+    for i, m in enumerate(members):
+        take = min(len(m), budget // (len(members) - i))
+        kept.append(rng.choice(m, size=take, replace=False))
+        budget -= take
+    return np.concatenate(kept) if kept else np.array([], dtype=np.int64)
+
 
 def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.ndarray | None = None,
-           class_balanced: bool = False, signed: bool = True, seed: int = 0, switch: float = 0.5) -> np.ndarray:
+           class_balanced: bool = False, signed: bool = True, seed: int = 0, switch: float = 0.5,
+           stratify_below: float = 0.0, hard_cut: float = 0.1, strata: int = 50) -> np.ndarray:
     """Ids to keep (sorted): ``fraction`` of the samples chosen by ``values`` (N,) under ``rule``.
 
     ``signed``: values are influence scores (negative = harmful) and ``rule`` applies; otherwise
-    the highest values are kept. ``switch``: the kept fraction from which rule ``auto`` keeps the
-    most influential instead of dropping the harmful. Under ``class_balanced`` each class keeps
-    ``round(fraction · its size)`` samples.
+    the highest values are kept (a hardness heuristic keeps the hardest). ``switch`` and
+    ``stratify_below``: the kept fractions at which rule ``auto`` changes (:func:`auto_rule`).
+    Rule ``stratified`` (:func:`stratified`, with ``hard_cut`` and ``strata``) applies to signed
+    and unsigned values alike, with the difficulty ``−values`` (the most harmful are the hardest)
+    or ``values`` (hardness). Under ``class_balanced`` each class keeps ``round(fraction · its
+    size)`` samples.
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"keep fraction must be in (0, 1], got {fraction}")
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {RULES}, got {rule!r}")
     if rule == "auto":
-        rule = "drop-harmful" if fraction < switch else "keep-influential"
+        rule = auto_rule(fraction, switch, stratify_below)
     values = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if class_balanced:
@@ -142,6 +217,9 @@ def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.n
         if n_keep == 0:
             continue
         v = values[pool]
+        if rule == "stratified":
+            kept.append(pool[stratified(-v if signed else v, n_keep, hard_cut, strata, rng)])
+            continue
         if not signed or rule == "keep-helpful":
             kept.append(pool[np.argsort(-v, kind="stable")[:n_keep]])
             continue
@@ -161,54 +239,51 @@ def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.n
     return out
 
 
-def scoring(name: str, scores: str) -> tuple[str, dict[str, Any]]:
+def scoring(name: str, scores: str, removal_fraction: float = 0.0) -> tuple[str, dict[str, Any]]:
     """The estimator and :class:`~diffin.config.ScoreConfig` options that score influence method
-    ``name`` for ``scores`` ("replay" or "retrain"): the one place where pruning chooses what its
-    scores predict."""
-    return (name, {"predicts": "retrain"}) if scores == "retrain" else (name, {})
+    ``name`` for ``scores`` (:data:`SCORES`; ``removal_fraction``: the fraction a
+    ``retrain-subset`` decision removes): the one place where the tasks choose what their scores
+    predict."""
+    if scores == "replay":
+        return name, {}
+    if scores == "retrain-subset" and removal_fraction > 0:
+        return name, {"predicts": "retrain", "removal_fraction": removal_fraction}
+    return name, {"predicts": "retrain"}
 
 
 def _values(name: str, inp: TaskInputs, state: TaskState, cfg: PruneConfig,
-            progress: bool) -> tuple[np.ndarray, bool]:
+            progress: bool, fraction: float | None = None) -> tuple[np.ndarray, bool]:
+    """Selection values of method ``name`` and whether they are signed influence scores;
+    ``fraction``: the kept fraction, for scores that depend on it (``retrain-subset``)."""
     if name in HEURISTICS:
         return importance(name, inp, run=state.run), False
     if name.endswith(SELF_SUFFIX) and name[: -len(SELF_SUFFIX)] in Estimator.registry:
         # self-influence: how much a sample's own loss would rise without it (memorised, atypical or
         # corrupted samples rank high); the least self-influential are kept first
-        own = cached_score(inp, state, name[: -len(SELF_SUFFIX)], "self", progress)
+        own = self_scores(inp, state, name[: -len(SELF_SUFFIX)], progress)
         return -own.astype(np.float64), False
     if name not in Estimator.registry:
         raise ConfigError(f"unknown selection method {name!r}; use an estimator, METHOD{SELF_SUFFIX} (its "
                           f"self-influence) or one of {HEURISTICS}")
     if inp.val is None:
         raise ConfigError("influence-based pruning scores against validation data; give val")
-    method, options = scoring(name, cfg.scores)
-    return cached_score(inp, state, method, inp.val, progress, **options).astype(np.float64), True
+    per_fraction = cfg.scores == "retrain-subset" and fraction is not None and fraction < 1
+    method, options = scoring(name, cfg.scores, 1 - fraction if per_fraction else 0.0)  # type: ignore[operator]
+    label = f"keep{fraction:g}" if per_fraction else None
+    return cached_score(inp, state, method, inp.val, progress, tag=label, **options).astype(np.float64), True
 
 
 def _retrain(inp: TaskInputs, state: TaskState, recipe: Recipe, evalset: tuple[Any, Any], tag: str,
              keep_ids: np.ndarray, seed: int) -> dict[str, Any]:
-    """Train from scratch on ``keep_ids`` with ``recipe`` and ``seed``; evaluate on ``evalset``.
-    Reuses ``out/retrains/<tag>_seed<seed>.json`` only when it was made by the same recipe, run,
-    data, kept ids and seed."""
-    keep_ids = np.asarray(keep_ids, dtype=np.int64)
-    key = canonical({"recipe": recipe.to_json(), "run": state.run_id, "train": state.data["train"],
-                     "eval": fingerprint(evalset), "seed": seed, "n_kept": int(keep_ids.size),
-                     "kept_sha256": hashlib.sha256(keep_ids.tobytes()).hexdigest()})
-    path = None if state.out is None else state.out / "retrains" / f"{tag}_seed{seed}.json"
-    saved = None if path is None else load_piece(path, key)
-    if saved is not None:
-        return saved["result"]
-    model = inp.model_factory()
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe.train(model, *inp.train, Path(tmp) / "run", keep_ids, seed, inp.loss_fn)
-    ev = inp.evaluate(model, *evalset, loss_fn=inp.loss_fn)
-    if "accuracy" not in ev:
-        raise ConfigError("pruning compares accuracies: it needs a classifier (2-D outputs, integer labels)")
-    res = {"accuracy": ev["accuracy"], "loss": ev["loss"], "n_kept": int(keep_ids.size)}
-    if path is not None:
-        write_json(path, {"key": key, "result": res})
-    return res
+    """Train from scratch on ``keep_ids`` with ``recipe`` and ``seed``; evaluate on ``evalset``
+    (cached in ``out/retrains``, :func:`~._common.retrain_cached`)."""
+    def measure(model: Any) -> dict[str, Any]:
+        ev = inp.evaluate(model, *evalset, loss_fn=inp.loss_fn)
+        if "accuracy" not in ev:
+            raise ConfigError("pruning compares accuracies: it needs a classifier (2-D outputs, integer labels)")
+        return {"accuracy": ev["accuracy"], "loss": ev["loss"], "n_kept": int(np.asarray(keep_ids).size)}
+
+    return retrain_cached(inp, state, recipe, tag, keep_ids, seed, measure, fingerprint(evalset))
 
 
 def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | None = None,
@@ -230,19 +305,27 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
     fractions = cfg.fractions()
     seeds = [cfg.seed + s for s in range(cfg.seeds)]
     t0 = time.perf_counter()
-    values = {m: _values(m, inp, state, cfg, progress) for m in cfg.method_list(inp.pairs)}
+    specs = {m: cfg.rule_of(m) for m in cfg.method_list(inp.pairs)}
+    scored = {name: _values(name, inp, state, cfg, progress) for name, _ in specs.values()}
+    values = {m: scored[name] for m, (name, _) in specs.items()}
     t_scores = time.perf_counter() - t0
     full = [_retrain(inp, state, recipe, evalset, "full", np.arange(inp.n_train), s) for s in seeds]
     curves_: dict[str, list[dict[str, Any]]] = {}
     for m, (v, signed) in values.items():
         pts = []
+        name, rule = specs[m]
+        if name.endswith(SELF_SUFFIX) and rule == "stratified":
+            v = -v  # the self-influence itself is the difficulty
         for f in fractions:
+            if signed and cfg.scores == "retrain-subset":
+                v = _values(name, inp, state, cfg, progress, f)[0]
             runs = []
             for s in seeds:
-                vv = importance("random", inp, seed=s) if m == "random" else v
-                kept = select(vv, f, cfg.rule, labels, cfg.class_balanced, signed=signed, seed=s,
-                              switch=cfg.switch)
-                runs.append(_retrain(inp, state, recipe, evalset, f"{m}_keep{f:g}", kept, s))
+                vv = importance("random", inp, seed=s) if name == "random" else v
+                kept = select(vv, f, "keep-helpful" if name == "random" else rule, labels, cfg.class_balanced,
+                              signed=signed, seed=s, switch=cfg.switch, stratify_below=cfg.stratify_below,
+                              hard_cut=cfg.hard_cut, strata=cfg.strata)
+                runs.append(_retrain(inp, state, recipe, evalset, f"{m.replace(':', '@')}_keep{f:g}", kept, s))
             accs = np.array([r["accuracy"] for r in runs])
             losses = np.array([r["loss"] for r in runs])
             pts.append({"keep": f, "n_kept": runs[0]["n_kept"],
@@ -316,7 +399,8 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
     full = result["full_data"]
     rep = Report("diffin prune")
     rule = result["rule"] + (f" (switch at {result['config']['switch']:g})" if result["rule"] == "auto" else "")
-    predicts = {"replay": "the replayed run", "retrain": "a fresh retraining"}[result["scores"]]
+    predicts = {"replay": "the replayed run", "retrain": "a fresh retraining",
+                "retrain-subset": "a fresh retraining on a subset of the kept size"}[result["scores"]]
     balanced = "yes" if result["class_balanced"] else "no"
     rep.text(f"{result['setup']}. Sizes: {format_sizes(result['sizes'])}. Rule for influence methods: "
              f"`{rule}`, with scores that predict {predicts}; class-balanced: {balanced}; "
@@ -324,10 +408,14 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
     rep.text(f"Retraining recipe: {result['recipe']['description']}.")
     rep.text(f"Each cell: mean {result['evaluated_on']} accuracy of models retrained from scratch on the kept "
              f"subset. Full data: {full['test_accuracy_mean']:.4f} ± {full['test_accuracy_std']:.4f}.")
-    rep.table(*summary_rows(result))
+    header, rows = summary_rows(result)
+    what = f"mean {result['evaluated_on']} accuracy over the kept fractions"
+    rep.text(winner({r[0]: r[-1] for r in rows}, what)["line"])
+    rep.table(header, rows)
     if "detection" in result:
         rep.text("Each method's selection values as a detector of the known corrupted training samples "
                  "(ROC-AUC; influence scores and CLIP score rank low values as suspicious, loss high ones):")
+        rep.text(winner({m: d["auc"] for m, d in result["detection"].items()}, "ROC-AUC")["line"])
         rep.table(["method", "ROC-AUC"], [[m, d["auc"]] for m, d in result["detection"].items()])
     rep.figure("prune_curves.png", f"{result['evaluated_on']} accuracy against the fraction kept, per method")
     add_trust(rep, result.get("trust") or {})

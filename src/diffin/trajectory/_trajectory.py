@@ -493,18 +493,24 @@ class Trajectory:
 
     def step(
         self, state: TrainState, t: int, x: Any = None, y: Any = None,
-        weights: Tensor | None = None, per_run: bool = False,
+        weights: Tensor | None = None, per_run: bool = False, scale: float = 1.0,
     ) -> tuple[TrainState, Tensor]:
         """One recorded training step: the gradient at θ on step t's batch (or on ``x, y``), in the
         recorded modes (masks, weighted batch statistics, their running-statistics update),
-        clipping, the rule's step. Returns the next state and the raw gradient g."""
+        clipping, the rule's step. Returns the next state and the raw gradient g.
+
+        ``scale``: every batch member's loss weight times ``scale`` (the raw gradient scaled; batch
+        statistics, which normalise their weights, unchanged): the run in which each sample has
+        weight ``scale`` (``diffin-retrain`` with ``removal_fraction``)."""
         if x is None or y is None:
             _, x, y = self.batch(t)
         with self.at_step(t, state, x, per_run):
             if state.stats is not None:
                 g, stats = self.gradient_and_stats(state.theta, state.stats, x, y, weights, per_run=per_run)
+                g = g * scale if scale != 1.0 else g
                 return self.advance(state, t, g, stats), g
             g = self.gradient(state.theta, x, y, weights, per_run=per_run)
+        g = g * scale if scale != 1.0 else g
         return self.advance(state, t, g), g
 
     def graph_step(self, state: TrainState, t: int) -> tuple[TrainState, Tensor, TrainState]:
@@ -611,6 +617,7 @@ class Trajectory:
     def replay_reversed(
         self, c0: int, c1: int, with_grads: bool | None = None, freeze_theta: bool = False,
         batch_of: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+        start: TrainState | None = None, scale: float = 1.0,
     ) -> Iterator[tuple[int, TrainState, Tensor | None]]:
         """Yield (t, state before step t, raw gradient g_t or None) for t = c1−1 … c0, replaying
         training forward from checkpoint c0.
@@ -624,10 +631,12 @@ class Trajectory:
         ``freeze_theta``: θ stays at θ_{c0} (the frozen variants) while the optimizer state and
         step count follow the segment's batches with gradients at θ_{c0}; no drift check.
         ``batch_of(t) -> (x, y)``: the batch of step t (default: the recorded one; proxy batches
-        for ``diffin-expected``).
+        for ``diffin-expected``). ``start``: the state at c0 to replay from (default: checkpoint
+        c0's) and ``scale`` the loss weight of every sample (:meth:`step`); either one makes a run
+        other than the recorded one, so no drift check.
         """
         keep_g = self.needs_gradient if with_grads is None else with_grads
-        state = self.state(c0)
+        state = self.state(c0) if start is None else start
         length = c1 - c0
         n_state = len(self._needed_state_keys(self.rule))
         per_state = state.theta.numel() * state.theta.element_size() * (1 + n_state + (1 if keep_g else 0))
@@ -653,9 +662,9 @@ class Trajectory:
 
         def forward(st: TrainState, t: int) -> tuple[TrainState, Tensor]:
             if batch_of is None:
-                nxt, g = self.step(st, t)
+                nxt, g = self.step(st, t, scale=scale)
             else:
-                nxt, g = self.step(st, t, *batch_of(t))
+                nxt, g = self.step(st, t, *batch_of(t), scale=scale)
             return (TrainState(st.theta, nxt.opt, nxt.k), g) if freeze_theta else (nxt, g)
 
         for t in range(c0, c1):
@@ -675,7 +684,7 @@ class Trajectory:
                 if (t - c0) % stride == 0:
                     anchors.append((t, state))
                 state, _ = forward(state, t)
-        if not freeze_theta:
+        if not freeze_theta and start is None and scale == 1.0:
             self._note_drift(c0, c1, state.theta, state.stats)
         if stride == 1:
             for i in range(length - 1, -1, -1):
