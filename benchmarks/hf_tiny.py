@@ -17,7 +17,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import peft
 import torch
 import transformers
 from scipy.stats import pearsonr, spearmanr
@@ -83,6 +82,8 @@ def main() -> None:
         val = datasets.Dataset.from_list(_rows(16, 2))
         model = _bert(dtype)
         if lora:
+            import peft
+
             model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                                lora_dropout=0.0, modules_to_save=["classifier"]))
         t0 = time.perf_counter()

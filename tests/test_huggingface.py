@@ -5,6 +5,7 @@ checkpoints hold the adapters only. Float64 where exactness is claimed."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -25,43 +26,13 @@ hf = pytest.importorskip("diffin.integrations.huggingface")
 N, V = 32, 40
 
 
-def _rows(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(5, V, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
-        rows.append({"input_ids": [2, *ids.tolist()], "attention_mask": [1] * (1 + len(ids)),
-                     "labels": int(ids[0] > V // 2), "sentence": "unused text column"})
-    return rows
-
-
-def _bert(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=24, num_labels=2)
-    return transformers.BertForSequenceClassification(cfg).to(dtype)  # defaults: sdpa, dropout 0.1
-
-
-def _collate(items: list[dict]) -> dict:
-    """DataCollatorWithPadding without a tokenizer: pad on the right to the longest of the batch."""
-    L = max(len(it["input_ids"]) for it in items)
-    out = {k: torch.tensor([it[k] + [0] * (L - len(it[k])) for it in items]) for k in ("input_ids", "attention_mask")}
-    out["labels"] = torch.tensor([it["labels"] for it in items])
-    return out
-
-
-def _train(tmp_path: Path, model: torch.nn.Module, ds, every: int = 3, **overrides) -> Path:
-    kw = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-              num_train_epochs=2, learning_rate=5e-4, warmup_steps=2, lr_scheduler_type="linear", max_grad_norm=1.0,
-              weight_decay=0.01, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-              disable_tqdm=True)
-    kw.update(overrides)
-    args = transformers.TrainingArguments(**kw)
-    run = tmp_path / "run"
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=_collate,
-                                   callbacks=[hf.DiffinCallback(run, checkpoint_every=every)])
-    trainer.train()
-    return run
+# The tiny BERT, its rows, collator and Trainer recipe are the benchmark's (benchmarks/hf_tiny.py), so the
+# bench measures exactly what these tests check.
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_tiny.py"
+_spec = importlib.util.spec_from_file_location("hf_tiny", _BENCH)
+_hf_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_hf_tiny)
+_rows, _bert, _collate, _train = _hf_tiny._rows, _hf_tiny._bert, _hf_tiny._collate, _hf_tiny._train
 
 
 @pytest.fixture(scope="module")
