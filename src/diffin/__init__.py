@@ -38,6 +38,7 @@ from ._errors import (
     UntrainedRowsWarning,
 )
 from ._functional import BatchLoss, batch_loss
+from ._self_horizon import SelfInfluence, self_influence
 from ._verify import VerifyResult, verify
 from ._version import __version__
 from .config import ScoreConfig
@@ -79,6 +80,7 @@ __all__ = [
     "Run",
     "ScoreConfig",
     "ScoreResult",
+    "SelfInfluence",
     "TrainModeError",
     "TrainModeWarning",
     "UnknownMethodError",
@@ -99,6 +101,7 @@ __all__ = [
     "methods",
     "restore_checkpoint",
     "score",
+    "self_influence",
     "verify",
     "with_ids",
 ]
