@@ -116,3 +116,23 @@ def test_refusals(tmp_path: Path) -> None:
     u = record(tmp_path / "noids", n=12, batch=4, epochs=1, ids=False)
     with pytest.raises(diffin.UnsupportedMethodError):
         diffin.self_influence(u.run, u.make(), u.loss, train=(u.X, u.Y), progress=False)
+
+
+@pytest.mark.parametrize("horizon", [0, 1])
+def test_steps_restrict_the_uses(tmp_path: Path, horizon: int) -> None:
+    """``steps=(s0, s1)``: the same terms for the samples of those batches, nothing for the others."""
+    t = record(tmp_path / "run", n=12, batch=4, epochs=2)
+    kw = dict(train=(t.X, t.Y), horizon=horizon, progress=False)
+    full = diffin.self_influence(t.run, t.make(), t.loss, **kw)
+    part = diffin.self_influence(t.run, t.make(), t.loss, steps=(1, 4), **kw)
+    run = load_run(t.run)
+    want = np.zeros(12)
+    for s in range(1, 4):
+        ids = run.batch(s)
+        ref = diffin.self_influence(t.run, t.make(), t.loss, steps=(s, s + 1), **kw).scores
+        want[ids] += ref[ids]
+    assert_close(part.scores, want)
+    assert_close(full.scores, sum(diffin.self_influence(t.run, t.make(), t.loss, steps=(s, s + 1), **kw).scores
+                                  for s in range(run.n_steps)))
+    with pytest.raises(diffin.ConfigError):
+        diffin.self_influence(t.run, t.make(), t.loss, steps=(3, 3), **kw)

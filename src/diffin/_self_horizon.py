@@ -79,6 +79,7 @@ def self_influence(
     horizon: int = 0,
     dim: int | None = None,
     seed: int = 0,
+    steps: tuple[int, int] | None = None,
     progress: bool = True,
     device: str | None = None,
 ) -> SelfInfluence:
@@ -93,6 +94,8 @@ def self_influence(
         dim: None for exact per-sample gradients; K ≥ 1 for the sketched estimate with K random
             directions (H = 0 only; not for runs with gradient clipping).
         seed: seed of the sketch's directions.
+        steps: ``(s0, s1)``: only the uses at steps s0 ≤ t < s1 (the samples of those batches; the run is
+            still replayed from its start); default: every step.
         device: where to compute (``"cuda"``; default: the model's device).
 
     Returns:
@@ -124,25 +127,28 @@ def self_influence(
         raise ConfigError("the sketched estimate needs an optimizer adjoint that is elementwise in the parameters' "
                           "adjoint; gradient clipping is not: pass dim=None (exact)")
     n = len(src)
+    T = run_obj.n_steps
+    s0, s1 = (0, T) if steps is None else (int(steps[0]), int(steps[1]))
+    if not 0 <= s0 < s1 <= T:
+        raise ConfigError(f"steps must be (s0, s1) with 0 <= s0 < s1 <= {T} (the run's steps), got {steps}")
     acc = _Accumulator(n)
     gen = torch.Generator(device="cpu")
-    T = run_obj.n_steps
     restart = set(run_obj.checkpoint_steps)
     t0 = time.perf_counter()
-    bar = progress_bar(T, f"self-influence (horizon {H})", enabled=progress, unit="step")
+    bar = progress_bar(min(T, s1 + H), f"self-influence (horizon {H})", enabled=progress, unit="step")
     with eval_mode(fm.model):
         state = traj.state(0)
         window: deque[tuple[int, TrainState, Tensor]] = deque()
-        for t in range(T):
+        for t in range(min(T, s1 + H)):
             with torch.no_grad():
                 nxt, g = traj.step(state, t)
             window.append((t, state, g))
             state = traj.state(t + 1) if (t + 1) in restart and t + 1 < T else nxt
             if len(window) > H:
-                _use(traj, fm, acc, window.popleft(), list(window), state, dim, seed, gen)
+                _use(traj, fm, acc, window.popleft(), list(window), state, dim, seed, gen, s0)
             bar.update(1)
-        while window:
-            _use(traj, fm, acc, window.popleft(), list(window), state, dim, seed, gen)
+        while window and window[0][0] < s1:
+            _use(traj, fm, acc, window.popleft(), list(window), state, dim, seed, gen, s0)
     bar.close()
     return SelfInfluence(acc.scores, acc.standardized(), acc.step, H, None if dim is None else int(dim),
                          time.perf_counter() - t0)
@@ -171,10 +177,12 @@ class _Accumulator:
 
 def _use(traj: Trajectory, fm: FlatModel, acc: _Accumulator, first: tuple[int, TrainState, Tensor],
          later: list[tuple[int, TrainState, Tensor]], end: TrainState, dim: int | None, seed: int,
-         gen: torch.Generator) -> None:
+         gen: torch.Generator, s0: int) -> None:
     """The terms −d_z/|B_t| of the members of step t's batch (t = ``first``'s step), with the target at
     ``end`` (θ after the steps of ``later``, each (step, state before it, its raw gradient))."""
     t, st, g = first
+    if t < s0:
+        return
     ids, x, y = traj.batch(t)
     B = len(ids)
     if dim is None:
@@ -183,8 +191,8 @@ def _use(traj: Trajectory, fm: FlatModel, acc: _Accumulator, first: tuple[int, T
         c = traj.adjoint(t, st, g, torch.ones_like(st.theta), {})[0].reshape(-1)
         gen.manual_seed(int(np.random.SeedSequence([int(seed), t]).generate_state(1)[0]))
         R = (torch.randint(0, 2, (int(dim), st.theta.numel()), generator=gen).to(fm.dtype) * 2 - 1).to(fm.device)
-        with torch.no_grad():
-            a = fm.dots(end.theta, x, y, R * c)  # (K, B): ⟨∇ℓ_i(θ_{t+1}), c ⊙ r_k⟩
+        with torch.no_grad():  # vmapped forward-mode JVPs of the shares (measured 2× faster than a batched
+            a = fm.dots(end.theta, x, y, R * c)  # double backward here); (K, B): ⟨∇ℓ_i(θ_{t+1}), c ⊙ r_k⟩
             b = fm.dots(st.theta, x, y, R)  # (K, B): ⟨∇ℓ_i(θ_t), r_k⟩
         d = (a * b).mean(0)
     acc.add(t, ids, -d.detach().to(torch.float64).cpu().numpy() / B)
@@ -202,3 +210,4 @@ def _exact_dots(traj: Trajectory, fm: FlatModel, t: int, st: TrainState, g: Tens
     W = traj.adjoint(t, st, g, A, S)[0]
     G = fm.per_sample_grads(st.theta, x, y)
     return (W * G).sum(1)
+

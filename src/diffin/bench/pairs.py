@@ -33,7 +33,7 @@ from .harness import DEFAULT_METHODS, BenchConfig, _compare, _short_error
 from .scale import removal_spot_check
 
 PAIRS_SETUP = "scale-1m-pairs"
-PAIRS_METHODS = ("diffin", "tracin")
+PAIRS_METHODS = ("diffin", "tracin", "diffin-self")
 PAIRS_SPOT_N = 100_000  # pairs of the float64 fidelity spot check
 PAIRS_SPOT_REMOVED = 20
 PAIRS_SPOT_TARGET = 0.90  # Pearson the spot check should reach (issue 14's bar for contrastive runs)
@@ -41,7 +41,7 @@ LIMIT_SECONDS = 15 * 60  # per method (the scale benchmark's limits)
 LIMIT_RSS_MB = 4096.0
 LIMIT_X_EPOCH = 5.0  # diffin (exact) within 5× the training epoch
 PAIRS_COLUMNS = ("method", "variant", "processes", "seconds", "x_epoch", "samples_per_second", "peak_rss_mb",
-                 "peak_rss_rise_mb", "auc_mismatched")
+                 "peak_rss_rise_mb", "auc_mismatched", "auc_mismatched_standardized")
 
 
 def pairs_data(workdir: Path, n: int, seed: int) -> Path:
@@ -184,6 +184,44 @@ def removal_check(data_dir: Path, n: int, workdir: Path, seed: int = 1, per_kind
     return out
 
 
+SELF_SUFFIX = "-self"
+PAIRS_SELF_DIM = 8
+"""Directions of the sketched horizon-0 self-influence of the ``diffin-self`` row (docs/method.md §4.11):
+the largest K whose pass fits the 15-minute limit at a million pairs on the loaded 2-core machine
+(BENCHMARKS.md, "Horizon self-influence at a million pairs")."""
+
+
+def _self_row(method: str, run_dir: Path, train_xy: Any, mismatched: np.ndarray, step: np.ndarray, n_steps: int,
+              epoch: float, workdir: Path, device: str | None, log: Any) -> dict[str, Any]:
+    """The ``diffin-self`` row: every pair's horizon-0 self-influence (:func:`diffin.self_influence`,
+    sketched with :data:`PAIRS_SELF_DIM` directions), its AUC as is (a high self-influence flags a pair)
+    and standardised within the batch the pair trained in; scores saved like the other rows."""
+    from .._self_horizon import self_influence
+
+    if method != "diffin" + SELF_SUFFIX:
+        raise UnsupportedMethodError(f"{method}: the pairs bench scores self-influence with diffin-self only")
+    n = len(mismatched)
+    with Measure() as m:
+        r = self_influence(run_dir, pairs_model(), CLIP_LOSS, train=train_xy, horizon=0, dim=PAIRS_SELF_DIM,
+                           progress=False, device=device)
+    np.save(workdir / f"{PAIRS_SETUP}-{method}-scores.npy", -r.scores)
+    np.save(workdir / f"{PAIRS_SETUP}-{method}-standardized.npy", -r.standardized)
+    row = {"method": method, "variant": f"horizon 0, sketch K={PAIRS_SELF_DIM}", "processes": 1,
+           "seconds": m.seconds, "x_epoch": m.seconds / epoch, "samples_per_second": n / m.seconds,
+           "peak_rss_mb": m.peak_mb, "peak_rss_rise_mb": m.rise_mb,
+           "auc_mismatched": detection_auc(mismatched, -r.scores),
+           "auc_mismatched_standardized": detection_auc(mismatched, -r.standardized),
+           "auc_mismatched_by_quarter": auc_by_phase(mismatched, -r.scores, step, n_steps),
+           "auc_mismatched_by_steps_before_end": auc_by_steps_before_end(mismatched, -r.scores, step, n_steps),
+           "mean_score_mismatched": float(r.scores[mismatched].mean()),
+           "mean_score_matched": float(r.scores[~mismatched].mean())}
+    row["within_limits"] = bool(m.seconds <= LIMIT_SECONDS and m.peak_mb <= LIMIT_RSS_MB)
+    log(f"[{PAIRS_SETUP}] {method}: {m.seconds:.1f}s = {row['x_epoch']:.2f}× the epoch, peak RSS {m.peak_mb:.0f} MiB, "
+        f"mismatched-pair AUC {row['auc_mismatched']:.4f} (standardised within its batch "
+        f"{row['auc_mismatched_standardized']:.4f})")
+    return row
+
+
 def run_scale_pairs(cfg: BenchConfig, workdir: Path, n_train: int | None = None, progress: bool = False,
                     log: Any = print, device: str | None = None, spot_n: int | None = None) -> dict[str, Any]:
     """The ``scale-1m-pairs`` benchmark (see the module docstring).
@@ -224,6 +262,9 @@ def run_scale_pairs(cfg: BenchConfig, workdir: Path, n_train: int | None = None,
     for method in methods:
         log(f"[{PAIRS_SETUP}] {method} ...")
         opts: dict[str, Any] = {"device": device} if device else {}
+        if method.endswith(SELF_SUFFIX):
+            results.append(_self_row(method, run_dir, (x, y), mismatched, step, t.steps, epoch, workdir, device, log))
+            continue
         try:
             with Measure() as m:
                 r = score(run_dir, pairs_model(), CLIP_LOSS, train=(x, y), target=val, method=method,

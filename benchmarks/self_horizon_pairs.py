@@ -1,0 +1,154 @@
+"""Horizon self-influence (``diffin.self_influence``, docs/method.md §4.11) on ``scale-1m-pairs`` (issues 22, 23).
+
+The setup of ``diffin bench --setup scale-1m-pairs`` (synthetic image–text pairs, 10% mismatched;
+two-tower MLP 64-256-64, symmetric InfoNCE as a batch loss, float32, SGD batch 256, one epoch).
+
+``--fidelity N``: the recipe on the first N pairs. Every pair's self-influence by the exact whole-run
+path (``diffin.score(target="self")``, one sweep per chunk of pairs; ``--exact-cache`` reuses a saved
+one), by the horizon path exactly for each H of ``--horizons`` (H = T: the whole run, the share taken
+in the pair's own batch), sketched at H = 0 for each K of ``--dims``, and by a K = 16 embedding
+(``diffin.embed``, ``gradients`` projection): Pearson / Spearman against the exact whole-run and the
+exact H = 0 values, mismatched-pair ROC-AUC as is and standardised within the batch, seconds.
+
+``--n-train N`` (default: the million): data, training (the epoch, timed), CLIP score, and the
+sketched H = 0 self-influence with ``--dim`` K directions: seconds, peak RSS, AUC as is and
+standardised, AUC by how many steps before the end a pair was used.
+
+    python benchmarks/self_horizon_pairs.py --fidelity 1000 --json docs/bench-scale-pairs/self-horizon-fidelity.json
+    python benchmarks/self_horizon_pairs.py --n-train 1000000 --dim 8 --json docs/bench-scale-pairs/self-horizon-1m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffin
+from diffin import metrics
+from diffin._measure import Measure
+from diffin.bench.builtin import train
+from diffin.bench.builtin.captions import CLIP_LOSS, clip_scores
+from diffin.bench.builtin.synthetic_pairs import PAIRS_TRAIN, memmap_pairs, pairs_model
+from diffin.bench.pairs import auc_by_steps_before_end, detection_auc, pairs_data, step_of_samples
+
+
+def _setup(work: Path, n: int, seed: int, log: Any) -> tuple[Path, Any, np.ndarray, float, np.ndarray]:
+    data_dir = pairs_data(work, n, seed)
+    x, y = memmap_pairs(data_dir)
+    mismatched = np.load(data_dir / "mismatched.npy")
+    run = work / f"pairs-run-n{n}"
+    model = pairs_model()
+    t = train(model, x, y, PAIRS_TRAIN, run, loss=CLIP_LOSS, overwrite=True)
+    log(f"[pairs n={n}] trained {t.steps} steps in {t.seconds:.1f}s")
+    (xa, xb), _ = memmap_pairs(data_dir, writable_view=True)
+    with Measure() as m:
+        cos = clip_scores(model, (torch.from_numpy(xa), torch.from_numpy(xb)))
+    log(f"[pairs n={n}] CLIP score {m.seconds:.1f}s")
+    return run, (x, y), mismatched, t.seconds, np.asarray(cos, dtype=np.float64)
+
+
+def _row(name: str, s: np.ndarray, std: np.ndarray | None, seconds: float, mis: np.ndarray,
+         refs: dict[str, np.ndarray]) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "seconds": seconds, "auc": detection_auc(mis, -s),
+                           "auc_standardized": None if std is None else detection_auc(mis, -std)}
+    for k, ref in refs.items():
+        row[f"pearson_vs_{k}"] = metrics.pearson(s, ref)
+        row[f"spearman_vs_{k}"] = metrics.spearman(s, ref)
+    return row
+
+
+def fidelity(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
+    n = args.fidelity
+    run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
+    T = diffin.load_run(run).n_steps
+    cache = Path(args.exact_cache) if args.exact_cache else work / f"exact-self-n{n}.npy"
+    if cache.exists():
+        exact, exact_s = np.load(cache), float("nan")
+        log(f"[pairs n={n}] exact whole-run self-influence from {cache}")
+    else:
+        with Measure() as m:
+            exact = diffin.score(run, pairs_model(), CLIP_LOSS, train=xy, target="self",
+                                 progress=False).scores.astype(np.float64)
+        exact_s = m.seconds
+        np.save(cache, exact)
+    h0 = diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, horizon=0, progress=False)
+    refs = {"exact_whole_run": exact, "exact_h0": h0.scores}
+    rows = [_row("exact whole run (diffin.score target='self')", exact, None, exact_s, mis, {}),
+            {"name": "CLIP score", "auc": detection_auc(mis, cos)}]
+    for H in [int(h) for h in args.horizons.split(",")]:
+        r = h0 if H == 0 else diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, horizon=H,
+                                                    progress=False)
+        rows.append(_row(f"horizon {min(H, T)} exact", r.scores, r.standardized, r.seconds, mis, refs))
+        log(f"[pairs n={n}] {rows[-1]}")
+    for K in [int(k) for k in args.dims.split(",")]:
+        r = diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, horizon=0, dim=K, progress=False)
+        rows.append(_row(f"horizon 0 sketch K={K}", r.scores, r.standardized, r.seconds, mis, refs))
+        log(f"[pairs n={n}] {rows[-1]}")
+    with Measure() as m:
+        emb = diffin.embed(run, pairs_model(), CLIP_LOSS, train=xy, dim=16, projection="gradients", power_iters=0,
+                           out=work / f"emb-n{n}-16", overwrite=True, progress=False)
+        own = emb.self_influence()
+    rows.append(_row("embedding K=16 (gradients)", own, None, m.seconds, mis, refs))
+    log(f"[pairs n={n}] {rows[-1]}")
+    return {"n": n, "n_steps": T, "epoch_seconds": epoch, "rows": rows}
+
+
+def full(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
+    n = args.n_train
+    run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
+    T = diffin.load_run(run).n_steps
+    with Measure() as m:
+        r = diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, horizon=0, dim=args.dim,
+                                  progress=False)
+    np.save(work / f"pairs-n{n}-self-h0-K{args.dim}.npy", np.stack([r.scores, r.standardized]))
+    step = step_of_samples(run, n)
+    out = {"n": n, "n_steps": T, "dim": args.dim, "epoch_seconds": epoch, "seconds": m.seconds,
+           "x_epoch": m.seconds / epoch, "peak_rss_mb": m.peak_mb_or_none,
+           "within_limits": bool(m.seconds <= 900 and (m.peak_mb_or_none or 0) <= 4096),
+           "auc": detection_auc(mis, -r.scores), "auc_standardized": detection_auc(mis, -r.standardized),
+           "auc_clip_score": detection_auc(mis, cos),
+           "auc_by_steps_before_end": auc_by_steps_before_end(mis, -r.scores, step, T),
+           "auc_standardized_by_steps_before_end": auc_by_steps_before_end(mis, -r.standardized, step, T),
+           "auc_clip_by_steps_before_end": auc_by_steps_before_end(mis, cos, step, T)}
+    log(f"[pairs n={n}] self-influence H=0 K={args.dim}: {m.seconds:.1f}s ({out['x_epoch']:.1f}× the epoch), "
+        f"peak RSS {out['peak_rss_mb']} MiB, AUC {out['auc']:.4f}, standardised {out['auc_standardized']:.4f}, "
+        f"CLIP score {out['auc_clip_score']:.4f}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-train", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--fidelity", type=int, default=0, metavar="N")
+    p.add_argument("--horizons", default="0,1,4,1000000")
+    p.add_argument("--dims", default="4,8,16,64")
+    p.add_argument("--exact-cache", default=None, help="a saved exact whole-run self-influence (.npy) of this run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", default="bench-out/self-horizon-pairs")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    t0 = time.perf_counter()
+    result = fidelity(args, work) if args.fidelity else full(args, work)
+    result["total_seconds"] = time.perf_counter() - t0
+    print(json.dumps(result, indent=2, default=str))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": platform.platform(), "load_average": os.getloadavg(), "threads": args.threads,
+                "argv": vars(args)}
+        Path(args.json).write_text(json.dumps({"meta": meta, "result": result}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
