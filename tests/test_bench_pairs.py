@@ -38,6 +38,7 @@ from diffin.bench.pairs import (
     step_of_samples,
     table_rows,
 )
+from diffin.recording.run import load_run
 
 N = 2_000
 
@@ -159,7 +160,7 @@ def test_pairs_bench_rows_detection_and_spot_check(tmp_path: Path) -> None:
     assert r["setup"] == "scale-1m-pairs" and r["n_train"] == 1_024 and r["n_steps"] == 4 and r["device"] == "cpu"
     mis = np.load(Path(r["data_dir"]) / "mismatched.npy")
     assert r["n_mismatched"] == int(mis.sum()) > 0
-    assert [row["method"] for row in r["results"]] == ["diffin", "tracin", "clip-score"]
+    assert [row["method"] for row in r["results"]] == ["diffin", "tracin", "diffin-self", "clip-score"]
     for row in r["results"]:
         assert row["samples_per_second"] == pytest.approx(1_024 / row["seconds"], rel=1e-12)
         assert row["x_epoch"] == pytest.approx(row["seconds"] / r["train_seconds"], rel=1e-12)
@@ -169,12 +170,20 @@ def test_pairs_bench_rows_detection_and_spot_check(tmp_path: Path) -> None:
         assert bins[0]["auc"] == pytest.approx(row["auc_mismatched"], rel=1e-12)
         assert len(row["auc_mismatched_by_quarter"]) == 4
     assert r["results"][0]["variant"] == "diffin-exact" and isinstance(r["results"][0]["within_limits"], bool)
+    own = r["results"][2]  # the horizon-0 self-influence (docs/method.md §4.11): high flags a pair
+    saved = np.load(tmp_path / "scale-1m-pairs-diffin-self-scores.npy")
+    assert own["auc_mismatched"] == pytest.approx(detection_auc(mis, saved), rel=1e-12)
+    std = np.load(tmp_path / "scale-1m-pairs-diffin-self-standardized.npy")
+    assert own["auc_mismatched_standardized"] == pytest.approx(detection_auc(mis, std), rel=1e-12)
+    for t in range(4):  # standardised within each batch
+        ids = load_run(tmp_path / "scale-1m-pairs").batch(t)
+        assert abs(std[ids].mean()) < 1e-9 and std[ids].std() == pytest.approx(1.0, rel=1e-9)
     # the float64 spot check: 3 steps, where the exact sweep matches replayed removal closely
     sc = r["spot_check"]
     assert sc["dtype"] == "float64" and sc["n_removed"] == 20 and sc["n_train"] == 600 and sc["n_steps"] == 3
     assert sc["pearson"] > 0.99 and "pearson" in sc["tracin"]
     assert r["ground_truth"]["removed_ids"] == sc["removed_ids"]
-    assert [len(row) for row in table_rows(r)] == [len(PAIRS_COLUMNS)] * 3
+    assert [len(row) for row in table_rows(r)] == [len(PAIRS_COLUMNS)] * 4
     step = step_of_samples(tmp_path / "scale-1m-pairs", 1_024)
     assert sorted(np.bincount(step).tolist()) == [256] * 4
     json.dumps(r)  # JSON-ready

@@ -203,3 +203,18 @@ def test_self_influence_of_large_sets_comes_from_the_embedding(tiny, tmp_path, m
     monkeypatch.setattr("diffin.tasks._common.score", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     again = clean(inp, CleanConfig(baselines="diffin-self"), out=tmp_path / "c", progress=False)
     assert again["detection"]["diffin-self"] == res["detection"]["diffin-self"]
+
+
+def test_self_influence_of_very_large_sets_is_the_horizon_self_influence(tiny, tmp_path, monkeypatch):
+    """From SELF_HORIZON_MIN_N samples, clean's and prune's METHOD-self rank by the sketched horizon-0
+    self-influence standardised within each batch (docs/method.md §4.11), no embedding built."""
+    from diffin.tasks import _self
+
+    inp, _ = tiny
+    monkeypatch.setattr(_self, "SELF_EMBED_MIN_N", 10)
+    monkeypatch.setattr(_self, "SELF_HORIZON_MIN_N", 10)
+    res = clean(inp, CleanConfig(baselines="diffin-self"), out=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c" / "embedding-diffin").exists()
+    own = diffin.self_influence(inp.run, inp.model_factory(), inp.loss_fn, train=inp.train,
+                                dim=_self.SELF_HORIZON_DIM, progress=False).standardized
+    assert res["detection"]["diffin-self"]["auc"] == pytest.approx(metrics.detection_auc(-own, inp.flipped))

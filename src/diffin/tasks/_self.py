@@ -1,9 +1,12 @@
-"""``METHOD-self`` for the tasks: the exact per-sample self-influence, or an embedding's for large sets."""
+"""``METHOD-self`` for the tasks: the exact per-sample self-influence, an embedding's for large sets, the
+horizon self-influence (docs/method.md §4.11) for very large ones."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from .._errors import ConfigError, UnsupportedMethodError
+from .._self_horizon import self_influence
 from ..embedding import embed
 from ._common import TaskInputs, TaskState, cached_score
 
@@ -18,14 +21,30 @@ embedding K. Measured in BENCHMARKS.md ("Trajectory influence embeddings"): on m
 SELF_EMBED_DIM = 256
 SELF_EMBED_PROJECTION = "gradients"
 SELF_EMBED_METHODS = ("diffin", "diffin-exact", "diffin-frozen", "diffin-expected")
+SELF_HORIZON_MIN_N = 100_000
+"""From this many training samples ``METHOD-self`` of a sweep method is the horizon-0 self-influence
+(:func:`diffin.self_influence`, sketched with ``SELF_HORIZON_DIM`` directions, standardised within
+each batch) where the run allows it (batch ids recorded, no train-mode layers, no clipping). Measured in
+BENCHMARKS.md ("Horizon self-influence at a million pairs"): on 100,000 pairs of ``scale-1m-pairs`` it
+took 81 s with mismatched-pair AUC 0.654 (0.667 standardised), the K = 16 embedding 461 s and 0.558; at
+a million pairs it fits the 15-minute limit, the embedding does not."""
+SELF_HORIZON_DIM = 8
 
 
 def self_scores(inp: TaskInputs, state: TaskState, method: str, progress: bool) -> np.ndarray:
     """Self-influence (N,) of ``method`` (``METHOD-self``): the exact path (:func:`cached_score` with
     target ``"self"``) below :data:`SELF_EMBED_MIN_N` samples, above it the embedding's
-    (saved in ``out/embedding-<method>`` and reused while run, data and config match)."""
+    (saved in ``out/embedding-<method>`` and reused while run, data and config match), from
+    :data:`SELF_HORIZON_MIN_N` the horizon-0 self-influence standardised within each batch (unitless)
+    on runs it supports."""
     if method not in SELF_EMBED_METHODS or inp.n_train < SELF_EMBED_MIN_N:
         return cached_score(inp, state, method, "self", progress)
+    if inp.n_train >= SELF_HORIZON_MIN_N:
+        try:
+            return self_influence(state.run, inp.model_factory(), inp.loss_fn, train=inp.train, horizon=0,
+                                  dim=SELF_HORIZON_DIM, progress=progress).standardized
+        except (UnsupportedMethodError, ConfigError):  # train-mode layers, clipping, no batch ids
+            pass
     folder = None if state.out is None else state.out / f"embedding-{method}"
     resume = folder is not None and (folder / ".embed").exists()
     emb = embed(state.run, inp.model_factory(), inp.loss_fn, train=inp.train, dim=SELF_EMBED_DIM,
