@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -105,20 +106,24 @@ def full(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, An
     n = args.n_train
     run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
     T = diffin.load_run(run).n_steps
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with Measure() as m:
         r = diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, horizon=0, dim=args.dim,
                                   progress=False)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     np.save(work / f"pairs-n{n}-self-h0-K{args.dim}.npy", np.stack([r.scores, r.standardized]))
     step = step_of_samples(run, n)
     out = {"n": n, "n_steps": T, "dim": args.dim, "epoch_seconds": epoch, "seconds": m.seconds,
-           "x_epoch": m.seconds / epoch, "peak_rss_mb": m.peak_mb_or_none,
+           "x_epoch": m.seconds / epoch, "cpu_seconds": cpu, "peak_rss_mb": m.peak_mb_or_none,
            "within_limits": bool(m.seconds <= 900 and (m.peak_mb_or_none or 0) <= 4096),
            "auc": detection_auc(mis, -r.scores), "auc_standardized": detection_auc(mis, -r.standardized),
            "auc_clip_score": detection_auc(mis, cos),
            "auc_by_steps_before_end": auc_by_steps_before_end(mis, -r.scores, step, T),
            "auc_standardized_by_steps_before_end": auc_by_steps_before_end(mis, -r.standardized, step, T),
            "auc_clip_by_steps_before_end": auc_by_steps_before_end(mis, cos, step, T)}
-    log(f"[pairs n={n}] self-influence H=0 K={args.dim}: {m.seconds:.1f}s ({out['x_epoch']:.1f}× the epoch), "
+    log(f"[pairs n={n}] self-influence H=0 K={args.dim}: {m.seconds:.1f}s, CPU {cpu:.1f}s "
+        f"({out['x_epoch']:.1f}× the epoch), "
         f"peak RSS {out['peak_rss_mb']} MiB, AUC {out['auc']:.4f}, standardised {out['auc_standardized']:.4f}, "
         f"CLIP score {out['auc_clip_score']:.4f}")
     return out
