@@ -16,6 +16,11 @@ standardised, AUC by how many steps before the end a pair was used.
 
     python benchmarks/self_horizon_pairs.py --fidelity 1000 --json docs/bench-scale-pairs/self-horizon-fidelity.json
     python benchmarks/self_horizon_pairs.py --n-train 1000000 --dim 8 --json docs/bench-scale-pairs/self-horizon-1m.json
+    python benchmarks/self_horizon_pairs.py --n-train 100000 --segments "371,391;180,200" --dims 8,64 \
+        --json docs/bench-scale-pairs/self-horizon-segments.json
+
+``--segments "S0,S1;..."`` (with ``--n-train``): only the pairs used at those steps, exact H = 0 against
+the sketch for each K of ``--dims``, and the CLIP score's AUC on the same pairs.
 """
 
 from __future__ import annotations
@@ -129,6 +134,28 @@ def full(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, An
     return out
 
 
+def segments(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
+    """On the run of ``--n-train`` pairs, the uses at each step range of ``--segments`` only: exact H = 0
+    against the sketch for each K of ``--dims``, and the CLIP score's AUC on the same pairs."""
+    n = args.n_train
+    run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
+    out: dict[str, Any] = {"n": n, "n_steps": diffin.load_run(run).n_steps, "segments": []}
+    for seg in args.segments.split(";"):
+        s0, s1 = (int(v) for v in seg.split(","))
+        exact = diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, steps=(s0, s1), progress=False)
+        sel = exact.step >= 0
+        m = mis[sel]
+        rows = [{"name": "CLIP score", "auc": detection_auc(m, cos[sel])},
+                _row("horizon 0 exact", exact.scores[sel], exact.standardized[sel], exact.seconds, m, {})]
+        for K in [int(k) for k in args.dims.split(",")]:
+            r = diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, steps=(s0, s1), dim=K, progress=False)
+            rows.append(_row(f"horizon 0 sketch K={K}", r.scores[sel], r.standardized[sel], r.seconds, m,
+                             {"exact_h0": exact.scores[sel]}))
+        out["segments"].append({"steps": [s0, s1], "n_pairs": int(sel.sum()), "rows": rows})
+        log(f"[pairs n={n}] steps {s0}..{s1 - 1}: {rows}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=1_000_000)
@@ -136,6 +163,8 @@ def main() -> None:
     p.add_argument("--fidelity", type=int, default=0, metavar="N")
     p.add_argument("--horizons", default="0,1,4,1000000")
     p.add_argument("--dims", default="4,8,16,64")
+    p.add_argument("--segments", default=None, metavar="S0,S1;S0,S1",
+                   help="score only the uses at these step ranges of the --n-train run (exact against sketches)")
     p.add_argument("--exact-cache", default=None, help="a saved exact whole-run self-influence (.npy) of this run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -145,7 +174,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     t0 = time.perf_counter()
-    result = fidelity(args, work) if args.fidelity else full(args, work)
+    result = fidelity(args, work) if args.fidelity else segments(args, work) if args.segments else full(args, work)
     result["total_seconds"] = time.perf_counter() - t0
     print(json.dumps(result, indent=2, default=str))
     if args.json:
