@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import diffin
-from _tiny import assert_close, record
+from _tiny import assert_close, record, record_loop
 from diffin._data import DataSource
 from diffin._functional import FlatModel
 from diffin.recording.run import load_run
@@ -79,10 +79,16 @@ def test_whole_run_horizon_is_the_whole_run_self_influence_for_one_epoch(tmp_pat
     assert_close(got.scores, ref)
 
 
-def test_sketch_is_unbiased(tmp_path: Path) -> None:
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adamw"])
+def test_sketch_is_unbiased(tmp_path: Path, opt: str) -> None:
     """The K-direction estimate at H = 0 averages to the exact value over seeds (within 5 standard
-    errors of the seeds' mean, per sample), and its spread shrinks like 1/√K."""
-    t = record(tmp_path / "run", n=12, batch=4, epochs=2, opt_kw={"lr": 0.2, "momentum": 0.9})
+    errors of the seeds' mean, per sample), and its spread shrinks like 1/√K; for AdamW the rule's
+    coefficient vector c_t carries the elementwise preconditioner."""
+    if opt == "adamw":
+        t = record_loop(tmp_path / "run", lambda m: torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1),
+                        n=12, batch=4)
+    else:
+        t = record(tmp_path / "run", n=12, batch=4, epochs=2, opt_kw={"lr": 0.2, "momentum": 0.9})
     exact = diffin.self_influence(t.run, t.make(), t.loss, train=(t.X, t.Y), progress=False).scores
     S = 200
     est = np.stack([diffin.self_influence(t.run, t.make(), t.loss, train=(t.X, t.Y), dim=8, seed=s,
@@ -116,6 +122,11 @@ def test_refusals(tmp_path: Path) -> None:
     u = record(tmp_path / "noids", n=12, batch=4, epochs=1, ids=False)
     with pytest.raises(diffin.UnsupportedMethodError):
         diffin.self_influence(u.run, u.make(), u.loss, train=(u.X, u.Y), progress=False)
+    c = record_loop(tmp_path / "clip", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), clip=0.5)
+    with pytest.raises(diffin.ConfigError, match="clipping"):
+        diffin.self_influence(c.run, c.make(), c.loss, train=(c.X, c.Y), dim=4, progress=False)
+    exact = diffin.self_influence(c.run, c.make(), c.loss, train=(c.X, c.Y), progress=False)  # exact: clipping ok
+    assert np.isfinite(exact.scores).all()
 
 
 @pytest.mark.parametrize("horizon", [0, 1])
@@ -136,3 +147,10 @@ def test_steps_restrict_the_uses(tmp_path: Path, horizon: int) -> None:
                                   for s in range(run.n_steps)))
     with pytest.raises(diffin.ConfigError):
         diffin.self_influence(t.run, t.make(), t.loss, steps=(3, 3), **kw)
+
+
+@pytest.mark.parametrize("horizon", [0, 1])
+def test_exact_equals_unrolled_autograd_adam_with_clipping(tmp_path: Path, horizon: int) -> None:
+    t = record_loop(tmp_path / "run", lambda m: torch.optim.Adam(m.parameters(), lr=0.05), clip=0.5, n=12, batch=4)
+    got = diffin.self_influence(t.run, t.make(), t.loss, train=(t.X, t.Y), horizon=horizon, progress=False)
+    assert_close(got.scores, unrolled_reference(t.run, t.make, t.loss, (t.X, t.Y), horizon))
