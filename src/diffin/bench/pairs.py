@@ -185,10 +185,10 @@ def removal_check(data_dir: Path, n: int, workdir: Path, seed: int = 1, per_kind
 
 
 SELF_SUFFIX = "-self"
-PAIRS_SELF_DIM = 8
+PAIRS_SELF_DIM = 16
 """Directions of the sketched horizon-0 self-influence of the ``diffin-self`` row (docs/method.md §4.11):
-the largest K whose pass fits the 15-minute limit at a million pairs on the loaded 2-core machine
-(BENCHMARKS.md, "Horizon self-influence at a million pairs")."""
+measured at a million pairs (BENCHMARKS.md, "Horizon self-influence at a million pairs"), K = 16 took
+630 s (395 s of CPU) at load 3–6 with AUC 0.725 standardised, K = 8 696 s at load 13–17 with 0.686."""
 
 
 def _self_row(method: str, run_dir: Path, train_xy: Any, mismatched: np.ndarray, step: np.ndarray, n_steps: int,
