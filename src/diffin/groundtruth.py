@@ -154,7 +154,8 @@ def replay_states(
     full = start_state
     N = len(traj.train) if traj.train is not None else 0
     n_steps = traj.run.n_steps
-    bar = progress_bar(n_steps * ((len(groups) + width) // width), "replay", progress, unit="step")
+    batch_ids = [traj.run.batch(t) for t in range(n_steps)]
+    chunks: list[np.ndarray] = []
     start = 0
     first = True
     while first or start < len(groups):
@@ -162,13 +163,18 @@ def replay_states(
         member = np.zeros((len(chunk) + (1 if first else 0), N), dtype=bool)
         for k, g in enumerate(chunk):
             member[k + (1 if first else 0), g] = True
-        st = _advance(traj, start_state, member, convention, bar)
+        chunks.append(member)
+        start += len(chunk)
+        first = False
+    plans = [_activation_plan(member, batch_ids) for member in chunks]
+    bar = progress_bar(sum(p.run_steps for p in plans), "replay", progress, unit="run-step")
+    for i, (member, plan) in enumerate(zip(chunks, plans)):
+        first = i == 0
+        st = _advance(traj, start_state, member, convention, bar, plan)
         if first:
             full = TrainState(st.theta[0], {}, st.k, None if st.stats is None else st.stats[0])
             st = TrainState(st.theta[1:], {}, st.k, None if st.stats is None else st.stats[1:])
         finals.append(st)
-        start += len(chunk)
-        first = False
     bar.close()
     stats = [f.stats for f in finals if f.stats is not None]
     return full, TrainState(torch.cat([f.theta for f in finals]), {}, full.k, torch.cat(stats) if stats else None)
@@ -188,17 +194,92 @@ def _weights(keep: Tensor, convention: str) -> Tensor:
     return keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm) -> TrainState:
+@dataclass
+class _Plan:
+    """When each of K removal runs first differs from the run with nothing removed.
+
+    ``first[k]``: the first step whose batch holds one of run k's removed ids (``n_steps`` when
+    none does: the run stays the unremoved one to the end). ``base``: the row of a run that removes
+    nothing (``None``: :func:`_advance` adds one of its own when that saves work). ``run_steps``:
+    the runs' steps that will be computed."""
+
+    first: np.ndarray
+    base: int | None
+    run_steps: int
+    shared: bool = False
+    """Whether runs start late from a shared unremoved run (else all K advance from step 0)."""
+
+
+def _activation_plan(member: np.ndarray, batch_ids: list[np.ndarray]) -> _Plan:
+    """The :class:`_Plan` of the K runs of ``member`` (K, N) over the recorded batches."""
+    K, T = member.shape[0], len(batch_ids)
+    first = np.full(K, T, dtype=np.int64)
+    pending = np.ones(K, dtype=bool) & member.any(axis=1)
+    for t, ids in enumerate(batch_ids):
+        if not pending.any():
+            break
+        hit = pending & member[:, ids].any(axis=1)
+        first[hit] = t
+        pending &= ~hit
+    empty = np.flatnonzero(~member.any(axis=1))
+    base = int(empty[0]) if len(empty) else None
+    late = T + int(sum(T - int(first[k]) for k in range(K) if k != base))
+    if late < K * T:
+        return _Plan(first, base, late, shared=True)
+    return _Plan(first, base, K * T)
+
+
+def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm,
+             plan: _Plan | None = None) -> TrainState:
     """Advance K runs (rows of ``member``: the ids each removes) through every recorded step;
-    returns their final state (θ_T (K, P), running statistics (K, R) or None)."""
+    returns their final state (θ_T (K, P), running statistics (K, R) or None).
+
+    Until its first removed id comes up in a batch a run is the run with nothing removed, so it is
+    not computed: one unremoved run advances (row 0, a row of ``member`` that removes nothing or one
+    added for this), and each run starts as a copy of its state at the step of its first removed id
+    (``plan``, :func:`_activation_plan`). The runs of one step are one vmapped evaluation, as before,
+    so a run's arithmetic does not depend on when the others started."""
     K = member.shape[0]
-    state = _expand(state0, K)
-    for t in range(traj.run.n_steps):
+    T = traj.run.n_steps
+    plan = plan or _activation_plan(member, [traj.run.batch(t) for t in range(T)])
+    if not plan.shared:
+        state = _expand(state0, K)
+        for t in range(T):
+            ids, x, y = traj.batch(t)
+            keep = torch.as_tensor(~member[:, ids], dtype=state.theta.dtype)  # (K, B)
+            state, _ = traj.step(state, t, x, y, weights=_weights(keep, convention))
+            bar.update(K)
+        return state
+    base = plan.base
+    rows = [-1 if base is None else base]  # member rows of the state's rows; -1: the added unremoved run
+    waiting = sorted((int(plan.first[k]), k) for k in range(K) if k != base and plan.first[k] < T)
+    state = _expand(state0, 1)
+    nothing = np.zeros(member.shape[1], dtype=bool)
+    w = 0
+    for t in range(T):
+        start = [k for f, k in waiting[w:] if f == t]
+        if start:  # these runs' first removed id is in this batch: copies of the unremoved run's state
+            w += len(start)
+            state = _with_copies(state, len(start))
+            rows += start
         ids, x, y = traj.batch(t)
-        keep = torch.as_tensor(~member[:, ids], dtype=state.theta.dtype)  # (K, B)
+        m = np.stack([nothing[ids] if r < 0 else member[r, ids] for r in rows])
+        keep = torch.as_tensor(~m, dtype=state.theta.dtype)  # (K', B)
         state, _ = traj.step(state, t, x, y, weights=_weights(keep, convention))
-        bar.update()
-    return state
+        bar.update(len(rows))
+    where = {r: i for i, r in enumerate(rows)}
+    order = torch.as_tensor([where.get(k, 0) for k in range(K)])  # runs never started: the unremoved run
+    return TrainState(state.theta[order], {k: v[order] for k, v in state.opt.items()}, state.k,
+                      None if state.stats is None else state.stats[order], state.buffers)
+
+
+def _with_copies(state: TrainState, n: int) -> TrainState:
+    """``state`` (K', ...) with n copies of its row 0 appended."""
+    def grow(v: Tensor) -> Tensor:
+        return torch.cat([v, v[:1].expand(n, *v.shape[1:])])
+
+    return TrainState(grow(state.theta), {k: grow(v) for k, v in state.opt.items()}, state.k,
+                      None if state.stats is None else grow(state.stats), state.buffers)
 
 
 def _expand(state0: TrainState, K: int, theta: Tensor | None = None) -> TrainState:
