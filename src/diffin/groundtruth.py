@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 from ._data import DataSource, check_id_groups
 from ._errors import ConfigError, DataMismatchError, ReinitError
 from ._functional import FlatModel, LossFn, check_convention
-from ._progress import progress_bar
+from ._progress import duration, progress_bar
+from ._progress import log as progress_log
 from ._train_mode import eval_mode as _eval_mode
 from ._tree import nbytes, tree_map
 from .config import CONVENTIONS
@@ -43,6 +45,10 @@ from .trajectory import TrainState, Trajectory, check_rule
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+
+ESTIMATE_AFTER_SECONDS = 5.0
+"""When a replay of removals logs how long it will take (the pace of its first steps)."""
 
 
 def _as_groups(remove: Any, n_train: int) -> list[np.ndarray]:
@@ -167,7 +173,8 @@ def replay_states(
         start += len(chunk)
         first = False
     plans = [_activation_plan(member, batch_ids) for member in chunks]
-    bar = progress_bar(sum(p.run_steps for p in plans), "replay", progress, unit="run-step")
+    bar = _Estimated(progress_bar(sum(p.run_steps for p in plans), "replay", progress, unit="run-step"),
+                     sum(p.run_steps for p in plans), progress)
     for i, (member, plan) in enumerate(zip(chunks, plans)):
         first = i == 0
         st = _advance(traj, start_state, member, convention, bar, plan)
@@ -192,6 +199,28 @@ def _weights(keep: Tensor, convention: str) -> Tensor:
     if convention == "keep":
         return keep / keep.shape[1]
     return keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class _Estimated:
+    """A progress bar that also logs, once, after :data:`ESTIMATE_AFTER_SECONDS`, how long the whole
+    replay will take at the pace of its first steps (logger ``diffin.progress``)."""
+
+    def __init__(self, bar: tqdm, total: int, enabled: bool) -> None:
+        self.bar, self.total, self.done = bar, total, 0
+        self.start = time.perf_counter()
+        self.pending = enabled
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        elapsed = time.perf_counter() - self.start
+        if self.pending and elapsed >= ESTIMATE_AFTER_SECONDS and self.done < self.total:
+            self.pending = False
+            progress_log.info("replay: %d of %d run-steps in %s, about %s in all", self.done, self.total,
+                              duration(elapsed), duration(elapsed * self.total / self.done))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -229,7 +258,7 @@ def _activation_plan(member: np.ndarray, batch_ids: list[np.ndarray]) -> _Plan:
     return _Plan(first, base, K * T)
 
 
-def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm,
+def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm | _Estimated,
              plan: _Plan | None = None) -> TrainState:
     """Advance K runs (rows of ``member``: the ids each removes) through every recorded step;
     returns their final state (θ_T (K, P), running statistics (K, R) or None).
