@@ -386,8 +386,8 @@ class DataSource:
         memory-mapped one. ``span_bytes``: the rows lie within that many bytes of the file."""
         if not is_leaf(a):
             return tree_map(lambda leaf: self._rows(leaf, idx, span_bytes), a)
-        if isinstance(a, Tensor):
-            return a[idx]
+        if isinstance(a, Tensor):  # index_select: a gather, several times faster than a[idx] on CPU
+            return a[idx] if isinstance(idx, slice) or a.ndim == 0 else a.index_select(0, idx.to(a.device))
         if isinstance(idx, slice):
             rows = a[idx]
             if isinstance(a, np.memmap) or not rows.flags.writeable:
