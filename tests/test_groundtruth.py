@@ -233,7 +233,7 @@ def test_runs_start_at_their_first_removed_id(tmp_path, monkeypatch, caplog):
     """Each removal run starts from the unremoved run's state at the step of its first removed id:
     the same effects as K runs advanced from step 0 (float64 rounding), fewer run-steps; the replay
     logs its estimated duration."""
-    from diffin import groundtruth as gt
+    from diffin import _side_by_side as gt
 
     tiny = record(tmp_path / "r", opt_kw=MOM, n=18, batch=4, epochs=2)
     run = diffin.load_run(tiny.run)
