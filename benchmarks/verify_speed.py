@@ -52,7 +52,7 @@ def main() -> None:
             rows.append({"train_seconds": plain, "verify_seconds": total, "score_seconds": res.score_seconds,
                          "replay_seconds": res.replay_seconds, "x_training": total / plain,
                          "replay_x_training": res.replay_seconds / plain, "pearson": res.pearson,
-                         "spearman": res.spearman, "replay_runs": res.extra.get("replay_runs")})
+                         "spearman": res.spearman, "replay_dtype": res.extra.get("replay_dtype")})
             print(res.summary())
     med = {k: statistics.median(r[k] for r in rows) for k in ("train_seconds", "verify_seconds", "score_seconds",
                                                             "replay_seconds", "x_training", "replay_x_training")}
