@@ -70,6 +70,17 @@ def test_memorising_noise_setups(name: str, n_flipped: int) -> None:
     assert torch.equal(other.y_train, data.y_train)
 
 
+def test_cnn_setup_of_user_size() -> None:
+    """mnist5k-cnn-4k: the 4,000-sample BatchNorm/dropout CNN on which clean's default baselines are timed."""
+    setup = get_setup("mnist5k-cnn-4k")
+    data = setup.data()
+    assert data.sizes() == {"train": 4000, "val": 500, "test": 500} and data.flipped.sum() == 400
+    model = setup.model(data)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.Dropout) for m in model.modules())
+    assert model(data.x_train[:3]).shape == (3, 10)
+
+
 # ------------------------------------------------------------------ AUM
 def test_aum_equals_margins_taken_in_the_training_loop(tmp_path: Path) -> None:
     """AUM replayed from the recording equals the mean margin each sample had in the training
