@@ -73,10 +73,11 @@ COMBINED = "combined"
 RANK_MEAN_SEP = "+"
 """``A+B``: the rank mean (:func:`rank_mean`) of the harms of methods A and B (e.g. ``tracin-classes+cleanlab``)."""
 AUTO = "auto"
-AUTO_DETECTOR = "tracin-classes+cleanlab"
+AUTO_DETECTOR = "diffin-classes+tracin-classes+cleanlab"
 """What ``method="auto"`` flags by when the validation set has class labels and a retraining recipe is known: the
-rank mean of per-class validation influence and cleanlab (measured in BENCHMARKS.md, "Removal that beats the best
-baseline", docs/method.md §6); otherwise :data:`AUTO_DETECTOR_NO_RECIPE` or ``diffin``."""
+rank mean of per-class validation influence by Diff-In's exact sweep and by TracIn, and cleanlab (measured in
+BENCHMARKS.md, "Removal that beats the best baseline": the only detector measured that clears the issue-23 bar on
+detection and on removal, docs/method.md §6); otherwise :data:`AUTO_DETECTOR_NO_RECIPE` or ``diffin``."""
 AUTO_DETECTOR_NO_RECIPE = "tracin-classes"
 """``method="auto"`` with a class-labelled validation set but no retraining recipe (cleanlab cannot run)."""
 SELF_SUFFIX = "-self"
@@ -101,9 +102,10 @@ the combined detector are classification or per-sample-loss methods)."""
 class CleanConfig:
     """Options of ``diffin clean``."""
 
-    method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (tracin-classes with a "
-                               "class-labelled validation set, else diffin), an influence method, METHOD-classes, "
-                               "METHOD-self, or a baseline name")
+    method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (with a class-labelled validation "
+                               f"set {AUTO_DETECTOR} when a retraining recipe is known, else {AUTO_DETECTOR_NO_RECIPE}; "
+                               "without one diffin), an influence method, METHOD-classes, METHOD-self, a baseline "
+                               "name, or A+B (the rank mean of A and B)")
     fraction: float = config_field(0.1, "fraction of the training set to flag (0, 1]")
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
