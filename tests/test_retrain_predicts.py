@@ -429,3 +429,27 @@ def test_adjoint_growth_is_reported(tmp_path: Path, method: str) -> None:
                for c0, _ in run.segments)
     assert want > 100  # the regime the test is about
     assert_close(np.array(out.diagnostics["adjoint_growth"]), np.array(want), msg=method)
+
+
+def test_bench_tells_diffin_retrain_the_lds_subsets_removed_share(tmp_path: Path) -> None:
+    """With a retraining truth the bench judges ``diffin-retrain`` by LDS on subsets that each remove
+    ``1 - lds_fraction`` of the data, so it scores with that ``removal_fraction`` unless one is given:
+    the plain row equals the explicit ``removal_fraction=0.5`` row and differs from ``=0``."""
+    out = tmp_path / "b.json"
+    assert main(["bench", "--setup", "tiny", "--json", str(out), "--workdir", str(tmp_path / "w"), "--methods",
+                 "diffin-retrain,diffin-retrain:removal_fraction=0.5,diffin-retrain:removal_fraction=0",
+                 "--n-removed", "8", "--lds-subsets", "6", "--truth", "reseed", "--truth-seeds", "2",
+                 "--quiet"]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    plain, half, zero = (rows[k] for k in ("diffin-retrain", "diffin-retrain:removal_fraction=0.5",
+                                          "diffin-retrain:removal_fraction=0"))
+    assert plain["removal_fraction"] == 0.5 and "removal_fraction=0.5" in plain["variant"]
+    assert "removal_fraction" not in half and "removal_fraction" not in zero  # given by the user: left be
+    assert plain["lds_reseed"] == half["lds_reseed"] and plain["pearson"] == half["pearson"]
+    assert plain["pearson"] != zero["pearson"]
+    # without a retraining truth there is no subset share to tell: the default stays 0
+    out2 = tmp_path / "c.json"
+    assert main(["bench", "--setup", "tiny", "--json", str(out2), "--workdir", str(tmp_path / "w2"), "--methods",
+                 "diffin-retrain", "--n-removed", "8", "--lds-subsets", "6", "--quiet"]) == 0
+    row = json.loads(out2.read_text())["results"][0]
+    assert "removal_fraction" not in row and row["pearson"] == zero["pearson"]

@@ -211,10 +211,13 @@ def _score_one(
     run: str | os.PathLike[str] | Run, model: nn.Module, loss_fn: LossFn, *, train: Any, target: Any,
     cfg: ScoreConfig, progress: bool, out: str | os.PathLike[str] | None, overwrite: bool,
     groups: list[Any] | None, resume: bool, data_key: dict[str, str] | None = None, check_finite: bool = True,
+    local: bool = False,
 ) -> ScoreResult:
     """:func:`score` of one run. ``data_key``: the content hashes of ``train`` and ``target``
     (``{"train", "target"}``) when the caller has them (several runs of the same data hash it once);
-    ``check_finite=False`` when the caller already checked this data for NaN/Inf."""
+    ``check_finite=False`` when the caller already checked this data for NaN/Inf. ``local``: score in
+    this process alone even inside a process group (the caller split the work another way, e.g.
+    :func:`diffin.embed` by directions), so no batch is split and this process writes ``out``."""
     est_cls = get_estimator(cfg.method)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,7 +228,7 @@ def _score_one(
     model = scoring_model(model, cfg.device)
     fm = FlatModel(model, loss_fn, trainable=run_obj.trainable)
     check_convention(cfg.convention, fm.coupled)
-    rank, n_proc = world()
+    rank, n_proc = (0, 1) if local else world()
     if n_proc > 1 and fm.coupled:
         raise BatchLossUnsupportedError(
             "scoring a batch-coupled loss on several processes is not supported: a rank's part of a batch is "

@@ -91,6 +91,38 @@ def _collective(fn: Any, *args: Any, **kwargs: Any) -> None:
         ) from e
 
 
+def _group_device(like: Tensor) -> torch.device:
+    """Where the default group's collectives take tensors: CUDA for NCCL, else ``like``'s device."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device
+
+
+def broadcast_tensor(t: Tensor | None, like: Tensor, src: int = 0) -> Tensor:
+    """Rank ``src``'s tensor ``t`` on every rank (others pass ``None``): its shape is sent first, then
+    its values, in ``like``'s dtype; returned on ``like``'s device."""
+    rank, _ = world()
+    dev = _group_device(like)
+    shape = torch.zeros(8, dtype=torch.int64, device=dev)
+    if rank == src:
+        assert t is not None and t.dim() <= 7
+        shape[0] = t.dim()
+        shape[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    _collective(dist.broadcast, shape, src=src)
+    dims = [int(d) for d in shape[1:1 + int(shape[0])].tolist()]
+    buf = (t.to(device=dev, dtype=like.dtype).contiguous() if rank == src
+           else torch.empty(dims, dtype=like.dtype, device=dev))
+    _collective(dist.broadcast, buf, src=src)
+    return buf.to(like.device)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over every rank, on every rank (``t``'s device and dtype)."""
+    buf = t.to(_group_device(t)).contiguous()
+    _collective(dist.all_reduce, buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
 def _bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """Rows [lo, hi) of rank ``rank`` among ``size`` for a batch of n (contiguous, sizes differ by ≤ 1)."""
     base, extra = divmod(n, size)

@@ -307,6 +307,20 @@ def method_options(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def retrain_removal_fraction(method: str, options: dict[str, Any], cfg: BenchConfig, masks: np.ndarray | None,
+                             truths: dict[str, np.ndarray]) -> float | None:
+    """The ``removal_fraction`` the bench gives ``diffin-retrain`` when the user did not: with a
+    retraining truth (``reshuffle`` / ``reseed``) the rows are judged by LDS on subsets that each
+    remove ``1 - lds_fraction`` of the training set, so the estimator is told that share, as a user
+    tells it the share their decision removes (docs/method.md §4.4). ``None``: leave the options be
+    (another method, an explicit ``removal_fraction``, or no retraining truth)."""
+    if method != "diffin-retrain" or "removal_fraction" in options or masks is None:
+        return None
+    if not any(mode != "replay" for mode in truths):
+        return None
+    return float(1.0 - cfg.lds_fraction)
+
+
 def _scored_row(label: str, method: str, run: Path | list[Path], setup: Any, data: Any, cfg: BenchConfig,
                 common: dict[str, Any], removed: np.ndarray, actual: np.ndarray, masks: np.ndarray | None,
                 truths: dict[str, np.ndarray], log: Any, all_scores: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -316,6 +330,9 @@ def _scored_row(label: str, method: str, run: Path | list[Path], setup: Any, dat
     ``all_scores[label]``. A method refused for this run gives a row with its ``error``."""
     log(f"[{setup.name}] {label} ...")
     method, options = method_options(method)
+    fraction = retrain_removal_fraction(method, options, cfg, masks, truths)
+    if fraction is not None:
+        options["removal_fraction"] = fraction
     try:
         with Measure() as m:
             r = score(run, setup.model(data), setup.loss_fn, target=(data.x_val, data.y_val), method=method,
@@ -326,6 +343,9 @@ def _scored_row(label: str, method: str, run: Path | list[Path], setup: Any, dat
     s = r.scores.astype(np.float64)
     all_scores[label] = s
     row: dict[str, Any] = {"method": label, "variant": r.variant}
+    if fraction is not None:
+        row["variant"] = f"{r.variant}, removal_fraction={fraction:g} (the LDS subsets' removed share)"
+        row["removal_fraction"] = fraction
     row.update(_compare(s[removed], actual, method in UNITLESS))
     row["lds"] = metrics.lds(masks, truths["replay"], s) if masks is not None and "replay" in truths else float("nan")
     row.update(_lds_columns(masks, truths, s))

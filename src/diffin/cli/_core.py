@@ -189,10 +189,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     model, loss_fn, train, _, labels = _score_inputs(args, run_dir)
     out = Path(args.out) if args.out else run_dir / "embedding"
+    from .._distributed import init_from_env, shutdown, world
+
+    options = given_fields(ScoreConfig, args)
+    init_from_env(options.get("device") or "cpu")  # under torchrun: the ranks split the directions
     t0 = time.perf_counter()
-    emb = embed(run_dir, model, loss_fn, train=train, out=out, embed_config=config_from_args(EmbedConfig, args),
-                progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
-                **given_fields(ScoreConfig, args))
+    try:
+        emb = embed(run_dir, model, loss_fn, train=train, out=out, embed_config=config_from_args(EmbedConfig, args),
+                    progress=not args.quiet and world()[0] == 0, resume=args.resume, overwrite=args.overwrite,
+                    **options)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    rank = world()[0]
+    shutdown()
+    if rank != 0:  # rank 0 reports
+        return 0
     print(f"embedding {emb.n} x {emb.dim} ({emb.projection.kind} projection, {emb.manifest['variant']}) in "
           f"{time.perf_counter() - t0:.2f}s -> {out}")
     if args.self_influence:

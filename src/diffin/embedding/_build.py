@@ -18,6 +18,12 @@ building, ``out/.embed/`` holds ``partial.npy`` (the columns done so far), ``pro
 key and the done chunks, rewritten atomically after each chunk) and the current chunk's sweep
 state (``chunk-NNNNNN/.resume``, saved at segment boundaries like any scoring's): a killed build
 continues with ``resume=True`` from the last segment boundary of the last chunk.
+
+Several processes (a ``torch.distributed`` group, e.g. under ``torchrun``) split the chunks of
+directions: rank r sweeps chunks r, r + W, ... whole, in its own process (no batch is split, so
+batch losses and train-mode BatchNorm/dropout runs, which batch-split scoring refuses, are fine),
+and writes each finished chunk's columns to ``.embed/cols-NNNNNN.npy``; rank 0 gathers them into
+``partial.npy`` and writes the embedding. A killed multi-process build resumes chunk by chunk.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._distributed import all_reduce_sum, barrier, broadcast_tensor, world
 from .._errors import ConfigError, OutputExistsError, ResumeMismatchError, UnsupportedMethodError
 from .._functional import FlatModel, LossFn
 from .._io import write_json, write_npy
@@ -53,6 +60,7 @@ WORK_DIR = ".embed"
 PARTIAL_NPY = "partial.npy"
 PROGRESS_JSON = "progress.json"
 CHUNK_PATTERN = "chunk-{c:06d}"
+COLS_PATTERN = "cols-{c:06d}"  # a chunk's columns done by one rank of several (.npy) and its diagnostics (.json)
 SWEEP_METHODS = ("diffin", "diffin-exact", "diffin-frozen", "diffin-expected")
 DEFAULT_DIM = 256
 """Chosen from the table in BENCHMARKS.md ("Trajectory influence embeddings")."""
@@ -199,50 +207,90 @@ def embed(
              "basis": [ecfg.power_iters, ecfg.basis_samples] if proj.kind == "gradients" else None,
              "diffin_version": __version__}
     folder = Path(out) if out is not None else None
+    rank, n_proc = world()
     if folder is not None:
-        done_emb = _existing(folder, ident, overwrite, resume)
+        done_emb = _existing(folder, ident, overwrite, resume) if rank == 0 else False
+        if n_proc > 1:  # every rank follows rank 0's reading of the folder
+            done_emb = bool(broadcast_tensor(torch.tensor([float(done_emb)]) if rank == 0 else None,
+                                             torch.zeros(1)).item())
         if done_emb:
             return load_embedding(folder, run=run_obj, model=model, loss_fn=loss_fn, train=train, device=cfg.device)
     if proj.kind == "gradients":
         saved = None if folder is None else folder / WORK_DIR / BASIS_NPY
-        if resume and saved is not None and saved.exists():
-            proj.set_basis(torch.as_tensor(np.load(saved)))
-        else:
-            t_basis = time.perf_counter()
-            proj.set_basis(_gradient_basis(fm, traj, train_src, run_obj, n_stats, ecfg))
-            log.info("embedding: gradient subspace of dim %d in %.1fs", proj.dim, time.perf_counter() - t_basis)
+        basis = None
+        if rank == 0:
+            if resume and saved is not None and saved.exists():
+                basis = torch.as_tensor(np.load(saved))
+            else:
+                t_basis = time.perf_counter()
+                basis = _gradient_basis(fm, traj, train_src, run_obj, n_stats, ecfg)
+                log.info("embedding: gradient subspace of dim %d in %.1fs", basis.shape[0],
+                         time.perf_counter() - t_basis)
+        if n_proc > 1:  # one basis for every rank: rank 0's
+            basis = broadcast_tensor(basis, torch.empty(0, dtype=fm.dtype, device=fm.device))
+        assert basis is not None
+        proj.set_basis(basis)
     width = int(ecfg.chunk) if ecfg.chunk else _chunk_width(fm, traj, n, n_stats, ecfg.memory_mb)
     width = max(1, min(width, proj.dim))
     spans = [(k, min(k + width, proj.dim)) for k in range(0, proj.dim, width)]
     np_dtype = torch.empty(0, dtype=fm.dtype).numpy().dtype
     done: set[int] = set()
     seconds = 0.0
+    values: np.ndarray | None = None
     if folder is None:
-        values: np.ndarray = np.zeros((n, proj.dim), dtype=np_dtype)
-    else:
+        values = np.zeros((n, proj.dim), dtype=np_dtype)
+    elif rank == 0:
         values, done, seconds = _open_partial(folder, ident, (n, proj.dim), np_dtype, spans, resume)
+        _gather_cols(folder, values, spans, done, ident, seconds)  # what a killed multi-process build left
         if proj.basis is not None:
             write_npy(folder / WORK_DIR / BASIS_NPY, proj.basis.numpy())
+    if n_proc > 1 and folder is not None:
+        barrier()  # rank 0 has the work folder ready
+        if rank != 0:
+            done = set(json.loads((folder / WORK_DIR / PROGRESS_JSON).read_text(encoding="utf-8"))["done"])
     diags: list[dict[str, Any]] = []
     variant = cfg.method
+    first = True
     t0 = time.perf_counter()
     for c, (k0, k1) in enumerate(spans):
-        if c in done:
+        if c in done or c % n_proc != rank:
             continue
         log.info("embedding: directions %d..%d of %d", k0, k1 - 1, proj.dim)
-        chunk_out = None if folder is None else folder / WORK_DIR / CHUNK_PATTERN.format(c=c)
+        # several processes resume chunk by chunk (a chunk's sweep state is one process's)
+        chunk_out = None if folder is None or n_proc > 1 else folder / WORK_DIR / CHUNK_PATTERN.format(c=c)
         res = _score_one(run_obj, model, loss_fn, train=train, target=Directions(proj, k0, k1), cfg=cfg,
-                         progress=progress, out=chunk_out, overwrite=False, groups=None,
-                         resume=chunk_out is not None, data_key=data_key, check_finite=not diags and not done)
-        values[:, k0:k1] = res.scores
+                         progress=progress and rank == 0, out=chunk_out, overwrite=False, groups=None,
+                         resume=chunk_out is not None, data_key=data_key, check_finite=first and not done,
+                         local=True)
+        first = False
         variant = res.variant
-        diags.append({"directions": [k0, k1], "seconds": res.seconds, **_small(res.diagnostics)})
+        diag = {"directions": [k0, k1], "seconds": res.seconds, **_small(res.diagnostics)}
+        if folder is not None and n_proc > 1:  # this rank's columns, for rank 0 to gather
+            write_npy(folder / WORK_DIR / (COLS_PATTERN.format(c=c) + ".npy"), res.scores)
+            write_json(folder / WORK_DIR / (COLS_PATTERN.format(c=c) + ".json"), diag)
+            continue
+        diags.append(diag)
+        assert values is not None
+        values[:, k0:k1] = res.scores
         if folder is not None:
             assert isinstance(values, np.memmap)
             values.flush()
             done.add(c)
             _write_progress(folder, ident, spans, done, seconds + time.perf_counter() - t0)
             shutil.rmtree(chunk_out, ignore_errors=True)  # type: ignore[arg-type]
+    if n_proc > 1:
+        if folder is None:  # each rank filled its own columns of a zero matrix: the sum is the whole
+            assert values is not None
+            values = all_reduce_sum(torch.from_numpy(values)).numpy()
+        else:
+            barrier()  # every rank's columns are on disk
+            if rank != 0:
+                barrier()  # rank 0 writes the embedding
+                return load_embedding(folder, run=run_obj, model=model, loss_fn=loss_fn, train=train,
+                                      device=cfg.device)
+            assert isinstance(values, np.memmap)
+            diags += _gather_cols(folder, values, spans, done, ident, seconds + time.perf_counter() - t0)
+            diags.sort(key=lambda d: d["directions"][0])
     seconds += time.perf_counter() - t0
     manifest = {
         "format": 1, "kind": "diffin-embedding", "diffin_version": __version__,
@@ -263,6 +311,8 @@ def embed(
     os.replace(folder / WORK_DIR / PARTIAL_NPY, folder / EMBED_NPY)
     write_json(folder / EMBED_JSON, {**manifest, "ident": ident})
     shutil.rmtree(folder / WORK_DIR, ignore_errors=True)
+    if n_proc > 1:
+        barrier()  # the other ranks load what rank 0 wrote
     return load_embedding(folder, run=run_obj, model=model, loss_fn=loss_fn, train=train, device=cfg.device)
 
 
@@ -354,6 +404,32 @@ def _open_partial(folder: Path, ident: dict[str, Any], shape: tuple[int, int], d
     values = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=shape)
     _write_progress(folder, ident, spans, set(), 0.0)
     return values, set(), 0.0
+
+
+def _gather_cols(folder: Path, values: np.memmap, spans: list[tuple[int, int]], done: set[int],
+                 ident: dict[str, Any], seconds: float) -> list[dict[str, Any]]:
+    """Rank 0 of several: copy every chunk's columns written by a rank (``cols-NNNNNN.npy``) into
+    ``values``, mark the chunk done, remove its files; returns their diagnostics."""
+    work = folder / WORK_DIR
+    diags = []
+    for c, (k0, k1) in enumerate(spans):
+        path = work / (COLS_PATTERN.format(c=c) + ".npy")
+        if c in done or not path.exists():
+            continue
+        cols = np.load(path, allow_pickle=False)
+        if cols.shape != (values.shape[0], k1 - k0):
+            raise ResumeMismatchError(f"{path} holds columns of shape {cols.shape}, not {(values.shape[0], k1 - k0)}; "
+                                      "pass overwrite=True (--overwrite) to start the build again")
+        values[:, k0:k1] = cols
+        meta = work / (COLS_PATTERN.format(c=c) + ".json")
+        if meta.exists():
+            diags.append(json.loads(meta.read_text(encoding="utf-8")))
+        done.add(c)
+    values.flush()
+    _write_progress(folder, ident, spans, done, seconds)
+    for p in list(work.glob("cols-*.npy")) + list(work.glob("cols-*.json")):
+        p.unlink(missing_ok=True)
+    return diags
 
 
 def _write_progress(folder: Path, ident: dict[str, Any], spans: list[tuple[int, int]], done: set[int],
