@@ -103,9 +103,9 @@ class CleanConfig:
     """Options of ``diffin clean``."""
 
     method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (with a class-labelled validation "
-                               f"set {AUTO_DETECTOR} when a retraining recipe is known, else {AUTO_DETECTOR_NO_RECIPE}; "
-                               "without one diffin), an influence method, METHOD-classes, METHOD-self, a baseline "
-                               "name, or A+B (the rank mean of A and B)")
+                               f"set {AUTO_DETECTOR} when a retraining recipe is known, else "
+                               f"{AUTO_DETECTOR_NO_RECIPE}; without one diffin), an influence method, METHOD-classes, "
+                               "METHOD-self, a baseline name, or A+B (the rank mean of A and B)")
     fraction: float = config_field(0.1, "fraction of the training set to flag (0, 1]")
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
