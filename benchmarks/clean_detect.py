@@ -23,7 +23,8 @@ from diffin.report import text_table, winner
 from diffin.tasks import CleanConfig, builtin_inputs, clean
 
 BASELINES = ("loss", "aum", "el2n", "forgetting", "cleanlab", "tracin", "tracin-self")
-DETECTORS = ("tracin-classes", "diffin-classes", "diffin")
+DETECTORS = ("diffin-classes+tracin-classes+cleanlab", "tracin-classes+cleanlab", "tracin-classes", "diffin-classes",
+             "diffin")
 
 
 def run_one(setup: str, seed: int, out: Path, methods: list[str], retrain: bool) -> dict:

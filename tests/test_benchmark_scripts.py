@@ -103,3 +103,17 @@ def test_retrain_horizon_on_tiny_setup(tmp_path, monkeypatch, capsys):
     assert all(-1 <= r["lds_reseed"] <= 1 for r in res["rows"])
     mod.main()  # the second call reuses the runs and the cached truth
     assert "| variant | runs | LDS reseed |" in capsys.readouterr().out
+
+
+def test_verify_speed_on_tiny_setup(tmp_path, monkeypatch, capsys):
+    mod = _load("verify_speed")
+    out = tmp_path / "verify.json"
+    monkeypatch.setattr(sys, "argv", ["verify_speed.py", "--setup", "tiny", "--n", "4", "--json", str(out)])
+    mod.main()
+    res = json.loads(out.read_text())
+    (row,) = res["repeats"]
+    assert res["n"] == 4 and row["replay_dtype"] == "float64"
+    assert row["verify_seconds"] >= row["score_seconds"] + row["replay_seconds"] > 0
+    assert row["x_training"] == pytest.approx(row["verify_seconds"] / row["train_seconds"])
+    assert -1.0 <= row["pearson"] <= 1.0
+    assert "4 replayed removals" in capsys.readouterr().out

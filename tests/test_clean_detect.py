@@ -20,7 +20,7 @@ from diffin.bench.builtin.setups import get_setup
 from diffin.bench.builtin.trainer import evaluate
 from diffin.report import winner
 from diffin.tasks import CleanConfig, TaskInputs, builtin_inputs, clean
-from diffin.tasks._clean import COSTLY, DEFAULT_BASELINES
+from diffin.tasks._clean import AUTO_DETECTOR, AUTO_DETECTOR_NO_RECIPE, COSTLY, DEFAULT_BASELINES, parts, rank_mean
 from diffin.tasks._heuristics import importance
 
 
@@ -68,6 +68,16 @@ def test_memorising_noise_setups(name: str, n_flipped: int) -> None:
     # another training seed keeps the noisy labels (they follow the noise seed)
     other = setup.with_changes(train=dataclasses.replace(setup.train, seed=2)).data()
     assert torch.equal(other.y_train, data.y_train)
+
+
+def test_cnn_setup_of_user_size() -> None:
+    """mnist5k-cnn-4k: the 4,000-sample CNN on which clean's default baselines are timed."""
+    setup = get_setup("mnist5k-cnn-4k")
+    data = setup.data()
+    assert data.sizes() == {"train": 4000, "val": 500, "test": 500} and data.flipped.sum() == 400
+    model = setup.model(data)
+    assert any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert model(data.x_train[:3]).shape == (3, 10) and next(model.parameters()).dtype == torch.float32
 
 
 # ------------------------------------------------------------------ AUM
@@ -176,7 +186,8 @@ def test_without_a_test_set_half_the_validation_set_is_held_out(tmp_path: Path) 
     res = clean(inp, CleanConfig(baselines="loss", retrain=True, retrain_seeds=1, count=5), progress=False)
     assert res["retrain"]["evaluated_on"].startswith("held-out half of the validation set (20 samples")
     fresh = res["retrain_fresh"]
-    assert set(fresh["removals"]) == {"none", "tracin-classes", "loss", "random"}  # method auto: per-class influence
+    # method auto with a recipe: the rank mean of per-class influence and cleanlab, its parts reported beside it
+    assert set(fresh["removals"]) == {"none", AUTO_DETECTOR, *parts(AUTO_DETECTOR), "loss", "random"}
     assert all(r["n_removed"] == (0 if n == "none" else 5) for n, r in fresh["removals"].items())
     assert all(0 <= r["test_accuracy_mean"] <= 1 for r in fresh["removals"].values())
 
@@ -256,7 +267,36 @@ def test_classes_detector_ranks_by_the_most_harmed_class(tmp_path: Path) -> None
 
 def test_auto_flags_by_class_influence_with_a_labelled_validation_set(tmp_path: Path) -> None:
     inp = builtin_inputs("tiny", 0.1, tmp_path)
-    assert clean(inp, CleanConfig(baselines="", count=3), progress=False)["method"] == "tracin-classes"
+    assert clean(inp, CleanConfig(baselines="", count=3), progress=False)["method"] == AUTO_DETECTOR
     no_val = dataclasses.replace(inp, val=None)
     res = clean(no_val, CleanConfig(baselines="", count=3), progress=False)
     assert res["method"] == "diffin" and res["ranking"] == "self-influence"
+
+
+def test_auto_without_a_recipe_flags_by_class_influence_alone(tmp_path: Path, monkeypatch) -> None:
+    from diffin._errors import RecipeError
+
+    inp = builtin_inputs("tiny", 0.1, tmp_path)
+
+    def no_recipe(self, run=None):  # noqa: ANN001, ANN202
+        raise RecipeError("no recipe in this test")
+
+    monkeypatch.setattr(TaskInputs, "recipe", no_recipe)
+    res = clean(inp, CleanConfig(baselines="", count=3), progress=False)
+    assert res["method"] == AUTO_DETECTOR_NO_RECIPE and "cleanlab" not in res["seconds"]
+
+
+def test_rank_mean_name_averages_its_parts_computed_once(tmp_path: Path) -> None:
+    """``A+B``: the rank mean of A's and B's harms, each part scored once and reported beside it."""
+    inp = builtin_inputs("tiny", 0.1, tmp_path)
+    name = "tracin-classes+loss"
+    res = clean(inp, CleanConfig(method=name, baselines="loss,aum", count=5), out=tmp_path / "c", progress=False)
+    assert list(res["seconds"]) == ["tracin-classes", "loss", name, "aum"]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "c" / "clean.csv").read_text().splitlines()))
+    harm = {m: np.array([float(r[f"harm_{m}"]) for r in rows]) for m in ("tracin-classes", "loss", name)}
+    np.testing.assert_allclose(harm[name], rank_mean([harm["tracin-classes"], harm["loss"]]), rtol=1e-8)
+    want = np.argsort(-harm[name], kind="stable")[:5]
+    assert set(res["flagged_ids"]) == set(want.tolist())
+    assert parts("a+b+c") == ["a", "b", "c"] and parts("loss") == ["loss"]

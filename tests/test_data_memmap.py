@@ -205,3 +205,18 @@ def test_memmap_scoring_memory_stays_below_the_array(tmp_path):
     finiteness, the per-sample pass) but the RSS rises by less than its size (measured: 7–28 MiB,
     bounded by MMAP_RESIDENT_BYTES plus one batch of scattered rows with the pages mapped around them)."""
     _memory_check(tmp_path, 200_000)
+
+
+def test_get_many_reads_the_rows_of_several_batches_once(tmp_path, monkeypatch):
+    """DataSource.get_many: the same rows as one get per batch (repeated ids, batches that share
+    rows), read in pieces of the page budget's span; the memory-mapped replay reads ahead."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(500, 3)).astype(np.float32), rng.integers(0, 4, 500)
+    folder = _save(tmp_path / "npy", x_train=X, y_train=Y)
+    monkeypatch.setattr(_data, "MMAP_RESIDENT_BYTES", 256)  # budget: a quarter of the array; pieces of 62 rows
+    src = DataSource(diffin.memmap_arrays(folder), torch.float64, CPU)
+    assert src.mapped and not DataSource((torch.as_tensor(X), torch.as_tensor(Y)), torch.float64, CPU).mapped
+    batches = [rng.integers(0, 500, 32) for _ in range(5)] + [np.array([7, 7, 3])]
+    for (x, y), ids in zip(src.get_many(batches), batches, strict=True):
+        want_x, want_y = src.get(ids)
+        assert torch.equal(x, want_x) and torch.equal(y, want_y) and x.dtype == torch.float64

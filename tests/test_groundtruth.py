@@ -227,3 +227,30 @@ def test_gradient_similarity_against_loops(tmp_path):
     cos = (G @ g) / (G.norm(dim=1) * g.norm())
     assert_close(tiny.score("grad-cos").scores, cos)
     assert_close(tiny.score("grad-dot", target="self").scores, coef * (G * G).sum(1))
+
+
+def test_runs_start_at_their_first_removed_id(tmp_path, monkeypatch, caplog):
+    """Each removal run starts from the unremoved run's state at the step of its first removed id:
+    the same effects as K runs advanced from step 0 (float64 rounding), fewer run-steps; the replay
+    logs its estimated duration."""
+    from diffin import _side_by_side as gt
+
+    tiny = record(tmp_path / "r", opt_kw=MOM, n=18, batch=4, epochs=2)
+    run = diffin.load_run(tiny.run)
+    batches = [run.batch(t) for t in range(run.n_steps)]
+    groups = [[int(batches[-1][0])], [int(batches[2][1])], [0, 5]]
+    member = np.zeros((len(groups) + 1, 18), dtype=bool)
+    for k, g in enumerate(groups):
+        member[k + 1, g] = True
+    plan = gt._activation_plan(member, batches)
+    assert plan.shared and plan.base == 0 and plan.run_steps < member.shape[0] * run.n_steps
+    assert plan.first[1] == min(t for t, b in enumerate(batches) if groups[0][0] in b)
+    kw = dict(train=(tiny.X, tiny.Y), target=(tiny.Xv, tiny.Yv), remove=groups, progress=True)
+    monkeypatch.setattr(gt, "ESTIMATE_AFTER_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="diffin.progress"):
+        late = replay_removal(tiny.run, tiny.make(), tiny.loss, **kw)
+    assert any("about" in r.getMessage() and "run-steps" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(gt, "_activation_plan", lambda m, b: gt._Plan(np.zeros(len(m), dtype=np.int64), None,
+                                                                         len(m) * len(b)))
+    from_zero = replay_removal(tiny.run, tiny.make(), tiny.loss, **kw)
+    assert_close(late, from_zero, scale=_scale(tiny))

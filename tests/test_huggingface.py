@@ -188,3 +188,92 @@ def test_examples_run(script, expect, tmp_path):
     res = subprocess.run([sys.executable, str(path), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert expect in res.stdout
+
+
+# ------------------------------------------------------------------ GPT-2 through the Trainer (causal LM)
+def _f64_causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **_):
+    """Hugging Face's ``ForCausalLMLoss`` without its cast of the logits to float32: the Trainer's
+    gradients of a float64 GPT-2 then carry float64 rounding only."""
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shifted.reshape(-1),
+                                             ignore_index=ignore_index, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def _gpt2_run(tmp_path, f64_loss: bool, max_grad_norm: float):
+    """A tiny default-config GPT-2 (tied embeddings, Conv1D, SDPA, dropout 0.1 everywhere) trained by the
+    Trainer (AdamW groups, warmup, accumulation 2) in float64 on 24 sequences of 12 tokens, recorded by
+    DiffinCallback; returns the run, the trained model, train and held-out (inputs, labels)."""
+    from diffin.bench.builtin.text_setups import TrainerRecipe, train_with_trainer
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (32, 12), generator=g)
+    x = {"input_ids": ids[:24], "attention_mask": torch.ones_like(ids[:24])}
+    val = ({"input_ids": ids[24:], "attention_mask": torch.ones_like(ids[24:])}, ids[24:].clone())
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=60, n_positions=12, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    if f64_loss:
+        model.loss_function = _f64_causal_lm_loss
+    recipe = TrainerRecipe(epochs=2, batch_size=4, grad_accum=2, lr=1e-3, max_grad_norm=max_grad_norm,
+                           checkpoint_every=2)
+    run = tmp_path / "run"
+    train_with_trainer(model, x, ids[:24].clone(), recipe, tmp_path / "out",
+                       callbacks=[hf.DiffinCallback(run, checkpoint_every=recipe.checkpoint_every)])
+    return run, model, (x, ids[:24].clone()), val
+
+
+def _replayed_theta_T(run_dir, model, train):
+    """θ_T of the recorded run replayed from θ_0 by diffin (float64 per-sample loss), and the Trainer's."""
+    from diffin._functional import FlatModel
+    from diffin.trajectory import Trajectory
+
+    run = diffin.load_run(run_dir)
+    fm = FlatModel(model, hf.causal_lm_loss, run.trainable)
+    traj = Trajectory(run, fm, DataSource(train, torch.float64, torch.device("cpu")))
+    st = traj.state(0)
+    for t in range(run.n_steps):
+        st, _ = traj.step(st, t)
+    params = dict(model.named_parameters())
+    return st.theta, torch.cat([params[n].detach().reshape(-1) for n in run.trainable])
+
+
+def test_gpt2_trainer_replays_exactly_and_the_sweep_is_the_metagradient(tmp_path):
+    """The Trainer normalises GPT-2's summed token loss by the tokens it counts in the accumulated batch: it
+    counts every label of GPT2LMHeadModel (L per sequence) while the loss sums the L − 1 shifted ones, so
+    its step gradient is (L − 1)/L of the mean per-sequence loss's. The callback records that weight
+    (``grad_scale``); replayed from each checkpoint with the recorded Adam moments, a wrong weight left each
+    step 1e-2 (relative) off the Trainer's, and the sweep 1e-8 off the metagradient through the run."""
+    from diffin._functional import FlatModel
+    from diffin._reference import metagradient
+
+    run_dir, model, train, val = _gpt2_run(tmp_path, f64_loss=True, max_grad_norm=1.0)
+    tol = 1e4 * torch.finfo(torch.float64).eps
+    run = diffin.load_run(run_dir)
+    assert run.n_steps == 6 and run.clip_grad_norm == 1.0 and len(set(run.grad_scales.tolist())) == 1
+    replayed, trainer = _replayed_theta_T(run_dir, model, train)
+    assert float((replayed - trainer).norm() / trainer.norm()) < tol
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = diffin.score(run_dir, model, hf.causal_lm_loss, train=train, target=val, method="diffin-exact",
+                           progress=False)
+    assert got.diagnostics["replay_drift"] < tol
+    fm = FlatModel(model.eval(), hf.causal_lm_loss, run.trainable)
+    mg = metagradient(run, fm, DataSource(train, torch.float64, torch.device("cpu")),
+                      lambda th: fm.batch_loss(th, *val)).numpy()
+    assert np.abs(got.scores - mg).max() < tol * np.abs(mg).max()
+
+
+def test_gpt2_trainer_with_its_float32_loss_replays_to_float32_rounding(tmp_path):
+    """Hugging Face's causal-LM loss casts the logits to float32, so the float64 replay differs from the
+    Trainer by float32 rounding only (without clipping every step's gradient scale counts)."""
+    run_dir, model, train, val = _gpt2_run(tmp_path, f64_loss=False, max_grad_norm=0.0)
+    tol = 1e2 * torch.finfo(torch.float32).eps
+    replayed, trainer = _replayed_theta_T(run_dir, model, train)
+    assert float((replayed - trainer).norm() / trainer.norm()) < tol
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = diffin.score(run_dir, model, hf.causal_lm_loss, train=train, target=val, method="diffin-exact",
+                           progress=False)
+    assert got.diagnostics["replay_drift"] < tol

@@ -40,7 +40,7 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``1h02m``."""
     s = int(round(seconds))
     if s < 60:
@@ -79,14 +79,14 @@ class StageLog(tqdm):
         """The stage line at ``now`` (default: the clock now)."""
         elapsed = (self._clock() if now is None else now) - self._start
         if not self.total:
-            return f"{self.desc}: {self.n} {self.unit}s, {_duration(elapsed)} elapsed"
+            return f"{self.desc}: {self.n} {self.unit}s, {duration(elapsed)} elapsed"
         frac = min(self.n / self.total, 1.0)
-        left = f", about {_duration(elapsed * (1 - frac) / frac)} left" if frac > 0 else ""
+        left = f", about {duration(elapsed * (1 - frac) / frac)} left" if frac > 0 else ""
         return (f"{self.desc}: {self.n}/{self.total} {self.unit}s ({frac:.0%}), "
-                f"{_duration(elapsed)} elapsed{left}")
+                f"{duration(elapsed)} elapsed{left}")
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        log.info("%s: done, %d %ss in %s", self.desc, self.n, self.unit, _duration(self._clock() - self._start))
+        log.info("%s: done, %d %ss in %s", self.desc, self.n, self.unit, duration(self._clock() - self._start))

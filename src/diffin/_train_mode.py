@@ -416,6 +416,7 @@ def _weighted_batch_norm(
     """Batch normalisation of ``x`` (B, C, *spatial) with weighted batch statistics; the updated
     running statistics go into ``new`` (docs/method.md §4.8)."""
     dims = [0, *range(2, x.dim())]
+    spatial_dims = list(range(2, x.dim()))
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     spatial = 1
     for s in x.shape[2:]:
@@ -425,17 +426,20 @@ def _weighted_batch_norm(
         xc = x - mean.reshape(shape)
         var = (xc * xc).mean(dims)
         n: Tensor | float = float(x.shape[0] * spatial)
-    else:
-        w = weights.to(dtype=x.dtype).reshape([x.shape[0]] + [1] * (x.dim() - 1))
+    else:  # each member's sum over the spatial positions, then the weighted sum over members (fewer passes)
+        w = weights.to(dtype=x.dtype)
         n = w.sum() * spatial
-        mean = (w * x).sum(dims) / n
+        mean = (w @ (x.sum(spatial_dims) if spatial_dims else x)) / n
         xc = x - mean.reshape(shape)
-        var = (w * xc * xc).sum(dims) / n
-    y = xc * torch.rsqrt(var + mod.eps).reshape(shape)  # type: ignore[operator]
+        sq = xc * xc
+        var = (w @ (sq.sum(spatial_dims) if spatial_dims else sq)) / n
+    scale = torch.rsqrt(var + mod.eps)  # type: ignore[operator]
     if mod.weight is not None:
-        y = y * mod.weight.reshape(shape)  # type: ignore[union-attr]
+        scale = scale * mod.weight  # type: ignore[operator]
     if mod.bias is not None:
-        y = y + mod.bias.reshape(shape)  # type: ignore[union-attr]
+        y = torch.addcmul(mod.bias.reshape(shape), xc, scale.reshape(shape))  # type: ignore[union-attr]
+    else:
+        y = xc * scale.reshape(shape)
     rm, rv, nbt = mod.running_mean, mod.running_var, mod.num_batches_tracked
     if rm is not None and rv is not None:
         if mod.momentum is None:

@@ -65,7 +65,8 @@ class VerifyResult:
                 f"Pearson {self.pearson:.4f}, Spearman {self.spearman:.4f}, largest error "
                 f"{self.max_abs_error:.3g} (loss units)\n"
                 f"scoring {self.score_seconds:.1f} s, replaying {len(self.ids)} removals side by side "
-                f"{self.replay_seconds:.1f} s")
+                f"{self.replay_seconds:.1f} s" + (f" (in {self.extra['replay_dtype']})" if "replay_dtype" in self.extra
+                                                  else ""))
 
 
 def pick_ids(run: Run, n_train: int, n: int, seed: int = 0) -> np.ndarray:
@@ -141,5 +142,7 @@ def verify(
     replay_s = time.perf_counter() - t1
     predicted = all_scores[chosen].astype(np.float64)
     actual = np.asarray(actual, dtype=np.float64)
+    dtype = next((p.dtype for p in model.parameters()), None)
     return VerifyResult(chosen, predicted, actual, pearson(predicted, actual), spearman(predicted, actual),
-                        float(np.abs(predicted - actual).max()), method, variant, score_s, replay_s)
+                        float(np.abs(predicted - actual).max()), method, variant, score_s, replay_s,
+                        {"replay_dtype": str(dtype).replace("torch.", "")})

@@ -24,7 +24,7 @@ import copy
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,15 +34,13 @@ from ._data import DataSource, check_id_groups
 from ._errors import ConfigError, DataMismatchError, ReinitError
 from ._functional import FlatModel, LossFn, check_convention
 from ._progress import progress_bar
+from ._side_by_side import expand_state, removal_weights, replay_states
 from ._train_mode import eval_mode as _eval_mode
 from ._tree import nbytes, tree_map
 from .config import CONVENTIONS
 from .recording.run import Run, load_run
 from .targets import make_target
-from .trajectory import TrainState, Trajectory, check_rule
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
+from .trajectory import Trajectory, check_rule
 
 
 def _as_groups(remove: Any, n_train: int) -> list[np.ndarray]:
@@ -132,80 +130,10 @@ def replay_many(
     return full.theta, finals.theta
 
 
-def replay_states(
-    traj: Trajectory, groups: list[np.ndarray], convention: str, memory_mb: float = 1024.0,
-    progress: bool = False,
-) -> tuple[TrainState, TrainState]:
-    """Train the full run and one run per removal group from θ_0; returns the final states: θ_T
-    (P,) and (K, P), with the running statistics (R,) and (K, R) of train-mode BatchNorm layers
-    (removal takes the sample out of its batches' statistics too, docs/method.md §4.8).
-
-    Every run follows the recorded optimizer (its rule, per-group hyper-parameters and learning
-    rates, clipping of each run's own gradient). The full run travels with the first group of
-    runs so its arithmetic (vmapped) is the same as theirs.
-    """
-    start_state = traj.state(0)
-    theta0 = start_state.theta
-    P = theta0.numel()
-    n_state = len(traj.rule.state_keys)
-    per_run = P * theta0.element_size() * (2 + n_state)
-    width = max(1, int(memory_mb * 2**20 // per_run))
-    finals: list[TrainState] = []
-    full = start_state
-    N = len(traj.train) if traj.train is not None else 0
-    n_steps = traj.run.n_steps
-    bar = progress_bar(n_steps * ((len(groups) + width) // width), "replay", progress, unit="step")
-    start = 0
-    first = True
-    while first or start < len(groups):
-        chunk = groups[start : start + width - (1 if first else 0)]
-        member = np.zeros((len(chunk) + (1 if first else 0), N), dtype=bool)
-        for k, g in enumerate(chunk):
-            member[k + (1 if first else 0), g] = True
-        st = _advance(traj, start_state, member, convention, bar)
-        if first:
-            full = TrainState(st.theta[0], {}, st.k, None if st.stats is None else st.stats[0])
-            st = TrainState(st.theta[1:], {}, st.k, None if st.stats is None else st.stats[1:])
-        finals.append(st)
-        start += len(chunk)
-        first = False
-    bar.close()
-    stats = [f.stats for f in finals if f.stats is not None]
-    return full, TrainState(torch.cat([f.theta for f in finals]), {}, full.k, torch.cat(stats) if stats else None)
-
-
 def _per_run_rows(v: Any, n_orders: int, where: Tensor) -> Any:
     """(U·B, ...) rows of U orders' batches (every leaf of the inputs) → (R, B, ...), run r's from
     order ``where[r]``."""
     return tree_map(lambda a: a.reshape(n_orders, -1, *a.shape[1:])[where], v)
-
-
-def _weights(keep: Tensor, convention: str) -> Tensor:
-    """Per-sample loss weights (K, B) of a batch from its kept mask (K, B) (0/1 in θ's dtype):
-    ``keep``: 1/|B| for kept samples; ``renormalize``: 1/(number kept)."""
-    if convention == "keep":
-        return keep / keep.shape[1]
-    return keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
-
-
-def _advance(traj: Trajectory, state0: TrainState, member: np.ndarray, convention: str, bar: tqdm) -> TrainState:
-    """Advance K runs (rows of ``member``: the ids each removes) through every recorded step;
-    returns their final state (θ_T (K, P), running statistics (K, R) or None)."""
-    K = member.shape[0]
-    state = _expand(state0, K)
-    for t in range(traj.run.n_steps):
-        ids, x, y = traj.batch(t)
-        keep = torch.as_tensor(~member[:, ids], dtype=state.theta.dtype)  # (K, B)
-        state, _ = traj.step(state, t, x, y, weights=_weights(keep, convention))
-        bar.update()
-    return state
-
-
-def _expand(state0: TrainState, K: int, theta: Tensor | None = None) -> TrainState:
-    """K copies of a single run's state (θ from ``theta`` (K, P) when given)."""
-    return TrainState(state0.theta.expand(K, -1).clone() if theta is None else theta,
-                      {k: v.expand(K, -1).clone() for k, v in state0.opt.items()}, state0.k,
-                      None if state0.stats is None else state0.stats.expand(K, -1).clone(), state0.buffers)
 
 
 def lds_subsets(n_train: int, n_subsets: int = 50, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -536,7 +464,7 @@ def _retrain_many(
         rows = np.array([r for _, r in chunk])
         uniq, where = np.unique(ks, return_inverse=True)
         where_t = torch.as_tensor(where, dtype=torch.long, device=fm.device)
-        state = _expand(start, len(chunk), theta0[torch.as_tensor(ks, device=theta0.device)].clone())
+        state = expand_state(start, len(chunk), theta0[torch.as_tensor(ks, device=theta0.device)].clone())
         rem = removed[rows]  # (R, N)
         for t in range(run.n_steps):
             ids = np.stack([orders[k][t] for k in uniq])  # (U, B)
@@ -544,7 +472,7 @@ def _retrain_many(
             xs, ys = (_per_run_rows(v, len(uniq), where_t) for v in (xs, ys))
             keep = torch.as_tensor(~np.take_along_axis(rem, ids[where], axis=1), dtype=state.theta.dtype,
                                    device=fm.device)  # (R, B)
-            state, _ = traj.step(state, t, xs, ys, weights=_weights(keep, convention), per_run=True)
+            state, _ = traj.step(state, t, xs, ys, weights=removal_weights(keep, convention), per_run=True)
             bar.update()
         F[ks, rows] = _target_values(tgt, fm, state.theta, state.stats)
     bar.close()

@@ -64,8 +64,10 @@ def _command(task: str, cls: type) -> Callable[[argparse.Namespace], int]:
         inp = task_inputs(args, out)
         progress = not args.quiet
         if task == "clean":
-            log = None if args.quiet else print
-            res: dict[str, Any] = tasks.clean(inp, cfg, out, args.overwrite, progress, log=log)
+            # the time estimates of costly methods are printed even with --quiet (no progress bars only), and flushed:
+            # a redirected run says what it is about to spend before it spends it
+            res: dict[str, Any] = tasks.clean(inp, cfg, out, args.overwrite, progress,
+                                              log=lambda msg: print(msg, flush=True))
             print(summary_text(res))
         elif task == "debias":
             groups = test_groups = None

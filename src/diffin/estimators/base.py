@@ -250,16 +250,16 @@ def add_removal_contrib(
     ⟨w, Δg⟩, added to ``scores`` (N, Q) at the sample's row.
     """
     B = len(ids)
+    if convention == "keep":  # −k·d_z/|B| for a sample appearing k times: each occurrence adds its own −d_i/|B|
+        scores.index_add_(0, torch.as_tensor(ids, device=scores.device), (-d / B).T.to(scores.dtype))
+        return
     uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
     d_u = d[:, torch.as_tensor(first)]  # (Q, U)
     k = torch.as_tensor(counts, dtype=d.dtype, device=d.device)
-    if convention == "keep":
-        contrib = -k * d_u / B
-    else:
-        mean = d.mean(dim=1, keepdim=True)
-        rest = torch.as_tensor(B - counts, dtype=d.dtype, device=d.device)
-        whole = rest == 0  # removing z empties the batch: the step's gradient vanishes
-        contrib = torch.where(whole, -d_u, k * (mean - d_u) / torch.where(whole, 1, rest))
+    mean = d.mean(dim=1, keepdim=True)
+    rest = torch.as_tensor(B - counts, dtype=d.dtype, device=d.device)
+    whole = rest == 0  # removing z empties the batch: the step's gradient vanishes
+    contrib = torch.where(whole, -d_u, k * (mean - d_u) / torch.where(whole, 1, rest))
     scores.index_add_(0, torch.as_tensor(uniq, device=scores.device), contrib.T.to(scores.dtype))
 
 

@@ -130,6 +130,9 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
     (train with ``attn_implementation="eager"``). A token-level loss that the Trainer normalises by the
     number of tokens of the accumulated batch is refused at the step where two samples carry different
     numbers of tokens (diffin's per-sample loss is each sample's mean: pack sequences to one length).
+    How the Trainer weighs each step's samples (the sum of micro-batch means, or a token sum over the
+    tokens it counted, e.g. (L − 1)/L of the mean for ``GPT2LMHeadModel``) is recorded as the step's
+    ``grad_scale``.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], checkpoint_every: int = 50, *, overwrite: bool = False
@@ -143,7 +146,7 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self._counts: set[int] = set()
         self._hook: Any = None
         self._post: Any = None
-        self._summed: list[bool] = []  # per micro-batch: the Trainer sums its mean loss (no division by their number)
+        self._weights: list[float | None] = []  # per micro-batch: its loss = weight · Σ per-sample losses
         self._loader: Any = None
         self._tap: _IdTap | None = None
 
@@ -189,35 +192,36 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
                 )
 
     def _post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        """How the Trainer weighs this micro-batch: with ``num_items_in_batch`` passed to the model it does
-        not divide the loss by the number of micro-batches, so a model whose loss ignores that count (a
-        plain mean over the micro-batch, as BERT's sequence classification head) makes the step's gradient
-        the sum of the micro-batch means: the recorded ``grad_scale`` is then their number."""
+        """How the Trainer weighs this micro-batch. With ``num_items_in_batch`` passed to the model it does
+        not divide the loss by the number of micro-batches, and the model's loss is either its plain mean
+        over the micro-batch (BERT's sequence classification head ignores the count) or its sum over the
+        step's ``num_items_in_batch`` items (a token-level loss): noted here as the weight ``a`` of this
+        micro-batch's loss, ``loss = a · Σ_i l_i`` over diffin's per-sample losses l_i, so that the step's
+        ``grad_scale`` (:meth:`on_step_end`) is the Trainer's step gradient over the mean one, whatever
+        the Trainer counted (it counts a ``GPT2LMHeadModel``'s unshifted labels, L per sequence of L
+        tokens, while its loss sums the L − 1 shifted ones)."""
         if not module.training:
             return
         n_items = kwargs.get("num_items_in_batch")
         labels = kwargs.get("labels")
         loss = getattr(output, "loss", None)
         if n_items is None or not isinstance(labels, Tensor) or not isinstance(loss, Tensor):
-            self._summed.append(False)
+            self._weights.append(None)
             return
-        self._summed.append(_loss_is_micro_mean(output, labels, float(n_items)))
+        self._weights.append(_micro_batch_weight(output, labels, float(n_items)))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is None:
             return
         micro, self._micro, self._counts = self._micro, [], set()
-        summed, self._summed = self._summed, []
+        weights, self._weights = self._weights, []
         if len({len(m) for m in micro}) > 1:
             raise UnsupportedTrainingError(
                 f"step {state.global_step}: micro-batches of {[len(m) for m in micro]} samples: the Trainer averages "
                 "their mean losses, which weighs the samples of a smaller one more; set dataloader_drop_last=True "
                 "(or a training set size divisible by per_device_train_batch_size)"
             )
-        scale = float(len(micro)) if summed and all(summed) else 1.0
-        if any(summed) and not all(summed):
-            raise UnsupportedTrainingError("the Trainer weighed the micro-batches of one step differently")
-        self.recorder.step(micro, grad_scale=scale)
+        self.recorder.step(micro, grad_scale=_step_scale(weights, sum(len(m) for m in micro), state.global_step))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:
@@ -231,32 +235,58 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             self._loader = self._tap = None
 
 
-def _loss_is_micro_mean(output: Any, labels: Tensor, n_items: float) -> bool:
-    """Whether the model's loss is the plain mean over its micro-batch (True) or the sum over it divided
-    by ``num_items_in_batch``, the count over the whole accumulated batch (False); compared with the
-    per-sample losses recomputed from the logits (sequence labels (B,); token labels (B, L), shifted or
-    not). Raises :class:`UnsupportedTrainingError` when the loss is neither."""
+def _micro_batch_weight(output: Any, labels: Tensor, n_items: float) -> float:
+    """The weight a of a micro-batch's loss over diffin's per-sample losses l_i (those of
+    :func:`sequence_classification_loss`, :func:`token_classification_loss`, :func:`causal_lm_loss`):
+    ``loss = a · Σ_i l_i``, told apart from the per-sample losses recomputed from the logits. Sequence
+    labels (B,): the mean (a = 1/B) or the sum over ``n_items`` (a = 1/n_items). Token labels (B, L),
+    shifted (causal LM) or not: the mean over the micro-batch's tokens or their sum over ``n_items``,
+    which is ``a · Σ_i l_i`` with a = c/(B·c) or c/n_items when every sample carries c tokens.
+    Raises :class:`UnsupportedTrainingError` when the loss is none of these, or weighs samples by their
+    numbers of tokens (samples that carry different numbers)."""
     with torch.no_grad():
         loss = float(output.loss.detach())
         logits = _logits(output).detach()
-        cands: list[tuple[float, bool]] = []
+        cands: list[tuple[float, float, set[int]]] = []  # (the loss it would be, a, tokens per sample)
         if labels.ndim == 1:
             per = sequence_classification_loss(logits, labels)
-            cands += [(float(per.mean()), True), (float(per.sum()) / n_items, False)]
+            cands += [(float(per.mean()), 1.0 / len(per), set()), (float(per.sum()) / n_items, 1.0 / n_items, set())]
         else:
             for lg, lb in ((logits, labels), (logits[:, :-1], labels[:, 1:])):
                 valid = lb != IGNORE_INDEX
                 tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lb.clamp_min(0).reshape(-1).long(),
                                       reduction="none").reshape(lb.shape) * valid
-                cands += [(float(tok.sum() / valid.sum().clamp_min(1)), True), (float(tok.sum()) / n_items, False)]
-    for value, is_mean in cands:
-        if abs(value - loss) <= 1e-4 * max(1.0, abs(loss)):
-            return is_mean
-    raise UnsupportedTrainingError(
-        f"cannot tell how the model's loss ({loss:.6g}) weighs its micro-batch: it is neither the mean of the "
-        "per-sample losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses "
-        "of the sequence classification, token classification and causal LM heads"
-    )
+                counts = valid.sum(-1)
+                c = {int(v) for v in counts.tolist()}
+                total = max(int(counts.sum()), 1)
+                cands += [(float(tok.sum()) / total, max(c) / total, c),
+                          (float(tok.sum()) / n_items, max(c) / n_items, c)]
+    value, weight, counts = min(cands, key=lambda v: abs(v[0] - loss))
+    if abs(value - loss) > 1e-4 * max(1.0, abs(loss)):
+        raise UnsupportedTrainingError(
+            f"cannot tell how the model's loss ({loss:.6g}) weighs its micro-batch: it is neither the mean of the "
+            "per-sample losses nor their sum over num_items_in_batch; DiffinCallback supports the cross-entropy losses "
+            "of the sequence classification, token classification and causal LM heads"
+        )
+    if len(counts) > 1:
+        raise UnsupportedTrainingError(
+            f"the model's token-level loss weighs each sample by its number of tokens, and the samples of this "
+            f"micro-batch carry different numbers ({sorted(counts)[:5]}), while diffin's per-sample loss is each "
+            "sample's mean over its tokens. Pack the text into sequences of one length (no padding)"
+        )
+    return weight
+
+
+def _step_scale(weights: list[float | None], n_samples: int, step: int) -> float:
+    """A step's ``grad_scale`` (its gradient over the mean one over its ``n_samples``) from its micro-batches'
+    weights (:func:`_micro_batch_weight`; ``None``: the Trainer divided a mean loss by their number, scale 1)."""
+    if all(w is None for w in weights):
+        return 1.0
+    if any(w is None for w in weights) or max(weights) - min(weights) > 1e-12 * max(weights):  # type: ignore[type-var,operator]
+        raise UnsupportedTrainingError(
+            f"step {step}: the Trainer weighed the micro-batches of one step differently ({weights}): their samples "
+            "carry different numbers of tokens; pack the text into sequences of one length (no padding)")
+    return float(weights[0]) * n_samples  # type: ignore[arg-type]
 
 
 class _IdTap:

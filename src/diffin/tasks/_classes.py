@@ -80,5 +80,11 @@ def class_harm(method: str, inp: TaskInputs, state: TaskState, horizon: str, pro
               progress=progress).scores.astype(np.float64)
     notes.setdefault("horizon", {})[f"{method}-classes"] = {
         "step": step, "of": state.run.n_steps, "rule": horizon, "val_loss_at_checkpoints": curve}
+    return percentile_max(S)
+
+
+def percentile_max(S: np.ndarray) -> np.ndarray:
+    """(N, C) scores → (N,) harm: each class column's harm percentile (of −score, ties averaged),
+    the highest over the classes."""
     pct = np.stack([rankdata(-S[:, g]) / len(S) for g in range(S.shape[1])], axis=1)
     return pct.max(axis=1)

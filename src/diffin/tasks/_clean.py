@@ -70,11 +70,16 @@ RECALL_AT = (0.05, 0.1, 0.2)
 ADVICE_MARGIN = 0.01
 """A method whose ROC-AUC on the run exceeds the chosen method's by this much is offered in one line."""
 COMBINED = "combined"
+RANK_MEAN_SEP = "+"
+"""``A+B``: the rank mean (:func:`rank_mean`) of the harms of methods A and B (e.g. ``tracin-classes+cleanlab``)."""
 AUTO = "auto"
-AUTO_DETECTOR = "tracin-classes"
-"""What ``method="auto"`` flags by when the validation set has class labels (measured in BENCHMARKS.md,
-"Finding bad labels where the loss cannot": above Diff-In's mean validation influence on all four setups,
-docs/method.md §6); otherwise ``diffin``."""
+AUTO_DETECTOR = "diffin-classes+tracin-classes+cleanlab"
+"""What ``method="auto"`` flags by when the validation set has class labels and a retraining recipe is known: the
+rank mean of per-class validation influence by Diff-In's exact sweep and by TracIn, and cleanlab (measured in
+BENCHMARKS.md, "Removal that beats the best baseline": the only detector measured that clears the issue-23 bar on
+detection and on removal, docs/method.md §6); otherwise :data:`AUTO_DETECTOR_NO_RECIPE` or ``diffin``."""
+AUTO_DETECTOR_NO_RECIPE = "tracin-classes"
+"""``method="auto"`` with a class-labelled validation set but no retraining recipe (cleanlab cannot run)."""
 SELF_SUFFIX = "-self"
 CLASSES_SUFFIX = "-classes"
 """``METHOD-classes``: the method's influence on each class of the validation set (one score column per
@@ -97,9 +102,10 @@ the combined detector are classification or per-sample-loss methods)."""
 class CleanConfig:
     """Options of ``diffin clean``."""
 
-    method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (tracin-classes with a "
-                               "class-labelled validation set, else diffin), an influence method, METHOD-classes, "
-                               "METHOD-self, or a baseline name")
+    method: str = config_field(AUTO, "method that decides what is flagged: 'auto' (with a class-labelled validation "
+                               f"set {AUTO_DETECTOR} when a retraining recipe is known, else "
+                               f"{AUTO_DETECTOR_NO_RECIPE}; without one diffin), an influence method, METHOD-classes, "
+                               "METHOD-self, a baseline name, or A+B (the rank mean of A and B)")
     fraction: float = config_field(0.1, "fraction of the training set to flag (0, 1]")
     count: int | None = config_field(None, "flag this many samples instead of a fraction")
     no_validation: bool = config_field(False, "rank by self-influence instead of a validation loss")
@@ -139,15 +145,26 @@ class CleanConfig:
         baselines are :data:`PAIR_BASELINES`)."""
         base = PAIR_BASELINES if pairs and self.baselines == DEFAULT_BASELINES else self.baselines
         names = [self.method] + [b.strip() for b in base.split(",") if b.strip()]
-        return list(dict.fromkeys(names))
+        out: list[str] = []
+        for n in names:  # a rank mean's parts are scored (and reported) before it
+            out += [*(parts(n) if RANK_MEAN_SEP in n else []), n]
+        return list(dict.fromkeys(out))
 
 
 def auto_method(inp: TaskInputs, cfg: CleanConfig) -> str:
     """``method="auto"``: :data:`AUTO_DETECTOR` when ranking against a validation set with integer
-    class labels (classification, not image–text pairs), else ``diffin``."""
+    class labels (classification, not image–text pairs) and a retraining recipe is known (cleanlab's
+    out-of-fold models need one); :data:`AUTO_DETECTOR_NO_RECIPE` with such a validation set but no
+    recipe; else ``diffin``."""
     classes = (inp.val is not None and not inp.pairs and isinstance(inp.val[1], torch.Tensor)
                and inp.val[1].ndim == 1 and not inp.val[1].is_floating_point())
-    return AUTO_DETECTOR if classes and not cfg.no_validation else "diffin"
+    if not classes or cfg.no_validation:
+        return "diffin"
+    try:
+        inp.recipe()
+    except ConfigError:
+        return AUTO_DETECTOR_NO_RECIPE
+    return AUTO_DETECTOR
 
 
 def _self_ranked(cfg: CleanConfig, inp: TaskInputs) -> bool:
@@ -170,7 +187,7 @@ def _what(name: str, self_ranked: bool) -> tuple[str, str]:
         return "forgetting events (more harmful →)", "forgets"
     if name.endswith(CLASSES_SUFFIX):
         return "highest harm percentile over the validation classes (more harmful →)", "class harm"
-    if name == COMBINED:
+    if name == COMBINED or RANK_MEAN_SEP in name:
         return "mean rank percentile of the combined signals (more harmful →)", "mean rank"
     if self_ranked:
         return "self-influence: own loss rise if removed (more harmful →)", "self-infl."
@@ -189,10 +206,26 @@ def rank_mean(harms: list[np.ndarray]) -> np.ndarray:
     return np.mean([rankdata(h) / len(h) for h in harms], axis=0)
 
 
+def parts(name: str) -> list[str]:
+    """The signals a rank-mean name ``A+B[+C]`` averages (``[name]`` for a single signal)."""
+    return [p for p in name.split(RANK_MEAN_SEP) if p] if RANK_MEAN_SEP in name else [name]
+
+
 def _harm(name: str, inp: TaskInputs, state: TaskState, cfg: CleanConfig, recipe: Recipe | None,
-          progress: bool, notes: dict[str, Any]) -> np.ndarray:
-    if name == COMBINED:
-        return rank_mean([_harm(s, inp, state, cfg, recipe, progress, notes) for s in cfg.combine_list()])
+          progress: bool, notes: dict[str, Any], done: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Harm (N,) of one method, higher = more suspicious; ``done``: harms already computed by name
+    (a rank mean reuses them and stores its parts there)."""
+    done = {} if done is None else done
+    if name in done:
+        return done[name]
+    if name == COMBINED or RANK_MEAN_SEP in name:
+        signals = cfg.combine_list() if name == COMBINED else parts(name)
+        hs = []
+        for s in signals:
+            if s not in done:
+                done[s] = _harm(s, inp, state, cfg, recipe, progress, notes, done)
+            hs.append(done[s])
+        return rank_mean(hs)
     if name.endswith(CLASSES_SUFFIX) and name.removesuffix(CLASSES_SUFFIX) in Estimator.registry:
         return class_harm(name.removesuffix(CLASSES_SUFFIX), inp, state, cfg.horizon, progress, notes)
     base = name.removesuffix(SELF_SUFFIX)
@@ -306,7 +339,7 @@ def clean(inp: TaskInputs, config: CleanConfig | None = None, out: str | Path | 
             say(f"{name}: about {secs:,.0f} s ({how}); leave it out of --baselines to skip it")
         t = time.perf_counter()
         try:
-            harms[name] = _harm(name, inp, state, cfg, recipe, progress, notes)
+            harms[name] = _harm(name, inp, state, cfg, recipe, progress, notes, dict(harms))
         except (ConfigError, MissingExtraError, UnsupportedMethodError) as e:
             if name == cfg.method:
                 raise

@@ -240,6 +240,16 @@ _register(Setup(
     TrainConfig(epochs=3, batch_size=32, lr=0.05, checkpoint_every=32, seed=0),
     noise=0.1, n_ground_truth=50,
 ))
+# the size at which a user runs `diffin clean` on their own CNN (issue 23, item 7): its default baselines must finish in
+# minutes here (measured in BENCHMARKS.md, "diffin clean's default baselines on a 4,000-sample CNN")
+_register(Setup(
+    "mnist5k-cnn-4k", "MNIST-5k, 4,000 train / 500 val / 500 test, 10% labels flipped, small ReLU CNN (two 5×5 conv + "
+    "max-pool blocks, 8 and 16 channels, linear head), float32, SGD lr 0.05, momentum 0.9, batch 64, 3 epochs, a "
+    "checkpoint per epoch (validation accuracy 0.93)",
+    _mnist(4000, 500, 500), lambda s: small_cnn(s.n_classes, 28, (8, 16)),
+    TrainConfig(epochs=3, batch_size=64, lr=0.05, momentum=0.9, checkpoint_every=63, seed=0),
+    dtype=torch.float32, noise=0.1,
+))
 _register(Setup(
     "synthetic", "Gaussian mixture, 1,000 train / 300 val / 300 test, 20 features, 4 classes, "
     "MLP 20-32-4 tanh, float64, SGD lr 0.1, batch 32, 5 epochs",
