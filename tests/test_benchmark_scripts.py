@@ -117,3 +117,13 @@ def test_verify_speed_on_tiny_setup(tmp_path, monkeypatch, capsys):
     assert row["x_training"] == pytest.approx(row["verify_seconds"] / row["train_seconds"])
     assert -1.0 <= row["pearson"] <= 1.0
     assert "4 replayed removals" in capsys.readouterr().out
+
+
+def test_embed_projection_cost_on_tiny_setup(tmp_path, monkeypatch, capsys):
+    mod = _load("embed_projection_cost")
+    out = tmp_path / "cost.json"
+    monkeypatch.setattr(sys, "argv", ["embed_projection_cost.py", "--setup", "tiny", "--dim", "8", "--json", str(out)])
+    mod.main()
+    res = json.loads(out.read_text())
+    assert res["rows_calls"] >= 1 and 0 < res["rows_seconds"] <= res["build_seconds"]
+    assert 0 < res["rows_share"] <= 1 and "projection rows" in capsys.readouterr().out
