@@ -31,23 +31,9 @@ import torch
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
-from diffin.bench.builtin import train
-from diffin.bench.builtin.captions import CLIP_LOSS, clip_scores
-from diffin.bench.builtin.synthetic_pairs import PAIRS_TRAIN, memmap_pairs, pairs_model
-from diffin.bench.pairs import detection_auc, pairs_data
-
-
-def _setup(work: Path, n: int, seed: int, log: Any) -> tuple[Path, Any, np.ndarray, float, np.ndarray]:
-    data_dir = pairs_data(work, n, seed)
-    x, y = memmap_pairs(data_dir)
-    mismatched = np.load(data_dir / "mismatched.npy")
-    run = work / f"pairs-run-n{n}"
-    model = pairs_model()
-    t = train(model, x, y, PAIRS_TRAIN, run, loss=CLIP_LOSS, overwrite=True)
-    log(f"[pairs n={n}] trained {t.steps} steps in {t.seconds:.1f}s")
-    (xa, xb), _ = memmap_pairs(data_dir, writable_view=True)
-    cos = clip_scores(model, (torch.from_numpy(xa), torch.from_numpy(xb)))
-    return run, (x, y), mismatched, t.seconds, np.asarray(cos, dtype=np.float64)
+from diffin.bench.builtin.captions import CLIP_LOSS
+from diffin.bench.builtin.synthetic_pairs import pairs_model
+from diffin.bench.pairs import detection_auc, recorded_pairs
 
 
 def _embed_self(run: Path, train_xy: Any, K: int, out: Path, basis_samples: int | None,
@@ -64,7 +50,7 @@ def _embed_self(run: Path, train_xy: Any, K: int, out: Path, basis_samples: int 
 
 def fidelity(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
     n = args.fidelity
-    run, train_xy, mismatched, epoch, cos = _setup(work, n, args.seed, log)
+    run, train_xy, mismatched, epoch, cos = recorded_pairs(work, n, args.seed, log)
     cache = work / f"exact-self-n{n}.npy"
     with Measure() as m:
         if cache.exists():
@@ -89,7 +75,7 @@ def fidelity(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str
 def full(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
     n = args.n_train
     t0 = time.perf_counter()
-    run, train_xy, mismatched, epoch, cos = _setup(work, n, args.seed, log)
+    run, train_xy, mismatched, epoch, cos = recorded_pairs(work, n, args.seed, log)
     log(f"[pairs n={n}] data + training + CLIP score {time.perf_counter() - t0:.1f}s")
     own, row = _embed_self(run, train_xy, args.dim, work / f"emb-n{n}-{args.dim}", args.basis_samples,
                            args.power_iters)

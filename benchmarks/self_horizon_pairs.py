@@ -40,25 +40,9 @@ import torch
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
-from diffin.bench.builtin import train
-from diffin.bench.builtin.captions import CLIP_LOSS, clip_scores
-from diffin.bench.builtin.synthetic_pairs import PAIRS_TRAIN, memmap_pairs, pairs_model
-from diffin.bench.pairs import auc_by_steps_before_end, detection_auc, pairs_data, step_of_samples
-
-
-def _setup(work: Path, n: int, seed: int, log: Any) -> tuple[Path, Any, np.ndarray, float, np.ndarray]:
-    data_dir = pairs_data(work, n, seed)
-    x, y = memmap_pairs(data_dir)
-    mismatched = np.load(data_dir / "mismatched.npy")
-    run = work / f"pairs-run-n{n}"
-    model = pairs_model()
-    t = train(model, x, y, PAIRS_TRAIN, run, loss=CLIP_LOSS, overwrite=True)
-    log(f"[pairs n={n}] trained {t.steps} steps in {t.seconds:.1f}s")
-    (xa, xb), _ = memmap_pairs(data_dir, writable_view=True)
-    with Measure() as m:
-        cos = clip_scores(model, (torch.from_numpy(xa), torch.from_numpy(xb)))
-    log(f"[pairs n={n}] CLIP score {m.seconds:.1f}s")
-    return run, (x, y), mismatched, t.seconds, np.asarray(cos, dtype=np.float64)
+from diffin.bench.builtin.captions import CLIP_LOSS
+from diffin.bench.builtin.synthetic_pairs import pairs_model
+from diffin.bench.pairs import auc_by_steps_before_end, detection_auc, recorded_pairs, step_of_samples
 
 
 def _row(name: str, s: np.ndarray, std: np.ndarray | None, seconds: float, mis: np.ndarray,
@@ -73,7 +57,7 @@ def _row(name: str, s: np.ndarray, std: np.ndarray | None, seconds: float, mis: 
 
 def fidelity(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
     n = args.fidelity
-    run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
+    run, xy, mis, epoch, cos = recorded_pairs(work, n, args.seed, log)
     T = diffin.load_run(run).n_steps
     cache = Path(args.exact_cache) if args.exact_cache else work / f"exact-self-n{n}.npy"
     exact_name = "exact whole run (diffin.score target='self')"
@@ -114,7 +98,7 @@ def fidelity(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str
 
 def full(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str, Any]:
     n = args.n_train
-    run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
+    run, xy, mis, epoch, cos = recorded_pairs(work, n, args.seed, log)
     T = diffin.load_run(run).n_steps
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with Measure() as m:
@@ -143,7 +127,7 @@ def segments(args: argparse.Namespace, work: Path, log: Any = print) -> dict[str
     """On the run of ``--n-train`` pairs, the uses at each step range of ``--segments`` only: exact H = 0
     against the sketch for each K of ``--dims``, and the CLIP score's AUC on the same pairs."""
     n = args.n_train
-    run, xy, mis, epoch, cos = _setup(work, n, args.seed, log)
+    run, xy, mis, epoch, cos = recorded_pairs(work, n, args.seed, log)
     out: dict[str, Any] = {"n": n, "n_steps": diffin.load_run(run).n_steps, "segments": []}
     for seg in args.segments.split(";"):
         s0, s1 = (int(v) for v in seg.split(","))

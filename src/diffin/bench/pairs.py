@@ -51,6 +51,27 @@ def pairs_data(workdir: Path, n: int, seed: int) -> Path:
     return folder
 
 
+def recorded_pairs(workdir: Path, n: int, seed: int, log: Any = print
+                   ) -> tuple[Path, Any, np.ndarray, float, np.ndarray]:
+    """The first ``n`` pairs of the ``scale-1m-pairs`` data (:func:`pairs_data`), trained and recorded
+    with its recipe into ``workdir/pairs-run-n{n}``, and the trained model's CLIP score of every pair.
+
+    Returns (run folder, the memory-mapped ``(x, y)`` training data, the mismatched flags (n,) bool,
+    the training run's seconds, CLIP scores (n,) float64: cosine of the two towers' embeddings)."""
+    data_dir = pairs_data(workdir, n, seed)
+    x, y = memmap_pairs(data_dir)
+    mismatched = np.load(data_dir / "mismatched.npy")
+    run = workdir / f"pairs-run-n{n}"
+    model = pairs_model()
+    t = train(model, x, y, PAIRS_TRAIN, run, loss=CLIP_LOSS, overwrite=True)
+    log(f"[pairs n={n}] trained {t.steps} steps in {t.seconds:.1f}s")
+    (xa, xb), _ = memmap_pairs(data_dir, writable_view=True)
+    with Measure() as m:
+        cos = clip_scores(model, (torch.from_numpy(xa), torch.from_numpy(xb)))
+    log(f"[pairs n={n}] CLIP score {m.seconds:.1f}s")
+    return run, (x, y), mismatched, t.seconds, np.asarray(cos, dtype=np.float64)
+
+
 def _val(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The validation pairs in memory: ((2000, 64), (2000, 64)) in ``dtype``, classes (2000,) int64."""
     (va, vb), y = memmap_pairs(folder, "val")
