@@ -224,6 +224,14 @@ def _gpt2_run(tmp_path, f64_loss: bool, max_grad_norm: float):
     return run, model, (x, ids[:24].clone()), val
 
 
+def _exact_scores(run_dir, model, train, val):
+    """diffin-exact's scores of the GPT-2 run against ``val``, its warnings ignored (the tests check numbers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return diffin.score(run_dir, model, hf.causal_lm_loss, train=train, target=val, method="diffin-exact",
+                            progress=False)
+
+
 def _replayed_theta_T(run_dir, model, train):
     """θ_T of the recorded run replayed from θ_0 by diffin (float64 per-sample loss), and the Trainer's."""
     from diffin._functional import FlatModel
@@ -254,10 +262,7 @@ def test_gpt2_trainer_replays_exactly_and_the_sweep_is_the_metagradient(tmp_path
     assert run.n_steps == 6 and run.clip_grad_norm == 1.0 and len(set(run.grad_scales.tolist())) == 1
     replayed, trainer = _replayed_theta_T(run_dir, model, train)
     assert float((replayed - trainer).norm() / trainer.norm()) < tol
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = diffin.score(run_dir, model, hf.causal_lm_loss, train=train, target=val, method="diffin-exact",
-                           progress=False)
+    got = _exact_scores(run_dir, model, train, val)
     assert got.diagnostics["replay_drift"] < tol
     fm = FlatModel(model.eval(), hf.causal_lm_loss, run.trainable)
     mg = metagradient(run, fm, DataSource(train, torch.float64, torch.device("cpu")),
@@ -272,8 +277,5 @@ def test_gpt2_trainer_with_its_float32_loss_replays_to_float32_rounding(tmp_path
     tol = 1e2 * torch.finfo(torch.float32).eps
     replayed, trainer = _replayed_theta_T(run_dir, model, train)
     assert float((replayed - trainer).norm() / trainer.norm()) < tol
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = diffin.score(run_dir, model, hf.causal_lm_loss, train=train, target=val, method="diffin-exact",
-                           progress=False)
+    got = _exact_scores(run_dir, model, train, val)
     assert got.diagnostics["replay_drift"] < tol
