@@ -452,7 +452,7 @@ class Trajectory:
         # replay reads a segment forward), in one read of their rows in file order
         steps, id_lists = [t], [ids]
         stop = next((c for c in self.run.checkpoint_steps if c > t), self.run.n_steps)
-        budget = PREFETCH_BYTES // max(1, self._row_bytes(ids)) - len(ids)
+        budget = PREFETCH_BYTES // max(1, self._row_bytes()) - len(ids)
         for s in range(t + 1, min(stop, self.run.n_steps)):
             if s in self._batches:
                 break
@@ -467,7 +467,7 @@ class Trajectory:
             self._keep(s, ids_s, x, y)  # step t last: the most recent
         return self._batches[t]
 
-    def _row_bytes(self, ids: np.ndarray) -> int:
+    def _row_bytes(self) -> int:
         """Bytes of one training row as batches hold it (from step batches already read, else 1 KiB)."""
         if self._batch_bytes:
             t = next(iter(self._batch_bytes))
