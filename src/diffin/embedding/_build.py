@@ -408,9 +408,12 @@ def _open_partial(folder: Path, ident: dict[str, Any], shape: tuple[int, int], d
 
 def _gather_cols(folder: Path, values: np.memmap, spans: list[tuple[int, int]], done: set[int],
                  ident: dict[str, Any], seconds: float) -> list[dict[str, Any]]:
-    """Rank 0 of several: copy every chunk's columns written by a rank (``cols-NNNNNN.npy``) into
-    ``values``, mark the chunk done, remove its files; returns their diagnostics."""
+    """Rank 0: copy every chunk's columns a rank of several wrote (``cols-NNNNNN.npy``, by this build or
+    a killed one) into ``values``, mark the chunk done, remove its files; returns their diagnostics.
+    Nothing to gather (a single-process build): nothing is written."""
     work = folder / WORK_DIR
+    if not any(work.glob("cols-*")):
+        return []
     diags = []
     for c, (k0, k1) in enumerate(spans):
         path = work / (COLS_PATTERN.format(c=c) + ".npy")
