@@ -61,7 +61,17 @@ def _worker(rank: int, size: int, port: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_processes_build_the_embedding_of_one(tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread():
+    """This process computes with one torch thread, as every rank does, so that the reductions inside a
+    product run in the same order and the embeddings can be compared byte for byte on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_processes_build_the_embedding_of_one(tmp_path: Path, one_thread) -> None:
     ref = _builds(tmp_path, (tmp_path / "tiny-main", tmp_path / "clip-main"), "main", tmp_path / "single")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
@@ -116,7 +126,7 @@ def test_a_killed_multi_process_build_resumes_from_its_gathered_columns(tmp_path
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_torchrun_cli_embed_equals_one_process(tmp_path: Path) -> None:
+def test_torchrun_cli_embed_equals_one_process(tmp_path: Path, one_thread) -> None:
     from diffin.bench.builtin import get_setup, train
     from diffin.cli import main
 
