@@ -28,6 +28,7 @@ from diffin.bench.builtin.synthetic_pairs import (
     load_split,
     memmap_pairs,
     pairs_model,
+    test_pairs,
 )
 from diffin.bench.pairs import (
     PAIRS_COLUMNS,
@@ -200,3 +201,53 @@ def test_removal_check_replays_mismatched_and_matched_pairs(tmp_path: Path) -> N
     assert rc["pearson"] > 0.99  # 4 float64 steps: the exact sweep matches replayed removal
     assert 0.0 <= rc["auc_actual_on_removed"] <= 1.0 and 0.0 <= rc["auc_diffin_all"] <= 1.0
     json.dumps(rc)
+
+
+def test_held_out_pairs_are_clean_deterministic_and_not_the_validation_pairs(tmp_path: Path) -> None:
+    (xa, xb), y = test_pairs(3000, seed=3)
+    assert xa.shape == xb.shape == (3000, N_FEATURES) and xa.dtype == np.float32 and y.shape == (3000,)
+    (xa2, _), y2 = test_pairs(3000, seed=3)
+    np.testing.assert_array_equal(xa, xa2)
+    np.testing.assert_array_equal(y, y2)
+    generate(tmp_path / "g", N, 300, seed=3)
+    (va, _), _ = memmap_pairs(tmp_path / "g", "val")
+    assert not np.isclose(xa[:300], va).all(axis=1).any()
+    # every pair matched: under a least-squares map from view a to view b fitted on half the matched training
+    # pairs, their error is that of the other half, not that of the mismatched pairs
+    t = _read(tmp_path / "g")
+    mis = t["mismatched"]
+    ta, tb = t["xa_train"].astype(np.float64), t["xb_train"].astype(np.float64)
+    fit, held = np.flatnonzero(~mis)[::2], np.flatnonzero(~mis)[1::2]  # matched pairs, fitted / held out
+    w, *_ = np.linalg.lstsq(ta[fit], tb[fit], rcond=None)
+    err = {"test": ((xa.astype(np.float64) @ w - xb) ** 2).sum(1).mean(),
+           "matched": ((ta[held] @ w - tb[held]) ** 2).sum(1).mean(),
+           "mismatched": ((ta[mis] @ w - tb[mis]) ** 2).sum(1).mean()}
+    assert abs(err["test"] - err["matched"]) < 0.25 * (err["mismatched"] - err["matched"]), err
+
+
+@pytest.mark.slow
+def test_prune_pairs_script_runs_and_reports_every_method(tmp_path: Path, monkeypatch) -> None:
+    """benchmarks/prune_pairs.py on 2,048 pairs: every method's curve, cached retrains reused on a rerun."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prune_pairs.py"
+    spec = importlib.util.spec_from_file_location("prune_pairs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    argv = ["prune_pairs.py", "--n-train", "2048", "--keep", "0.5", "--seeds", "1", "--n-test", "500",
+            "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    res = json.loads(out.read_text())["result"]
+    assert set(res["methods"]) == {"random", "clip-score", "diffin", "diffin-self"}
+    for m, row in res["methods"].items():
+        (pt,) = row["curve"]
+        assert pt["n_kept"] == 1024 and 0 <= pt["retrieval_accuracy_mean"] <= 1 and pt["infonce_mean"] > 0
+        assert (row["auc_mismatched"] is None) == (m == "random")
+    cached = sorted(p.name for p in (tmp_path / "w" / "prune-pairs-n2048").glob("*_seed0.json"))
+    assert len(cached) == 5  # full + 4 methods
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()  # resumes from the cache: the same numbers
+    assert json.loads(out.read_text())["result"]["methods"] == res["methods"]

@@ -18,7 +18,7 @@ from diffin.cli import main
 from diffin.tasks import DebiasConfig, PruneConfig, TaskInputs, builtin_inputs, debias, prune, select
 from diffin.tasks._debias import alignment, group_scores
 from diffin.tasks._heuristics import importance
-from diffin.tasks._prune import auto_rule, stratified
+from diffin.tasks._prune import _shares, auto_rule, cover, stratified
 
 EXACT = {"hvp": "exact", "dots": "jvp"}
 
@@ -75,6 +75,73 @@ def test_method_rule_specs_are_parsed_and_checked():
     assert cfg.rule_of("aum:stratified") == ("aum", "stratified") and cfg.rule_of("diffin") == ("diffin", "auto")
     with pytest.raises(ConfigError, match="rule must be one of"):
         PruneConfig(methods="aum:sideways")
+
+
+# --------------------------------------------------------------------------- cover
+def _blobs(sizes, dim=6, seed=0):
+    """Rows in well-separated directions, one direction per blob of the given sizes."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[: len(sizes)] * 10
+    return np.concatenate([c + 0.1 * rng.normal(size=(n, dim)) for c, n in zip(centres, sizes)]), \
+        np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_cover_keeps_one_sample_per_direction_however_small_its_blob():
+    f, blob = _blobs([200, 100, 5, 3])
+    kept = cover(f, 4, np.random.default_rng(0))
+    assert sorted(blob[kept].tolist()) == [0, 1, 2, 3]  # random picks would all but miss the small ones
+
+
+def test_cover_keeps_each_clusters_member_nearest_its_centroid():
+    # two blobs; within each, one row sits at the blob's mean direction, the others spread around it
+    f, _ = _blobs([30, 30], seed=2)
+    f[0], f[30] = [10, 0, 0, 0, 0, 0], [0, 10, 0, 0, 0, 0]
+    f[1:30, 2:] += np.random.default_rng(3).choice([-1.0, 1.0], size=(29, 4))  # spread evenly around
+    f[31:, 2:] += np.random.default_rng(4).choice([-1.0, 1.0], size=(29, 4))
+    assert sorted(cover(f, 2, np.random.default_rng(0)).tolist()) == [0, 30]
+
+
+def test_cover_reads_directions_not_sizes():
+    f, blob = _blobs([50, 50])
+    f[:50] *= np.linspace(0.01, 100, 50)[:, None]  # one blob's rows over four orders of magnitude
+    kept = cover(f, 2, np.random.default_rng(1))
+    assert sorted(blob[kept].tolist()) == [0, 1]
+
+
+def test_cover_spreads_a_budget_larger_than_its_clusters_by_size():
+    f, blob = _blobs([60, 30, 10])
+    kept = cover(f, 20, np.random.default_rng(0), max_clusters=3)
+    assert kept.size == 20 and np.unique(kept).size == 20
+    np.testing.assert_array_equal(np.bincount(blob[kept]), [12, 6, 2])
+    np.testing.assert_array_equal(_shares(np.array([5, 1, 100]), 30), [1, 0, 29])  # 30·size/106, remainders
+    np.testing.assert_array_equal(_shares(np.array([1, 1, 1, 7]), 9), [1, 1, 1, 6])
+    np.testing.assert_array_equal(_shares(np.array([2, 3]), 5), [2, 3])  # never more than a cluster has
+
+
+def test_cover_fills_up_when_rows_repeat():
+    f = np.repeat(np.eye(3), [10, 10, 10], axis=0)  # 3 distinct rows, 5 asked for
+    kept = cover(f, 5, np.random.default_rng(0))
+    assert kept.size == 5 and np.unique(kept).size == 5
+    assert set((np.arange(30)[kept] // 10).tolist()) == {0, 1, 2}
+    with pytest.raises(ConfigError, match="cover keeps"):
+        cover(f, 0)
+
+
+def test_select_cover_drops_the_harmful_first_and_needs_features():
+    f, blob = _blobs([40, 40, 40])
+    v = np.linspace(-1, 1, 120)[np.random.default_rng(5).permutation(120)]
+    kept = select(v, 0.1, "cover", seed=0, features=f)
+    assert kept.size == 12 and (v[kept] >= 0).all() and set(blob[kept].tolist()) == {0, 1, 2}
+    labels = blob
+    kept_b = select(v, 0.1, "cover", labels, class_balanced=True, seed=0, features=f)
+    np.testing.assert_array_equal(np.bincount(labels[kept_b]), [4, 4, 4])
+    # keeping more than the harmless: only as many harmful go as may
+    kept_all = select(v, 0.9, "cover", seed=0, features=f)
+    np.testing.assert_array_equal(np.sort(kept_all), np.sort(np.argsort(v)[12:]))
+    with pytest.raises(ConfigError, match="influence embeddings"):
+        select(v, 0.1, "cover")
+    assert auto_rule(0.1, 0.5, 0.0, 0.25) == "cover" and auto_rule(0.3, 0.5, 0.0, 0.25) == "drop-harmful"
+    np.testing.assert_array_equal(select(v, 0.1, "auto", seed=0, cover_below=0.25, features=f), kept)
 
 
 # --------------------------------------------------------------------------- AUM
@@ -155,6 +222,18 @@ def test_prune_runs_ccs_on_aum_beside_another_rule(tiny, tmp_path):
                 out=tmp_path / "p", progress=False)
     assert set(res["curves"]) == {"diffin", "aum:stratified", "random"}
     assert (tmp_path / "p" / "retrains" / "aum@stratified_keep0.3_seed0.json").exists()
+
+
+def test_prune_auto_covers_the_embedding_below_its_threshold(tiny, tmp_path):
+    res = prune(tiny, PruneConfig(keep="0.2,0.4", methods="diffin,random", seeds=1, cover_below=0.3),
+                out=tmp_path / "p", progress=False)
+    assert [p["rule"] for p in res["curves"]["diffin"]] == ["cover", "drop-harmful"]
+    emb = diffin.load_embedding(tmp_path / "p" / "embedding-diffin")
+    assert emb.n == tiny.n_train
+    kept = json.loads((tmp_path / "p" / "retrains" / "diffin_keep0.2_seed0.json").read_text())
+    assert kept["result"]["n_kept"] == round(0.2 * tiny.n_train)
+    with pytest.raises(ConfigError, match="rule cover needs an influence embedding"):
+        prune(tiny, PruneConfig(keep="0.2", methods="loss:cover", seeds=1), out=tmp_path / "q", progress=False)
 
 
 # --------------------------------------------------------------------------- the spurious setup

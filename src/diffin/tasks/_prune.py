@@ -3,10 +3,17 @@ retrain from scratch on it (several seeds), and compare test accuracy across met
 
 Selection rules for influence scores (positive = helpful):
 
-* ``auto`` (default): ``drop-harmful`` when keeping less than ``switch`` of the data (default
-  0.5), ``keep-influential`` from there on. The best rule flips with the kept fraction (Sorscher
-  et al. 2022: keep easy, typical samples when data are scarce, hard ones when they abound);
-  measured on ``mnist5k`` with and without label noise in BENCHMARKS.md ("Tasks against their baselines").
+* ``auto`` (default): ``cover`` when keeping less than ``cover_below`` of the data (default
+  0.25; methods with a trajectory influence embedding, below 100,000 samples), ``drop-harmful``
+  below ``switch`` (default 0.5), ``keep-influential`` from there on. The best rule flips with the
+  kept fraction (Sorscher et al. 2022: keep easy, typical samples when data are scarce, hard ones
+  when they abound); measured on ``mnist5k`` with and without label noise in BENCHMARKS.md ("Tasks
+  against their baselines", "Pruning to 5%").
+* ``cover``: drop the harmful samples (negative scores), then cover what is left: k-means on the
+  directions of the samples' trajectory influence embeddings (:func:`diffin.embed`, rows scaled to
+  unit length, so samples that move the model the same way fall together) with one cluster per kept
+  sample, and from each cluster the member nearest its centroid (:func:`cover`). What is kept
+  spans every way the data influence the model, with no two picks alike.
 * ``drop-harmful``: drop the most harmful samples first (negative scores, lowest first); if more
   must go than there are harmful samples, drop the rest at random, so what is kept is not
   narrowed to the "most helpful" look-alikes.
@@ -41,6 +48,7 @@ data, kept ids, seed), so an interrupted run resumes and a changed recipe retrai
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,7 @@ import numpy as np
 from .._data import fingerprint
 from .._errors import ConfigError
 from .._io import write_json
+from .._optional import require
 from ..config import config_field
 from ..estimators.base import Estimator
 from ..report import Report, curves, format_list, format_sizes, winner
@@ -64,9 +73,9 @@ from ._common import (
     write_csv,
 )
 from ._heuristics import HEURISTICS, importance
-from ._self import self_scores
+from ._self import SELF_EMBED_METHODS, SELF_HORIZON_MIN_N, embedding_of, self_scores
 
-RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential", "stratified")
+RULES = ("auto", "drop-harmful", "keep-helpful", "keep-influential", "stratified", "cover")
 DEFAULT_METHODS = "diffin,tracin,random,loss,el2n,grand,forgetting"
 PAIR_METHODS = "diffin,tracin,clip-score,loss,random"
 """The methods of image–text pairs when ``methods`` is left at its default (EL2N, GraNd and
@@ -77,6 +86,13 @@ SELF_SUFFIX = "-self"
 STRATIFY_BELOW = 0.0
 """Rule ``auto``: kept fraction below which ``stratified`` is used (see BENCHMARKS.md, "Pruning
 that keeps coverage")."""
+COVER_BELOW = 0.25
+"""Rule ``auto``: kept fraction below which ``cover`` is used by methods with an embedding (measured
+on ``mnist5k``: above random and CCS-on-AUM at 5, 10 and 20% kept, below random from 30% on; see
+BENCHMARKS.md, "Pruning to 5%")."""
+COVER_MAX_CLUSTERS = 4096
+"""Rule ``cover``: at most this many k-means clusters; a larger budget is spread over them in
+proportion to their sizes (:func:`cover`)."""
 
 @dataclass
 class PruneConfig:
@@ -87,14 +103,18 @@ class PruneConfig:
                                 "self-influence, e.g. diffin-self) and heuristics (default for image-text setups: "
                                 f"{PAIR_METHODS}); METHOD:RULE gives one method its own rule (e.g. aum:stratified, "
                                 "CCS on AUM)")
-    rule: str = config_field("auto", "selection rule of influence methods: auto (stratified below "
-                             "--stratify-below, drop-harmful below --switch, keep-influential from it on), "
-                             "drop-harmful, keep-helpful, keep-influential or stratified (CCS: drop the --hard-cut "
-                             "hardest, sample evenly over --strata bins of the score; heuristics too)",
+    rule: str = config_field("auto", "selection rule of influence methods: auto (cover below --cover-below, "
+                             "stratified below --stratify-below, drop-harmful below --switch, keep-influential "
+                             "from it on), drop-harmful, keep-helpful, keep-influential, stratified (CCS: drop "
+                             "the --hard-cut hardest, sample evenly over --strata bins of the score; heuristics "
+                             "too) or cover (drop the harmful, then one sample per k-means cluster of the "
+                             "influence embedding)",
                              choices=RULES)
     switch: float = config_field(0.5, "rule auto: kept fraction from which keep-influential replaces drop-harmful")
     stratify_below: float = config_field(STRATIFY_BELOW, "rule auto: kept fraction below which stratified "
                                          "replaces drop-harmful")
+    cover_below: float = config_field(COVER_BELOW, "rule auto: kept fraction below which cover replaces "
+                                      "drop-harmful (methods with an influence embedding, under 100,000 samples)")
     hard_cut: float = config_field(0.1, "rule stratified: fraction of the training set dropped first, the hardest "
                                    "(the most harmful by influence; the highest of a hardness heuristic)")
     strata: int = config_field(50, "rule stratified: equal-width bins of the score sampled evenly")
@@ -118,6 +138,8 @@ class PruneConfig:
             raise ConfigError(f"scores must be one of {SCORES}, got {self.scores!r}")
         if not 0 <= self.stratify_below <= 1 or not 0 <= self.hard_cut < 1 or self.strata < 1:
             raise ConfigError("need 0 <= stratify_below <= 1, 0 <= hard_cut < 1 and strata >= 1")
+        if not 0 <= self.cover_below <= 1:
+            raise ConfigError(f"cover_below must be in [0, 1], got {self.cover_below}")
         self.fractions()
         for m in self.method_list():
             self.rule_of(m)
@@ -146,9 +168,12 @@ class PruneConfig:
         return name, rule
 
 
-def auto_rule(fraction: float, switch: float = 0.5, stratify_below: float = 0.0) -> str:
-    """The rule ``auto`` applies at a kept ``fraction``: ``stratified`` below ``stratify_below``,
-    ``drop-harmful`` below ``switch``, ``keep-influential`` from ``switch`` on."""
+def auto_rule(fraction: float, switch: float = 0.5, stratify_below: float = 0.0, cover_below: float = 0.0) -> str:
+    """The rule ``auto`` applies at a kept ``fraction``: ``cover`` below ``cover_below``,
+    ``stratified`` below ``stratify_below``, ``drop-harmful`` below ``switch``, ``keep-influential``
+    from ``switch`` on."""
+    if fraction < cover_below:
+        return "cover"
     if fraction < stratify_below:
         return "stratified"
     return "drop-harmful" if fraction < switch else "keep-influential"
@@ -184,9 +209,65 @@ def stratified(difficulty: np.ndarray, n_keep: int, hard_cut: float = 0.1, strat
     return np.concatenate(kept) if kept else np.array([], dtype=np.int64)
 
 
+def cover(features: np.ndarray, n_keep: int, rng: np.random.Generator | None = None,
+          max_clusters: int = COVER_MAX_CLUSTERS) -> np.ndarray:
+    """Positions (unsorted, unique) of ``n_keep`` samples that cover the rows of ``features`` (n, K),
+    e.g. trajectory influence embeddings: the rows are scaled to unit length (a sample's direction of
+    influence, not its size, which the scores already carry), clustered by k-means into ``k =
+    min(n_keep, max_clusters)`` clusters (scikit-learn, k-means++ start, one run seeded from ``rng``),
+    and each cluster gives first its member nearest its centroid (the most typical). When ``n_keep
+    > k`` each cluster gives a share proportional to its size (largest remainders, at most all it
+    has), the rest of its share drawn at random from its members; clusters that come out empty (rows
+    repeated more than k-means can split) leave their share to a random draw from the samples not kept."""
+    rng = rng or np.random.default_rng(0)
+    f = np.asarray(features, dtype=np.float64)
+    n = f.shape[0]
+    if not 0 < n_keep <= n:
+        raise ConfigError(f"cover keeps between 1 and {n} samples, asked for {n_keep}")
+    if n_keep == n:
+        return np.arange(n)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    k = min(n_keep, max_clusters)
+    cluster = require("sklearn.cluster", "scikit-learn", "pruning rule cover")
+    with warnings.catch_warnings():  # fewer distinct rows than k: the empty clusters are filled below
+        warnings.filterwarnings("ignore", message="Number of distinct clusters")
+        km = cluster.KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31 - 1))).fit(f)
+    sizes = np.bincount(km.labels_, minlength=k)
+    share = np.minimum(sizes, 1) if n_keep == k else _shares(sizes, n_keep)
+    kept: list[np.ndarray] = []
+    for c in np.flatnonzero(share):
+        members = np.flatnonzero(km.labels_ == c)
+        first = members[np.argmin(np.linalg.norm(f[members] - km.cluster_centers_[c], axis=1))]
+        rest = rng.choice(members[members != first], size=share[c] - 1, replace=False)
+        kept.append(np.concatenate([[first], rest]).astype(np.int64))
+    out = np.concatenate(kept)
+    if out.size < n_keep:
+        out = np.concatenate([out, rng.choice(np.setdiff1d(np.arange(n), out), n_keep - out.size, replace=False)])
+    return out
+
+
+def _shares(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Integer shares of ``budget`` proportional to ``sizes`` (largest remainders), each at most its size,
+    what a full cluster cannot take handed on to the others."""
+    share = np.zeros_like(sizes)
+    left = budget
+    while left > 0:
+        room = sizes - share
+        want = left * room / room.sum()
+        add = np.minimum(np.floor(want).astype(sizes.dtype), room)
+        if add.sum() == 0:  # hand out the remainders, the largest first
+            order = np.argsort(-(want - np.floor(want)), kind="stable")
+            add[order[: left]] = 1
+            add = np.minimum(add, room)
+        share += add
+        left = budget - int(share.sum())
+    return share
+
+
 def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.ndarray | None = None,
            class_balanced: bool = False, signed: bool = True, seed: int = 0, switch: float = 0.5,
-           stratify_below: float = 0.0, hard_cut: float = 0.1, strata: int = 50) -> np.ndarray:
+           stratify_below: float = 0.0, hard_cut: float = 0.1, strata: int = 50, cover_below: float = 0.0,
+           features: np.ndarray | None = None) -> np.ndarray:
     """Ids to keep (sorted): ``fraction`` of the samples chosen by ``values`` (N,) under ``rule``.
 
     ``signed``: values are influence scores (negative = harmful) and ``rule`` applies; otherwise
@@ -194,15 +275,20 @@ def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.n
     ``stratify_below``: the kept fractions at which rule ``auto`` changes (:func:`auto_rule`).
     Rule ``stratified`` (:func:`stratified`, with ``hard_cut`` and ``strata``) applies to signed
     and unsigned values alike, with the difficulty ``−values`` (the most harmful are the hardest)
-    or ``values`` (hardness). Under ``class_balanced`` each class keeps ``round(fraction · its
-    size)`` samples.
+    or ``values`` (hardness). Rule ``cover`` (:func:`cover`; ``auto`` below ``cover_below``) needs
+    ``features`` (N, K), the samples' influence embeddings; signed values first lose their harmful
+    samples (negative, the most harmful first, as many as may go). Under ``class_balanced`` each
+    class keeps ``round(fraction · its size)`` samples.
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"keep fraction must be in (0, 1], got {fraction}")
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {RULES}, got {rule!r}")
     if rule == "auto":
-        rule = auto_rule(fraction, switch, stratify_below)
+        rule = auto_rule(fraction, switch, stratify_below, cover_below)
+    if rule == "cover" and features is None:
+        raise ConfigError("rule cover needs the samples' influence embeddings (features); use it with an "
+                          f"influence method that has one ({', '.join(SELF_EMBED_METHODS)})")
     values = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if class_balanced:
@@ -219,6 +305,13 @@ def select(values: np.ndarray, fraction: float, rule: str = "auto", labels: np.n
         v = values[pool]
         if rule == "stratified":
             kept.append(pool[stratified(-v if signed else v, n_keep, hard_cut, strata, rng)])
+            continue
+        if rule == "cover":
+            cand = np.arange(len(pool))
+            if signed:
+                harmful = np.argsort(v, kind="stable")
+                cand = np.setdiff1d(cand, harmful[v[harmful] < 0][: len(pool) - n_keep])
+            kept.append(pool[cand[cover(features[pool[cand]], n_keep, rng)]])  # type: ignore[index]
             continue
         if not signed or rule == "keep-helpful":
             kept.append(pool[np.argsort(-v, kind="stable")[:n_keep]])
@@ -311,24 +404,37 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
     t_scores = time.perf_counter() - t0
     full = [_retrain(inp, state, recipe, evalset, "full", np.arange(inp.n_train), s) for s in seeds]
     curves_: dict[str, list[dict[str, Any]]] = {}
+    features: dict[str, np.ndarray] = {}
     for m, (v, signed) in values.items():
         pts = []
         name, rule = specs[m]
         if name.endswith(SELF_SUFFIX) and rule == "stratified":
             v = -v  # the self-influence itself is the difficulty
+        base = name[: -len(SELF_SUFFIX)] if name.endswith(SELF_SUFFIX) else name
+        # auto covers only where the embedding is affordable (it costs about 17 sweeps at K = 256)
+        cover_below = cfg.cover_below if base in SELF_EMBED_METHODS and inp.n_train < SELF_HORIZON_MIN_N else 0.0
         for f in fractions:
             if signed and cfg.scores == "retrain-subset":
                 v = _values(name, inp, state, cfg, progress, f)[0]
+            applied = auto_rule(f, cfg.switch, cfg.stratify_below, cover_below) if rule == "auto" else rule
+            feats = None
+            if applied == "cover" and name != "random":
+                if base not in SELF_EMBED_METHODS:
+                    raise ConfigError(f"{m!r}: rule cover needs an influence embedding; use it with one of "
+                                      f"{SELF_EMBED_METHODS} (or METHOD-self of them)")
+                if base not in features:
+                    say(f"  {base}: building the influence embedding for rule cover")
+                    features[base] = np.asarray(embedding_of(inp, state, base, progress).values)
+                feats = features[base]
             runs = []
             for s in seeds:
                 vv = importance("random", inp, seed=s) if name == "random" else v
-                kept = select(vv, f, "keep-helpful" if name == "random" else rule, labels, cfg.class_balanced,
-                              signed=signed, seed=s, switch=cfg.switch, stratify_below=cfg.stratify_below,
-                              hard_cut=cfg.hard_cut, strata=cfg.strata)
+                kept = select(vv, f, "keep-helpful" if name == "random" else applied, labels, cfg.class_balanced,
+                              signed=signed, seed=s, hard_cut=cfg.hard_cut, strata=cfg.strata, features=feats)
                 runs.append(_retrain(inp, state, recipe, evalset, f"{m.replace(':', '@')}_keep{f:g}", kept, s))
             accs = np.array([r["accuracy"] for r in runs])
             losses = np.array([r["loss"] for r in runs])
-            pts.append({"keep": f, "n_kept": runs[0]["n_kept"],
+            pts.append({"keep": f, "n_kept": runs[0]["n_kept"], "rule": "random" if name == "random" else applied,
                         "test_accuracy_mean": float(accs.mean()), "test_accuracy_std": float(accs.std()),
                         "test_loss_mean": float(losses.mean()), "accuracies": accs.tolist()})
             say(f"  {m:12s} keep {f:.0%}: {which} accuracy {accs.mean():.4f} ± {accs.std():.4f}")
@@ -398,7 +504,10 @@ def _write(out: Path, inp: TaskInputs, result: dict[str, Any], values: dict[str,
            f"coreset selection ({result['rule']})")
     full = result["full_data"]
     rep = Report("diffin prune")
-    rule = result["rule"] + (f" (switch at {result['config']['switch']:g})" if result["rule"] == "auto" else "")
+    c = result["config"]
+    rule = result["rule"] + (f" (cover below {c.get('cover_below', 0):g}, stratified below {c['stratify_below']:g}, "
+                             f"drop-harmful below {c['switch']:g}, keep-influential from there on)"
+                             if result["rule"] == "auto" else "")
     predicts = {"replay": "the replayed run", "retrain": "a fresh retraining",
                 "retrain-subset": "a fresh retraining on a subset of the kept size"}[result["scores"]]
     balanced = "yes" if result["class_balanced"] else "no"

@@ -7,7 +7,7 @@ import numpy as np
 
 from .._errors import ConfigError, UnsupportedMethodError
 from .._self_horizon import self_influence
-from ..embedding import embed
+from ..embedding import Embedding, embed
 from ._common import TaskInputs, TaskState, cached_score
 
 SELF_EMBED_MIN_N = 2048
@@ -46,8 +46,17 @@ def self_scores(inp: TaskInputs, state: TaskState, method: str, progress: bool) 
                                   dim=SELF_HORIZON_DIM, progress=progress).standardized
         except (UnsupportedMethodError, ConfigError):  # train-mode layers, clipping, no batch ids
             pass
+    return embedding_of(inp, state, method, progress).self_influence()
+
+
+def embedding_of(inp: TaskInputs, state: TaskState, method: str, progress: bool) -> Embedding:
+    """The trajectory influence embedding (N, ``SELF_EMBED_DIM``) of ``method`` (one of
+    :data:`SELF_EMBED_METHODS`) with the ``SELF_EMBED_PROJECTION`` projection, saved in
+    ``out/embedding-<method>`` and reused while run, data and config match (``METHOD-self`` and
+    pruning's rule ``cover`` share it)."""
+    if method not in SELF_EMBED_METHODS:
+        raise ConfigError(f"{method!r} has no trajectory influence embedding; use one of {SELF_EMBED_METHODS}")
     folder = None if state.out is None else state.out / f"embedding-{method}"
     resume = folder is not None and (folder / ".embed").exists()
-    emb = embed(state.run, inp.model_factory(), inp.loss_fn, train=inp.train, dim=SELF_EMBED_DIM,
-                projection=SELF_EMBED_PROJECTION, method=method, out=folder, progress=progress, resume=resume)
-    return emb.self_influence()
+    return embed(state.run, inp.model_factory(), inp.loss_fn, train=inp.train, dim=SELF_EMBED_DIM,
+                 projection=SELF_EMBED_PROJECTION, method=method, out=folder, progress=progress, resume=resume)

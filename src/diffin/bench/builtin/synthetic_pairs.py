@@ -60,7 +60,7 @@ META_JSON = "pairs_data.json"
 N_TRAIN = 1_000_000
 N_VAL = 2_000
 LR = 0.05  # SGD learning rate of the recipe
-_TRAIN, _VAL = 0, 1  # streams of the seed sequence
+_TRAIN, _VAL, _TEST = 0, 1, 2  # streams of the seed sequence
 TRAIN_FILES = ("xa_train", "xb_train", "y_train", "yb_train", "mismatched")
 VAL_FILES = ("xa_val", "xb_val", "y_val")
 
@@ -104,6 +104,14 @@ def _rows(seed: int, stream: int, start: int, stop: int, mismatch: float,
         parts["yb"].append(cb[keep].astype(np.int64))
         parts["mismatched"].append(mis[keep])
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def test_pairs(n: int = 5_000, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """``n`` clean held-out pairs of the generator of ``seed`` (their own stream, never written to disk,
+    disjoint from training and validation): ``((view_a (n, 64), view_b (n, 64)) float32, classes (n,)
+    int64)``, for evaluating models retrained on a selection of the training pairs."""
+    r = _rows(seed, _TEST, 0, n, 0.0, _maps(seed))
+    return (r["xa"], r["xb"]), r["y"]
 
 
 def pairs_meta(n_train: int, n_val: int, seed: int) -> dict[str, Any]:
