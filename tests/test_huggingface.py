@@ -279,3 +279,60 @@ def test_gpt2_trainer_with_its_float32_loss_replays_to_float32_rounding(tmp_path
     assert float((replayed - trainer).norm() / trainer.norm()) < tol
     got = _exact_scores(run_dir, model, train, val)
     assert got.diagnostics["replay_drift"] < tol
+
+
+# ------------------------------------------------------------------ losses the callback cannot weigh
+def _ce_outside(outputs, labels, num_items_in_batch=None):
+    """A ``compute_loss_func``: the micro-batch's mean cross-entropy, ignoring ``num_items_in_batch``."""
+    return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_loss_computed_outside_the_model_is_refused_under_accumulation(tmp_path, accum):
+    """With ``compute_loss_func`` the Trainer does not divide by the accumulation steps, so this mean loss
+    makes each step's gradient twice the mean one at accumulation 2: the callback cannot see the loss and
+    refuses; at accumulation 1 the mean is what diffin replays."""
+    ds = datasets.Dataset.from_list(_rows(8, 1))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=accum, num_train_epochs=1, report_to=[],
+                                          save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=_bert(torch.float32), args=args, train_dataset=ds, data_collator=_collate,
+                                   compute_loss_func=_ce_outside,
+                                   callbacks=[hf.DiffinCallback(tmp_path / "run", checkpoint_every=1)])
+    if accum > 1:
+        with pytest.raises(UnsupportedTrainingError, match="computed no loss"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert diffin.load_run(tmp_path / "run").n_steps == 2
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_token_mean_without_num_items_over_padded_samples_is_refused(tmp_path, padded):
+    """A causal LM that takes no loss kwargs averages over its micro-batch's tokens: with padding, samples
+    of more tokens weigh more than in diffin's per-sample mean, so the callback refuses; unpadded it records."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (8, 12), generator=g)
+    lengths = [12, 7, 12, 9, 12, 12, 5, 12] if padded else [12] * 8
+    rows = []
+    for i, n in enumerate(lengths):
+        mask = (torch.arange(12) < n).long()
+        rows.append({"input_ids": ids[i].tolist(), "attention_mask": mask.tolist(),
+                     "labels": torch.where(mask.bool(), ids[i], -100).tolist()})
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=60, n_positions=12, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          num_train_epochs=1, report_to=[], save_strategy="no",
+                                          logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                   data_collator=transformers.default_data_collator,
+                                   callbacks=[hf.DiffinCallback(tmp_path / "run", checkpoint_every=1)])
+    trainer.model_accepts_loss_kwargs = False  # as for a model whose forward takes no num_items_in_batch
+    if padded:
+        with pytest.raises(UnsupportedTrainingError, match="number of tokens"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert diffin.load_run(tmp_path / "run").n_steps == 2

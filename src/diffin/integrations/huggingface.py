@@ -149,12 +149,14 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self._weights: list[float | None] = []  # per micro-batch: its loss = weight · Σ per-sample losses
         self._loader: Any = None
         self._tap: _IdTap | None = None
+        self._accumulation = 1
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        optimizer: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         if model is None or optimizer is None or train_dataloader is None:
             raise UnsupportedTrainingError("DiffinCallback needs the Trainer's model, optimizer and train dataloader")
         _refuse_unreplayable(args, state, model, train_dataloader)
+        self._accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
         max_norm = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self.recorder = Recorder(self.run_dir, model, optimizer, self.checkpoint_every, seed=int(args.seed),
                                  n_train=len(train_dataloader.dataset), overwrite=self.overwrite,
@@ -205,6 +207,19 @@ class DiffinCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         n_items = kwargs.get("num_items_in_batch")
         labels = kwargs.get("labels")
         loss = getattr(output, "loss", None)
+        if not isinstance(loss, Tensor) and self._accumulation > 1:
+            raise UnsupportedTrainingError(
+                "the model computed no loss in this training forward, so the Trainer computes it outside the model "
+                "(compute_loss_func, or a compute_loss override), and with gradient_accumulation_steps="
+                f"{self._accumulation} how that loss weighs each micro-batch (a mean, or a sum over "
+                "num_items_in_batch) cannot be told from the model's outputs. Let the model compute its loss from "
+                "labels=, or set gradient_accumulation_steps=1 (a loss computed outside the model is then taken to be "
+                "the mean of the per-sample losses diffin scores with)"
+            )
+        if n_items is None and isinstance(labels, Tensor) and labels.ndim >= 2 and isinstance(loss, Tensor):
+            # no num_items_in_batch (a model that takes no loss kwargs): the Trainer divides the model's mean by the
+            # number of micro-batches, right only if that mean weighs every sample alike (equal token counts)
+            _micro_batch_weight(output, labels, float(max(int((labels != IGNORE_INDEX).sum()), 1)))
         if n_items is None or not isinstance(labels, Tensor) or not isinstance(loss, Tensor):
             self._weights.append(None)
             return

@@ -423,7 +423,7 @@ def prune(inp: TaskInputs, config: PruneConfig | None = None, out: str | Path | 
                     raise ConfigError(f"{m!r}: rule cover needs an influence embedding; use it with one of "
                                       f"{SELF_EMBED_METHODS} (or METHOD-self of them)")
                 if base not in features:
-                    say(f"  {base}: building the influence embedding for rule cover")
+                    say(f"  {base}: influence embedding for rule cover (built once, kept in OUT/embedding-{base})")
                     features[base] = np.asarray(embedding_of(inp, state, base, progress).values)
                 feats = features[base]
             runs = []
