@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from diffin._errors import ConfigError
 from diffin.bench.builtin import setups as setups_mod
 from diffin.bench.builtin.captions import load_mnist_captions
 from diffin.bench.builtin.trainer import TrainConfig
-from diffin.tasks import CleanConfig, PruneConfig, builtin_inputs, clean, prune
+from diffin.tasks import CleanConfig, PruneConfig, builtin_inputs, clean, prune, select
 from diffin.tasks._common import Recipe
 
 pytest.importorskip("mlxtend")
@@ -68,6 +69,23 @@ def test_prune_zero_shot_curves_and_resume(tiny: str, tmp_path, monkeypatch: pyt
     monkeypatch.setattr(Recipe, "train", no_retrain)
     again = prune(builtin_inputs(tiny, None, out), cfg, out=out, progress=False)
     assert again["curves"] == r["curves"]
+
+
+def test_prune_covers_the_embedding_of_a_contrastive_run(tiny: str, tmp_path) -> None:  # noqa: ANN001
+    """Rule ``auto`` below ``cover_below`` on image–text pairs: one pair per k-means cluster of the
+    InfoNCE run's influence embeddings, the harmful pairs dropped first."""
+    out = tmp_path / "prune"
+    r = prune(builtin_inputs(tiny, None, out), PruneConfig(keep="0.2", methods="diffin,random", seeds=1), out=out,
+              progress=False)
+    (pt,) = r["curves"]["diffin"]
+    assert pt["rule"] == "cover" and pt["n_kept"] == 32
+    # the retrained subset is the rule's selection from the saved scores and embedding
+    scores = np.load(out / "scores-diffin" / "scores.npy")
+    emb = np.load(out / "embedding-diffin" / "embedding.npy")
+    kept = select(scores, 0.2, "cover", seed=0, features=emb)
+    assert (scores[kept] >= 0).all() or (scores < 0).sum() > 128
+    key = json.loads((out / "retrains" / "diffin_keep0.2_seed0.json").read_text())["key"]
+    assert key["kept_sha256"] == hashlib.sha256(np.asarray(kept, dtype=np.int64).tobytes()).hexdigest()
 
 
 def test_clip_score_needs_pairs(tmp_path) -> None:  # noqa: ANN001
