@@ -92,7 +92,8 @@ on ``mnist5k``: above random and CCS-on-AUM at 5, 10 and 20% kept, below random 
 BENCHMARKS.md, "Pruning to 5%")."""
 COVER_MAX_CLUSTERS = 4096
 """Rule ``cover``: at most this many k-means clusters; a larger budget is spread over them in
-proportion to their sizes (:func:`cover`)."""
+proportion to their sizes (:func:`cover`). Cost measured on unit rows of K = 256, one thread: 4.9 s for
+20,000 rows into 1,000 clusters, 45 s for 50,000 into 2,048 (the k-means++ start most of it)."""
 
 @dataclass
 class PruneConfig:
