@@ -21,9 +21,7 @@ Timings are wall clock of one process with ``--threads`` torch threads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
+from diffin.bench import write_bench_json
 from diffin.bench.builtin import get_setup, train
 from diffin.groundtruth import replay_removal
 from diffin.report import text_table
@@ -200,10 +199,7 @@ def main() -> None:
         if "queries" in r:
             print(f"queries: {r['queries']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.platform(), "load_average": os.getloadavg(), "threads": args.threads,
-                "torch": torch.__version__, "argv": vars(args)}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+        write_bench_json(args.json, {"results": results}, vars(args), threads=args.threads, torch=torch.__version__)
 
 
 if __name__ == "__main__":

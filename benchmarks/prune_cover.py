@@ -18,14 +18,12 @@ Variants (each keeps the same number of samples; retrains are those of ``diffin 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from diffin.bench import write_bench_json
 from diffin.report import text_table
 from diffin.tasks import builtin_inputs, select
 from diffin.tasks._common import cached_score, prepare_task
@@ -85,10 +83,8 @@ def main() -> None:
         print(f"{name:24s}", "  ".join(rows[-1][1:]), flush=True)
     print(text_table(["variant", *[f"keep {f:.0%}" for f in fractions]], rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.platform(), "load_average": os.getloadavg(), "argv": vars(args),
-                "seconds": time.perf_counter() - t0, "setup": inp.description}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
+        write_bench_json(args.json, {"results": res}, vars(args), seconds=time.perf_counter() - t0,
+                         setup=inp.description)
 
 
 if __name__ == "__main__":

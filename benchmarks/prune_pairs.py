@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,9 @@ import numpy as np
 import torch
 
 import diffin
+from diffin._io import write_json, write_npy
 from diffin._measure import Measure
+from diffin.bench import write_bench_json
 from diffin.bench.builtin import train
 from diffin.bench.builtin.captions import CLIP_LOSS
 from diffin.bench.builtin.synthetic_pairs import PAIRS_TRAIN, PairTowers, memmap_pairs, pairs_model, test_pairs
@@ -79,7 +79,7 @@ def scores(method: str, run: Path, xy: Any, val: Any, cos: np.ndarray, work: Pat
     path = work / f"{method}.npy"
     if method == "clip-score":
         return cos, 0.0
-    if path.exists():
+    if path.exists() and (work / f"{method}.json").exists():
         meta = json.loads((work / f"{method}.json").read_text())
         return np.load(path), meta["seconds"]
     with Measure() as m:
@@ -89,8 +89,8 @@ def scores(method: str, run: Path, xy: Any, val: Any, cos: np.ndarray, work: Pat
         else:  # diffin-self: keep the least self-influential first
             v = -diffin.self_influence(run, pairs_model(), CLIP_LOSS, train=xy, horizon=0, dim=16,
                                        progress=False).standardized
-    np.save(path, v)
-    (work / f"{method}.json").write_text(json.dumps({"seconds": m.seconds}))
+    write_npy(path, v)
+    write_json(work / f"{method}.json", {"seconds": m.seconds})
     log(f"  {method}: scored in {m.seconds:.1f}s")
     return v, m.seconds
 
@@ -129,7 +129,7 @@ def main() -> None:
         t = train(model, xy[0], xy[1], dataclasses.replace(PAIRS_TRAIN, seed=s), work / "unused", keep=kept,
                   loss=CLIP_LOSS, record=False)
         r = {**evaluate(model, test), "n_kept": n if kept is None else int(kept.size), "seconds": t.seconds}
-        path.write_text(json.dumps(r))
+        write_json(path, r)
         print(f"  {tag} seed {s}: retrieval {r['retrieval_accuracy']:.4f}, InfoNCE {r['infonce']:.4f} "
               f"({t.seconds:.1f}s)", flush=True)
         return r
@@ -152,15 +152,14 @@ def main() -> None:
             signed = m == "diffin"
         pts = []
         for f in fractions:
-            rs = []
+            rs, kept_of = [], {}
             for s in seeds:
                 vals = np.random.default_rng([s, 7]).random(n) if v is None else v
-                kept = select(vals, f, "auto" if signed else "keep-helpful", signed=signed, seed=s)
-                rs.append(retrain(f"{m}_keep{f:g}", kept, s))
+                kept_of[s] = select(vals, f, "auto" if signed else "keep-helpful", signed=signed, seed=s)
+                rs.append(retrain(f"{m}_keep{f:g}", kept_of[s], s))
             pt = {"keep": f, **summary(rs)}
-            if v is not None:
-                kept0 = select(v, f, "auto" if signed else "keep-helpful", signed=signed, seed=0)
-                pt["mismatched_kept_fraction"] = float(mis[kept0].mean())
+            if v is not None:  # the first seed's selection
+                pt["mismatched_kept_fraction"] = float(mis[kept_of[seeds[0]]].mean())
             pts.append(pt)
             print(f"  {m:12s} keep {f:.0%}: retrieval {pt['retrieval_accuracy_mean']:.4f} ± "
                   f"{pt['retrieval_accuracy_std']:.4f}, InfoNCE {pt['infonce_mean']:.4f}"
@@ -173,10 +172,7 @@ def main() -> None:
               "total_seconds": time.perf_counter() - t0}
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.platform(), "load_average": os.getloadavg(), "threads": args.threads,
-                "argv": vars(args)}
-        Path(args.json).write_text(json.dumps({"meta": meta, "result": result}, indent=2) + "\n")
+        write_bench_json(args.json, {"result": result}, vars(args), threads=args.threads)
 
 
 if __name__ == "__main__":

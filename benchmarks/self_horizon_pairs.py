@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 import diffin
 from diffin import metrics
 from diffin._measure import Measure
+from diffin.bench import write_bench_json
 from diffin.bench.builtin.captions import CLIP_LOSS
 from diffin.bench.builtin.synthetic_pairs import pairs_model
 from diffin.bench.pairs import auc_by_steps_before_end, detection_auc, recorded_pairs, step_of_samples
@@ -170,10 +169,7 @@ def main() -> None:
     result["total_seconds"] = time.perf_counter() - t0
     print(json.dumps(result, indent=2, default=str))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.platform(), "load_average": os.getloadavg(), "threads": args.threads,
-                "argv": vars(args)}
-        Path(args.json).write_text(json.dumps({"meta": meta, "result": result}, indent=2, default=str) + "\n")
+        write_bench_json(args.json, {"result": result}, vars(args), threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,28 @@ def test_embed_projection_cost_on_tiny_setup(tmp_path, monkeypatch, capsys):
     res = json.loads(out.read_text())
     assert res["rows_calls"] >= 1 and 0 < res["rows_seconds"] <= res["build_seconds"]
     assert 0 < res["rows_share"] <= 1 and "projection rows" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_prune_pairs_script_runs_and_reports_every_method(tmp_path, monkeypatch):
+    """benchmarks/prune_pairs.py on 2,048 pairs: every method's curve, cached retrains reused on a rerun."""
+    mod = _load("prune_pairs")
+    out = tmp_path / "p.json"
+    argv = ["prune_pairs.py", "--n-train", "2048", "--keep", "0.5", "--seeds", "1", "--n-test", "500",
+            "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    doc = json.loads(out.read_text())
+    res = doc["result"]
+    assert doc["meta"]["argv"]["n_train"] == 2048 and doc["meta"]["threads"] == 1
+    assert len(doc["meta"]["load_average"]) == 3 and doc["meta"]["machine"]
+    assert set(res["methods"]) == {"random", "clip-score", "diffin", "diffin-self"}
+    for m, row in res["methods"].items():
+        (pt,) = row["curve"]
+        assert pt["n_kept"] == 1024 and 0 <= pt["retrieval_accuracy_mean"] <= 1 and pt["infonce_mean"] > 0
+        assert (row["auc_mismatched"] is None) == (m == "random")
+    cached = sorted(p.name for p in (tmp_path / "w" / "prune-pairs-n2048").glob("*_seed0.json"))
+    assert len(cached) == 5  # full + 4 methods
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()  # resumes from the cache: the same numbers
+    assert json.loads(out.read_text())["result"]["methods"] == res["methods"]

@@ -16,7 +16,8 @@ from typing import Any
 
 _HOME = {
     **dict.fromkeys(("BATCH_LOSS_METHODS", "BENCH_SETUPS", "DEFAULT_METHODS", "PEER_OPTIONS", "BenchConfig",
-                     "machine_info", "metagradient_ceiling", "peer_options", "run_setup"), "harness"),
+                     "machine_info", "metagradient_ceiling", "peer_options", "run_setup", "write_bench_json"),
+                    "harness"),
     **dict.fromkeys(("TABLE_COLUMNS", "load_results", "run_bench", "table_columns", "table_rows"), "run"),
     **dict.fromkeys(("SCALE_COLUMNS", "SCALE_SETUP", "SIZES_COLUMNS", "removal_spot_check", "run_scale"), "scale"),
 }

@@ -14,6 +14,7 @@ and ``reseed`` (retrained with fresh batch orders, and fresh θ_0, K seeds each)
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -28,6 +29,7 @@ from .. import _tree, metrics
 from .._api import score
 from .._errors import ConfigError, UnsupportedMethodError
 from .._functional import BatchLoss
+from .._io import atomic_write
 from .._measure import Measure
 from .._train_mode import train_mode_modules
 from .._version import __version__
@@ -145,6 +147,15 @@ def machine_info() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "diffin": __version__}
+
+
+def write_bench_json(path: str | os.PathLike[str], body: dict[str, Any], argv: dict[str, Any], **meta: Any) -> None:
+    """Write a benchmark script's JSON, atomically (parent folders made): ``{"meta": {"machine", "load_average"
+    (now), **meta, "argv"}, **body}``; values JSON cannot hold are written as their ``str``."""
+    doc = {"meta": {"machine": platform.platform(), "load_average": os.getloadavg(), **meta, "argv": argv}, **body}
+    text = json.dumps(doc, indent=2, default=str) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _compare(pred: np.ndarray, actual: np.ndarray, unitless: bool) -> dict[str, float]:
