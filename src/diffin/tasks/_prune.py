@@ -235,9 +235,10 @@ def cover(features: np.ndarray, n_keep: int, rng: np.random.Generator | None = N
         km = cluster.KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31 - 1))).fit(f)
     sizes = np.bincount(km.labels_, minlength=k)
     share = np.minimum(sizes, 1) if n_keep == k else _shares(sizes, n_keep)
+    by_cluster = np.split(np.argsort(km.labels_, kind="stable"), np.cumsum(sizes)[:-1])  # members, ascending
     kept: list[np.ndarray] = []
     for c in np.flatnonzero(share):
-        members = np.flatnonzero(km.labels_ == c)
+        members = by_cluster[c]
         first = members[np.argmin(np.linalg.norm(f[members] - km.cluster_centers_[c], axis=1))]
         rest = rng.choice(members[members != first], size=share[c] - 1, replace=False)
         kept.append(np.concatenate([[first], rest]).astype(np.int64))
