@@ -10,9 +10,10 @@ is reported only): the script exits with status 1 otherwise. With ``--scale N`` 
 scale benchmark at N samples on the device when ``diffin.bench.run_scale`` exists.
 
 Speed section (``--speed``, issue 21): for each of ``--speed-setups`` (default ``scale-1m`` at
-``--speed-n`` rows, ``mnist5k-resnet``, and ``text-bert`` when that setup exists), on the device:
-the training loop without recording timed (after an untimed warm-up), its epoch (the loop over the
-recipe's epochs), then the run recorded on the device and every method of ``--speed-methods`` scored
+``--speed-n`` rows, ``mnist5k-resnet``, and ``text-bert``), on the device: the training loop without
+recording timed (after an untimed warm-up), its epoch (the loop over the recipe's epochs; for
+``text-bert`` the Hugging Face ``Trainer``'s own run, recorded by ``DiffinCallback``; the ``hf``
+extra), then the run recorded on the device and every method of ``--speed-methods`` scored
 there (whole ``diffin.score`` calls, after one untimed warm-up call), each as a ratio of the epoch,
 samples/s and peak memory (CUDA: ``max_memory_allocated`` in MiB; CPU: peak RSS rise in MiB).
 
@@ -148,47 +149,90 @@ def _peak_mb(device: str, measure: Any) -> float:
     return float(measure.rise_mb)
 
 
+def _text_fit(name: str, n: int | None, device: str, workdir: Path) -> tuple[Any, ...] | None:
+    """A real-text setup (``text-bert``, ``text-gpt``; the ``hf`` extra) for the speed section: its
+    training is the Hugging Face ``Trainer`` on ``device`` (recorded by ``DiffinCallback``), so the
+    epoch is the Trainer's. (fit(record) -> (seconds, steps), model(), loss, train, target, epochs,
+    description), or None when this diffin has no such setup."""
+    try:
+        from diffin.bench.builtin.text_setups import TEXT_SETUPS, train_with_trainer
+        from diffin.integrations.huggingface import DiffinCallback
+    except ImportError:
+        return None
+    if name not in TEXT_SETUPS:
+        return None
+    text = TEXT_SETUPS[name]
+    data = text.data()
+    rows = slice(None) if n is None else slice(0, n)
+    x = {k: v[rows] for k, v in data.x_train.items()}
+    y = data.y_train[rows]
+    run_dir = workdir / f"speed-{name}"
+    on_cpu = torch.device(device).type == "cpu"
+
+    def fit(record: bool) -> tuple[float, int]:
+        cb = [DiffinCallback(run_dir, checkpoint_every=text.recipe.checkpoint_every, overwrite=True)] if record else []
+        r = train_with_trainer(text.model(data), x, y, text.recipe, workdir / f"{name}-trainer", callbacks=cb,
+                               use_cpu=on_cpu)
+        return r.seconds, r.steps
+
+    def move(a: Any) -> Any:
+        return {k: v.to(device) for k, v in a.items()} if isinstance(a, dict) else a.to(device)
+
+    target = (move(data.x_val), move(data.y_val))
+    return (fit, lambda: text.model(data).to(device), text.loss_fn, (move(x), move(y)), target, text.recipe.epochs,
+            f"{text.description}; {text.recipe.describe()}")
+
+
 def speed_rows(name: str, n: int | None, device: str, methods: list[str], workdir: Path) -> dict[str, Any]:
     """The speed section of one setup on ``device`` (see the module docstring)."""
     from diffin._measure import Measure
     from diffin.bench.builtin import train as train_loop
 
-    got = _speed_inputs(name, n, device, workdir)
-    if got is None:
-        return {"setup": name, "skipped": f"no built-in setup {name!r} in this diffin"}
-    setup, (x, y), target, desc = got
-
-    def model() -> torch.nn.Module:
-        torch.manual_seed(setup.train.seed)
-        return setup.build(None).to(setup.dtype).to(device)
-
     run_dir = workdir / f"speed-{name}"
-    kw = dict(loss=setup.loss_fn)
-    train_loop(model(), x, y, setup.train, run_dir, record=False, **kw)  # warm-up (kernels, allocator)
+    text = _text_fit(name, n, device, workdir)
+    if text is not None:
+        fit, model, loss_fn, (x, y), target, epochs, desc = text
+    else:
+        got = _speed_inputs(name, n, device, workdir)
+        if got is None:
+            return {"setup": name, "skipped": f"no built-in setup {name!r} in this diffin"}
+        setup, (x, y), target, desc = got
+        loss_fn, epochs = setup.loss_fn, setup.train.epochs
+
+        def model() -> torch.nn.Module:
+            torch.manual_seed(setup.train.seed)
+            return setup.build(None).to(setup.dtype).to(device)
+
+        def fit(record: bool) -> tuple[float, int]:
+            r = train_loop(model(), x, y, setup.train, run_dir, record=record, overwrite=record, loss=setup.loss_fn)
+            return r.seconds, r.steps
+
+    fit(False)  # warm-up (kernels, allocator)
     _sync(device)
-    plain = train_loop(model(), x, y, setup.train, run_dir, record=False, **kw)
+    plain_seconds, steps = fit(False)
     _sync(device)
-    epoch = plain.seconds / setup.train.epochs
-    recorded = train_loop(model(), x, y, setup.train, run_dir, overwrite=True, **kw)
+    epoch = plain_seconds / epochs
+    recorded_seconds, _ = fit(True)
     n_rows = len(y)
     score_kw = dict(train=(x, y), target=target, progress=False, device=device)
-    diffin.score(str(run_dir), model(), setup.loss_fn, method="tracin", **score_kw)  # warm-up
+    diffin.score(str(run_dir), model(), loss_fn, method="tracin", **score_kw)  # warm-up
     rows = []
     for m in methods:
         _peak_reset(device)
         try:
             with Measure(poll=torch.device(device).type != "cuda") as meas:
-                res = diffin.score(str(run_dir), model(), setup.loss_fn, method=m, **score_kw)
+                res = diffin.score(str(run_dir), model(), loss_fn, method=m, **score_kw)
                 _sync(device)
         except diffin.DiffinError as e:
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
             continue
         rows.append({"method": m, "variant": res.variant, "seconds": meas.seconds,
-                     "x_epoch": meas.seconds / epoch, "samples_per_second": n_rows / meas.seconds,
+                     "x_epoch": meas.seconds / epoch, "x_training": meas.seconds / plain_seconds,
+                     "samples_per_second": n_rows / meas.seconds,
                      "peak_memory_mb": _peak_mb(device, meas)})
-    return {"setup": name, "description": desc, "n_train": n_rows, "steps": plain.steps,
-            "epochs": setup.train.epochs, "train_seconds_plain": plain.seconds, "epoch_seconds": epoch,
-            "train_seconds_recorded": recorded.seconds, "device": device, "device_name": device_name(device),
+    return {"setup": name, "description": desc, "n_train": n_rows, "steps": steps,
+            "epochs": epochs, "train_seconds_plain": plain_seconds, "epoch_seconds": epoch,
+            "train_seconds_recorded": recorded_seconds, "device": device, "device_name": device_name(device),
             "rows": rows}
 
 
@@ -205,12 +249,13 @@ def speed_section(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any
             continue
         print(f"\nspeed {name} on {block['device_name']}: N={block['n_train']:,}, epoch {block['epoch_seconds']:.3f} s "
               f"(loop without recording, {block['epochs']} epochs, {block['steps']} steps)")
-        print(f"{'method':20} {'seconds':>9} {'x epoch':>8} {'samples/s':>11} {'peak MiB':>9}")
+        print(f"{'method':20} {'seconds':>9} {'x epoch':>8} {'x training':>10} {'samples/s':>11} {'peak MiB':>9}")
         for r in block["rows"]:
             if "error" in r:
                 print(f"{r['method']:20} {r['error'][:60]}")
                 continue
-            print(f"{r['method']:20} {r['seconds']:9.2f} {r['x_epoch']:8.2f} {r['samples_per_second']:11,.0f} "
+            print(f"{r['method']:20} {r['seconds']:9.2f} {r['x_epoch']:8.2f} {r['x_training']:10.2f} "
+                  f"{r['samples_per_second']:11,.0f} "
                   f"{r['peak_memory_mb']:9.1f}")
     return out
 

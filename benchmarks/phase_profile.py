@@ -21,7 +21,10 @@ wrapped functions it calls):
 
 Setups: ``speed-tanh`` and ``speed-relu`` (benchmarks/speed.py: 4,500 MNIST-5k, MLP 784-128-10,
 batch 128, 5 epochs), ``scale-1m`` at ``--scale-n`` rows (default 100,000, the setup's 1,000,000
-reduced for the profile; one epoch), ``mnist5k-resnet`` (BatchNorm CNN with dropout, float64).
+reduced for the profile; one epoch), ``mnist5k-resnet`` (BatchNorm CNN with dropout, float64),
+``text-bert`` (the real-text setup: a small BERT trained by the Hugging Face ``Trainer`` with AdamW,
+clipping and accumulation, recorded by ``DiffinCallback``; its unit is the ``Trainer`` without the
+callback; needs the ``hf`` extra).
 
     python benchmarks/phase_profile.py --repeats 3 --json bench-out/profile.json
 """
@@ -54,7 +57,9 @@ SETUP_METHODS = {
     "speed-relu": ("diffin-exact", "diffin-frozen", "diffin-expected", "diffin-closed-form", "tracin"),
     "scale-1m": ("diffin", "diffin-closed-form", "tracin"),
     "mnist5k-resnet": ("diffin-exact", "tracin"),
+    "text-bert": ("diffin", "tracin"),
 }
+TEXT = ("text-bert", "text-gpt")  # trained by the Hugging Face Trainer (the ``hf`` extra)
 
 
 class PhaseTimer:
@@ -161,29 +166,52 @@ def load(name: str, workdir: Path, scale_n: int) -> tuple[Any, Any, Any, Any]:
 
 def profile_setup(name: str, workdir: Path, repeats: int, scale_n: int, timer: PhaseTimer,
                   methods: tuple[str, ...]) -> dict[str, Any]:
-    setup, (x, y), target, desc = load(name, workdir, scale_n)
-    split = None if name == "scale-1m" else setup.data()
-
-    def model() -> torch.nn.Module:
-        if split is None:
-            torch.manual_seed(setup.train.seed)
-            return setup.build(None).to(setup.dtype)
-        return setup.model(split)
-
     run_dir = workdir / f"run-{name}"
-    recorded = train(model(), x, y, setup.train, run_dir, overwrite=True, loss=setup.loss_fn)
-    train(model(), x, y, setup.train, run_dir, record=False, loss=setup.loss_fn)  # warm-up, untimed
-    diffin.score(str(run_dir), model(), setup.loss_fn, train=(x, y), target=target, method="tracin",
+    if name in TEXT:  # the Trainer's run, recorded by DiffinCallback; the unit is the Trainer without it
+        from diffin.bench.builtin.text_setups import get_text_setup, train_with_trainer
+        from diffin.integrations.huggingface import DiffinCallback
+
+        text = get_text_setup(name)
+        data = text.data()
+        loss_fn, train_xy, target = text.loss_fn, (data.x_train, data.y_train), (data.x_val, data.y_val)
+        desc = f"{text.description}; {text.recipe.describe()}"
+
+        def model() -> torch.nn.Module:
+            return text.model(data)
+
+        def fit(record: bool) -> tuple[float, int]:
+            cb = [DiffinCallback(run_dir, checkpoint_every=text.recipe.checkpoint_every, overwrite=True)] if record \
+                else []
+            r = train_with_trainer(model(), data.x_train, data.y_train, text.recipe, workdir / f"{name}-trainer",
+                                   callbacks=cb)
+            return r.seconds, r.steps
+    else:
+        setup, (x, y), target, desc = load(name, workdir, scale_n)
+        split = None if name == "scale-1m" else setup.data()
+        loss_fn, train_xy = setup.loss_fn, (x, y)
+
+        def model() -> torch.nn.Module:
+            if split is None:
+                torch.manual_seed(setup.train.seed)
+                return setup.build(None).to(setup.dtype)
+            return setup.model(split)
+
+        def fit(record: bool) -> tuple[float, int]:
+            r = train(model(), x, y, setup.train, run_dir, record=record, overwrite=record, loss=setup.loss_fn)
+            return r.seconds, r.steps
+
+    recorded_seconds, steps = fit(True)
+    fit(False)  # warm-up, untimed
+    diffin.score(str(run_dir), model(), loss_fn, train=train_xy, target=target, method="tracin",
                  progress=False)  # warm-up: imports, kernels
     plain: list[float] = []
     calls: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for _ in range(repeats):
-        plain.append(train(model(), x, y, setup.train, run_dir, record=False, loss=setup.loss_fn).seconds)
+        plain.append(fit(False)[0])
         for m in methods:
             timer.reset()
             t0 = time.perf_counter()
-            diffin.score(str(run_dir), model(), setup.loss_fn, train=(x, y), target=target, method=m,
-                         progress=False)
+            diffin.score(str(run_dir), model(), loss_fn, train=train_xy, target=target, method=m, progress=False)
             total = time.perf_counter() - t0
             phases = timer.finish()
             calls[m].append({"total": total, "ratio": total / plain[-1], **phases})
@@ -194,10 +222,11 @@ def profile_setup(name: str, workdir: Path, repeats: int, scale_n: int, timer: P
                      "ratios": [c["ratio"] for c in calls[m]],
                      "phases_seconds": {p: med[p] for p in PHASES},
                      "phases_share": {p: med[p] / med["total"] for p in PHASES}})
-    n_ck = len([s for s in diffin.load_run(run_dir).checkpoint_steps if s > 0])
-    return {"setup": name, "description": desc, "n_train": len(y), "steps": recorded.steps,
-            "checkpoints": n_ck, "train_plain_seconds": plain, "train_recorded_seconds": recorded.seconds,
-            "methods": rows}
+    run = diffin.load_run(run_dir)
+    n_ck = len([s for s in run.checkpoint_steps if s > 0])
+    return {"setup": name, "description": desc, "n_train": len(train_xy[1]),
+            "steps": steps, "checkpoints": n_ck, "train_plain_seconds": plain,
+            "train_recorded_seconds": recorded_seconds, "methods": rows}
 
 
 def main() -> None:

@@ -196,3 +196,24 @@ def test_a_cuda_trained_dropout_run_replays_on_cuda(tmp_path):
 
 def _ce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(o, y, reduction="none")
+
+
+def test_gpu_check_speed_section_times_text_bert_against_the_trainer(tmp_path, monkeypatch):
+    """text-bert in the speed section: its epoch is the Hugging Face Trainer's own run on the device
+    (recorded by DiffinCallback for the scores), every method a ratio of it."""
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--speed-only", "--speed-setups",
+                                      "text-bert", "--speed-rows", "64", "--speed-methods", "diffin,tracin",
+                                      "--workdir", str(tmp_path), "--json", str(out)])
+    assert mod.main() == 0
+    (bert,) = json.loads(out.read_text())["speed"]
+    assert bert["setup"] == "text-bert" and bert["n_train"] == 64 and bert["epochs"] == 3
+    assert bert["steps"] == 6 and bert["epoch_seconds"] == pytest.approx(bert["train_seconds_plain"] / 3)
+    assert [(r["method"], r.get("variant")) for r in bert["rows"]] == [("diffin", "diffin-exact"), ("tracin", "tracin")]
+    for r in bert["rows"]:
+        assert r["x_training"] == pytest.approx(r["seconds"] / bert["train_seconds_plain"])

@@ -65,3 +65,62 @@ def test_functional_dropout_and_accumulation_equal_the_metagradient(tmp_path, mi
     want = ref.metagradient(run, fm, DataSource((X, Y), torch.float64, torch.device("cpu")),
                             lambda th: fm.losses(th, Xv, Yv).mean())
     np.testing.assert_allclose(got.scores, want.numpy(), rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+class AlphaAttn(Attn):
+    """Attn with an alpha-dropout module too (two draws per mask under one state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.AlphaDropout(0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.alpha(x))
+
+
+class LayerDrop(Attn):
+    """Attn that also draws a number outside any dropout (a layer-drop decision): its masks cannot be
+    drawn without running the forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = bool(torch.rand(()) < 0.9) if self.training else True
+        return super().forward(x if keep else x * 1.0)
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    from diffin._train_mode import train_mode_modules
+
+    return {n: True for n in train_mode_modules(model)}
+
+
+@pytest.mark.parametrize("cls, planned", [(AlphaAttn, True), (LayerDrop, False)])
+def test_mask_draw_plans_equal_the_forward_and_are_refused_for_other_randomness(cls, planned):
+    """After the first capture of an input signature, masks come from the forward's draws alone
+    (no forward) only when those draws leave the generator where the forward left it; either way
+    every capture equals a full forward's, the caller's generator is untouched, and a module left in
+    eval mode draws as recorded (training)."""
+    from diffin._train_mode import TrainModeForward, _signature
+
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fwd = TrainModeForward(model, _modes(model))
+    states = []
+    for s in range(4):
+        torch.manual_seed(100 + s)
+        states.append(torch.get_rng_state())
+    for x in (torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(6, 7, 3, dtype=torch.float64)):
+        torch.manual_seed(7)
+        caller = torch.get_rng_state()
+        for i, st in enumerate(states):
+            got = fwd.capture_masks(params, x, st)
+            want = TrainModeForward(model, _modes(model)).capture_masks(params, x, st)  # a full forward
+            assert got.keys() == want.keys() and len(got) >= 3
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            assert any(bool((got[k] == 0).any()) for k in want)  # something was dropped
+            if i == 0:
+                assert (fwd._plans[_signature(x)] is not None) == planned
+        assert torch.equal(torch.get_rng_state(), caller)
+        assert not model.training
+    a, b = (fwd.capture_masks(params, torch.randn(4, 5, 3, dtype=torch.float64), st) for st in states[:2])
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # another state, other masks

@@ -113,6 +113,10 @@ class TrainModeForward:
                     names.append(_join(n, "num_batches_tracked"))
         self.buffer_names: tuple[str, ...] = tuple(names)
         self._ctx: dict[str, Any] | None = None
+        self._plans: dict[tuple[Any, ...], list[tuple[tuple[str, ...], Any]] | None] = {}
+        """Draw plans by input signature (:meth:`capture_masks`): the forward's draws in order, or
+        None where a plan did not reproduce the forward's generator state (full forwards there)."""
+        self._layouts: dict[tuple[Any, ...], dict[str, tuple[Any, ...]]] = {}
 
     # ------------------------------------------------------------------ public
     def __call__(
@@ -157,6 +161,7 @@ class TrainModeForward:
         x: Any,
         rng_state: Tensor,
         cuda_rng_state: Tensor | None = None,
+        layout_only: bool = False,
     ) -> dict[str, Tensor]:
         """The dropout masks of a recorded step.
 
@@ -171,25 +176,49 @@ class TrainModeForward:
         ``params_and_buffers`` and ``x`` must be the step's (θ_t and its buffers, the batch as the
         loop fed it): the masks do not depend on their values, only on the shapes reaching each
         dropout module.
+
+        The first forward of each input signature (shapes, dtypes, devices, strides of ``x``) also
+        notes its draws in order (each one's kind, shape and probability). If drawing those alone
+        from the same state gives the same masks and leaves the generator(s) in the same state as
+        the whole forward did (so nothing else in the forward consumed randomness), later calls
+        with that signature make only the draws, not the forward (on text-bert a step's masks
+        29.7 → 4 ms, against 27 ms for a training step); otherwise every call runs the forward.
+        ``layout_only``: only the masks' shapes, dtypes and devices are wanted (uninitialised tensors,
+        no draw) where such a plan exists; the masks otherwise.
         """
         if not self.dropout_names:
             return {}
         cuda_dev = cuda_device(x) if cuda_rng_state is not None else None
+        sig = _signature(x)
+        plan = self._plans.get(sig)
+        if plan is not None and layout_only:
+            return {k: torch.empty(shape, dtype=dtype, device=device)
+                    for k, (shape, dtype, device) in self._layouts[sig].items()}
+        if plan is not None:  # the forward's draws alone, in its order, from the same state
+            return _run_plan(plan, rng_state, cuda_rng_state, cuda_dev)[0]
         cpu_saved = torch.get_rng_state()
         cuda_saved = torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None
         masks: dict[str, Tensor] = {}
+        draws: list[tuple[tuple[str, ...], Any]] = []
         try:
             torch.set_rng_state(rng_state)
             if cuda_dev is not None and cuda_rng_state is not None:
                 torch.cuda.set_rng_state(cuda_rng_state, cuda_dev)
             with torch.no_grad(), self._patched(
-                {"weights": None, "masks": {}, "new": {}, "capture": masks}
+                {"weights": None, "masks": {}, "new": {}, "capture": masks, "plan": draws}
             ):
                 call_model(self.model, params_and_buffers, x)
+            after = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None)
         finally:
             torch.set_rng_state(cpu_saved)
             if cuda_dev is not None and cuda_saved is not None:
                 torch.cuda.set_rng_state(cuda_saved, cuda_dev)
+        if sig not in self._plans:  # check the plan once per signature: same masks, same generator state after
+            again, state = _run_plan(draws, rng_state, cuda_rng_state, cuda_dev)
+            same = (_same_state(state, after) and again.keys() == masks.keys()
+                    and all(torch.equal(again[k], masks[k]) for k in masks))
+            self._plans[sig] = draws if same else None
+            self._layouts[sig] = {k: (tuple(v.shape), v.dtype, v.device) for k, v in masks.items()}
         return masks
 
     # ------------------------------------------------------------------ the patched modules
@@ -265,31 +294,45 @@ class TrainModeForward:
                     f"dropout module {name!r} ran twice in one forward: a module called several times "
                     "per forward draws several masks, which diffin cannot replay; use one module per call"
                 )
-            ones = torch.ones_like(inp)
             ctx["in_module"] = True  # the functional-dropout mode leaves the module's own draw alone
             try:
-                return self._capture_draw(mod, name, original, inp, ones, ctx)
+                return self._capture_draw(mod, name, original, inp, ctx)
             finally:
                 ctx["in_module"] = False
 
         return forward
 
     @staticmethod
-    def _capture_draw(mod: nn.Module, name: str, original: Any, inp: Tensor, ones: Tensor, ctx: dict[str, Any]
-                      ) -> Tensor:
+    def _capture_draw(mod: nn.Module, name: str, original: Any, inp: Tensor, ctx: dict[str, Any]) -> Tensor:
+        spec = _spec(inp)
+        dev = spec[3] if spec[3].type == "cuda" else None
+
+        def module_forward(value: float) -> Tensor:  # the module's own draw, in training mode as recorded
+            was, mod.training = mod.training, True
+            try:
+                return original(mod, _filled(spec, value))
+            finally:
+                mod.training = was
+
         if isinstance(mod, _ALPHA_TYPES):  # affine: y = x·a + c; c from zeros, under the same draw
-            cpu, dev = torch.get_rng_state(), cuda_device(inp)
-            gpu = torch.cuda.get_rng_state(dev) if dev is not None else None
-            offset = original(mod, torch.zeros_like(inp))
-            torch.set_rng_state(cpu)
-            if dev is not None and gpu is not None:
-                torch.cuda.set_rng_state(gpu, dev)
-            mult = original(mod, ones) - offset
-            ctx["capture"][name + OFFSET_SUFFIX] = offset
+            def draw() -> tuple[Tensor, ...]:
+                cpu = torch.get_rng_state()
+                gpu = torch.cuda.get_rng_state(dev) if dev is not None else None
+                offset = module_forward(0.0)
+                torch.set_rng_state(cpu)
+                if dev is not None and gpu is not None:
+                    torch.cuda.set_rng_state(gpu, dev)
+                return module_forward(1.0) - offset, offset
+            keys: tuple[str, ...] = (name, name + OFFSET_SUFFIX)
         else:
-            mult = original(mod, ones)  # x·noise with noise ∈ {0, 1/(1 − p)}: ones give the noise
-        ctx["capture"][name] = mult
-        return inp * mult + ctx["capture"].get(name + OFFSET_SUFFIX, 0)
+            def draw() -> tuple[Tensor, ...]:
+                return (module_forward(1.0),)  # x·noise with noise ∈ {0, 1/(1 − p)}: ones give the noise
+            keys = (name,)
+        for k, v in zip(keys, draw()):
+            ctx["capture"][k] = v
+        if ctx.get("plan") is not None:
+            ctx["plan"].append((keys, draw))
+        return inp * ctx["capture"][name] + ctx["capture"].get(name + OFFSET_SUFFIX, 0)
 
 
 FUNCTIONAL_PREFIX = "<functional>."
@@ -322,7 +365,8 @@ class _FunctionalDropout(TorchFunctionMode):
         if func is F.dropout:
             x, p, training = _bind(args, kwargs, ("input", "p", "training", "inplace"), (None, 0.5, True, False))[:3]
             if training and p > 0:
-                mult = self._mult(lambda: func(torch.ones_like(x), p, True), tuple(x.shape))
+                spec = _spec(x)
+                mult = self._mult(lambda: func(_filled(spec, 1.0), p, True), tuple(x.shape))
                 return x * mult.to(dtype=x.dtype)
         elif func is F.scaled_dot_product_attention:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -330,7 +374,8 @@ class _FunctionalDropout(TorchFunctionMode):
             q, k, v, mask, p, causal, scale, gqa = _bind(args, kwargs, names, defaults)
             if p > 0:
                 shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-3] + (q.shape[-3],)), q.shape[-2], k.shape[-2])
-                mult = self._mult(lambda: F.dropout(torch.ones(shape, dtype=q.dtype, device=q.device), p, True), shape)
+                dt, dev = q.dtype, q.device
+                mult = self._mult(lambda: F.dropout(torch.ones(shape, dtype=dt, device=dev), p, True), shape)
                 return sdpa_math(q, k, v, mask, mult, causal, scale, gqa)
         return func(*args, **kwargs)
 
@@ -340,6 +385,8 @@ class _FunctionalDropout(TorchFunctionMode):
         ctx["calls"] += 1
         if ctx["capture"] is not None:
             ctx["capture"][key] = mult = draw()
+            if ctx.get("plan") is not None:
+                ctx["plan"].append(((key,), lambda: (draw(),)))
             return mult
         mult = ctx["masks"].get(key)
         if mult is None or tuple(mult.shape) != shape:
@@ -349,6 +396,58 @@ class _FunctionalDropout(TorchFunctionMode):
                 "its dropout the same way on every call"
             )
         return mult
+
+
+def _spec(t: Tensor) -> tuple[Any, ...]:
+    """What ``torch.ones_like(t)`` needs (shape, strides where dense, dtype, device), without t."""
+    dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+    return tuple(t.shape), (tuple(t.stride()) if dense else None), t.dtype, t.device
+
+
+def _filled(spec: tuple[Any, ...], value: float) -> Tensor:
+    shape, stride, dtype, device = spec
+    if stride is None:
+        return torch.full(shape, value, dtype=dtype, device=device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(value)
+
+
+def _signature(x: Any) -> tuple[Any, ...]:
+    """Shapes, strides, dtypes and devices of the tensors in a batch (nested tuples, lists, dicts)."""
+    if isinstance(x, Tensor):
+        return ("t", tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+    if isinstance(x, Mapping):
+        return ("d", *((str(k), _signature(v)) for k, v in x.items()))
+    if isinstance(x, (tuple, list)):
+        return ("s", *(_signature(v) for v in x))
+    return ("o", type(x).__name__, x if isinstance(x, (int, float, bool, str, type(None))) else id(x))
+
+
+def _run_plan(plan: list[tuple[tuple[str, ...], Any]], rng_state: Tensor, cuda_rng_state: Tensor | None,
+              cuda_dev: Any) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor | None]]:
+    """A forward's draws without the forward: from the recorded state, each draw in order; the
+    masks and the generator state(s) after them. The caller's state is restored."""
+    cpu_saved = torch.get_rng_state()
+    cuda_saved = torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None
+    masks: dict[str, Tensor] = {}
+    try:
+        torch.set_rng_state(rng_state)
+        if cuda_dev is not None and cuda_rng_state is not None:
+            torch.cuda.set_rng_state(cuda_rng_state, cuda_dev)
+        with torch.no_grad():
+            for keys, draw in plan:
+                for k, v in zip(keys, draw()):
+                    masks[k] = v
+        state = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None)
+    finally:
+        torch.set_rng_state(cpu_saved)
+        if cuda_dev is not None and cuda_saved is not None:
+            torch.cuda.set_rng_state(cuda_saved, cuda_dev)
+    return masks, state
+
+
+def _same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b))
 
 
 def sdpa_math(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, mult: Tensor | None,

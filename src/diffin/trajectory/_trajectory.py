@@ -247,7 +247,7 @@ class Trajectory:
             m = self._capture(tmf, params, x, cpu, cuda)
         else:  # gradient accumulation: each micro-batch's masks, from its own forward, in the whole batch
             ids = self.run.batch(t)
-            union = self._capture(tmf, params, x, forwards[0][0], forwards[0][1])
+            union = self._capture(tmf, params, x, forwards[0][0], forwards[0][1], layout_only=True)  # shapes
             parts, off = [], 0
             for cpu, cuda, rows, length in forwards:
                 assert self.train is not None
@@ -262,21 +262,23 @@ class Trajectory:
             self._masks.popitem(last=False)
         return m
 
-    def _capture(self, tmf: Any, params: dict[str, Tensor], x: Any, cpu: Tensor, cuda: Tensor | None
-                 ) -> dict[str, Tensor]:
+    def _capture(self, tmf: Any, params: dict[str, Tensor], x: Any, cpu: Tensor, cuda: Tensor | None,
+                 layout_only: bool = False) -> dict[str, Tensor]:
         """The masks of one recorded forward, from the generator the loop drew them from: the CPU's for
-        a run trained on the CPU, the device's for one trained on CUDA, wherever the scoring runs."""
+        a run trained on the CPU, the device's for one trained on CUDA, wherever the scoring runs.
+        ``layout_only``: only their shapes are needed (``TrainModeForward.capture_masks``)."""
         here = cuda_device(x) is not None
         if cuda is None and here:
-            return tmf.capture_masks(to_device(params, "cpu"), to_device(x, "cpu"), cpu.cpu())
+            return tmf.capture_masks(to_device(params, "cpu"), to_device(x, "cpu"), cpu.cpu(), layout_only=layout_only)
         if cuda is not None and not here:
             if not torch.cuda.is_available():
                 raise TrainModeError(
                     f"the run at {self.run.path} trained with dropout on a CUDA device: its masks can only be drawn "
                     "again from that device's generator; score it on a CUDA device (device='cuda')"
                 )
-            return tmf.capture_masks(to_device(params, "cuda"), to_device(x, "cuda"), cpu.cpu(), cuda)
-        return tmf.capture_masks(params, x, cpu.cpu(), cuda)
+            return tmf.capture_masks(to_device(params, "cuda"), to_device(x, "cuda"), cpu.cpu(), cuda,
+                                     layout_only=layout_only)
+        return tmf.capture_masks(params, x, cpu.cpu(), cuda, layout_only=layout_only)
 
     def at_step(self, t: int, state: TrainState, x: Any, per_run: bool = False) -> Any:
         """Context in which the functional model runs as step t trained (masks, running-stat

@@ -96,11 +96,13 @@ class TrainerRun:
 
 
 def train_with_trainer(model: nn.Module, x: dict[str, Tensor], y: Tensor, recipe: TrainerRecipe,
-                       out_dir: str | Path, callbacks: Sequence[Any] = ()) -> TrainerRun:
+                       out_dir: str | Path, callbacks: Sequence[Any] = (), use_cpu: bool = True) -> TrainerRun:
     """Train ``model`` on ``(x, y)`` with ``transformers.Trainer`` and ``recipe`` (its scratch folder
-    ``out_dir``); ``callbacks`` go to the Trainer (e.g. a ``DiffinCallback``). The model is left in eval mode."""
+    ``out_dir``); ``callbacks`` go to the Trainer (e.g. a ``DiffinCallback``); ``use_cpu=False`` lets the
+    Trainer take the accelerator it finds. The model is left in eval mode."""
     tf = require("transformers", "transformers", "the text setups", "hf")
-    trainer = tf.Trainer(model=model, args=recipe.arguments(out_dir), train_dataset=TokenDataset(x, y),
+    args = recipe.arguments(out_dir, use_cpu=use_cpu)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=TokenDataset(x, y),
                          data_collator=tf.default_data_collator, callbacks=list(callbacks))
     t0 = time.perf_counter()
     out = trainer.train()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..._errors import UnsupportedOptimizerError
@@ -47,15 +48,22 @@ class SGDRule(OptimizerRule):
         return bool(mu.any()) if isinstance(mu, Tensor) else mu != 0.0
 
     def step(self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int) -> tuple[Tensor, State]:
+        """θ' and the buffer, in ``torch.optim.SGD``'s order of operations (``add`` with ``alpha``
+        where the coefficient is a float), so a replayed step rounds as the recorded one did and
+        makes one pass over θ where ``θ − η·d`` made two."""
         lam = self.hyper.get("weight_decay", 0.0)
-        d = g + lam * theta if _nonzero(lam) else g
+        d = _axpy(g, theta, lam) if _nonzero(lam) else g
         if not self.uses_momentum():
-            return theta - lr * d, {}
-        mu, a, alpha, beta = self._coefficients(state)
+            return _axpy(theta, d, -lr), {}
+        mu, a, _, _ = self._coefficients(state)
         b = state.get("momentum_buffer")
-        if b is None:
-            return theta - lr * (alpha * d), {"momentum_buffer": a * d}
-        return theta - lr * (alpha * d + beta * b), {"momentum_buffer": mu * b + a * d}
+        nesterov = self.hyper.get("nesterov", False)
+        if b is None:  # the buffer starts as d (torch clones d; no dampening on the first step)
+            new_b = a * d if _nonzero(a - 1.0) else d.clone()
+        else:
+            new_b = _axpy(mu * b, d, a)
+        direction = _axpy(d, new_b, mu) if nesterov else new_b
+        return _axpy(theta, direction, -lr), {"momentum_buffer": new_b}
 
     def adjoint(
         self, theta: Tensor, state: State, g: Tensor, lr: Scalar, k: int, theta_bar: Tensor,
@@ -77,6 +85,14 @@ class SGDRule(OptimizerRule):
         if b_bar is not None:
             new_b = new_b + mu * b_bar
         return w, th, {"momentum_buffer": new_b}
+
+
+def _axpy(x: Tensor, y: Tensor, a: Scalar) -> Tensor:
+    """x + a·y: one fused pass (``torch.add(..., alpha=a)``) when a is a float, else elementwise
+    with a's (P,) vector (per-group hyperparameters)."""
+    if isinstance(a, Tensor):
+        return x + a * y
+    return torch.add(x, y, alpha=a)
 
 
 def _nonzero(x: Scalar) -> bool:
