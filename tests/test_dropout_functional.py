@@ -124,3 +124,24 @@ def test_mask_draw_plans_equal_the_forward_and_are_refused_for_other_randomness(
         assert not model.training
     a, b = (fwd.capture_masks(params, torch.randn(4, 5, 3, dtype=torch.float64), st) for st in states[:2])
     assert not all(torch.equal(a[k], b[k]) for k in a)  # another state, other masks
+
+
+def test_mask_draw_plans_stop_at_max_plans(monkeypatch):
+    """Inputs of ever new shapes (padded per batch) stop making plans at MAX_PLANS: past it, each
+    capture runs the forward, and the masks are the same."""
+    from diffin import _train_mode
+    from diffin._train_mode import TrainModeForward, _signature
+
+    monkeypatch.setattr(_train_mode, "MAX_PLANS", 1)
+    torch.manual_seed(0)
+    model = Attn().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fwd = TrainModeForward(model, _modes(model))
+    torch.manual_seed(5)
+    st = torch.get_rng_state()
+    xs = [torch.randn(4, L, 3, dtype=torch.float64) for L in (5, 6, 7)]
+    for x in xs + xs:
+        got = fwd.capture_masks(params, x, st)
+        want = TrainModeForward(model, _modes(model)).capture_masks(params, x, st)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert list(fwd._plans) == [_signature(xs[0])] and fwd._plans[_signature(xs[0])] is not None

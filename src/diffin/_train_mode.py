@@ -47,6 +47,10 @@ transform (``y = x·masks[name] + masks[name + OFFSET_SUFFIX]``); plain dropout 
 
 _ALPHA_TYPES = (nn.AlphaDropout, nn.FeatureAlphaDropout)
 
+MAX_PLANS = 64
+"""Input signatures whose dropout draws :meth:`TrainModeForward.capture_masks` checks and keeps as a
+plan; inputs of further new shapes run the forward every time."""
+
 
 def train_mode_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules of ``model`` that train differently than they predict, by qualified name (the
@@ -216,7 +220,8 @@ class TrainModeForward:
             torch.set_rng_state(cpu_saved)
             if cuda_dev is not None and cuda_saved is not None:
                 torch.cuda.set_rng_state(cuda_saved, cuda_dev)
-        if sig not in self._plans:  # check the plan once per signature: same masks, same generator state after
+        if sig not in self._plans and len(self._plans) < MAX_PLANS:  # check once per signature: same masks,
+            # the generator left in the same state (inputs of ever new shapes, e.g. padded per batch, stop here)
             again, state = _run_plan(draws, rng_state, cuda_rng_state, cuda_dev)
             same = (_same_state(state, after) and again.keys() == masks.keys()
                     and all(torch.equal(again[k], masks[k]) for k in masks))
