@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -248,6 +249,9 @@ def main() -> None:
     header = ["setup", "method", "seconds", "x training", *[f"{p} %" for p in PHASES]]
     table = []
     for name in [s for s in args.setups.split(",") if s]:
+        if name in TEXT and importlib.util.find_spec("transformers") is None:
+            print(f"{name}: skipped (needs the hf extra: pip install -e '.[hf]')")
+            continue
         methods = tuple(args.methods.split(",")) if args.methods else SETUP_METHODS[name]
         r = profile_setup(name, workdir, args.repeats, args.scale_n, timer, methods)
         results.append(r)
