@@ -156,7 +156,6 @@ def _text_fit(name: str, n: int | None, device: str, workdir: Path) -> tuple[Any
     description), or None when this diffin has no such setup."""
     try:
         from diffin.bench.builtin.text_setups import TEXT_SETUPS, train_with_trainer
-        from diffin.integrations.huggingface import DiffinCallback
     except ImportError:
         return None
     if name not in TEXT_SETUPS:
@@ -170,9 +169,8 @@ def _text_fit(name: str, n: int | None, device: str, workdir: Path) -> tuple[Any
     on_cpu = torch.device(device).type == "cpu"
 
     def fit(record: bool) -> tuple[float, int]:
-        cb = [DiffinCallback(run_dir, checkpoint_every=text.recipe.checkpoint_every, overwrite=True)] if record else []
-        r = train_with_trainer(text.model(data), x, y, text.recipe, workdir / f"{name}-trainer", callbacks=cb,
-                               use_cpu=on_cpu)
+        r = train_with_trainer(text.model(data), x, y, text.recipe, workdir / f"{name}-trainer", use_cpu=on_cpu,
+                               record_to=run_dir if record else None)
         return r.seconds, r.steps
 
     def move(a: Any) -> Any:

@@ -170,7 +170,6 @@ def profile_setup(name: str, workdir: Path, repeats: int, scale_n: int, timer: P
     run_dir = workdir / f"run-{name}"
     if name in TEXT:  # the Trainer's run, recorded by DiffinCallback; the unit is the Trainer without it
         from diffin.bench.builtin.text_setups import get_text_setup, train_with_trainer
-        from diffin.integrations.huggingface import DiffinCallback
 
         text = get_text_setup(name)
         data = text.data()
@@ -181,10 +180,8 @@ def profile_setup(name: str, workdir: Path, repeats: int, scale_n: int, timer: P
             return text.model(data)
 
         def fit(record: bool) -> tuple[float, int]:
-            cb = [DiffinCallback(run_dir, checkpoint_every=text.recipe.checkpoint_every, overwrite=True)] if record \
-                else []
             r = train_with_trainer(model(), data.x_train, data.y_train, text.recipe, workdir / f"{name}-trainer",
-                                   callbacks=cb)
+                                   record_to=run_dir if record else None)
             return r.seconds, r.steps
     else:
         setup, (x, y), target, desc = load(name, workdir, scale_n)

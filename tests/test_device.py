@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -94,12 +95,18 @@ def test_cuda_self_influence_and_groups(tiny_run):
     assert_close(gpu_g.group_scores, cpu_g.group_scores, rtol=1e-8)
 
 
-def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
-    """benchmarks/gpu_check.py end to end with --device cpu (CPU against itself: differences 0)."""
+def _gpu_check() -> ModuleType:
+    """benchmarks/gpu_check.py as a module."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py end to end with --device cpu (CPU against itself: differences 0)."""
+    mod = _gpu_check()
     out = tmp_path / "check.json"
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--setup", "tiny", "--methods",
                                       "diffin-exact,tracin", "--workdir", str(tmp_path), "--json", str(out)])
@@ -113,10 +120,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
 def test_gpu_check_speed_section_runs_on_cpu(tmp_path, monkeypatch, capsys):
     """The speed section at a tiny size: every method a ratio of the same device's epoch, with
     samples/s and peak memory; a setup this diffin lacks is skipped, not failed."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _gpu_check()
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--speed-only", "--speed-setups",
                                       "scale-1m,no-such-setup", "--speed-n", "1024", "--speed-methods",
@@ -202,10 +206,7 @@ def test_gpu_check_speed_section_times_text_bert_against_the_trainer(tmp_path, m
     """text-bert in the speed section: its epoch is the Hugging Face Trainer's own run on the device
     (recorded by DiffinCallback for the scores), every method a ratio of it."""
     pytest.importorskip("transformers")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _gpu_check()
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--speed-only", "--speed-setups",
                                       "text-bert", "--speed-rows", "64", "--speed-methods", "diffin,tracin",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -203,23 +203,13 @@ class TrainModeForward:
                     for k, (shape, dtype, device) in self._layouts[sig].items()}
         if plan is not None:  # the forward's draws alone, in its order, from the same state
             return _run_plan(plan, rng_state, cuda_rng_state, cuda_dev)[0]
-        cpu_saved = torch.get_rng_state()
-        cuda_saved = torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None
         masks: dict[str, Tensor] = {}
         draws: list[tuple[tuple[str, ...], Any]] = []
-        try:
-            torch.set_rng_state(rng_state)
-            if cuda_dev is not None and cuda_rng_state is not None:
-                torch.cuda.set_rng_state(cuda_rng_state, cuda_dev)
-            with torch.no_grad(), self._patched(
-                {"weights": None, "masks": {}, "new": {}, "capture": masks, "plan": draws}
-            ):
-                call_model(self.model, params_and_buffers, x)
-            after = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None)
-        finally:
-            torch.set_rng_state(cpu_saved)
-            if cuda_dev is not None and cuda_saved is not None:
-                torch.cuda.set_rng_state(cuda_saved, cuda_dev)
+        with _generators_at(rng_state, cuda_rng_state, cuda_dev) as states, torch.no_grad(), self._patched(
+            {"weights": None, "masks": {}, "new": {}, "capture": masks, "plan": draws}
+        ):
+            call_model(self.model, params_and_buffers, x)
+            after = states()
         if sig not in self._plans and len(self._plans) < MAX_PLANS:  # check once per signature: same masks,
             # the generator left in the same state (inputs of ever new shapes, e.g. padded per batch, stop here)
             again, state = _run_plan(draws, rng_state, cuda_rng_state, cuda_dev)
@@ -434,23 +424,32 @@ def _run_plan(plan: list[tuple[tuple[str, ...], Any]], rng_state: Tensor, cuda_r
               cuda_dev: Any) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor | None]]:
     """A forward's draws without the forward: from the recorded state, each draw in order; the
     masks and the generator state(s) after them. The caller's state is restored."""
+    masks: dict[str, Tensor] = {}
+    with _generators_at(rng_state, cuda_rng_state, cuda_dev) as states, torch.no_grad():
+        for keys, draw in plan:
+            for k, v in zip(keys, draw()):
+                masks[k] = v
+        state = states()
+    return masks, state
+
+
+@contextlib.contextmanager
+def _generators_at(rng_state: Tensor, cuda_rng_state: Tensor | None, cuda_dev: Any
+                   ) -> Iterator[Callable[[], tuple[Tensor, Tensor | None]]]:
+    """Torch's CPU generator at ``rng_state`` (and ``cuda_dev``'s at ``cuda_rng_state`` when both are
+    given) for the block, the caller's states restored after it; yields a function that reads the
+    generators' states (CPU, CUDA or None)."""
     cpu_saved = torch.get_rng_state()
     cuda_saved = torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None
-    masks: dict[str, Tensor] = {}
     try:
         torch.set_rng_state(rng_state)
         if cuda_dev is not None and cuda_rng_state is not None:
             torch.cuda.set_rng_state(cuda_rng_state, cuda_dev)
-        with torch.no_grad():
-            for keys, draw in plan:
-                for k, v in zip(keys, draw()):
-                    masks[k] = v
-        state = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None)
+        yield lambda: (torch.get_rng_state(), torch.cuda.get_rng_state(cuda_dev) if cuda_dev is not None else None)
     finally:
         torch.set_rng_state(cpu_saved)
         if cuda_dev is not None and cuda_saved is not None:
             torch.cuda.set_rng_state(cuda_saved, cuda_dev)
-    return masks, state
 
 
 def _same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:

@@ -55,8 +55,6 @@ def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: 
     """Benchmark a text setup (its name in :data:`~diffin.bench.builtin.text_setups.TEXT_SETUPS`, or one
     changed from it); returns the JSON-ready result (the fields of :func:`diffin.bench.run_setup`, with
     ``trainer`` and ``detection`` or ``per_token``)."""
-    from ..integrations.huggingface import DiffinCallback
-
     setup = get_text_setup(setup) if isinstance(setup, str) else setup
     name = setup.name
     data = setup.data()
@@ -66,10 +64,9 @@ def run_text(setup: str | TextSetup, cfg: BenchConfig, workdir: Path, progress: 
         t_plain = train_with_trainer(plain, data.x_train, data.y_train, setup.recipe, workdir / f"{name}-trainer")
     log(f"[{name}] Trainer alone: {t_plain.steps} steps in {t_plain.seconds:.1f}s")
     model = setup.model(data)
-    callback = DiffinCallback(run_dir, checkpoint_every=setup.recipe.checkpoint_every, overwrite=True)
     with Measure() as m_rec:
         t_rec = train_with_trainer(model, data.x_train, data.y_train, setup.recipe, workdir / f"{name}-trainer",
-                                   callbacks=[callback])
+                                   record_to=run_dir)
     run = load_run(run_dir)
     theta_trainer = _theta_of(model, run.trainable)
     N = data.n_train

@@ -96,14 +96,21 @@ class TrainerRun:
 
 
 def train_with_trainer(model: nn.Module, x: dict[str, Tensor], y: Tensor, recipe: TrainerRecipe,
-                       out_dir: str | Path, callbacks: Sequence[Any] = (), use_cpu: bool = True) -> TrainerRun:
+                       out_dir: str | Path, callbacks: Sequence[Any] = (), use_cpu: bool = True,
+                       record_to: str | Path | None = None) -> TrainerRun:
     """Train ``model`` on ``(x, y)`` with ``transformers.Trainer`` and ``recipe`` (its scratch folder
-    ``out_dir``); ``callbacks`` go to the Trainer (e.g. a ``DiffinCallback``); ``use_cpu=False`` lets the
-    Trainer take the accelerator it finds. The model is left in eval mode."""
+    ``out_dir``); ``callbacks`` go to the Trainer; ``record_to``: also record the run there with a
+    ``DiffinCallback`` (the recipe's ``checkpoint_every``, replacing a run already there);
+    ``use_cpu=False`` lets the Trainer take the accelerator it finds. The model is left in eval mode."""
     tf = require("transformers", "transformers", "the text setups", "hf")
     args = recipe.arguments(out_dir, use_cpu=use_cpu)
+    callbacks = list(callbacks)
+    if record_to is not None:
+        from ...integrations.huggingface import DiffinCallback
+
+        callbacks.append(DiffinCallback(record_to, checkpoint_every=recipe.checkpoint_every, overwrite=True))
     trainer = tf.Trainer(model=model, args=args, train_dataset=TokenDataset(x, y),
-                         data_collator=tf.default_data_collator, callbacks=list(callbacks))
+                         data_collator=tf.default_data_collator, callbacks=callbacks)
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
