@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 
 import diffin
+from diffin._io import write_json
 from diffin.bench.builtin import get_setup, train
 from diffin.bench.builtin.models import mlp
 from diffin.report import markdown_table, text_table
@@ -267,7 +267,7 @@ def main() -> None:
                        "torch": torch.__version__, "load_average_start": load_start, "load_average_end": load_end},
            "markdown": markdown_table(header, table)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(args.json, doc)  # atomic
     print(f"wrote {args.json}")
 
 

@@ -11,7 +11,6 @@ repeat's training loop, the replay's cost per removal run, and the correlations.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import diffin
+from diffin._io import write_json
 from diffin.bench.builtin import get_setup, train
 
 
@@ -63,7 +63,7 @@ def main() -> None:
            "median": med, "torch": torch.__version__, "platform": platform.platform(),
            "loadavg_end": os.getloadavg()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)  # atomic
     print(f"wrote {args.json}")
 
 
