@@ -55,8 +55,10 @@ class Measure:
     gives no reading (see the module docstring); ``m.peak_mb_or_none`` is then ``None``.
 
     The polling thread takes the GIL briefly at each poll: Python-heavy work runs a few percent
-    slower under it, so time without it (``poll=False``) where seconds matter most. The readings
-    are valid after the block, also when it raised.
+    slower under it, so time without it (``poll=False``) where seconds matter most. Polling is
+    sampling: a buffer that lives for less than ``every`` seconds (or while a busy machine does not
+    schedule the polling thread) can be missed; ``m.polls`` counts the readings taken so far. The
+    readings are valid after the block, also when it raised.
     """
 
     def __init__(self, every: float = 0.01, poll: bool = True) -> None:
@@ -66,11 +68,13 @@ class Measure:
         self.every = every
         self.start_mb = self.peak_mb = 0.0
         self.seconds = 0.0
+        self.polls = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Measure:
         self.start_mb = self.peak_mb = rss_mb()
+        self.polls = 0
         self._stop.clear()
         if self.poll and not math.isnan(self.start_mb):
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -81,6 +85,7 @@ class Measure:
     def _poll(self) -> None:
         while not self._stop.wait(self.every):
             self.peak_mb = max(self.peak_mb, rss_mb())
+            self.polls += 1
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
