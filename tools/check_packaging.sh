@@ -9,12 +9,19 @@
 # file pins that exact build for every later install, so no extra can replace it (pip fails
 # instead). To keep CI short torch is installed once, in a base venv, which the other venvs see
 # through a .pth file placed last on their path: each venv still gets every other package on its
-# own. Needs Python >= 3.10 and PyPI; WORK=dir keeps the venvs and the dist/ folder there.
+# own. Needs Python >= 3.10 and PyPI. The venvs take about 4.5 GB: without WORK they go to a
+# temporary folder removed when the script ends (also on failure); WORK=dir keeps them, with the
+# dist/ folder, in dir.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
-WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/diffin-packaging.XXXXXX")}
+if [ -z "${WORK:-}" ]; then
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/diffin-packaging.XXXXXX")
+    trap 'rm -rf "$WORK"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 log() { printf '[check_packaging] %s\n' "$*"; }
 
