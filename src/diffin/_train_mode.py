@@ -302,8 +302,7 @@ class TrainModeForward:
 
     @staticmethod
     def _capture_draw(mod: nn.Module, name: str, original: Any, inp: Tensor, ctx: dict[str, Any]) -> Tensor:
-        spec = _spec(inp)
-        dev = spec[3] if spec[3].type == "cuda" else None
+        spec, dev = _spec(inp), cuda_device(inp)
 
         def module_forward(value: float) -> Tensor:  # the module's own draw, in training mode as recorded
             was, mod.training = mod.training, True

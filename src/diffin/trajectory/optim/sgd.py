@@ -59,7 +59,7 @@ class SGDRule(OptimizerRule):
         b = state.get("momentum_buffer")
         nesterov = self.hyper.get("nesterov", False)
         if b is None:  # the buffer starts as d (torch clones d; no dampening on the first step)
-            new_b = a * d if _nonzero(a - 1.0) else d.clone()
+            new_b = d.clone()
         else:
             new_b = _axpy(mu * b, d, a)
         direction = _axpy(d, new_b, mu) if nesterov else new_b
